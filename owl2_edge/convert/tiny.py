@@ -1,0 +1,326 @@
+"""Writes a random mPLUG-Owl2 checkpoint in the release's exact layout (owl2-architecture §5).
+
+Tests and `owl2 demo` use the tiny size; benchmarks use the real 7B shape (Owl2Config()), which is
+generated and written one shard at a time so memory stays bounded (about one shard: ~1.5 GB).
+
+Every tensor is drawn from its own generator, seeded by (seed, tensor name): the result does not
+depend on the order of generation, and the visual route (`multiway.1`) is independent of the text
+route (`multiway.0`), so a runtime that ignores MAM gives clearly different outputs.
+
+The tokenizer is a sentencepiece BPE model trained here, with LLaMA's conventions, on a generated
+English-like corpus. Its vocabulary has 512 pieces; a config with a larger vocabulary (the real
+32000) gets that model padded with pieces `<unused{n}>` that no text can reach (a BPE merge needs
+both halves to be pieces, and no proper part of `<unused{n}>` containing `<` or `>` is one), so
+every text tokenizes exactly as with the 512-piece model.
+
+    python -m owl2_edge.convert.tiny OUT_DIR [--seed N] [--real-size] [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import io
+import json
+import math
+import random
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from owl2_edge.convert import hf_layout
+from owl2_edge.convert.config import (CONFIG_FILE, PREPROCESSOR_FILE, AbstractorConfig,
+                                      Owl2Config, PreprocessConfig, TextConfig, VisionConfig)
+
+TINY_VOCAB = 512
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+WEIGHTS_FORMATS = ("bin", "safetensors")
+
+
+# --- Config ---------------------------------------------------------------------------------------
+
+def tiny_config(*, text: dict | None = None, vision: dict | None = None,
+                abstractor: dict | None = None) -> Owl2Config:
+    """Small dims in which every decoder and abstractor row width is a multiple of 32 (a ggml
+    quant block). Override any field per part, e.g. tiny_config(text={"hidden_size": 256}) for
+    K-quants (their super-blocks need rows of 256). The abstractor grid, encoder width and the
+    preprocessor size follow the vision tower unless overridden."""
+    t = dataclasses.replace(TextConfig(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_layers=2,
+        num_heads=4, num_kv_heads=4, max_position_embeddings=2048), **(text or {}))
+    v = dataclasses.replace(VisionConfig(
+        hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+        image_size=56, patch_size=14), **(vision or {}))
+    a = dataclasses.replace(AbstractorConfig(
+        num_queries=8, hidden_size=v.hidden_size, num_layers=2, num_heads=2,
+        intermediate_size=64, encoder_hidden_size=v.hidden_size, grid_size=v.grid_size),
+        **(abstractor or {}))
+    cfg = Owl2Config(text=t, vision=v, abstractor=a,
+                     preprocess=PreprocessConfig(image_size=v.image_size))
+    # Validate through the reader, so an impossible override fails here and not in a test.
+    return Owl2Config.from_dicts(cfg.to_config_dict(), cfg.to_preprocessor_dict(),
+                                 source="tiny_config")
+
+
+# --- Weights --------------------------------------------------------------------------------------
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def _is_norm_weight(name: str) -> bool:
+    if "layernorm.multiway." in name:  # the decoder's per-modality RMSNorms
+        return True
+    return name.endswith(("norm.weight", "ffn_ln.weight", "norm1.weight", "normk.weight",
+                          "norm2.weight"))
+
+
+def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """float32 values scaled so activations and logits stay of order 1: Linear weights
+    normal/sqrt(fan_in), norm weights 1 + small noise, biases small, embeddings unit normal."""
+    g = _generator(seed, name)
+    z = torch.randn(shape, generator=g, dtype=torch.float32)
+    if _is_norm_weight(name):
+        return 1.0 + 0.1 * z
+    if name.endswith(".bias"):
+        return 0.02 * z
+    if name in (hf_layout.EMBED_TOKENS, f"{hf_layout.ABSTRACTOR_PREFIX}vit_eos",
+                f"{hf_layout.ABSTRACTOR_PREFIX}query_embeds",
+                f"{hf_layout.VISION_PREFIX}embeddings.cls_token"):
+        return z
+    if name == f"{hf_layout.VISION_PREFIX}embeddings.position_embedding":
+        return 0.5 * z
+    fan_in = math.prod(shape[1:])  # Linear [out, in] and the patch conv [out, 3, p, p]
+    return z / math.sqrt(fan_in)
+
+
+def rotary_inv_freq(cfg: Owl2Config) -> torch.Tensor:
+    hd = cfg.text.head_dim
+    return 1.0 / (cfg.text.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+
+
+def _shard_tensors(cfg: Owl2Config, names: list[str], seed: int,
+                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    shapes = hf_layout.expected_shapes(cfg)
+    tensors = {n: random_tensor(n, shapes[n], seed).to(dtype) for n in names}
+    # The release stores each layer's RoPE buffer beside its weights (in the weights' dtype).
+    layers = {int(n.split(".")[2]) for n in names if n.startswith("model.layers.")}
+    for i in sorted(layers):
+        tensors[hf_layout.rotary_inv_freq_name(i)] = rotary_inv_freq(cfg).to(dtype)
+    return tensors
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path, weights_format: str) -> None:
+    if weights_format == "bin":
+        torch.save(tensors, path)
+    else:
+        from safetensors.torch import save_file
+        save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _write_weights(out: Path, cfg: Owl2Config, seed: int, dtype: torch.dtype,
+                   weights_format: str, sharded: bool,
+                   on_file: Callable[[str], None] | None) -> None:
+    plan = hf_layout.release_shard_plan(cfg)
+    if not sharded:
+        single = (hf_layout.PICKLE_SINGLE if weights_format == "bin"
+                  else hf_layout.SAFETENSORS_SINGLE)
+        _save(_shard_tensors(cfg, [n for names in plan for n in names], seed, dtype),
+              out / single, weights_format)
+        if on_file:
+            on_file(single)
+        return
+    shard_file = (hf_layout.pickle_shard_file if weights_format == "bin"
+                  else hf_layout.safetensors_shard_file)
+    index_file = (hf_layout.PICKLE_INDEX if weights_format == "bin"
+                  else hf_layout.SAFETENSORS_INDEX)
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    for k, names in enumerate(plan, start=1):
+        file = shard_file(k, len(plan))
+        tensors = _shard_tensors(cfg, names, seed, dtype)
+        _save(tensors, out / file, weights_format)
+        for name, tensor in tensors.items():
+            weight_map[name] = file
+            total_size += tensor.numel() * tensor.element_size()
+        del tensors  # one shard in memory at a time
+        if on_file:
+            on_file(file)
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (out / index_file).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+# --- Tokenizer ------------------------------------------------------------------------------------
+
+_WORDS = """
+the a an of to and in is it that was for on are with as his her they be at one have this from or
+had by word but what some we can out other were all there when up use your how said each she which
+do their time if will way about many then them write would like so these long make thing see him
+two has look more day could go come did number sound no most people my over know water than call
+first who may down side been now find any new work part take get place made live where after back
+little only round man year came show every good me give our under name very through just form
+sentence great think say help low line differ turn cause much mean before move right boy old too
+same tell does set three want air well also play small end put home read hand port large spell add
+even land here must big high such follow act why ask men change went light kind off need house
+picture try us again animal point mother world near build self earth father head stand own page
+image photo cat dog woman child red blue green yellow white black orange purple sofa table street
+car bus train bicycle describe question answer colour color banner striped sky tree window book
+person holding sitting standing wearing shirt hat left top bottom front behind next beside people
+""".split()
+_CAPITALIZED = ["I", "What", "Where", "How", "Is", "Are", "The", "A", "This", "There", "Yes", "No",
+                "London", "Paris", "France", "Describe", "Answer", "Please"]
+_FOREIGN = ["café", "naïve", "résumé", "über", "señor", "façade", "jalapeño", "Zürich", "déjà", "vu",
+            "voilà", "crème", "brûlée", "São", "Paulo", "你好", "世界", "猫", "狗", "日本語", "東京",
+            "こんにちは", "한국어", "Ελλάδα", "Москва"]
+_PUNCT_TAIL = ' "quoted" - $3.50 & 100% #tag @home [x] {y} (z) / \\ | ~ ^ * + = _ \' ` ...'
+
+
+def _corpus(n_sentences: int = 3000) -> list[str]:
+    """A deterministic English-like text with chat turns, digits, punctuation, accents and CJK."""
+    rng = random.Random(20231127)
+    lines = []
+    for _ in range(n_sentences):
+        words = []
+        for _ in range(rng.randint(3, 14)):
+            x = rng.random()
+            if x < 0.07:
+                words.append(str(rng.randint(0, 99999)) if rng.random() < 0.7
+                             else f"{rng.randint(0, 999)}.{rng.randint(0, 99)}")
+            elif x < 0.11:
+                words.append(rng.choice(_FOREIGN))
+            elif x < 0.18:
+                words.append(rng.choice(_CAPITALIZED))
+            else:
+                words.append(rng.choice(_WORDS))
+        text = " ".join(words)
+        text = text[0].upper() + text[1:] + rng.choice(".?!,;:")
+        if rng.random() < 0.25:
+            text = f"USER: {text} ASSISTANT: {rng.choice(_WORDS).capitalize()}."
+        if rng.random() < 0.05:
+            text += _PUNCT_TAIL
+        if rng.random() < 0.05:
+            text = "\t" + text + "  \n  indented"
+        lines.append(text)
+    return lines
+
+
+@functools.lru_cache(maxsize=None)
+def _trained_tokenizer(vocab_size: int) -> bytes:
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    # LLaMA's trainer settings: BPE, byte fallback, digits split, dummy prefix, whitespace kept,
+    # no normalization; <unk>=0 <s>=1 </s>=2, no pad. One thread keeps the result deterministic.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_corpus()), model_writer=model,
+        model_type="bpe", vocab_size=vocab_size, character_coverage=1.0,
+        byte_fallback=True, split_digits=True, add_dummy_prefix=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity",
+        allow_whitespace_only_pieces=True, max_sentencepiece_length=16,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+        num_threads=1, minloglevel=2)
+    return model.getvalue()
+
+
+@functools.lru_cache(maxsize=None)
+def tokenizer_model_bytes(vocab_size: int = TINY_VOCAB) -> bytes:
+    """A serialized sentencepiece ModelProto with exactly vocab_size pieces (cached per process)."""
+    if vocab_size <= TINY_VOCAB:
+        return _trained_tokenizer(vocab_size)
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString(_trained_tokenizer(TINY_VOCAB))
+    lowest = min(p.score for p in proto.pieces)
+    for n in range(vocab_size - len(proto.pieces)):
+        piece = proto.pieces.add()
+        piece.piece = f"<unused{n}>"
+        piece.score = lowest - 1.0 - n
+        piece.type = sp_pb2.ModelProto.SentencePiece.NORMAL
+    return proto.SerializeToString()
+
+
+def _tokenizer_files(cfg: Owl2Config) -> dict[str, str]:
+    t = cfg.text
+    return {
+        "tokenizer_config.json": json.dumps({
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "pad_token": None,
+            "clean_up_tokenization_spaces": False,
+            "legacy": True,
+            "model_max_length": t.max_position_embeddings,
+            "sp_model_kwargs": {},
+            "tokenizer_class": "LlamaTokenizer",
+        }, indent=2),
+        "special_tokens_map.json": json.dumps(
+            {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, indent=2),
+    }
+
+
+# --- The checkpoint folder ------------------------------------------------------------------------
+
+def make_tiny_checkpoint(out_dir: str | Path, *, config: Owl2Config | None = None, seed: int = 0,
+                         dtype: str = "bfloat16", weights_format: str = "bin",
+                         sharded: bool = True, tokenizer: bool = True,
+                         on_file: Callable[[str], None] | None = None) -> Path:
+    """Write a checkpoint folder like the release's: config.json, preprocessor_config.json,
+    generation_config.json, the tokenizer files (unless tokenizer=False), and the weights as
+    the release's shards + index (sharded) or one file. Same seed, same bytes of weights."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+    if weights_format not in WEIGHTS_FORMATS:
+        raise ValueError(f"weights_format {weights_format!r}: choose one of {WEIGHTS_FORMATS}")
+    cfg = config or tiny_config()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    config_dict = cfg.to_config_dict()
+    config_dict["torch_dtype"] = dtype
+    files = {
+        CONFIG_FILE: json.dumps(config_dict, indent=2),
+        PREPROCESSOR_FILE: json.dumps(cfg.to_preprocessor_dict(), indent=2),
+        "generation_config.json": json.dumps({
+            "_from_model_config": True,
+            "bos_token_id": cfg.text.bos_token_id,
+            "eos_token_id": cfg.text.eos_token_id,
+            "transformers_version": "4.32.0",
+        }, indent=2),
+    }
+    if tokenizer:
+        files.update(_tokenizer_files(cfg))
+        (out / hf_layout.TOKENIZER_MODEL).write_bytes(tokenizer_model_bytes(cfg.text.vocab_size))
+    for name, text in files.items():
+        (out / name).write_text(text + "\n", encoding="utf-8")
+
+    _write_weights(out, cfg, seed, DTYPES[dtype], weights_format, sharded, on_file)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m owl2_edge.convert.tiny",
+        description="Write a random mPLUG-Owl2 checkpoint in the release's layout.")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--real-size", action="store_true",
+                        help="the 7B release's shape (about 16 GB in bfloat16) instead of tiny")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--format", choices=WEIGHTS_FORMATS, default="bin")
+    args = parser.parse_args(argv)
+    cfg = Owl2Config() if args.real_size else tiny_config()
+    make_tiny_checkpoint(args.out_dir, config=cfg, seed=args.seed, dtype=args.dtype,
+                         weights_format=args.format,
+                         on_file=lambda f: print(f"wrote {args.out_dir / f}", flush=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""One exception type per kind of failure. Each is raised once, where the fact is known, with a
+message a user can act on; the CLI turns it into one stderr line and an exit code."""
+
+
+class Owl2Error(Exception):
+    """Base of every error owl2-edge raises on purpose."""
+
+
+class CheckpointError(Owl2Error):
+    """A Hugging Face checkpoint folder that cannot be converted (missing file, wrong shape...)."""
+
+
+class ModelFolderError(Owl2Error):
+    """A converted model folder that is missing, incomplete or of an unknown version."""
