@@ -12,3 +12,11 @@ class CheckpointError(Owl2Error):
 
 class ModelFolderError(Owl2Error):
     """A converted model folder that is missing, incomplete or of an unknown version."""
+
+
+class DecoderError(Owl2Error):
+    """The native decoder refused its files or its input (bad GGUF, mismatched pair, bad ids)."""
+
+
+class ContextFullError(Owl2Error):
+    """The input would not fit in the decoder's context window."""

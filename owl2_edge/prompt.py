@@ -1,0 +1,80 @@
+"""The mPLUG-Owl2 prompt template (conv_mplug_owl2, owl2-architecture.md §7) and the splice plan.
+
+A conversation renders as
+    "USER: <|image|>What is this? ASSISTANT: A banner.</s>USER: Is it red? ASSISTANT:"
+with no system prompt: upstream's template object has one, but never emits it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from owl2_edge import names
+from owl2_edge.errors import Owl2Error
+
+
+class PromptError(Owl2Error):
+    """A prompt that does not fit its images (more or fewer <|image|> marks than images)."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    user: str
+    assistant: str | None = None   # None: the turn the model is about to answer
+
+
+def render(turns: list[Turn], n_images: int = 0) -> str:
+    """The template applied to a conversation whose last turn is open (assistant None).
+
+    Images go where the user put <|image|> marks; without marks, all of them go before the first
+    question, as upstream's CLI does."""
+    if not turns or turns[-1].assistant is not None or any(t.assistant is None for t in turns[:-1]):
+        raise ValueError("a prompt needs finished turns followed by exactly one open turn")
+    marks = sum(t.user.count(names.IMAGE_PLACEHOLDER) for t in turns)
+    if marks == 0 and n_images:
+        first = turns[0]
+        turns = [Turn(names.IMAGE_PLACEHOLDER * n_images + first.user, first.assistant), *turns[1:]]
+    else:
+        check_image_count(marks, n_images)
+    parts = []
+    for turn in turns:
+        parts.append(f"{names.USER_ROLE}: {turn.user}{names.USER_SEP}")
+        if turn.assistant is None:
+            # The open turn ends with "ASSISTANT:" and no space: the model's first piece brings it.
+            parts.append(f"{names.ASSISTANT_ROLE}:")
+        else:
+            parts.append(f"{names.ASSISTANT_ROLE}: {turn.assistant}{names.ASSISTANT_SEP}")
+    return "".join(parts)
+
+
+def check_image_count(marks: int, n_images: int) -> None:
+    if marks != n_images:
+        raise PromptError(f"the prompt has {marks} {names.IMAGE_PLACEHOLDER} mark(s) but "
+                          f"{n_images} image(s) were given")
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of the spliced sequence: text ids, or the image with this index (one modality)."""
+    text: tuple[int, ...] = ()
+    image: int | None = None
+
+
+def split_runs(ids: list[int]) -> list[Run]:
+    """Cut tokenized ids (with IMAGE_TOKEN_ID slots) into the runs the decoder evaluates in order.
+    Each slot becomes one image run; the k-th slot takes the k-th image."""
+    runs: list[Run] = []
+    text: list[int] = []
+    n_images = 0
+    for token in ids:
+        if token == names.IMAGE_TOKEN_ID:
+            if text:
+                runs.append(Run(text=tuple(text)))
+                text = []
+            runs.append(Run(image=n_images))
+            n_images += 1
+        else:
+            text.append(token)
+    if text:
+        runs.append(Run(text=tuple(text)))
+    return runs

@@ -1,0 +1,47 @@
+"""The template renders exactly upstream's strings (owl2-architecture.md §7), and images are placed
+and counted as the CLI promises."""
+
+import pytest
+
+from owl2_edge import names
+from owl2_edge.prompt import PromptError, Run, Turn, render, split_runs
+
+
+def test_single_turn_with_image_matches_upstream_cli():
+    assert render([Turn("Describe the image.")], n_images=1) == \
+        "USER: <|image|>Describe the image. ASSISTANT:"
+
+
+def test_multi_turn_separates_answers_with_eos_string():
+    turns = [Turn("What is this?", "A striped banner."), Turn("Is it colorful?")]
+    assert render(turns, n_images=1) == (
+        "USER: <|image|>What is this? ASSISTANT: A striped banner.</s>USER: Is it colorful? ASSISTANT:")
+
+
+def test_text_only_still_uses_the_template():
+    assert render([Turn("What is the capital of France?")]) == \
+        "USER: What is the capital of France? ASSISTANT:"
+
+
+def test_several_images_go_before_the_first_question_unless_placed():
+    assert render([Turn("Compare.")], n_images=2) == "USER: <|image|><|image|>Compare. ASSISTANT:"
+    placed = render([Turn("Left <|image|> right <|image|>?")], n_images=2)
+    assert placed == "USER: Left <|image|> right <|image|>? ASSISTANT:"
+
+
+@pytest.mark.parametrize("question,n", [("<|image|><|image|>x", 1), ("<|image|>x", 2)])
+def test_mark_count_must_equal_image_count(question, n):
+    with pytest.raises(PromptError, match="mark"):
+        render([Turn(question)], n_images=n)
+
+
+def test_open_turn_must_be_last():
+    with pytest.raises(ValueError):
+        render([Turn("a"), Turn("b", "c")])
+
+
+def test_split_runs_alternates_modalities_in_order():
+    i = names.IMAGE_TOKEN_ID
+    assert split_runs([1, 5, 6, i, 7, i, i, 8]) == [
+        Run(text=(1, 5, 6)), Run(image=0), Run(text=(7,)), Run(image=1), Run(image=2), Run(text=(8,))]
+    assert split_runs([i, 1, 9]) == [Run(image=0), Run(text=(1, 9))]
