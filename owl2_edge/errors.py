@@ -20,3 +20,7 @@ class DecoderError(Owl2Error):
 
 class ContextFullError(Owl2Error):
     """The input would not fit in the decoder's context window."""
+
+
+class ImageError(Owl2Error):
+    """An image that cannot be read or used (missing file, not an image, truncated, too large)."""

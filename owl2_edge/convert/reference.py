@@ -237,6 +237,7 @@ class VisualAbstractor(nn.Module):
     def __init__(self, cfg: AbstractorConfig, n_embd: int, swap_sincos_halves: bool = False):
         super().__init__()
         d = cfg.hidden_size
+        self.num_queries = cfg.num_queries
         self.query_embeds = nn.Parameter(torch.zeros(1, cfg.num_queries, d))
         self.layers = nn.ModuleList(AbstractorLayer(cfg) for _ in range(cfg.num_layers))
         self.visual_fc = nn.Linear(d, n_embd)
@@ -251,15 +252,21 @@ class VisualAbstractor(nn.Module):
 
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
         n = image_features.shape[0]
-        x = self.query_embeds.expand(n, -1, -1)
+        # Sizes from the config, not -1 or a tensor's shape: the ONNX export then knows that the
+        # output has n_visual rows of n_embd (only the batch stays symbolic).
+        x = self.query_embeds.expand(n, self.num_queries, -1)
         for layer in self.layers:
             x = layer(x, image_features, self.q_pos, self.k_pos)
         # No final LayerNorm. vit_eos is appended AFTER visual_fc, already in LLM width (§9.7).
-        return torch.cat([self.visual_fc(x), self.vit_eos.expand(n, -1, -1)], dim=1)
+        queries = self.visual_fc(x)
+        # vit_eos reaches the batch by broadcasting (0·q + eos == eos) rather than an Expand,
+        # whose exported shape would hide that the output has exactly n_visual rows.
+        vit_eos = queries[:, :1] * 0 + self.vit_eos
+        return torch.cat([queries, vit_eos], dim=1)
 
 
 class Owl2Vision(nn.Module):
-    """pixels [N, 3, S, S] float32 -> image embeddings [N, n_visual, n_embd]: what the ONNX holds."""
+    """pixels [N, 3, S, S] float32 -> image embeddings [N, n_visual, n_embd]; the ONNX graph."""
 
     def __init__(self, cfg: Owl2Config, swap_sincos_halves: bool = False):
         super().__init__()
@@ -283,7 +290,7 @@ class Owl2Vision(nn.Module):
         holding just those is enough: the 7B decoder never has to be loaded to export the ONNX."""
         model = _build(lambda: cls(cfg, swap_sincos_halves))
         _load(model, state, _vision_hf_name)
-        return model.eval()
+        return model.eval().requires_grad_(False)
 
     @classmethod
     def from_checkpoint(cls, ckpt, swap_sincos_halves: bool = False) -> "Owl2Vision":
@@ -302,8 +309,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        xf = x.float()  # normalise in float32, then scale by the weight
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 class Multiway(nn.Module):
@@ -465,7 +473,7 @@ class Owl2Reference(nn.Module):
         model = _build(lambda: cls(cfg))
         _load(model.vision, state, _vision_hf_name)
         _load(model.decoder, state, _decoder_hf_name)
-        return model.eval()
+        return model.eval().requires_grad_(False)
 
     @staticmethod
     def checkpoint_names(cfg: Owl2Config) -> list[str]:
@@ -522,7 +530,8 @@ class Owl2Reference(nn.Module):
     # -- decoding --------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def logits(self, ids: Sequence[int], image_embeds=None, ignore_mam: bool = False) -> torch.Tensor:
+    def logits(self, ids: Sequence[int], image_embeds=None,
+               ignore_mam: bool = False) -> torch.Tensor:
         """Logits [T, V] of the whole spliced sequence in one pass. `ignore_mam` routes every
         position through the text weights (wrong on purpose: tests use it to show MAM matters)."""
         embeds, modality = self.splice(ids, image_embeds)
@@ -531,7 +540,8 @@ class Owl2Reference(nn.Module):
         return self.decoder(embeds, modality)
 
     @torch.no_grad()
-    def logits_cached(self, ids: Sequence[int], image_embeds=None, prefill: int = 1) -> torch.Tensor:
+    def logits_cached(self, ids: Sequence[int], image_embeds=None,
+                      prefill: int = 1) -> torch.Tensor:
         """The same [T, V] logits computed the way a runtime does: the first `prefill` spliced
         positions in one pass, then one position per step through the KV cache."""
         embeds, modality = self.splice(ids, image_embeds)

@@ -15,6 +15,7 @@ stays under protobuf's 2 GB limit, and the checker reads the file from disk, not
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import onnx
@@ -35,6 +36,8 @@ class _Float32IO(nn.Module):
         self.vision, self.dtype = vision, dtype
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.dtype == torch.float32:
+            return self.vision(pixels)
         return self.vision(pixels.to(self.dtype)).to(torch.float32)
 
 
@@ -60,12 +63,18 @@ def export_vision_onnx(vision: Owl2Vision, path: str | Path, variant: str = "fp3
     graph.eval().requires_grad_(False)
     s = vision.cfg.vision.image_size
     example = torch.zeros(1, 3, s, s)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of the dynamo one, which needs
+        # onnxscript and fails on this graph's 3-D attention; dynamo=False is deliberate.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         torch.onnx.export(
             graph, (example,), str(path),
             input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
             dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
             opset_version=OPSET, do_constant_folding=True, dynamo=False,
         )
+    # The exporter's own shape pass leaves the output's row count symbolic; ONNX's inference
+    # (on the file, so no second in-memory copy) proves it is n_visual, which readers then see.
+    onnx.shape_inference.infer_shapes_path(str(path), str(path))
     onnx.checker.check_model(str(path))
     return path

@@ -1,0 +1,194 @@
+"""Prompt text <-> token ids with llama.cpp's tokenizer, on the vocabulary of the base GGUF.
+
+The base GGUF carries the release's sentencepiece vocabulary (tokenizer.ggml.*); llama.cpp's SPM
+tokenizer on it gives the slow LlamaTokenizer's ids, as long as the prompt is cut the way
+upstream's tokenizer_image_token cuts it (owl2-architecture.md §7): see Tokenizer.tokenize.
+Only the vocabulary is loaded (vocab_only), never the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import llama_cpp
+
+from owl2_edge.errors import DecoderError, ModelFolderError
+from owl2_edge.names import IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID
+
+# ggml_log_level (ggml.h): 4 = error, 5 = continuation of the previous message.
+_LOG_ERROR, _LOG_CONT = 4, 5
+
+
+class _LlamaLog:
+    def __init__(self) -> None:
+        self.lines: list[tuple[int, str]] = []
+
+    def first_error(self) -> str | None:
+        """The first error line: the cause (later ones only say that loading failed)."""
+        errors = [text.strip() for level, text in self.lines if level == _LOG_ERROR and text.strip()]
+        return errors[0] if errors else None
+
+
+@contextlib.contextmanager
+def captured_llama_log() -> Iterator[_LlamaLog]:
+    """Collect llama.cpp's log lines during a call instead of printing them, so that a failure can
+    be reported as one line (its first error) and a success stays quiet. Restores
+    llama-cpp-python's own log callback afterwards."""
+    log = _LlamaLog()
+    last_level = [0]
+
+    @llama_cpp.llama_log_callback
+    def collect(level: int, text: bytes, user_data) -> None:
+        if level == _LOG_CONT:
+            level = last_level[0]
+        last_level[0] = level
+        log.lines.append((level, (text or b"").decode("utf-8", errors="replace")))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield log
+    finally:
+        from llama_cpp import _logger
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+class Tokenizer:
+    """The vocabulary of a base GGUF. Use as a context manager or call close()."""
+
+    def __init__(self, gguf_path: str | Path):
+        path = Path(gguf_path)
+        if not path.is_file():
+            raise ModelFolderError(f"{path}: missing (the decoder GGUF holds the vocabulary)")
+        _init_backend()
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        with captured_llama_log() as log:
+            model = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
+        if not model:
+            why = log.first_error() or "llama.cpp could not load it"
+            raise ModelFolderError(f"{path}: not a readable llama.cpp GGUF vocabulary ({why})")
+        self._model = model
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self.path = path
+        self.n_vocab: int = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.bos_id: int = llama_cpp.llama_vocab_bos(self._vocab)
+        self.eos_id: int = llama_cpp.llama_vocab_eos(self._vocab)
+
+    # -- lifetime --------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if getattr(self, "_model", None):
+            llama_cpp.llama_model_free(self._model)
+        self._model = None
+        self._vocab = None
+
+    def __enter__(self) -> "Tokenizer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _live_vocab(self):
+        if not self._vocab:
+            raise DecoderError(f"{self.path}: the tokenizer is closed")
+        return self._vocab
+
+    # -- text -> ids -----------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str) -> list[int]:
+        """Prompt -> ids, with IMAGE_TOKEN_ID where each IMAGE_PLACEHOLDER stood.
+
+        Upstream tokenizes each chunk between placeholders ON ITS OWN (BOS + sentencepiece's
+        dummy "▁" prefix each), keeps the first chunk's BOS only and joins chunks with one image
+        id. So "USER: " before an image ends in a standalone "▁", and the text after an image
+        starts with a "▁"-prefixed piece though the prompt has no space there. Tokenizing the
+        prompt in one piece would give other ids, which the model was not trained on.
+        Empty chunks give nothing (adjacent images -> two image ids). When the prompt starts with
+        an image, upstream keeps every chunk's BOS ([IMAGE, BOS, ...]); that is reproduced too.
+        """
+        chunks = [self._encode_with_bos(c) if c else [] for c in prompt.split(IMAGE_PLACEHOLDER)]
+        # Upstream decides once, on the first chunk, whether BOS is hoisted and stripped.
+        hoist_bos = bool(chunks[0])
+        ids = [self.bos_id] if hoist_bos else []
+        for i, chunk in enumerate(chunks):
+            if i:
+                ids.append(IMAGE_TOKEN_ID)
+            ids.extend(chunk[1:] if hoist_bos else chunk)
+        return ids
+
+    def _encode_with_bos(self, text: str) -> list[int]:
+        """One chunk as the slow LlamaTokenizer (legacy) encodes it: BOS, then the text with
+        llama.cpp's space prefix. `</s>`, `<s>`, `<unk>` in the text are their special ids, and
+        llama.cpp space-prefixes the text after each of them again, as legacy sentencepiece
+        encoding of the split-off segment does."""
+        vocab = self._live_vocab()
+        data = text.encode("utf-8")
+        # At most one token per byte, plus BOS, plus a prefix after each special token.
+        capacity = len(data) + 8
+        while True:
+            buf = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, capacity,
+                                         True, True)  # add_special (BOS), parse_special
+            if n >= 0:
+                return list(buf[:n])
+            capacity = -n
+
+    # -- ids -> text -----------------------------------------------------------------------------
+
+    def _check_id(self, token: int) -> int:
+        # llama.cpp aborts the process on an id outside the vocabulary; refuse it here.
+        if not (isinstance(token, int) or hasattr(token, "__index__")) \
+                or not 0 <= int(token) < self.n_vocab:
+            raise DecoderError(f"token id {token!r} is not in the vocabulary (0..{self.n_vocab - 1})")
+        return int(token)
+
+    def token_to_bytes(self, token: int, special: bool = False) -> bytes:
+        """The bytes a token adds to the text ("▁" as a space, byte tokens as their byte).
+        Control tokens (BOS, EOS) give b"" unless `special`."""
+        vocab = self._live_vocab()
+        token = self._check_id(token)
+        size = 32
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, special)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n
+
+    def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
+        """Ids -> text as sentencepiece decodes it: control tokens (BOS, EOS) dropped unless
+        `special`, and the space that the dummy prefix put before the first piece removed.
+        Invalid UTF-8 (a byte token cut off) becomes U+FFFD."""
+        vocab = self._live_vocab()
+        ids = [self._check_id(t) for t in ids]
+        if not special:
+            # Leading control tokens render as nothing, but llama.cpp would count one as the first
+            # piece and then keep the dummy-prefix space of the first real one.
+            while ids and llama_cpp.llama_vocab_is_control(vocab, ids[0]):
+                ids.pop(0)
+        tokens = (llama_cpp.llama_token * max(1, len(ids)))(*ids)
+        size = 16 + 8 * len(ids)
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_detokenize(vocab, tokens, len(ids), buf, size,
+                                           False, special)  # remove_special, unparse_special
+            if n >= 0:
+                return buf.raw[:n].decode("utf-8", errors="replace")
+            size = -n

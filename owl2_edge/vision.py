@@ -1,0 +1,219 @@
+"""The vision ONNX under ONNX Runtime: preprocessed pixels -> the image embeddings the decoder
+splices in, with an LRU cache of embeddings keyed by the pixels' content hash.
+
+    encoder = VisionEncoder.from_folder(model_dir)          # picks the file and the provider
+    embeds = encoder.encode_images([preprocess(img, spec)])  # list of [n_visual, n_embd]
+
+Providers are chosen explicitly and the active one is read back (`.provider`): onnxruntime-gpu
+quietly runs on the CPU when its CUDA provider cannot start, and a user who asked for a GPU must
+hear that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from owl2_edge.errors import ModelFolderError, Owl2Error
+from owl2_edge.image import content_hash
+from owl2_edge.model_dir import Manifest
+from owl2_edge.names import ONNX_INPUT, ONNX_OUTPUT
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+PROVIDER_CHOICES = ("auto", "cpu", "cuda")
+
+# Which vision file a provider prefers: fp16 weights and math where a GPU runs them natively;
+# fp32 on CPU, where ONNX Runtime has few fp16 kernels and would cast around them.
+_CPU_VARIANTS = ("fp32", "fp16")
+_CUDA_VARIANTS = ("fp16", "fp32")
+
+
+class VisionEncoder:
+    """One ONNX Runtime session over a vision ONNX ([N,3,S,S] float32 -> [N,n_visual,n_embd]).
+
+    providers: "cpu"; "cuda" (CUDA or an Owl2Error, never a silent CPU run); "auto" (CUDA when
+    onnxruntime-gpu has it and a CUDA driver is installed and it starts, else CPU).
+    from_folder() also picks the file that suits the provider; the constructor runs the file
+    it is given.
+    n_threads: ONNX Runtime's intra-op threads (None: its default, one per physical core).
+    cache_size: embeddings kept by encode_images (0: no cache).
+    max_batch: images per ONNX run in encode_images (bounds activation memory).
+    """
+
+    def __init__(self, onnx_path: str | Path, providers: str = "auto", n_threads: int | None = None,
+                 cache_size: int = 16, max_batch: int = 4):
+        if providers not in PROVIDER_CHOICES:
+            raise ValueError(f"unknown providers {providers!r}; expected one of {PROVIDER_CHOICES}")
+        if n_threads is not None and n_threads < 1:
+            raise ValueError(f"n_threads must be at least 1, got {n_threads}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.path = Path(onnx_path)
+        if not self.path.is_file():
+            raise ModelFolderError(f"{self.path}: missing vision model")
+        if providers == "cuda" and CUDA not in ort.get_available_providers():
+            raise Owl2Error(f"CUDA was asked for but this ONNX Runtime has no CUDA provider "
+                            f"(install onnxruntime-gpu), or choose the CPU")
+        options = ort.SessionOptions()
+        if n_threads is not None:
+            options.intra_op_num_threads = n_threads
+        wanted = [CUDA, CPU] if providers == "cuda" or (providers == "auto" and cuda_possible()) \
+            else [CPU]
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=wanted)
+        except Exception as e:  # ONNX Runtime's error types derive from Exception directly
+            raise ModelFolderError(f"{self.path}: not a usable ONNX model "
+                                   f"({_one_line(e)})") from None
+        # What ONNX Runtime actually runs on: the first provider it kept.
+        self.provider = self.session.get_providers()[0]
+        if providers == "cuda" and self.provider != CUDA:
+            raise Owl2Error(f"CUDA was asked for but ONNX Runtime could not start its CUDA "
+                            f"provider (no GPU, or CUDA/cuDNN libraries missing); choose the CPU")
+        self.image_size, self.n_visual, self.n_embd = _interface(self.session, self.path)
+        self.cache_size, self.max_batch = cache_size, max_batch
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.n_runs = 0  # ONNX runs so far: lets a caller (and the tests) see cache hits
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, manifest: Manifest | None = None,
+                    providers: str = "auto", **kwargs) -> "VisionEncoder":
+        """The model folder's vision model on the provider asked for.
+
+        CUDA runs the fp16 file when the folder has it. "auto" uses CUDA only with the fp16
+        file, and when CUDA does not start after all it reopens the CPU's preferred file on
+        the CPU (the fp16 graph would run slower and less exactly there)."""
+        folder = Path(folder)
+        manifest = manifest or Manifest.load(folder)
+        files = manifest.vision_files
+        if providers == "auto" and (not cuda_possible() or "fp16" not in files):
+            providers = "cpu"
+        variant = _pick_variant(files, _CUDA_VARIANTS if providers != "cpu" else _CPU_VARIANTS)
+        encoder = cls(folder / files[variant], providers, **kwargs)
+        if encoder.provider == CPU and _pick_variant(files, _CPU_VARIANTS) != variant:
+            encoder = cls(folder / files[_pick_variant(files, _CPU_VARIANTS)], "cpu", **kwargs)
+        return encoder
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """pixels [N, 3, S, S] (preprocess() output, stacked) -> float32 [N, n_visual, n_embd],
+        all N in one ONNX run. No cache."""
+        pixels = self._checked(pixels)
+        if len(pixels) == 0:
+            return np.zeros((0, self.n_visual, self.n_embd), dtype=np.float32)
+        self.n_runs += 1
+        return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: pixels})[0]
+
+    def encode_images(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        """Each image's pixels [3, S, S] -> its embeddings [n_visual, n_embd], read-only.
+
+        The cache lives here, keyed by content_hash of the pixels: the key then covers the
+        picture, the aspect mode and the normalisation at once, so a picture asked about again
+        (a new question, the next chat turn) is not encoded twice. Images not in the cache are
+        encoded together, max_batch per run; an image repeated within the call runs once."""
+        keys = []
+        for i, image in enumerate(images):
+            image = np.asarray(image)
+            if image.ndim != 3:
+                raise ValueError(f"image {i}: pixels of shape {list(image.shape)}; expected one "
+                                 f"image [3, {self.image_size}, {self.image_size}]")
+            keys.append(content_hash(image))
+        found = {}
+        for key in keys:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                found[key] = self._cache[key]
+        first_index: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            if key not in found and key not in first_index:
+                first_index[key] = i
+        todo = list(first_index.items())
+        for start in range(0, len(todo), self.max_batch):
+            chunk = todo[start:start + self.max_batch]
+            out = self.encode(np.stack([np.asarray(images[i]) for _, i in chunk]))
+            for (key, _), embeds in zip(chunk, out):
+                embeds = embeds.copy()  # its own memory, so eviction frees it
+                embeds.setflags(write=False)
+                found[key] = embeds
+                self._remember(key, embeds)
+        return [found[k] for k in keys]
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def _remember(self, key: str, embeds: np.ndarray) -> None:
+        if self.cache_size <= 0:
+            return
+        self._cache[key] = embeds
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+
+    def _checked(self, pixels) -> np.ndarray:
+        pixels = np.asarray(pixels)
+        s = self.image_size
+        if pixels.ndim != 4 or pixels.shape[1:] != (3, s, s):
+            raise ValueError(f"pixels of shape {list(pixels.shape)} do not fit this vision model: "
+                             f"expected [N, 3, {s}, {s}] (owl2_edge.image.preprocess gives "
+                             f"[3, {s}, {s}] per image)")
+        if not np.issubdtype(pixels.dtype, np.floating):
+            raise ValueError(f"pixels are {pixels.dtype}; expected normalised float32 "
+                             f"(owl2_edge.image.preprocess), not raw levels")
+        return np.ascontiguousarray(pixels, dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return (f"VisionEncoder({self.path.name}, provider={self.provider}, "
+                f"image_size={self.image_size}, n_visual={self.n_visual}, n_embd={self.n_embd})")
+
+
+@functools.cache
+def cuda_possible() -> bool:
+    """Whether trying ONNX Runtime's CUDA provider can succeed at all: onnxruntime-gpu lists it
+    even on a machine without a GPU, and trying it there prints a page of load errors. The CUDA
+    driver library is present exactly where an NVIDIA driver is installed."""
+    if CUDA not in ort.get_available_providers():
+        return False
+    driver_names = ("nvcuda.dll",) if sys.platform == "win32" else ("libcuda.so.1", "libcuda.so")
+    for name in driver_names:
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def _pick_variant(files: dict[str, str], preference: tuple[str, ...]) -> str:
+    for variant in preference:
+        if variant in files:
+            return variant
+    return next(iter(files))
+
+
+def _interface(session: ort.InferenceSession, path: Path) -> tuple[int, int, int]:
+    """(S, n_visual, n_embd) read from the graph, which must be the vision ONNX's interface."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    by_name = {o.name: o for o in outputs}
+    ok = [i.name for i in inputs] == [ONNX_INPUT] and ONNX_OUTPUT in by_name
+    if ok:
+        in_shape, out_shape = inputs[0].shape, by_name[ONNX_OUTPUT].shape
+        ok = (inputs[0].type == "tensor(float)" and by_name[ONNX_OUTPUT].type == "tensor(float)"
+              and len(in_shape) == 4 and len(out_shape) == 3
+              and all(isinstance(d, int) for d in [*in_shape[1:], *out_shape[1:]])
+              and in_shape[1] == 3 and in_shape[2] == in_shape[3])
+    if not ok:
+        found = ", ".join(f"{x.name} {x.type} {x.shape}" for x in [*inputs, *outputs])
+        raise ModelFolderError(f"{path}: not an owl2-edge vision model (expected {ONNX_INPUT} "
+                               f"float [N,3,S,S] -> {ONNX_OUTPUT} float [N,n_visual,n_embd]; "
+                               f"found {found})")
+    return in_shape[2], out_shape[1], out_shape[2]
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
