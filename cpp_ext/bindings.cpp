@@ -1,16 +1,36 @@
 // Python module owl2_edge._decoder: the native half of owl2-edge.
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/map.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/unique_ptr.h>
+#include <nanobind/stl/vector.h>
 
 #include <thread>
 
+#include "owl2_decoder.h"
 #include "quantize.h"
 
 namespace nb = nanobind;
 
 using FloatMatrix = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 using ByteMatrix = nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using TokenVector = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
+
+namespace owl2 {
+std::map<std::string, std::string> names_table();
+}
+
+// Logits as a numpy array that owns the decoder's vector: [n_vocab], or [n, n_vocab].
+static nb::object to_numpy(std::vector<float> && logits, int n_vocab, bool all) {
+    auto * owned = new std::vector<float>(std::move(logits));
+    nb::capsule owner(owned, [](void * p) noexcept { delete static_cast<std::vector<float> *>(p); });
+    if (!all) {
+        return nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<1>>(owned->data(), {(size_t) n_vocab}, owner));
+    }
+    const size_t rows = owned->size() / n_vocab;
+    return nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<2>>(owned->data(), {rows, (size_t) n_vocab}, owner));
+}
 
 static int default_threads() {
     unsigned n = std::thread::hardware_concurrency();
@@ -59,4 +79,85 @@ NB_MODULE(_decoder, m) {
         },
         nb::arg("blocks"), nb::arg("type"), nb::arg("n_per_row"),
         "Convert raw ggml blocks [rows, row_bytes] back to float32 [rows, n_per_row].");
+
+    // --- the decoder (owl2_edge/decoder.py wraps this and maps the errors) ---------------------
+
+    // Native errors keep their own Python types here; decoder.py turns them into
+    // owl2_edge.errors.DecoderError / ContextFullError (the runtime's one set of error types).
+    auto decoder_error = nb::exception<owl2::decoder_error>(m, "NativeDecoderError");
+    nb::exception<owl2::context_full_error>(m, "NativeContextFullError", decoder_error);
+
+    m.def("names_table", &owl2::names_table, "The GGUF names the C++ side uses (checked against names.py).");
+    m.def("physical_cores", &owl2::physical_cores);
+
+    nb::class_<owl2::kv_state>(m, "KVState", "A copy of the KV cache's first n_past positions.")
+        .def_ro("n_past", &owl2::kv_state::n_past)
+        .def_prop_ro("nbytes", &owl2::kv_state::nbytes);
+
+    nb::class_<owl2::decoder>(m, "Decoder")
+        .def(
+            "__init__",
+            [](owl2::decoder * self, const std::string & base, const std::string & mam, int n_ctx, int n_threads,
+               const std::string & device, int n_gpu_layers, const std::string & kv_type, bool flash_attn,
+               int n_ubatch, bool repack) {
+                owl2::decoder_params p;
+                p.n_ctx = n_ctx;
+                p.n_threads = n_threads;
+                p.device = device;
+                p.n_gpu_layers = n_gpu_layers;
+                p.kv_type = kv_type;
+                p.flash_attn = flash_attn;
+                p.n_ubatch = n_ubatch;
+                p.repack = repack;
+                nb::gil_scoped_release release;
+                new (self) owl2::decoder(base, mam, p);
+            },
+            nb::arg("base_path"), nb::arg("mam_path"), nb::arg("n_ctx") = 2048, nb::arg("n_threads") = 0,
+            nb::arg("device") = "auto", nb::arg("n_gpu_layers") = -1, nb::arg("kv_type") = "f16",
+            nb::arg("flash_attn") = false, nb::arg("n_ubatch") = 512, nb::arg("repack") = false)
+        .def(
+            "eval_tokens",
+            [](owl2::decoder & d, TokenVector ids, int route, bool all_logits) {
+                std::vector<int32_t> v(ids.data(), ids.data() + ids.shape(0));
+                std::vector<float> out;
+                {
+                    nb::gil_scoped_release release;
+                    out = d.eval_tokens(v, route, all_logits);
+                }
+                return to_numpy(std::move(out), d.n_vocab(), all_logits);
+            },
+            nb::arg("ids"), nb::arg("route"), nb::arg("all_logits"))
+        .def(
+            "eval_embeddings",
+            [](owl2::decoder & d, FloatMatrix embeds, int route, bool all_logits) {
+                if ((int64_t) embeds.shape(1) != d.n_embd()) {
+                    throw owl2::decoder_error("embeddings must be [n, " + std::to_string(d.n_embd()) + "], got width " +
+                                              std::to_string(embeds.shape(1)));
+                }
+                std::vector<float> out;
+                {
+                    // The array stays alive (and unchanged: it is const here) while the GIL is away.
+                    nb::gil_scoped_release release;
+                    out = d.eval_embeddings(embeds.data(), (int64_t) embeds.shape(0), route, all_logits);
+                }
+                return to_numpy(std::move(out), d.n_vocab(), all_logits);
+            },
+            nb::arg("embeds"), nb::arg("route"), nb::arg("all_logits"))
+        .def_prop_ro("n_past", &owl2::decoder::n_past)
+        .def("rewind", &owl2::decoder::rewind, nb::arg("n"))
+        .def("save_state", &owl2::decoder::save_state)
+        .def("restore_state", &owl2::decoder::restore_state, nb::arg("state"))
+        .def_prop_ro("n_vocab", &owl2::decoder::n_vocab)
+        .def_prop_ro("n_embd", &owl2::decoder::n_embd)
+        .def_prop_ro("n_ctx", &owl2::decoder::n_ctx)
+        .def_prop_ro("n_layer", &owl2::decoder::n_layer)
+        .def_prop_ro("n_threads", &owl2::decoder::n_threads)
+        .def_prop_ro("device", &owl2::decoder::device_name)
+        .def_prop_ro("kv_type", &owl2::decoder::kv_type)
+        .def_prop_ro("flash_attn", &owl2::decoder::flash_attn)
+        .def_prop_ro("closed", &owl2::decoder::closed)
+        .def("close", [](owl2::decoder & d) {
+            nb::gil_scoped_release release;
+            d.close();
+        });
 }

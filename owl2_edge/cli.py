@@ -77,6 +77,142 @@ def convert_cmd(
     console.print(f"wrote {out} ({size / 2**20:.1f} MiB, decoder {manifest.quant})")
 
 
+def _load(model: Optional[Path], device: str, n_ctx: int, threads: Optional[int], kv_type: str,
+          flash_attn: bool, aspect: str, no_exif: bool):
+    from owl2_edge.pipeline import Owl2
+    return Owl2.load(model, device=device, n_ctx=n_ctx, n_threads=threads, kv_type=kv_type,
+                     flash_attn=flash_attn, aspect=aspect, exif_transpose=not no_exif)
+
+
+MODEL_OPT = typer.Option(None, "-m", "--model", help="Model folder (default: $OWL2_MODEL, then the demo model).")
+DEVICE_OPT = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+CTX_OPT = typer.Option(2048, "--ctx", help="Context positions (each image takes 65).")
+THREADS_OPT = typer.Option(None, "--threads", "-t", help="CPU threads (default: physical cores).")
+KV_OPT = typer.Option("f16", "--kv-type", help="KV cache type: f16, f32, q8_0.")
+FA_OPT = typer.Option(False, "--flash-attn", help="Use ggml's fused attention.")
+ASPECT_OPT = typer.Option("pad", "--aspect", help="Non-square images: pad (upstream CLI), resize, crop.")
+NO_EXIF_OPT = typer.Option(False, "--no-exif", help="Ignore EXIF orientation (upstream's pixels).")
+
+
+def _sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed) -> dict:
+    return dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
+
+
+@app.command("ask")
+def ask_cmd(
+    args: list[str] = typer.Argument(..., metavar="IMAGE... QUESTION",
+                                     help="Zero or more images, then the question."),
+    model: Optional[Path] = MODEL_OPT, device: str = DEVICE_OPT, ctx: int = CTX_OPT,
+    threads: Optional[int] = THREADS_OPT, kv_type: str = KV_OPT, flash_attn: bool = FA_OPT,
+    aspect: str = ASPECT_OPT, no_exif: bool = NO_EXIF_OPT,
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n"),
+    temperature: float = typer.Option(0.2, "--temperature", help="0 = greedy."),
+    top_k: int = typer.Option(50, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    min_p: float = typer.Option(0.0, "--min-p"),
+    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    raw: bool = typer.Option(False, "--raw", help="QUESTION is the whole prompt (no template); "
+                                                  "<|image|> marks each image's place."),
+    no_stream: bool = typer.Option(False, "--no-stream", help="Print the answer at the end."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Timings and tokens/s on stderr."),
+):
+    """Ask a question about images: owl2 ask photo.jpg "What is written on the sign?"."""
+    import json
+    images, question = args[:-1], args[-1]
+    try:
+        sampling = _sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed)
+        from owl2_edge.sampling import SamplingParams
+        SamplingParams(**sampling)  # refuse bad options before loading anything
+        owl = _load(model, device, ctx, threads, kv_type, flash_attn, aspect, no_exif)
+        pieces = []
+        for piece in owl.stream(images, question, raw=raw, **sampling):
+            pieces.append(piece)
+            if not (no_stream or as_json):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        text = "".join(pieces).strip()
+    except (Owl2Error, ValueError) as e:
+        if not (no_stream or as_json) and 'pieces' in locals() and pieces:
+            sys.stdout.write("\n")
+        raise _fail(str(e))
+    stats = owl.stats
+    if as_json:
+        console.print_json(json.dumps({
+            "text": text, "tokens": stats.generated_tokens, "prompt_tokens": stats.prompt_positions,
+            "finish_reason": stats.finish_reason, "timings": _timings(owl)}))
+    elif no_stream:
+        print(text)
+    else:
+        print()
+    if stats.finish_reason == "context":
+        err.print("(stopped: the context is full; use --ctx to allow more)")
+    if verbose:
+        t = _timings(owl)
+        err.print(f"load {t['load_s']:.2f} s · vision {t['vision_s']:.2f} s · prefill "
+                  f"{t['prefill_s']:.2f} s ({t['prefill_tok_per_s']:.1f} tok/s, "
+                  f"{stats.evaluated_positions} positions) · decode {t['decode_s']:.2f} s "
+                  f"({t['decode_tok_per_s']:.1f} tok/s, {stats.generated_tokens} tokens) · "
+                  f"{owl.decoder.device}, vision on {owl.vision.provider}")
+
+
+def _timings(owl) -> dict:
+    s, t = owl.stats, owl.stats.timings
+    prefill, decode = t.get("prefill", 0.0), t.get("decode", 0.0)
+    return {"load_s": round(getattr(owl, "load_seconds", 0.0), 3), "vision_s": round(t.get("vision", 0.0), 3),
+            "prefill_s": round(prefill, 3), "decode_s": round(decode, 3),
+            "prefill_tok_per_s": round(s.evaluated_positions / prefill, 2) if prefill else 0.0,
+            "decode_tok_per_s": round(s.generated_tokens / decode, 2) if decode else 0.0}
+
+
+@app.command("chat")
+def chat_cmd(
+    image: Optional[Path] = typer.Argument(None, help="An image to talk about (more with /image)."),
+    model: Optional[Path] = MODEL_OPT, device: str = DEVICE_OPT, ctx: int = CTX_OPT,
+    threads: Optional[int] = THREADS_OPT, kv_type: str = KV_OPT, flash_attn: bool = FA_OPT,
+    aspect: str = ASPECT_OPT, no_exif: bool = NO_EXIF_OPT,
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n"),
+    temperature: float = typer.Option(0.2, "--temperature"),
+    top_k: int = typer.Option(50, "--top-k"), top_p: float = typer.Option(1.0, "--top-p"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+):
+    """Talk about images: /image PATH adds one, /clear starts over, /exit (or Ctrl-D) leaves."""
+    try:
+        owl = _load(model, device, ctx, threads, kv_type, flash_attn, aspect, no_exif)
+        chat = owl.chat([image] if image else [])
+    except Owl2Error as e:
+        raise _fail(str(e))
+    sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except EOFError:
+            print()
+            return
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return
+        if line == "/clear":
+            chat.clear()
+            continue
+        if line.startswith("/image"):
+            try:
+                chat.add_image(line[len("/image"):].strip())
+            except Owl2Error as e:
+                err.print(f"error: {e}", markup=False)
+            continue
+        try:
+            for piece in chat.send(line, **sampling):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            print()
+        except (Owl2Error, ValueError) as e:
+            err.print(f"error: {e}", markup=False)
+
+
 @app.command("info")
 def info_cmd(model: Path = typer.Argument(..., help="owl2-edge model folder.")):
     """Show what is in a model folder: files, sizes, types, dimensions."""
@@ -91,18 +227,31 @@ def info_cmd(model: Path = typer.Argument(..., help="owl2-edge model folder.")):
 @app.command("demo")
 def demo_cmd(
     rebuild: bool = typer.Option(False, "--rebuild", help="Generate the demo model again."),
+    question: str = typer.Option("What is written on the sign?", "--question", "-q"),
 ):
-    """Build the small demo model (random weights, offline) once, and show it."""
+    """Build the small demo model once (random weights, offline) and ask it about a sample image."""
     from owl2_edge.info import describe
+    from owl2_edge.pipeline import Owl2
+    from owl2_edge.sample import sample_image
     folder = demo_dir()
     try:
-        if rebuild or not (folder / "model").is_dir():
+        if rebuild or not (folder / "model" / "owl2.json").is_file():
             build_demo_model(folder)
         console.print(describe(folder / "model"))
+        owl = Owl2.load(folder / "model")
+        console.print(f"[bold]USER:[/] <sample image> {escape(question)}")
+        console.print("[bold]ASSISTANT:[/] ", end="")
+        for piece in owl.stream(sample_image(), question, max_tokens=32, temperature=0):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        print()
     except Owl2Error as e:
         raise _fail(str(e))
-    console.print("[yellow]The demo model has random weights: its answers are noise. "
-              "Convert the real release with `owl2 convert` (see README).[/]")
+    t = _timings(owl)
+    err.print(f"vision {t['vision_s']:.2f} s · prefill {t['prefill_tok_per_s']:.0f} tok/s · "
+              f"decode {t['decode_tok_per_s']:.0f} tok/s ({owl.decoder.device})")
+    console.print("[yellow]The demo model has random weights, so its answer is noise: it shows the "
+                  "whole path working. Convert the real release with `owl2 convert` (README).[/]")
 
 
 def build_demo_model(folder: Path) -> Path:

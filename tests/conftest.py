@@ -19,3 +19,19 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ckpt(tiny_checkpoint) -> Checkpoint:
     return Checkpoint.open(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_ref(tiny_ckpt):
+    """The PyTorch reference of the tiny checkpoint: the oracle of every end-to-end test."""
+    from owl2_edge.convert.reference import Owl2Reference
+    return Owl2Reference.from_checkpoint(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint converted by `owl2 convert`'s own code: F32 decoder, fp32 vision."""
+    from owl2_edge.convert.pipeline import convert
+    out = tmp_path_factory.mktemp("models") / "tiny-F32"
+    convert(tiny_checkpoint, out, quant="F32", vision=("fp32",))
+    return out

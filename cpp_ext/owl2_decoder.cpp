@@ -1,0 +1,828 @@
+// The MAM decoder: hparams, layer and model structs, then load(), build_graph(), eval(), in the
+// order the math runs (whisper.cpp keeps a ggml model the same way).
+#include "owl2_decoder.h"
+
+#include <algorithm>
+#include <cmath>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml.h"
+#include "owl2_gguf_file.h"
+
+namespace owl2 {
+
+// --- Names -----------------------------------------------------------------------------------------
+// The GGUF keys and tensor names of owl2_edge/names.py (the one table of names), mirrored for C++;
+// tests/test_decoder.py checks that both say the same (names_table() below).
+
+namespace names {
+const char * const KEY_ARCHITECTURE = "general.architecture";
+const char * const KEY_GENERAL_TYPE = "general.type";
+const char * const KEY_ADAPTER_TYPE = "adapter.type";
+const char * const KEY_PAIR_ID = "owl2.pair_id";
+const char * const KEY_MAM_BLOCK_COUNT = "owl2.block_count";
+const char * const KEY_MAM_EMBEDDING_LENGTH = "owl2.embedding_length";
+const char * const KEY_MAM_KV_WIDTH = "owl2.kv_width";
+const char * const ARCHITECTURE = "llama";
+const char * const ADAPTER_GENERAL_TYPE = "adapter";
+const char * const MAM_ADAPTER_TYPE = "owl2-mam";
+const char * const TOKEN_EMBD = "token_embd.weight";
+const char * const OUTPUT_NORM = "output_norm.weight";
+const char * const OUTPUT = "output.weight";
+const int TEXT_ROUTE = 0;
+const int VISUAL_ROUTE = 1;
+
+std::string blk(int i, const char * part) { return "blk." + std::to_string(i) + "." + part + ".weight"; }
+}  // namespace names
+
+std::map<std::string, std::string> names_table() {
+    using namespace names;
+    return {
+        {"KEY_ARCHITECTURE", KEY_ARCHITECTURE},   {"KEY_GENERAL_TYPE", KEY_GENERAL_TYPE},
+        {"KEY_ADAPTER_TYPE", KEY_ADAPTER_TYPE},   {"KEY_PAIR_ID", KEY_PAIR_ID},
+        {"KEY_MAM_BLOCK_COUNT", KEY_MAM_BLOCK_COUNT},
+        {"KEY_MAM_EMBEDDING_LENGTH", KEY_MAM_EMBEDDING_LENGTH},
+        {"KEY_MAM_KV_WIDTH", KEY_MAM_KV_WIDTH},   {"ARCHITECTURE", ARCHITECTURE},
+        {"ADAPTER_GENERAL_TYPE", ADAPTER_GENERAL_TYPE}, {"MAM_ADAPTER_TYPE", MAM_ADAPTER_TYPE},
+        {"TOKEN_EMBD", TOKEN_EMBD},               {"OUTPUT_NORM", OUTPUT_NORM},
+        {"OUTPUT", OUTPUT},                       {"blk(7, 'attn_k')", blk(7, "attn_k")},
+        {"TEXT_ROUTE", std::to_string(TEXT_ROUTE)}, {"VISUAL_ROUTE", std::to_string(VISUAL_ROUTE)},
+    };
+}
+
+// --- The model ---------------------------------------------------------------------------------------
+
+struct hparams {
+    int n_vocab = 0;
+    int n_ctx_train = 0;
+    int n_embd = 0;
+    int n_layer = 0;
+    int n_ff = 0;
+    int n_head = 0;
+    int n_head_kv = 0;
+    int n_rot = 0;
+    float rms_eps = 0;
+    float rope_freq_base = 0;
+
+    int head_dim() const { return n_embd / n_head; }
+    int n_embd_kv() const { return head_dim() * n_head_kv; }
+};
+
+// One decoder layer. Index [route] picks the text (0) or the visual (1) copy of what MAM doubles;
+// the rest is shared by both routes.
+struct layer {
+    ggml_tensor * attn_norm[2] = {};
+    ggml_tensor * wq = nullptr;
+    ggml_tensor * wk[2] = {};
+    ggml_tensor * wv[2] = {};
+    ggml_tensor * wo = nullptr;
+    ggml_tensor * ffn_norm[2] = {};
+    ggml_tensor * ffn_gate = nullptr;
+    ggml_tensor * ffn_up = nullptr;
+    ggml_tensor * ffn_down = nullptr;
+
+    // KV cache, rows = positions: k [n_embd_kv, n_ctx]; v the same, or transposed
+    // [n_ctx, n_embd_kv] when model::v_trans (so that attention multiplies by it directly).
+    ggml_tensor * k_cache = nullptr;
+    ggml_tensor * v_cache = nullptr;
+    bool on_gpu = false;
+};
+
+struct model {
+    hparams hp;
+    decoder_params params;
+    ggml_type kv_type = GGML_TYPE_F16;
+    bool v_trans = true;
+    int n_ctx = 0;
+    int n_threads = 1;
+
+    std::unique_ptr<gguf_file> base, mam;
+
+    ggml_tensor * token_embd = nullptr;
+    ggml_tensor * output_norm = nullptr;
+    ggml_tensor * output = nullptr;
+    std::vector<layer> layers;
+
+    ggml_backend_dev_t dev_cpu = nullptr, dev_gpu = nullptr;
+    ggml_backend_t backend_cpu = nullptr, backend_gpu = nullptr;
+    ggml_backend_sched_t sched = nullptr;
+    std::vector<ggml_context *> contexts;           // tensor metadata (weights, KV)
+    std::vector<ggml_backend_buffer_t> buffers;     // mapped files, GPU weights, KV
+    std::vector<uint8_t> graph_meta;                // room for one graph's tensor metadata
+    size_t graph_size = 0;
+
+    int n_past = 0;
+    std::mutex busy;  // the GIL is released while computing: one eval at a time
+
+    ~model() {
+        if (sched) ggml_backend_sched_free(sched);
+        for (auto * b : buffers) ggml_backend_buffer_free(b);
+        for (auto * c : contexts) ggml_free(c);
+        if (backend_gpu) ggml_backend_free(backend_gpu);
+        if (backend_cpu) ggml_backend_free(backend_cpu);
+    }
+};
+
+// --- load() ------------------------------------------------------------------------------------------
+
+static hparams read_hparams(const gguf_file & f) {
+    const std::string arch = f.get_str(names::KEY_ARCHITECTURE);
+    if (arch != names::ARCHITECTURE) {
+        f.fail("general.architecture is '" + arch + "', expected '" + names::ARCHITECTURE + "'");
+    }
+    auto key = [&](const char * k) { return arch + "." + k; };
+    auto get_int = [&](const char * k, int64_t lo, int64_t hi) {
+        const uint64_t v = f.get_uint(key(k).c_str());
+        if (v < (uint64_t) lo || v > (uint64_t) hi) {
+            f.fail(key(k) + " = " + std::to_string(v) + " is out of range");
+        }
+        return (int) v;
+    };
+    hparams hp;
+    hp.n_ctx_train = get_int("context_length", 1, 1 << 24);
+    hp.n_embd = get_int("embedding_length", 1, 1 << 20);
+    hp.n_layer = get_int("block_count", 1, 4096);
+    hp.n_ff = get_int("feed_forward_length", 1, 1 << 22);
+    hp.n_head = get_int("attention.head_count", 1, 4096);
+    hp.n_head_kv = f.has(key("attention.head_count_kv").c_str()) ? get_int("attention.head_count_kv", 1, 4096)
+                                                                 : hp.n_head;
+    if (hp.n_embd % hp.n_head != 0) f.fail("embedding_length is not a multiple of the head count");
+    if (hp.n_head % hp.n_head_kv != 0) f.fail("head_count is not a multiple of head_count_kv");
+    hp.n_rot = f.has(key("rope.dimension_count").c_str()) ? get_int("rope.dimension_count", 2, 1 << 16)
+                                                          : hp.head_dim();
+    if (hp.n_rot > hp.head_dim() || hp.n_rot % 2 != 0) f.fail("rope.dimension_count does not fit the head size");
+    hp.rms_eps = (float) f.get_float(key("attention.layer_norm_rms_epsilon").c_str());
+    hp.rope_freq_base = (float) f.get_float(key("rope.freq_base").c_str(), 10000.0);
+    if (!(hp.rms_eps > 0) || !(hp.rope_freq_base > 0)) f.fail("rms epsilon and rope base must be > 0");
+    return hp;
+}
+
+static void check_sidecar(const gguf_file & base, const gguf_file & mam, const hparams & hp) {
+    auto str_or_empty = [&](const char * k) { return mam.has(k) ? mam.get_str(k) : std::string(); };
+    if (str_or_empty(names::KEY_GENERAL_TYPE) != names::ADAPTER_GENERAL_TYPE ||
+        str_or_empty(names::KEY_ADAPTER_TYPE) != names::MAM_ADAPTER_TYPE) {
+        mam.fail(std::string("not an owl2 MAM sidecar (") + names::KEY_GENERAL_TYPE + " must be '" +
+                 names::ADAPTER_GENERAL_TYPE + "' and " + names::KEY_ADAPTER_TYPE + " '" +
+                 names::MAM_ADAPTER_TYPE + "')");
+    }
+    const std::string base_id = base.get_str(names::KEY_PAIR_ID);
+    const std::string mam_id = mam.get_str(names::KEY_PAIR_ID);
+    if (base_id != mam_id) {
+        mam.fail("belongs to another decoder (pair id '" + mam_id + "', the decoder GGUF has '" + base_id + "')");
+    }
+    auto same = [&](const char * k, int expected) {
+        const uint64_t v = mam.get_uint(k);
+        if (v != (uint64_t) expected) {
+            mam.fail(std::string(k) + " = " + std::to_string(v) + " but the decoder GGUF has " + std::to_string(expected));
+        }
+    };
+    same(names::KEY_MAM_BLOCK_COUNT, hp.n_layer);
+    same(names::KEY_MAM_EMBEDDING_LENGTH, hp.n_embd);
+    same(names::KEY_MAM_KV_WIDTH, hp.n_embd_kv());
+}
+
+// Check a tensor's presence, shape and type against what the graph will do with it. A matrix
+// [ne0 = in, ne1 = out] needs rows that fill whole blocks of its type; norms are float32.
+static const gguf_tensor_info & expect(const gguf_file & f, const std::string & name, int64_t ne0, int64_t ne1,
+                                       std::set<std::string> & seen, ggml_type required = GGML_TYPE_COUNT) {
+    const gguf_tensor_info * t = f.find(name);
+    if (t == nullptr) f.fail("missing tensor " + name);
+    seen.insert(name);
+    const int n_dims = ne1 > 0 ? 2 : 1;
+    const bool shape_ok = t->n_dims <= n_dims && t->ne[0] == ne0 && (ne1 <= 0 || t->ne[1] == ne1);
+    if (!shape_ok) {
+        std::string got;
+        for (int d = 0; d < t->n_dims; ++d) got += (d ? ", " : "") + std::to_string(t->ne[d]);
+        f.fail("tensor " + name + " has shape [" + got + "], expected [" + std::to_string(ne0) +
+               (ne1 > 0 ? ", " + std::to_string(ne1) : "") + "] (ggml order)");
+    }
+    if (required != GGML_TYPE_COUNT && t->type != required) {
+        f.fail("tensor " + name + " is " + ggml_type_name(t->type) + ", expected " + ggml_type_name(required));
+    }
+    if (ne0 % ggml_blck_size(t->type) != 0) {
+        f.fail("tensor " + name + " of type " + ggml_type_name(t->type) + " has rows of " + std::to_string(ne0) +
+               " values, not whole blocks of " + std::to_string(ggml_blck_size(t->type)));
+    }
+    return *t;
+}
+
+static void refuse_unknown_tensors(const gguf_file & f, const std::set<std::string> & seen) {
+    for (const auto & t : f.tensors()) {
+        if (!seen.count(t.name)) f.fail("unexpected tensor " + t.name);
+    }
+}
+
+static ggml_type parse_kv_type(const std::string & s) {
+    if (s == "f32") return GGML_TYPE_F32;
+    if (s == "f16") return GGML_TYPE_F16;
+    if (s == "q8_0") return GGML_TYPE_Q8_0;
+    throw decoder_error("kv_type must be f32, f16 or q8_0, not '" + s + "'");
+}
+
+// The compute device: a GPU from ggml's device registry (a CUDA build of llama-cpp-python
+// registers one; nothing here depends on CUDA at compile time), or none.
+static ggml_backend_dev_t pick_gpu(const std::string & device) {
+    if (device == "cpu") return nullptr;
+    if (device != "auto" && device != "cuda" && device != "gpu") {
+        throw decoder_error("device must be auto, cpu or cuda, not '" + device + "'");
+    }
+    ggml_backend_dev_t gpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU);
+    if (gpu == nullptr && device != "auto") {
+        throw decoder_error("device '" + device + "' asked for, but ggml has no GPU device (the installed "
+                            "llama-cpp-python was built without CUDA, or no GPU is visible)");
+    }
+    return gpu;
+}
+
+// Tensors of one file that live on one device: metadata in a ggml context, data either in the
+// mapped file (CPU: ggml uses the mapping in place, no copy) or uploaded into a device buffer.
+struct weight_set {
+    ggml_context * ctx = nullptr;
+    std::vector<std::pair<ggml_tensor *, const gguf_tensor_info *>> tensors;
+};
+
+static ggml_context * new_meta_context(size_t n_tensors) {
+    ggml_init_params ip = {ggml_tensor_overhead() * (n_tensors + 1), nullptr, /*no_alloc =*/true};
+    ggml_context * ctx = ggml_init(ip);
+    if (ctx == nullptr) throw decoder_error("out of memory (ggml context)");
+    return ctx;
+}
+
+// ggml's CPU "extra" buffer types hold weights in repacked layouts (interleaved rows for the
+// AVX2 / NEON kernels): faster matmuls, but the weights are copied out of the mapping. Opt-in.
+static std::vector<ggml_backend_buffer_type_t> cpu_repack_bufts(ggml_backend_dev_t cpu) {
+    std::vector<ggml_backend_buffer_type_t> out;
+    auto get_extra = (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(
+        ggml_backend_dev_backend_reg(cpu), "ggml_backend_dev_get_extra_bufts");
+    if (get_extra) {
+        for (ggml_backend_buffer_type_t * b = get_extra(cpu); b && *b; ++b) out.push_back(*b);
+    }
+    return out;
+}
+
+// Whether a weight of this type and shape, held in `buft`, can be multiplied there (the extra
+// buffer types take only some types and widths): ask the device about a stand-in mul_mat.
+static bool buft_takes_matmul(ggml_backend_dev_t dev, ggml_backend_buffer_type_t buft, const gguf_tensor_info & info) {
+    ggml_init_params ip = {ggml_tensor_overhead() * 4, nullptr, true};
+    ggml_context * ctx = ggml_init(ip);
+    ggml_tensor * w = ggml_new_tensor(ctx, info.type, info.n_dims, info.ne);
+    ggml_tensor * op = ggml_mul_mat(ctx, w, ggml_new_tensor_2d(ctx, GGML_TYPE_F32, info.ne[0], 512));
+    ggml_backend_buffer_t probe = ggml_backend_buft_alloc_buffer(buft, 0);
+    w->buffer = probe;
+    const bool ok = probe != nullptr && ggml_backend_dev_supports_op(dev, op);
+    w->buffer = nullptr;
+    if (probe) ggml_backend_buffer_free(probe);
+    ggml_free(ctx);
+    return ok;
+}
+
+static void place_weights(model & m, const gguf_file & f, weight_set & set, bool gpu,
+                          ggml_backend_buffer_type_t copy_into = nullptr) {
+    if (set.tensors.empty()) return;
+    ggml_backend_buffer_t buf;
+    if (copy_into) {  // a CPU extra buffer: ggml repacks while the data are set
+        buf = ggml_backend_alloc_ctx_tensors_from_buft(set.ctx, copy_into);
+        if (buf == nullptr) f.fail("out of memory for its repacked weights");
+        m.buffers.push_back(buf);
+        for (auto & [t, info] : set.tensors) ggml_backend_tensor_set(t, f.data(*info), 0, info->nbytes);
+    } else if (!gpu) {
+        buf = ggml_backend_cpu_buffer_from_ptr(f.map_base(), f.map_size());
+        if (buf == nullptr) f.fail("cannot wrap the mapped file in a ggml buffer");
+        m.buffers.push_back(buf);
+        for (auto & [t, info] : set.tensors) {
+            if (ggml_backend_tensor_alloc(buf, t, (uint8_t *) f.map_base() + info->file_offset) != GGML_STATUS_SUCCESS) {
+                f.fail("cannot place tensor " + info->name);
+            }
+        }
+    } else {
+        buf = ggml_backend_alloc_ctx_tensors_from_buft(set.ctx, ggml_backend_dev_buffer_type(m.dev_gpu));
+        if (buf == nullptr) f.fail("out of GPU memory for its weights");
+        m.buffers.push_back(buf);
+        for (auto & [t, info] : set.tensors) {
+            ggml_backend_tensor_set(t, f.data(*info), 0, info->nbytes);
+        }
+    }
+    // The scheduler runs an op where its weights are.
+    ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+}
+
+static void load(model & m, const std::string & base_path, const std::string & mam_path) {
+    m.base = std::make_unique<gguf_file>(base_path, "decoder GGUF");
+    m.hp = read_hparams(*m.base);
+    m.mam = std::make_unique<gguf_file>(mam_path, "MAM GGUF");
+    const std::string mam_arch = m.mam->get_str(names::KEY_ARCHITECTURE);
+    if (mam_arch != names::ARCHITECTURE) {
+        m.mam->fail("general.architecture is '" + mam_arch + "', expected '" + names::ARCHITECTURE + "'");
+    }
+    check_sidecar(*m.base, *m.mam, m.hp);
+    hparams & hp = m.hp;
+
+    // Every tensor, checked before ggml sees any of them.
+    const gguf_file & B = *m.base;
+    const gguf_file & M = *m.mam;
+    std::set<std::string> seen_b, seen_m;
+    // The vocabulary size is the one dimension only the embedding table knows.
+    const gguf_tensor_info * embd = B.find(names::TOKEN_EMBD);
+    if (embd == nullptr) B.fail(std::string("missing tensor ") + names::TOKEN_EMBD);
+    if (embd->n_dims != 2 || embd->ne[1] < 1 || embd->ne[1] > INT32_MAX) {
+        B.fail(std::string("tensor ") + names::TOKEN_EMBD + " must be [n_embd, n_vocab]");
+    }
+    hp.n_vocab = (int) embd->ne[1];
+    expect(B, names::TOKEN_EMBD, hp.n_embd, hp.n_vocab, seen_b);
+    const int64_t E = hp.n_embd, KV = hp.n_embd_kv(), F = hp.n_ff, V = hp.n_vocab;
+    expect(B, names::OUTPUT_NORM, E, -1, seen_b, GGML_TYPE_F32);
+    expect(B, names::OUTPUT, E, V, seen_b);
+    for (int i = 0; i < hp.n_layer; ++i) {
+        expect(B, names::blk(i, "attn_norm"), E, -1, seen_b, GGML_TYPE_F32);
+        expect(B, names::blk(i, "attn_q"), E, E, seen_b);
+        const auto & bk = expect(B, names::blk(i, "attn_k"), E, KV, seen_b);
+        const auto & bv = expect(B, names::blk(i, "attn_v"), E, KV, seen_b);
+        expect(B, names::blk(i, "attn_output"), E, E, seen_b);
+        expect(B, names::blk(i, "ffn_norm"), E, -1, seen_b, GGML_TYPE_F32);
+        expect(B, names::blk(i, "ffn_gate"), E, F, seen_b);
+        expect(B, names::blk(i, "ffn_up"), E, F, seen_b);
+        expect(B, names::blk(i, "ffn_down"), F, E, seen_b);
+        // The sidecar's K/V take the base's type per layer (design.md §2): a different type
+        // means the two files were not written together.
+        expect(M, names::blk(i, "attn_norm"), E, -1, seen_m, GGML_TYPE_F32);
+        expect(M, names::blk(i, "attn_k"), E, KV, seen_m, bk.type);
+        expect(M, names::blk(i, "attn_v"), E, KV, seen_m, bv.type);
+        expect(M, names::blk(i, "ffn_norm"), E, -1, seen_m, GGML_TYPE_F32);
+    }
+    refuse_unknown_tensors(B, seen_b);
+    refuse_unknown_tensors(M, seen_m);
+
+    // Devices and the layer split: like llama.cpp's n_gpu_layers, the last layers go to the GPU,
+    // and the output head too once every layer is there. token_embd stays on the CPU (a row
+    // lookup; llama.cpp keeps it there as well).
+    const decoder_params & p = m.params;
+    m.dev_cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (m.dev_cpu == nullptr) throw decoder_error("ggml has no CPU device");
+    m.dev_gpu = pick_gpu(p.device);
+    const int n_gpu = m.dev_gpu == nullptr ? 0 : (p.n_gpu_layers < 0 ? hp.n_layer : std::min(p.n_gpu_layers, hp.n_layer));
+    if (m.dev_gpu != nullptr && n_gpu == 0) m.dev_gpu = nullptr;
+    const bool output_on_gpu = m.dev_gpu != nullptr && n_gpu == hp.n_layer;
+
+    const std::vector<ggml_backend_buffer_type_t> repack = p.repack ? cpu_repack_bufts(m.dev_cpu) : std::vector<ggml_backend_buffer_type_t>();
+    // [file: 0 base, 1 mam][0 mapped cpu, 1 gpu, 2.. repacked cpu (one per extra buffer type)]
+    std::vector<std::vector<weight_set>> sets(2, std::vector<weight_set>(2 + repack.size()));
+    for (auto & by_file : sets) {
+        for (auto & s : by_file) {
+            s.ctx = new_meta_context(B.tensors().size() + M.tensors().size());
+            m.contexts.push_back(s.ctx);
+        }
+    }
+    auto make = [&](int file, bool gpu, const std::string & name, const char * label) {
+        const gguf_file & f = file == 0 ? B : M;
+        const gguf_tensor_info * info = f.find(name);
+        size_t where = gpu ? 1 : 0;
+        if (!gpu && info->n_dims == 2 && name != names::TOKEN_EMBD) {  // a matrix the CPU multiplies by
+            for (size_t k = 0; k < repack.size(); ++k) {
+                if (buft_takes_matmul(m.dev_cpu, repack[k], *info)) {
+                    where = 2 + k;
+                    break;
+                }
+            }
+        }
+        weight_set & s = sets[file][where];
+        ggml_tensor * t = ggml_new_tensor(s.ctx, info->type, info->n_dims, info->ne);
+        ggml_set_name(t, label);
+        s.tensors.emplace_back(t, info);
+        return t;
+    };
+    m.token_embd = make(0, false, names::TOKEN_EMBD, "token_embd");
+    m.output_norm = make(0, output_on_gpu, names::OUTPUT_NORM, "output_norm");
+    m.output = make(0, output_on_gpu, names::OUTPUT, "output");
+    m.layers.resize(hp.n_layer);
+    for (int i = 0; i < hp.n_layer; ++i) {
+        layer & L = m.layers[i];
+        L.on_gpu = i >= hp.n_layer - n_gpu;
+        auto label = [&](const char * part, int route) {
+            return "blk." + std::to_string(i) + "." + part + (route < 0 ? "" : route == 0 ? ".text" : ".visual");
+        };
+        auto shared = [&](const char * part) { return make(0, L.on_gpu, names::blk(i, part), label(part, -1).c_str()); };
+        auto routed = [&](ggml_tensor * (&pair)[2], const char * part) {
+            pair[names::TEXT_ROUTE] = make(0, L.on_gpu, names::blk(i, part), label(part, 0).c_str());
+            pair[names::VISUAL_ROUTE] = make(1, L.on_gpu, names::blk(i, part), label(part, 1).c_str());
+        };
+        routed(L.attn_norm, "attn_norm");
+        L.wq = shared("attn_q");
+        routed(L.wk, "attn_k");
+        routed(L.wv, "attn_v");
+        L.wo = shared("attn_output");
+        routed(L.ffn_norm, "ffn_norm");
+        L.ffn_gate = shared("ffn_gate");
+        L.ffn_up = shared("ffn_up");
+        L.ffn_down = shared("ffn_down");
+    }
+    for (int file = 0; file < 2; ++file) {
+        for (size_t where = 0; where < sets[file].size(); ++where) {
+            place_weights(m, file == 0 ? B : M, sets[file][where], where == 1, where >= 2 ? repack[where - 2] : nullptr);
+        }
+    }
+
+    // KV cache, on the device of its layer.
+    m.n_ctx = p.n_ctx;
+    if (m.n_ctx < 1 || m.n_ctx > (1 << 20)) throw decoder_error("n_ctx must be between 1 and 2^20");
+    m.kv_type = parse_kv_type(p.kv_type);
+    if (hp.head_dim() % ggml_blck_size(m.kv_type) != 0) {
+        throw decoder_error(std::string("kv_type ") + ggml_type_name(m.kv_type) + " needs a head size that is a multiple of " +
+                            std::to_string(ggml_blck_size(m.kv_type)) + "; this model has " + std::to_string(hp.head_dim()));
+    }
+    // A transposed V lets plain attention multiply by it without a copy; flash attention wants
+    // rows, and a quantized V cannot be written column-wise (its blocks run along a row).
+    m.v_trans = !p.flash_attn && !ggml_is_quantized(m.kv_type);
+    for (int gpu = 0; gpu < 2; ++gpu) {
+        ggml_context * ctx = new_meta_context(2 * hp.n_layer);
+        m.contexts.push_back(ctx);
+        bool any = false;
+        for (int i = 0; i < hp.n_layer; ++i) {
+            layer & L = m.layers[i];
+            if (L.on_gpu != (gpu == 1)) continue;
+            any = true;
+            L.k_cache = ggml_new_tensor_2d(ctx, m.kv_type, hp.n_embd_kv(), m.n_ctx);
+            L.v_cache = m.v_trans ? ggml_new_tensor_2d(ctx, m.kv_type, m.n_ctx, hp.n_embd_kv())
+                                  : ggml_new_tensor_2d(ctx, m.kv_type, hp.n_embd_kv(), m.n_ctx);
+            ggml_format_name(L.k_cache, "cache_k.%d", i);
+            ggml_format_name(L.v_cache, "cache_v.%d", i);
+        }
+        if (!any) continue;
+        ggml_backend_buffer_t buf =
+            ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_dev_buffer_type(gpu ? m.dev_gpu : m.dev_cpu));
+        if (buf == nullptr) throw decoder_error("out of memory for the KV cache (n_ctx " + std::to_string(m.n_ctx) + ")");
+        // Positions past n_past are masked, but a masked NaN still poisons the weighted sum of V:
+        // start from zeros, never from whatever the allocator returned.
+        ggml_backend_buffer_clear(buf, 0);
+        m.buffers.push_back(buf);
+    }
+
+    // Backends and the scheduler (GPU first: the scheduler prefers low indices).
+    m.backend_cpu = ggml_backend_dev_init(m.dev_cpu, nullptr);
+    if (m.backend_cpu == nullptr) throw decoder_error("cannot start ggml's CPU backend");
+    m.n_threads = p.n_threads > 0 ? p.n_threads : physical_cores();
+    ggml_backend_reg_t cpu_reg = ggml_backend_dev_backend_reg(m.dev_cpu);
+    using set_threads_fn = void (*)(ggml_backend_t, int);
+    auto set_threads = (set_threads_fn) ggml_backend_reg_get_proc_address(cpu_reg, "ggml_backend_set_n_threads");
+    if (set_threads) set_threads(m.backend_cpu, m.n_threads);
+    std::vector<ggml_backend_t> backends;
+    if (m.dev_gpu) {
+        m.backend_gpu = ggml_backend_dev_init(m.dev_gpu, nullptr);
+        if (m.backend_gpu == nullptr) throw decoder_error(std::string("cannot start the GPU backend ") + ggml_backend_dev_name(m.dev_gpu));
+        backends.push_back(m.backend_gpu);
+    }
+    backends.push_back(m.backend_cpu);
+    m.graph_size = std::max<size_t>(2048, (size_t) hp.n_layer * 64 + 256);
+    m.graph_meta.resize(ggml_tensor_overhead() * m.graph_size + ggml_graph_overhead_custom(m.graph_size, false));
+    m.sched = ggml_backend_sched_new(backends.data(), nullptr, (int) backends.size(), m.graph_size, false,
+                                     /*op_offload =*/true);
+    if (m.sched == nullptr) throw decoder_error("cannot create the ggml scheduler");
+}
+
+// --- build_graph(run) --------------------------------------------------------------------------------
+
+// One run of one modality: `n` positions starting at n_past, as token ids or as embeddings.
+struct run {
+    const int32_t * tokens = nullptr;  // [n], or
+    const float * embeds = nullptr;    // [n, n_embd]
+    int n = 0;
+    int route = names::TEXT_ROUTE;
+    bool all_logits = false;
+    int n_past = 0;
+    int n_kv = 0;  // cache positions attention reads (>= n_past + n; the rest is masked)
+};
+
+struct graph {
+    ggml_context * ctx = nullptr;
+    ggml_cgraph * gf = nullptr;
+    ggml_tensor * inp_tokens = nullptr;
+    ggml_tensor * inp_embd = nullptr;
+    ggml_tensor * inp_pos = nullptr;
+    ggml_tensor * inp_mask = nullptr;  // [n_kv, n] 0 where a query may look, -inf elsewhere
+    ggml_tensor * logits = nullptr;
+    ~graph() {
+        if (ctx) ggml_free(ctx);
+    }
+};
+
+static ggml_tensor * rms_norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, float eps) {
+    return ggml_mul(ctx, ggml_rms_norm(ctx, x, eps), w);
+}
+
+// Causal attention of this run's queries over the cache [0, n_kv), after writing the run's K/V
+// into it at n_past. q [head_dim, n_head, n], k [head_dim, n_head_kv, n], v [n_embd_kv, n].
+static ggml_tensor * attention(ggml_context * ctx, ggml_cgraph * gf, const model & m, const layer & L,
+                               const run & r, ggml_tensor * mask, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v) {
+    const hparams & hp = m.hp;
+    const int hd = hp.head_dim(), kv = hp.n_embd_kv(), n = r.n;
+
+    // Write this run's keys and values into the cache; expanding them first keeps them ahead of
+    // the reads below in the graph's order.
+    ggml_tensor * k_dst = ggml_view_2d(ctx, L.k_cache, kv, n, L.k_cache->nb[1], r.n_past * L.k_cache->nb[1]);
+    ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, k, kv, n), k_dst));
+    if (m.v_trans) {
+        ggml_tensor * v_dst = ggml_view_2d(ctx, L.v_cache, n, kv, L.v_cache->nb[1], r.n_past * ggml_element_size(L.v_cache));
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_transpose(ctx, v), v_dst));
+    } else {
+        ggml_tensor * v_dst = ggml_view_2d(ctx, L.v_cache, kv, n, L.v_cache->nb[1], r.n_past * L.v_cache->nb[1]);
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, v, v_dst));
+    }
+
+    // [head_dim, n_kv, n_head_kv] views of the cache; queries as [head_dim, n, n_head].
+    const size_t k_head = ggml_row_size(L.k_cache->type, hd);
+    ggml_tensor * K = ggml_permute(ctx, ggml_view_3d(ctx, L.k_cache, hd, hp.n_head_kv, r.n_kv, k_head, L.k_cache->nb[1], 0), 0, 2, 1, 3);
+    ggml_tensor * Q = ggml_permute(ctx, q, 0, 2, 1, 3);
+    const float scale = 1.0f / std::sqrt((float) hd);
+
+    if (m.params.flash_attn) {
+        const size_t v_head = ggml_row_size(L.v_cache->type, hd);
+        ggml_tensor * Vr = ggml_permute(ctx, ggml_view_3d(ctx, L.v_cache, hd, hp.n_head_kv, r.n_kv, v_head, L.v_cache->nb[1], 0), 0, 2, 1, 3);
+        ggml_tensor * Kf = K->type == GGML_TYPE_F32 ? ggml_cast(ctx, K, GGML_TYPE_F16) : K;
+        ggml_tensor * Vf = Vr->type == GGML_TYPE_F32 ? ggml_cast(ctx, Vr, GGML_TYPE_F16) : Vr;
+        ggml_tensor * out = ggml_flash_attn_ext(ctx, Q, Kf, Vf, mask, scale, 0.0f, 0.0f);
+        ggml_prec_set_acc(out, GGML_PREC_F32);
+        return ggml_reshape_2d(ctx, out, hp.n_embd, n);  // out is [head_dim, n_head, n]
+    }
+
+    ggml_tensor * kq = ggml_mul_mat(ctx, K, Q);  // [n_kv, n, n_head]; GQA broadcasts K's heads
+    ggml_prec_set_acc(kq, GGML_PREC_F32);
+    kq = ggml_soft_max_ext(ctx, kq, mask, scale, 0.0f);
+    ggml_tensor * Vt;  // [n_kv, head_dim, n_head_kv]
+    if (m.v_trans) {
+        Vt = ggml_view_3d(ctx, L.v_cache, r.n_kv, hd, hp.n_head_kv, L.v_cache->nb[1], L.v_cache->nb[1] * hd, 0);
+    } else {  // a quantized V: dequantize the rows in use, then lay them out transposed
+        ggml_tensor * rows = ggml_cast(ctx, ggml_view_2d(ctx, L.v_cache, kv, r.n_kv, L.v_cache->nb[1], 0), GGML_TYPE_F32);
+        Vt = ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_3d(ctx, rows, hd, hp.n_head_kv, r.n_kv), 1, 2, 0, 3));
+    }
+    ggml_tensor * kqv = ggml_mul_mat(ctx, Vt, kq);  // [head_dim, n, n_head]
+    return ggml_cont_2d(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3), hp.n_embd, n);
+}
+
+static void build_graph(graph & g, model & m, const run & r) {
+    const hparams & hp = m.hp;
+    ggml_init_params ip = {m.graph_meta.size(), m.graph_meta.data(), /*no_alloc =*/true};
+    g.ctx = ggml_init(ip);
+    ggml_context * ctx = g.ctx;
+    g.gf = ggml_new_graph_custom(ctx, m.graph_size, false);
+    const int n = r.n, hd = hp.head_dim();
+
+    ggml_tensor * x;
+    if (r.tokens) {
+        g.inp_tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+        ggml_set_input(g.inp_tokens);
+        x = ggml_get_rows(ctx, m.token_embd, g.inp_tokens);
+    } else {
+        g.inp_embd = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, hp.n_embd, n);
+        ggml_set_input(g.inp_embd);
+        x = g.inp_embd;
+    }
+    g.inp_pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+    ggml_set_input(g.inp_pos);
+    g.inp_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, r.n_kv, n);
+    ggml_set_input(g.inp_mask);
+
+    // Flash attention takes its mask in f16; one cast serves every layer.
+    ggml_tensor * kq_mask = m.params.flash_attn ? ggml_cast(ctx, g.inp_mask, GGML_TYPE_F16) : g.inp_mask;
+
+    const int R = r.route;
+    for (const layer & L : m.layers) {
+        // h = x + o_proj(attention(RMS_in[route](x)))
+        ggml_tensor * cur = rms_norm(ctx, x, L.attn_norm[R], hp.rms_eps);
+        ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wq, cur), hd, hp.n_head, n);
+        ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wk[R], cur), hd, hp.n_head_kv, n);
+        ggml_tensor * v = ggml_mul_mat(ctx, L.wv[R], cur);
+        // llama.cpp's normal (adjacent-pair) rope: the converter permuted the Q/K rows for it.
+        q = ggml_rope_ext(ctx, q, g.inp_pos, nullptr, hp.n_rot, GGML_ROPE_TYPE_NORMAL, hp.n_ctx_train,
+                          hp.rope_freq_base, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
+        k = ggml_rope_ext(ctx, k, g.inp_pos, nullptr, hp.n_rot, GGML_ROPE_TYPE_NORMAL, hp.n_ctx_train,
+                          hp.rope_freq_base, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
+        cur = attention(ctx, g.gf, m, L, r, kq_mask, q, k, v);
+        ggml_tensor * h = ggml_add(ctx, ggml_mul_mat(ctx, L.wo, cur), x);
+
+        // out = h + down(silu(gate(g)) * up(g)), g = RMS_post[route](h)
+        cur = rms_norm(ctx, h, L.ffn_norm[R], hp.rms_eps);
+        cur = ggml_swiglu_split(ctx, ggml_mul_mat(ctx, L.ffn_gate, cur), ggml_mul_mat(ctx, L.ffn_up, cur));
+        x = ggml_add(ctx, ggml_mul_mat(ctx, L.ffn_down, cur), h);
+    }
+
+    if (!r.all_logits && n > 1) {  // only the last position's logits: skip the head for the rest
+        x = ggml_view_2d(ctx, x, hp.n_embd, 1, x->nb[1], (size_t) (n - 1) * x->nb[1]);
+    }
+    x = rms_norm(ctx, x, m.output_norm, hp.rms_eps);
+    g.logits = ggml_mul_mat(ctx, m.output, x);
+    ggml_set_output(g.logits);
+    ggml_build_forward_expand(g.gf, g.logits);
+}
+
+// --- eval() ------------------------------------------------------------------------------------------
+
+static void set_inputs(const graph & g, const run & r) {
+    if (g.inp_tokens) ggml_backend_tensor_set(g.inp_tokens, r.tokens, 0, ggml_nbytes(g.inp_tokens));
+    if (g.inp_embd) ggml_backend_tensor_set(g.inp_embd, r.embeds, 0, ggml_nbytes(g.inp_embd));
+    std::vector<int32_t> pos(r.n);
+    for (int i = 0; i < r.n; ++i) pos[i] = r.n_past + i;
+    ggml_backend_tensor_set(g.inp_pos, pos.data(), 0, ggml_nbytes(g.inp_pos));
+    // Causal over the whole cache: the query at position p sees keys 0..p, image keys included.
+    std::vector<float> mask((size_t) r.n_kv * r.n);
+    for (int i = 0; i < r.n; ++i) {
+        const int p = r.n_past + i;
+        for (int j = 0; j < r.n_kv; ++j) mask[(size_t) i * r.n_kv + j] = j <= p ? 0.0f : -INFINITY;
+    }
+    ggml_backend_tensor_set(g.inp_mask, mask.data(), 0, ggml_nbytes(g.inp_mask));
+}
+
+// Runs `total` positions of one modality through the model in ubatches and appends their logits
+// (all of them, or only the last one's) to `out`.
+static std::vector<float> eval(model & m, const int32_t * tokens, const float * embeds, int total, int route,
+                               bool all_logits) {
+    std::lock_guard<std::mutex> lock(m.busy);
+    if (total < 1) throw decoder_error("nothing to evaluate (an empty run)");
+    if (route != names::TEXT_ROUTE && route != names::VISUAL_ROUTE) {
+        throw decoder_error("route must be 0 (text) or 1 (visual), not " + std::to_string(route));
+    }
+    if ((int64_t) m.n_past + total > m.n_ctx) {
+        throw context_full_error("the input needs " + std::to_string(total) + " positions but only " +
+                                 std::to_string(m.n_ctx - m.n_past) + " of the context's " +
+                                 std::to_string(m.n_ctx) + " are free (n_past " + std::to_string(m.n_past) + ")");
+    }
+    if (tokens) {
+        for (int i = 0; i < total; ++i) {
+            if (tokens[i] < 0 || tokens[i] >= m.hp.n_vocab) {
+                throw decoder_error("token id " + std::to_string(tokens[i]) + " at index " + std::to_string(i) +
+                                    " is outside the vocabulary [0, " + std::to_string(m.hp.n_vocab) + ")");
+            }
+        }
+    }
+
+    const int64_t V = m.hp.n_vocab;
+    std::vector<float> out;
+    out.reserve((all_logits ? total : 1) * V);
+    const int ubatch = std::max(1, m.params.n_ubatch);
+    // GPU flash attention kernels work on blocks of keys: pad what they read (the pad is masked,
+    // as llama.cpp pads its cache). On the CPU the pad would only cost time.
+    const int kv_pad = m.params.flash_attn && m.dev_gpu ? 256 : 1;
+    for (int start = 0; start < total; start += ubatch) {
+        run r;
+        r.n = std::min(ubatch, total - start);
+        r.tokens = tokens ? tokens + start : nullptr;
+        r.embeds = embeds ? embeds + (size_t) start * m.hp.n_embd : nullptr;
+        r.route = route;
+        r.all_logits = all_logits;
+        r.n_past = m.n_past;
+        r.n_kv = std::min(m.n_ctx, GGML_PAD(r.n_past + r.n, kv_pad));
+
+        graph g;
+        ggml_backend_sched_reset(m.sched);
+        build_graph(g, m, r);
+        if (!ggml_backend_sched_alloc_graph(m.sched, g.gf)) {
+            throw decoder_error("cannot allocate the compute graph (out of memory?)");
+        }
+        set_inputs(g, r);
+        if (ggml_backend_sched_graph_compute(m.sched, g.gf) != GGML_STATUS_SUCCESS) {
+            throw decoder_error("ggml failed to compute the graph");
+        }
+        const bool keep = all_logits || start + r.n == total;
+        if (keep) {
+            const size_t old = out.size();
+            out.resize(old + ggml_nelements(g.logits));
+            ggml_backend_tensor_get(g.logits, out.data() + old, 0, ggml_nbytes(g.logits));
+        }
+        m.n_past += r.n;
+    }
+    return out;
+}
+
+// --- decoder: the public face ------------------------------------------------------------------------
+
+int physical_cores() {
+    // Linux: each physical core lists its hardware threads in thread_siblings_list.
+    std::set<std::string> cores;
+    for (unsigned cpu = 0;; ++cpu) {
+        std::ifstream f("/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/topology/thread_siblings_list");
+        if (!f) break;
+        std::string line;
+        std::getline(f, line);
+        cores.insert(line);
+    }
+    if (!cores.empty()) return (int) cores.size();
+    const unsigned hw = std::thread::hardware_concurrency();
+    return std::max(1, (int) hw / 2);
+}
+
+size_t kv_state::nbytes() const {
+    size_t s = 0;
+    for (const auto & x : k) s += x.size();
+    for (const auto & x : v) s += x.size();
+    return s;
+}
+
+decoder::decoder(const std::string & base_path, const std::string & mam_path, const decoder_params & params)
+    : m_(std::make_unique<model>()) {
+    m_->params = params;
+    load(*m_, base_path, mam_path);
+}
+
+decoder::~decoder() = default;
+
+model & decoder::live() const {
+    if (!m_) throw decoder_error("the decoder is closed");
+    return *m_;
+}
+
+std::vector<float> decoder::eval_tokens(const std::vector<int32_t> & ids, int route, bool all_logits) {
+    return eval(live(), ids.data(), nullptr, (int) std::min<size_t>(ids.size(), INT32_MAX), route, all_logits);
+}
+
+std::vector<float> decoder::eval_embeddings(const float * embeds, int64_t n, int route, bool all_logits) {
+    if (n > INT32_MAX) throw context_full_error("far too many embeddings");
+    return eval(live(), nullptr, embeds, (int) n, route, all_logits);
+}
+
+int decoder::n_past() const { return live().n_past; }
+
+void decoder::rewind(int n) {
+    model & m = live();
+    std::lock_guard<std::mutex> lock(m.busy);
+    if (n < 0 || n > m.n_past) {
+        throw decoder_error("cannot rewind " + std::to_string(n) + " positions; n_past is " + std::to_string(m.n_past));
+    }
+    // The rows past n_past stay in the cache but are masked out and overwritten by the next run.
+    m.n_past -= n;
+}
+
+static std::string cache_layout(const model & m) {
+    return std::to_string(m.hp.n_layer) + "x" + std::to_string(m.hp.n_embd_kv()) + ":" + ggml_type_name(m.kv_type) +
+           (m.v_trans ? ":vT" : ":v");
+}
+
+std::unique_ptr<kv_state> decoder::save_state() const {
+    model & m = live();
+    std::lock_guard<std::mutex> lock(m.busy);
+    auto s = std::make_unique<kv_state>();
+    s->n_past = m.n_past;
+    s->layout = cache_layout(m);
+    for (const layer & L : m.layers) {
+        std::vector<uint8_t> k(m.n_past * L.k_cache->nb[1]);
+        if (!k.empty()) ggml_backend_tensor_get(L.k_cache, k.data(), 0, k.size());
+        std::vector<uint8_t> v;
+        if (m.v_trans) {  // column block [0, n_past) of every row
+            const size_t row = m.n_past * ggml_element_size(L.v_cache);
+            v.resize(row * m.hp.n_embd_kv());
+            if (row) ggml_backend_tensor_get_2d(L.v_cache, v.data(), 0, row, m.hp.n_embd_kv(), L.v_cache->nb[1], row);
+        } else {
+            v.resize(m.n_past * L.v_cache->nb[1]);
+            if (!v.empty()) ggml_backend_tensor_get(L.v_cache, v.data(), 0, v.size());
+        }
+        s->k.push_back(std::move(k));
+        s->v.push_back(std::move(v));
+    }
+    return s;
+}
+
+void decoder::restore_state(const kv_state & s) {
+    model & m = live();
+    std::lock_guard<std::mutex> lock(m.busy);
+    if (s.layout != cache_layout(m) || s.n_past > m.n_ctx || s.k.size() != m.layers.size()) {
+        throw decoder_error("this state was saved from a decoder with another cache layout or a larger context");
+    }
+    for (size_t i = 0; i < m.layers.size(); ++i) {
+        const layer & L = m.layers[i];
+        if (!s.k[i].empty()) ggml_backend_tensor_set(L.k_cache, s.k[i].data(), 0, s.k[i].size());
+        if (m.v_trans) {
+            const size_t row = s.n_past * ggml_element_size(L.v_cache);
+            if (row) ggml_backend_tensor_set_2d(L.v_cache, s.v[i].data(), 0, row, m.hp.n_embd_kv(), L.v_cache->nb[1], row);
+        } else if (!s.v[i].empty()) {
+            ggml_backend_tensor_set(L.v_cache, s.v[i].data(), 0, s.v[i].size());
+        }
+    }
+    m.n_past = s.n_past;
+}
+
+int decoder::n_vocab() const { return live().hp.n_vocab; }
+int decoder::n_embd() const { return live().hp.n_embd; }
+int decoder::n_ctx() const { return live().n_ctx; }
+int decoder::n_layer() const { return live().hp.n_layer; }
+int decoder::n_threads() const { return live().n_threads; }
+std::string decoder::kv_type() const { return ggml_type_name(live().kv_type); }
+bool decoder::flash_attn() const { return live().params.flash_attn; }
+
+std::string decoder::device_name() const {
+    const model & m = live();
+    return ggml_backend_dev_name(m.dev_gpu ? m.dev_gpu : m.dev_cpu);
+}
+
+void decoder::close() {
+    if (m_) {
+        std::lock_guard<std::mutex> lock(m_->busy);  // wait for a running eval
+    }
+    m_.reset();
+}
+
+bool decoder::closed() const { return !m_; }
+
+}  // namespace owl2

@@ -1,0 +1,86 @@
+// The mPLUG-Owl2 decoder (LLaMA-2 with the Modality-Adaptive Module) on ggml.
+//
+// Two GGUF files make one model: a stock llama.cpp LLaMA file (shared weights + the text route)
+// and the MAM sidecar (the visual route: per layer attn_norm, attn_k, attn_v, ffn_norm). A call
+// to eval() is one run of one modality; its graph takes that route's norms and K/V weights, and
+// Q, O, the MLP and the output head are shared (owl2-architecture.md §4).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace owl2 {
+
+// A file or an argument the decoder refuses (bad GGUF, mismatched pair, bad ids...).
+struct decoder_error : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// The input would not fit in the context window; nothing was written to the cache.
+struct context_full_error : decoder_error {
+    using decoder_error::decoder_error;
+};
+
+struct decoder_params {
+    int n_ctx = 2048;
+    int n_threads = 0;           // <= 0: the number of physical cores
+    std::string device = "auto"; // "auto" (a GPU when ggml has one), "cpu", "cuda"/"gpu"
+    int n_gpu_layers = -1;       // < 0: all; layers >= n_layer - n_gpu_layers go to the GPU
+    std::string kv_type = "f16"; // "f32", "f16", "q8_0"
+    bool flash_attn = false;
+    int n_ubatch = 512;          // positions per graph; longer runs are split
+    bool repack = false;         // CPU: copy the weights ggml can repack into its faster layouts
+                                 // (default: use them in place from the mapped file)
+};
+
+// The K/V rows of the first n_past positions, copied to host memory (prefix reuse).
+struct kv_state {
+    int n_past = 0;
+    std::string layout;                      // restore refuses a state of another cache layout
+    std::vector<std::vector<uint8_t>> k, v;  // per layer
+    size_t nbytes() const;
+};
+
+struct model;  // defined in owl2_decoder.cpp
+
+class decoder {
+public:
+    decoder(const std::string & base_path, const std::string & mam_path, const decoder_params & params);
+    ~decoder();
+    decoder(const decoder &) = delete;
+    decoder & operator=(const decoder &) = delete;
+
+    // One run of one modality, appended after the n_past cached positions. route 0 = text,
+    // 1 = visual. Returns logits [n_vocab] of the last position, or [n, n_vocab] row-major.
+    std::vector<float> eval_tokens(const std::vector<int32_t> & ids, int route, bool all_logits);
+    std::vector<float> eval_embeddings(const float * embeds, int64_t n, int route, bool all_logits);
+
+    int n_past() const;
+    void rewind(int n);
+    std::unique_ptr<kv_state> save_state() const;
+    void restore_state(const kv_state & state);
+
+    int n_vocab() const;
+    int n_embd() const;
+    int n_ctx() const;
+    int n_layer() const;
+    int n_threads() const;
+    std::string device_name() const;  // the backend the layers run on, e.g. "CPU" or "CUDA0"
+    std::string kv_type() const;
+    bool flash_attn() const;
+
+    void close();  // frees everything; any later call raises decoder_error
+    bool closed() const;
+
+private:
+    std::unique_ptr<model> m_;
+    model & live() const;
+};
+
+// Physical cores (Linux: distinct thread-sibling sets), else half the hardware threads, >= 1.
+int physical_cores();
+
+}  // namespace owl2

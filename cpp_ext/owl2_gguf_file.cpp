@@ -1,0 +1,141 @@
+#include "owl2_gguf_file.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "gguf.h"
+#include "owl2_decoder.h"
+
+namespace owl2 {
+
+gguf_file::gguf_file(const std::string & path, const std::string & role) : path_(path), role_(role) {
+    struct stat st;
+    if (stat(path.c_str(), &st) != 0) {
+        fail(std::string("cannot open: ") + std::strerror(errno));
+    }
+    if (!S_ISREG(st.st_mode)) {
+        fail("not a regular file");
+    }
+    size_ = (size_t) st.st_size;
+
+    // gguf.h reads the header itself and returns NULL (never aborts) on a bad magic, version,
+    // key or tensor table; no_alloc: we only want the metadata, the data stay in the file.
+    gguf_init_params gp = {/*no_alloc =*/true, /*ctx =*/nullptr};
+    ctx_ = gguf_init_from_file(path.c_str(), gp);
+    if (ctx_ == nullptr) {
+        fail("not a readable GGUF file (bad magic, version or header, or cut short)");
+    }
+
+    const size_t data_offset = gguf_get_data_offset(ctx_);
+    const int64_t n = gguf_get_n_tensors(ctx_);
+    tensors_.reserve(n);
+    for (int64_t i = 0; i < n; ++i) {
+        gguf_tensor_info t;
+        t.name = gguf_get_tensor_name(ctx_, i);
+        t.type = gguf_get_tensor_type(ctx_, i);
+        if ((int) t.type < 0 || t.type >= GGML_TYPE_COUNT || ggml_blck_size(t.type) == 0 ||
+            ggml_type_size(t.type) == 0) {
+            fail("tensor " + t.name + " has an unusable ggml type " + std::to_string((int) t.type));
+        }
+        const int64_t * ne = gguf_get_tensor_ne(ctx_, i);
+        t.n_dims = 1;
+        for (int d = 0; d < GGML_MAX_DIMS; ++d) {
+            t.ne[d] = ne[d];
+            if (ne[d] != 1) t.n_dims = d + 1;
+        }
+        t.file_offset = data_offset + gguf_get_tensor_offset(ctx_, i);
+        t.nbytes = gguf_get_tensor_size(ctx_, i);
+        if (t.file_offset > size_ || t.nbytes > size_ - t.file_offset) {
+            fail("truncated: tensor " + t.name + " needs bytes up to " +
+                 std::to_string(t.file_offset + t.nbytes) + " but the file has " + std::to_string(size_));
+        }
+        tensors_.push_back(std::move(t));
+    }
+
+    if (size_ > 0) {
+        const int fd = open(path.c_str(), O_RDONLY);
+        if (fd < 0) {
+            fail(std::string("cannot open: ") + std::strerror(errno));
+        }
+        // Read-only and private: ggml reads the weights in place and never writes them.
+        map_ = mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+        const int err = errno;
+        close(fd);
+        if (map_ == MAP_FAILED) {
+            map_ = nullptr;
+            fail(std::string("cannot map: ") + std::strerror(err));
+        }
+    }
+}
+
+gguf_file::~gguf_file() {
+    if (map_ != nullptr) munmap(map_, size_);
+    if (ctx_ != nullptr) gguf_free(ctx_);
+}
+
+void gguf_file::fail(const std::string & what) const {
+    throw decoder_error(role_ + " " + path_ + ": " + what);
+}
+
+int64_t gguf_file::key_id(const char * key) const {
+    const int64_t id = gguf_find_key(ctx_, key);
+    if (id < 0) fail(std::string("missing key ") + key);
+    return id;
+}
+
+bool gguf_file::has(const char * key) const { return gguf_find_key(ctx_, key) >= 0; }
+
+std::string gguf_file::get_str(const char * key) const {
+    const int64_t id = key_id(key);
+    if (gguf_get_kv_type(ctx_, id) != GGUF_TYPE_STRING) fail(std::string("key ") + key + " is not a string");
+    return gguf_get_val_str(ctx_, id);
+}
+
+uint64_t gguf_file::get_uint(const char * key) const {
+    const int64_t id = key_id(key);
+    int64_t v;
+    switch (gguf_get_kv_type(ctx_, id)) {
+        case GGUF_TYPE_UINT8: return gguf_get_val_u8(ctx_, id);
+        case GGUF_TYPE_UINT16: return gguf_get_val_u16(ctx_, id);
+        case GGUF_TYPE_UINT32: return gguf_get_val_u32(ctx_, id);
+        case GGUF_TYPE_UINT64: return gguf_get_val_u64(ctx_, id);
+        case GGUF_TYPE_INT8: v = gguf_get_val_i8(ctx_, id); break;
+        case GGUF_TYPE_INT16: v = gguf_get_val_i16(ctx_, id); break;
+        case GGUF_TYPE_INT32: v = gguf_get_val_i32(ctx_, id); break;
+        case GGUF_TYPE_INT64: v = gguf_get_val_i64(ctx_, id); break;
+        default: fail(std::string("key ") + key + " is not an integer");
+    }
+    if (v < 0) fail(std::string("key ") + key + " is negative");
+    return (uint64_t) v;
+}
+
+uint64_t gguf_file::get_uint(const char * key, uint64_t fallback) const {
+    return has(key) ? get_uint(key) : fallback;
+}
+
+double gguf_file::get_float(const char * key) const {
+    const int64_t id = key_id(key);
+    switch (gguf_get_kv_type(ctx_, id)) {
+        case GGUF_TYPE_FLOAT32: return gguf_get_val_f32(ctx_, id);
+        case GGUF_TYPE_FLOAT64: return gguf_get_val_f64(ctx_, id);
+        default: fail(std::string("key ") + key + " is not a float");
+    }
+}
+
+double gguf_file::get_float(const char * key, double fallback) const {
+    return has(key) ? get_float(key) : fallback;
+}
+
+const gguf_tensor_info * gguf_file::find(const std::string & name) const {
+    for (const auto & t : tensors_) {
+        if (t.name == name) return &t;
+    }
+    return nullptr;
+}
+
+}  // namespace owl2

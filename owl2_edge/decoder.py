@@ -1,0 +1,162 @@
+"""The MAM decoder: a thin wrapper over the native `_decoder` (cpp_ext/, ggml).
+
+    with Decoder(base_gguf, mam_gguf) as dec:
+        dec.eval_tokens(prompt_ids)          # a text run (route 0)
+        dec.eval_embeddings(image_embeds)    # an image run (route 1), [n_visual, n_embd]
+        logits = dec.eval_tokens(question_ids)
+
+Each call is one run of one modality, appended after the `n_past` positions already in the KV
+cache; it returns the logits of its last position (or of every position with all_logits=True).
+Numpy in, numpy out; the native errors become DecoderError / ContextFullError here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from owl2_edge import _decoder
+from owl2_edge.errors import ContextFullError, DecoderError
+from owl2_edge.names import IMAGE_TOKEN_ID, TEXT_ROUTE, VISUAL_ROUTE
+
+KV_TYPES = ("f16", "f32", "q8_0")
+DEVICES = ("auto", "cpu", "cuda")
+
+# A KV cache snapshot (the first n_past positions), from save_state(); opaque to callers.
+KVState = _decoder.KVState
+
+
+@contextlib.contextmanager
+def _native_errors() -> Iterator[None]:
+    """The runtime's error types for the native ones (raised once, where the fact is known)."""
+    try:
+        yield
+    except _decoder.NativeContextFullError as e:
+        raise ContextFullError(str(e)) from None
+    except _decoder.NativeDecoderError as e:
+        raise DecoderError(str(e)) from None
+
+
+class Decoder:
+    """LLaMA-2 with the Modality-Adaptive Module, from a base GGUF and its MAM sidecar.
+
+    n_ctx: positions the KV cache holds (text tokens plus n_visual per image).
+    n_threads: CPU threads; None = the number of physical cores.
+    device: "auto" (a GPU when the ggml in llama-cpp-python has one), "cpu" or "cuda".
+    n_gpu_layers: with a GPU, how many of the last layers run there (-1: all, and the output head).
+    kv_type: "f16" (default), "f32" or "q8_0" (needs a head size that is a multiple of 32).
+    flash_attn: ggml's fused attention kernel instead of mul_mat + softmax.
+    n_ubatch: positions per graph; longer runs are split (memory stays bounded).
+    repack: on the CPU, copy the weights that ggml can repack into its interleaved layouts (about
+        1.4x faster Q4_0 matmuls here, as stock llama.cpp does) instead of using them in place
+        from the mapped files (the default: no second copy of the weights in memory).
+    """
+
+    def __init__(self, decoder_gguf: str | os.PathLike, mam_gguf: str | os.PathLike, n_ctx: int = 2048,
+                 n_threads: int | None = None, device: str = "auto", n_gpu_layers: int = -1,
+                 kv_type: str = "f16", flash_attn: bool = False, n_ubatch: int = 512,
+                 repack: bool = False):
+        if kv_type not in KV_TYPES:
+            raise DecoderError(f"kv_type must be one of {', '.join(KV_TYPES)}, not {kv_type!r}")
+        if device not in DEVICES:
+            raise DecoderError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+        if n_ctx < 1 or n_ubatch < 1:
+            raise DecoderError("n_ctx and n_ubatch must be at least 1")
+        with _native_errors():
+            self._native = _decoder.Decoder(
+                os.fspath(decoder_gguf), os.fspath(mam_gguf), n_ctx=int(n_ctx),
+                n_threads=0 if n_threads is None else int(n_threads), device=device,
+                n_gpu_layers=int(n_gpu_layers), kv_type=kv_type, flash_attn=bool(flash_attn),
+                n_ubatch=int(n_ubatch), repack=bool(repack))
+
+    # -- runs ------------------------------------------------------------------------------------
+
+    def eval_tokens(self, ids: Sequence[int] | np.ndarray, all_logits: bool = False,
+                    route: int = TEXT_ROUTE) -> np.ndarray:
+        """A run of text token ids -> float32 logits [n_vocab] (last position) or [n, n_vocab].
+        `route` exists for tests that show what the wrong route does; callers leave it alone."""
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise DecoderError(f"ids must be a non-empty 1-D list of integers, got shape {ids.shape} "
+                               f"of {ids.dtype}")
+        if (ids == IMAGE_TOKEN_ID).any():
+            raise DecoderError(f"ids contain the image slot id {IMAGE_TOKEN_ID}: splice the prompt "
+                               "into runs and give each image's embeddings to eval_embeddings")
+        if ids.min() < 0 or ids.max() >= self.n_vocab:
+            bad = int(ids[(ids < 0) | (ids >= self.n_vocab)][0])
+            raise DecoderError(f"token id {bad} is outside the vocabulary [0, {self.n_vocab})")
+        with _native_errors():
+            return self._native.eval_tokens(np.ascontiguousarray(ids, dtype=np.int32), int(route),
+                                            bool(all_logits))
+
+    def eval_embeddings(self, embeds: np.ndarray, all_logits: bool = False,
+                        route: int = VISUAL_ROUTE) -> np.ndarray:
+        """A run of embeddings [n, n_embd] (an image's, normally) -> logits like eval_tokens.
+        Routed visual unless `route` says otherwise (tests only)."""
+        embeds = np.ascontiguousarray(embeds, dtype=np.float32)
+        if embeds.ndim != 2 or embeds.shape[0] == 0 or embeds.shape[1] != self.n_embd:
+            raise DecoderError(f"embeddings must be [n, {self.n_embd}] with n >= 1, got "
+                               f"{list(embeds.shape)}")
+        if not np.isfinite(embeds).all():
+            raise DecoderError("embeddings contain NaN or infinity")
+        with _native_errors():
+            return self._native.eval_embeddings(embeds, int(route), bool(all_logits))
+
+    # -- the cache -------------------------------------------------------------------------------
+
+    @property
+    def n_past(self) -> int:
+        """Positions in the KV cache (spliced: each image counts n_visual)."""
+        with _native_errors():
+            return self._native.n_past
+
+    def rewind(self, n: int) -> None:
+        """Forget the last n positions (e.g. a rejected continuation)."""
+        with _native_errors():
+            self._native.rewind(int(n))
+
+    def save_state(self) -> KVState:
+        """A copy of the cache's first n_past positions, to resume from later (prefix reuse)."""
+        with _native_errors():
+            return self._native.save_state()
+
+    def restore_state(self, state: KVState) -> None:
+        """Back to a saved state: n_past and the cache as they were at save_state()."""
+        if not isinstance(state, KVState):
+            raise DecoderError(f"not a decoder state: {type(state).__name__}")
+        with _native_errors():
+            self._native.restore_state(state)
+
+    # -- facts -----------------------------------------------------------------------------------
+
+    def _fact(self, name: str):
+        with _native_errors():
+            return getattr(self._native, name)
+
+    n_vocab = property(lambda self: self._fact("n_vocab"))
+    n_embd = property(lambda self: self._fact("n_embd"))
+    n_ctx = property(lambda self: self._fact("n_ctx"))
+    n_layer = property(lambda self: self._fact("n_layer"))
+    n_threads = property(lambda self: self._fact("n_threads"))
+    device = property(lambda self: self._fact("device"), doc="ggml's name of the device, e.g. CPU, CUDA0")
+    kv_type = property(lambda self: self._fact("kv_type"))
+    flash_attn = property(lambda self: self._fact("flash_attn"))
+
+    # -- lifetime --------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._native.closed
+
+    def close(self) -> None:
+        """Free the weights' mappings, device buffers and the cache; later calls raise."""
+        self._native.close()
+
+    def __enter__(self) -> "Decoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

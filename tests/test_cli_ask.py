@@ -1,0 +1,112 @@
+"""`owl2 ask` through the real command line: answers equal the reference, bad input gives one line."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from owl2_edge import names
+from owl2_edge.convert.reference_io import preprocess as ref_preprocess
+from owl2_edge.convert.reference_io import tokenize as ref_tokenize
+from owl2_edge.prompt import Turn, render
+
+
+def owl2(*args, stdin=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "owl2_edge.cli", *map(str, args)], input=stdin,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "photo.jpg"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (50, 80, 3), dtype=np.uint8)).save(path, quality=95)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sp(tiny_ckpt):
+    import sentencepiece
+    return sentencepiece.SentencePieceProcessor(model_file=str(tiny_ckpt.tokenizer_model))
+
+
+def test_ask_json_greedy_equals_reference(tiny_model_dir, tiny_ref, sp, photo):
+    r = owl2("ask", photo, "What is this?", "-m", tiny_model_dir, "--temperature", "0",
+             "--max-tokens", "12", "--json", "--kv-type", "f32", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    with Image.open(photo) as im:
+        pixels = ref_preprocess(im, tiny_ref.cfg.preprocess, "pad")
+    embeds = tiny_ref.encode_images(torch.from_numpy(pixels[None]))
+    ids = ref_tokenize(sp, render([Turn("What is this?")], 1))
+    expected = [t for t in tiny_ref.greedy(ids, embeds, max_new_tokens=12) if t != 2]
+    assert result["text"] == sp.decode(expected).strip()
+    assert result["tokens"] == len(expected)
+    assert result["prompt_tokens"] == len(ids) - 1 + tiny_ref.cfg.n_visual
+    assert set(result["timings"]) >= {"load_s", "vision_s", "prefill_s", "decode_s"}
+
+
+def test_ask_streams_and_reports_timings(tiny_model_dir, photo):
+    r = owl2("ask", photo, "Hi?", "-m", tiny_model_dir, "-n", "5", "--seed", "1", "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert "prefill" in r.stderr and "tok/s" in r.stderr
+
+
+def test_model_comes_from_the_environment(tiny_model_dir, photo, monkeypatch):
+    r = subprocess.run([sys.executable, "-m", "owl2_edge.cli", "ask", str(photo), "Hi?", "-n", "2"],
+                       capture_output=True, text=True, timeout=300,
+                       env={**__import__("os").environ, "OWL2_MODEL": str(tiny_model_dir)})
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.fixture(scope="module")
+def truncated_model(tiny_model_dir, tmp_path_factory):
+    bad = tmp_path_factory.mktemp("bad") / "model"
+    shutil.copytree(tiny_model_dir, bad)
+    manifest = json.loads((bad / names.MANIFEST_FILE).read_text())
+    gguf = bad / manifest["decoder_file"]
+    gguf.write_bytes(gguf.read_bytes()[: gguf.stat().st_size // 2])
+    return bad
+
+
+@pytest.mark.parametrize("case", ["not_an_image", "missing_image", "missing_folder", "truncated_gguf",
+                                  "too_long", "more_marks_than_images", "bad_option"])
+def test_bad_input_gives_one_line_and_nonzero_exit(case, tiny_model_dir, truncated_model, photo, tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    model = tiny_model_dir
+    args = [photo, "What?"]
+    extra = []
+    expect = ""
+    if case == "not_an_image":
+        args, expect = [text, "What?"], "notes.txt"
+    elif case == "missing_image":
+        args, expect = [tmp_path / "nope.png", "What?"], "nope.png"
+    elif case == "missing_folder":
+        model, expect = tmp_path / "no-model", "no-model"
+    elif case == "truncated_gguf":
+        model, expect = truncated_model, ".gguf"
+    elif case == "too_long":
+        args, extra, expect = [photo, "word " * 300], ["--ctx", "128"], "context"
+    elif case == "more_marks_than_images":
+        args, extra, expect = [photo, "USER: <|image|><|image|>Two? ASSISTANT:"], ["--raw"], "mark"
+    elif case == "bad_option":
+        extra, expect = ["--top-p", "0"], "top_p"
+    r = owl2("ask", *args, "-m", model, *extra)
+    assert r.returncode in (1, 2), r.stdout + r.stderr
+    assert expect in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert len([line for line in r.stderr.splitlines() if line.strip()]) == 1, r.stderr
+
+
+def test_chat_repl_keeps_history_and_takes_commands(tiny_model_dir, photo):
+    script = f"Describe it.\n/image {photo}\nAnd now?\n/image /no/such.png\n/clear\nHello\n/exit\n"
+    r = owl2("chat", photo, "-m", tiny_model_dir, "-n", "4", "--temperature", "0", stdin=script)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count(">>> ") == 7
+    assert "such.png" in r.stderr and "Traceback" not in r.stderr

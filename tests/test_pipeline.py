@@ -1,0 +1,151 @@
+"""The Python API end to end on a tiny converted model, against the PyTorch reference."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from owl2_edge import names
+from owl2_edge.convert.reference_io import preprocess as ref_preprocess
+from owl2_edge.convert.reference_io import tokenize as ref_tokenize
+from owl2_edge.errors import ContextFullError, ImageError
+from owl2_edge.pipeline import Owl2
+from owl2_edge.prompt import PromptError, Turn, render
+
+
+def picture(seed: int, size=(90, 60)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def owl(tiny_model_dir):
+    with Owl2.load(tiny_model_dir, device="cpu", kv_type="f32", n_ctx=512) as o:
+        yield o
+
+
+@pytest.fixture(scope="module")
+def sp(tiny_ckpt):
+    import sentencepiece
+    return sentencepiece.SentencePieceProcessor(model_file=str(tiny_ckpt.tokenizer_model))
+
+
+def ref_embeds(ref, images, aspect="pad"):
+    if not images:
+        return None
+    pixels = np.stack([ref_preprocess(im, ref.cfg.preprocess, aspect) for im in images])
+    return ref.encode_images(torch.from_numpy(pixels))
+
+
+def ref_answer(ref, sp, prompt, images, n=16):
+    ids = ref_tokenize(sp, prompt)
+    out = ref.greedy(ids, ref_embeds(ref, images), max_new_tokens=n)
+    return [t for t in out if t != ref.cfg.text.eos_token_id]
+
+
+@pytest.mark.parametrize("n_images", [0, 1, 2])
+def test_greedy_answer_equals_reference(owl, tiny_ref, sp, n_images):
+    images = [picture(i, (90 + 20 * i, 60)) for i in range(n_images)]
+    question = "What is in the picture?"
+    expected = ref_answer(tiny_ref, sp, render([Turn(question)], n_images), images)
+    text = owl.ask(images, question, temperature=0, max_tokens=16)
+    assert owl.stats.tokens == expected
+    assert text == sp.decode(expected).strip()
+
+
+def test_multi_turn_chat_equals_reference_and_reuses_the_cache(owl, tiny_ref, sp):
+    image = picture(7)
+    chat = owl.chat(image)
+    first = "".join(chat.send("Describe it.", temperature=0, max_tokens=8))
+    assert owl.stats.images_encoded == 1
+    second = "".join(chat.send("And the colours?", temperature=0, max_tokens=8))
+    stats = owl.stats
+    prompt = render([Turn("Describe it.", first.strip()), Turn("And the colours?")], 1)
+    assert stats.tokens == ref_answer(tiny_ref, sp, prompt, [image], n=8)
+    # Only what the first turn did not already put in the cache ran again; the image did not.
+    assert stats.images_encoded == 0
+    assert stats.reused_positions >= owl.manifest.n_visual
+    assert stats.evaluated_positions == stats.prompt_positions - stats.reused_positions
+    assert stats.evaluated_positions < len(owl.tokenize(prompt)) - 1
+
+
+def test_second_question_on_same_image_matches_a_fresh_process(owl, tiny_model_dir):
+    image = picture(11)
+    owl.ask(image, "First question?", temperature=0, max_tokens=4)
+    again = owl.ask(image, "Second question?", temperature=0, max_tokens=12)
+    stats = owl.stats
+    assert stats.images_encoded == 0
+    # The template's "USER: " + the image are shared with the first question: not evaluated again.
+    n_prompt_text = len(owl.tokenize(render([Turn("Second question?")], 1))) - 1
+    assert stats.reused_positions >= owl.manifest.n_visual + 1
+    assert stats.evaluated_positions <= n_prompt_text
+    with Owl2.load(tiny_model_dir, device="cpu", kv_type="f32", n_ctx=512) as fresh:
+        assert fresh.ask(image, "Second question?", temperature=0, max_tokens=12) == again
+        assert fresh.stats.tokens == stats.tokens
+
+
+@pytest.mark.parametrize("aspect", ["pad", "resize", "crop"])
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
+def test_preprocess_equals_reference(owl, tiny_ref, aspect, mode):
+    image = picture(3, (70, 41)).convert(mode)
+    ours = owl.preprocess(image, aspect)
+    theirs = ref_preprocess(image, tiny_ref.cfg.preprocess, aspect)
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+
+
+def test_encode_image_equals_reference(owl, tiny_ref):
+    image = picture(4)
+    np.testing.assert_allclose(owl.encode_image(image), ref_embeds(tiny_ref, [image])[0].numpy(),
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("prompt", [
+    "USER: <|image|>Describe the image. ASSISTANT:",
+    "USER: <|image|>What is this? ASSISTANT: A striped banner.</s>USER: Is it 42? ASSISTANT:",
+    "USER: Héllo wörld 12345 ASSISTANT:",
+])
+def test_tokenize_equals_reference(owl, sp, prompt):
+    assert owl.tokenize(prompt) == ref_tokenize(sp, prompt)
+
+
+def test_logits_of_every_position_equal_reference(owl, tiny_ref, sp):
+    images = [picture(5), picture(6)]
+    prompt = "USER: <|image|>Left, <|image|> right: which? ASSISTANT:"
+    ours = owl.logits(prompt, images)
+    theirs = tiny_ref.logits(ref_tokenize(sp, prompt), ref_embeds(tiny_ref, images)).numpy()
+    assert ours.shape == theirs.shape
+    assert np.abs(ours - theirs).max() <= 1e-4
+
+
+def test_chat_completion_takes_openai_messages_with_data_urls(owl, tiny_ref, sp, tmp_path):
+    import base64
+    import io
+    image = picture(8)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "What is it?"}]}]
+    result = owl.create_chat_completion(messages, temperature=0, max_tokens=8)
+    expected = ref_answer(tiny_ref, sp, render([Turn("<|image|>What is it?")], 1), [image], n=8)
+    assert result["choices"][0]["message"]["content"] == sp.decode(expected).strip()
+    assert result["usage"]["completion_tokens"] == len(expected)
+    path = tmp_path / "p.png"
+    image.save(path)
+    chunks = list(owl.create_chat_completion(
+        [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(path)}},
+                                      {"type": "text", "text": "What is it?"}]}],
+        stream=True, temperature=0, max_tokens=8))
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert streamed.strip() == result["choices"][0]["message"]["content"]
+
+
+def test_errors_leave_the_object_usable(owl, tmp_path):
+    (tmp_path / "notes.txt").write_text("not a picture")
+    with pytest.raises(ImageError):
+        owl.ask(tmp_path / "notes.txt", "What?")
+    with pytest.raises(PromptError):
+        owl.ask([], "USER: <|image|> ASSISTANT:", raw=True)
+    with pytest.raises(ContextFullError):
+        owl.ask([], "word " * 600, temperature=0)
+    assert owl.ask(picture(1), "Still there?", temperature=0, max_tokens=3) is not None
