@@ -2,8 +2,9 @@
 
 Each engine runs in its own process (so peak RSS is its own): a text prefill of --prompt tokens,
 then --gen tokens decoded one at a time (greedy on random weights: what matters is the work, not
-the words). Ours also prefills one image run (n_visual embeddings, the visual route). Ratios are
-ours / llama.cpp, same file, same threads, same run.
+the words). Ours also prefills one image run (n_visual embeddings, the visual route). "ours" is
+the default decoder (repacked CPU weights), "ours-mapped" uses every weight in place from the
+mapped files (repack=False). Ratios are ours / llama.cpp, same file, same threads, same run.
 
     python benchmarks/bench_decoder.py MODEL_DIR [--threads 2] [--prompt 128] [--gen 32]
 """
@@ -88,18 +89,18 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=32)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--engine", choices=["ours", "ours-repack", "llama.cpp"], help=argparse.SUPPRESS)
+    ap.add_argument("--engine", choices=["ours", "ours-mapped", "llama.cpp"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.engine:
         if args.engine == "llama.cpp":
             r = run_llama_cpp(args.model, args.threads, args.prompt, args.gen, args.device)
         else:
-            r = run_ours(args.model, args.threads, args.prompt, args.gen, args.engine == "ours-repack",
+            r = run_ours(args.model, args.threads, args.prompt, args.gen, args.engine == "ours",
                          args.device)
         print(json.dumps(r))
         return
     results = {}
-    for engine in ("llama.cpp", "ours", "ours-repack"):
+    for engine in ("llama.cpp", "ours", "ours-mapped"):
         out = subprocess.run([sys.executable, __file__, str(args.model), "--threads", str(args.threads),
                               "--prompt", str(args.prompt), "--gen", str(args.gen), "--device", args.device,
                               "--engine", engine], capture_output=True, text=True)
@@ -112,7 +113,7 @@ def main():
     from owl2_edge.model_dir import Manifest
     m = Manifest.load(args.model)
     files = sum((args.model / f).stat().st_size for f in (m.decoder_file, m.mam_file)) / 2**30
-    for engine in ("ours", "ours-repack"):
+    for engine in ("ours", "ours-mapped"):
         r = results[engine]
         print(f"{engine}: prefill x{r['prefill_tok_s'] / base['prefill_tok_s']:.2f}, "
               f"decode x{r['decode_tok_s'] / base['decode_tok_s']:.2f} of llama.cpp; "

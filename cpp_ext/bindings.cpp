@@ -114,7 +114,7 @@ NB_MODULE(_decoder, m) {
             },
             nb::arg("base_path"), nb::arg("mam_path"), nb::arg("n_ctx") = 2048, nb::arg("n_threads") = 0,
             nb::arg("device") = "auto", nb::arg("n_gpu_layers") = -1, nb::arg("kv_type") = "f16",
-            nb::arg("flash_attn") = false, nb::arg("n_ubatch") = 512, nb::arg("repack") = false)
+            nb::arg("flash_attn") = false, nb::arg("n_ubatch") = 512, nb::arg("repack") = true)
         .def(
             "eval_tokens",
             [](owl2::decoder & d, TokenVector ids, int route, bool all_logits) {

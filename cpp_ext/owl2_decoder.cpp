@@ -7,6 +7,7 @@
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <cstdio>
 #include <set>
 #include <thread>
 
@@ -290,7 +291,10 @@ static void place_weights(model & m, const gguf_file & f, weight_set & set, bool
         buf = ggml_backend_alloc_ctx_tensors_from_buft(set.ctx, copy_into);
         if (buf == nullptr) f.fail("out of memory for its repacked weights");
         m.buffers.push_back(buf);
-        for (auto & [t, info] : set.tensors) ggml_backend_tensor_set(t, f.data(*info), 0, info->nbytes);
+        for (auto & [t, info] : set.tensors) {
+            ggml_backend_tensor_set(t, f.data(*info), 0, info->nbytes);
+            f.release(*info);
+        }
     } else if (!gpu) {
         buf = ggml_backend_cpu_buffer_from_ptr(f.map_base(), f.map_size());
         if (buf == nullptr) f.fail("cannot wrap the mapped file in a ggml buffer");
@@ -306,13 +310,41 @@ static void place_weights(model & m, const gguf_file & f, weight_set & set, bool
         m.buffers.push_back(buf);
         for (auto & [t, info] : set.tensors) {
             ggml_backend_tensor_set(t, f.data(*info), 0, info->nbytes);
+            f.release(*info);
         }
     }
     // The scheduler runs an op where its weights are.
     ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
 }
 
+// While the weights load, ggml reports each tensor it repacks or uploads at INFO level: one line
+// per tensor on a user's terminal. Keep warnings and errors, drop the chatter, and hand ggml's
+// logging back as it was (llama_cpp in the same process may have its own callback installed).
+struct quiet_ggml_log {
+    ggml_log_callback prev_cb = nullptr;
+    void * prev_data = nullptr;
+    ggml_log_level last = GGML_LOG_LEVEL_NONE;
+
+    quiet_ggml_log() {
+        ggml_log_get(&prev_cb, &prev_data);
+        ggml_log_set(&quiet_ggml_log::filter, this);
+    }
+    ~quiet_ggml_log() { ggml_log_set(prev_cb, prev_data); }
+
+    static void filter(ggml_log_level level, const char * text, void * self_ptr) {
+        auto * self = static_cast<quiet_ggml_log *>(self_ptr);
+        if (level != GGML_LOG_LEVEL_CONT) self->last = level;
+        if (self->last < GGML_LOG_LEVEL_WARN) return;
+        if (self->prev_cb) {
+            self->prev_cb(level, text, self->prev_data);
+        } else {
+            fputs(text, stderr);
+        }
+    }
+};
+
 static void load(model & m, const std::string & base_path, const std::string & mam_path) {
+    quiet_ggml_log quiet;
     m.base = std::make_unique<gguf_file>(base_path, "decoder GGUF");
     m.hp = read_hparams(*m.base);
     m.mam = std::make_unique<gguf_file>(mam_path, "MAM GGUF");

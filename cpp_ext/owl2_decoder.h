@@ -32,7 +32,7 @@ struct decoder_params {
     std::string kv_type = "f16"; // "f32", "f16", "q8_0"
     bool flash_attn = false;
     int n_ubatch = 512;          // positions per graph; longer runs are split
-    bool repack = false;         // CPU: copy the weights ggml can repack into its faster layouts
+    bool repack = true;          // CPU: copy the weights ggml can repack into its faster layouts
                                  // (default: use them in place from the mapped file)
 };
 

@@ -78,6 +78,18 @@ gguf_file::~gguf_file() {
     if (ctx_ != nullptr) gguf_free(ctx_);
 }
 
+void gguf_file::release(const gguf_tensor_info & t) const {
+    // Only whole pages inside the tensor: a page it shares with a neighbour may still be in use.
+    const uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
+    const uintptr_t begin = ((uintptr_t) map_ + t.file_offset + page - 1) / page * page;
+    const uintptr_t end = ((uintptr_t) map_ + t.file_offset + t.nbytes) / page * page;
+    if (end > begin) {
+        // The mapping is private and never written: dropped pages would be read again from the
+        // file if ever touched, so this only gives memory back.
+        madvise((void *) begin, end - begin, MADV_DONTNEED);
+    }
+}
+
 void gguf_file::fail(const std::string & what) const {
     throw decoder_error(role_ + " " + path_ + ": " + what);
 }

@@ -48,6 +48,9 @@ public:
     void * map_base() const { return map_; }
     size_t map_size() const { return size_; }
     const uint8_t * data(const gguf_tensor_info & t) const { return (const uint8_t *) map_ + t.file_offset; }
+    // Give back the memory of a tensor's mapped pages once its data were copied elsewhere (a GPU
+    // buffer, a repacked CPU buffer): without this, peak RSS would count those weights twice.
+    void release(const gguf_tensor_info & t) const;
 
 private:
     std::string path_, role_;

@@ -78,7 +78,8 @@ class Owl2:
     @classmethod
     def load(cls, path: str | os.PathLike | None = None, device: str = "auto", n_ctx: int = 2048,
              n_threads: int | None = None, kv_type: str = "f16", flash_attn: bool = False,
-             n_gpu_layers: int = -1, aspect: str = "pad", exif_transpose: bool = True) -> "Owl2":
+             n_gpu_layers: int = -1, repack: bool = True, aspect: str = "pad",
+             exif_transpose: bool = True) -> "Owl2":
         folder = Path(path) if path is not None else default_model_path()
         if path is None and not folder.exists():
             raise ModelFolderError(f"no model given and {folder} does not exist: pass -m MODEL_DIR, "
@@ -88,7 +89,7 @@ class Owl2:
         tokenizer = Tokenizer(folder / manifest.decoder_file)
         decoder = Decoder(folder / manifest.decoder_file, folder / manifest.mam_file, n_ctx=n_ctx,
                           n_threads=n_threads, device=device, n_gpu_layers=n_gpu_layers,
-                          kv_type=kv_type, flash_attn=flash_attn)
+                          kv_type=kv_type, flash_attn=flash_attn, repack=repack)
         providers = "cpu" if device == "cpu" else ("cuda" if device == "cuda" else "auto")
         vision = VisionEncoder.from_folder(folder, manifest, providers=providers, n_threads=n_threads)
         owl = cls(folder, manifest, tokenizer, decoder, vision, aspect, exif_transpose)
