@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU checks of the decoder, for a machine with an NVIDIA GPU that cannot reach PyPI: it needs
+# Python with torch, pytest, onnx, sentencepiece, pillow, typer, rich, nanobind,
+# scikit-build-core, cmake and a C++ compiler, plus a CUDA build of llama-cpp-python==0.3.36
+# unpacked as a site folder and packed by scripts/pack_cuda_site.sh.
+#
+#   scripts/gpu_check.sh CUDA_SITE.tar.xz OUT_DIR [--bench]
+#
+# Writes OUT_DIR/gpu.txt (the device), build.log, tests.log (the decoder, pipeline and CLI tests,
+# GPU ones included) and, with --bench, bench.log (a 7B-shaped Q4_0 model generated and converted
+# there, then our decoder against stock llama.cpp on the GPU, same file).
+set -uo pipefail
+TARBALL=$1
+OUT=$2
+BENCH=${3:-}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+SITE=/tmp/owl2-site
+mkdir -p "$OUT" "$SITE"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+tar -xJf "$TARBALL" -C "$SITE"
+export PYTHONPATH=$SITE
+cd "$REPO"
+# Our extension, built against the CUDA ggml in $SITE (CMakeLists.txt asks Python where it is).
+python3 -m pip install --no-index --no-deps --no-build-isolation --target "$SITE" . > "$OUT/build.log" 2>&1 ||
+  { tail -40 "$OUT/build.log"; exit 1; }
+python3 -c "import owl2_edge._decoder" || exit 1
+# -P: import owl2_edge from $SITE (with the built extension), not from the checkout.
+timeout 420 python3 -P -m pytest -q -p no:cacheprovider -rs tests/test_decoder.py tests/test_pipeline.py \
+  tests/test_cli_ask.py tests/test_native_build.py 2>&1 | tee "$OUT/tests.log" | tail -15
+if [ "$BENCH" = "--bench" ]; then
+  W=/tmp/owl2-bench
+  mkdir -p $W
+  (time python3 -P benchmarks/bench_convert.py $W --quant Q4_0 --vision fp32) > "$OUT/bench.log" 2>&1
+  python3 -P benchmarks/bench_decoder.py $W/owl2-7b-Q4_0 --device cuda --threads 16 --prompt 512 --gen 128 \
+    >> "$OUT/bench.log" 2>&1
+  tail -6 "$OUT/bench.log"
+fi
