@@ -6,7 +6,6 @@ stderr and a non-zero exit code; nothing below this edge prints or exits.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -19,17 +18,12 @@ from owl2_edge.errors import Owl2Error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run mPLUG-Owl2 on your own machine.")
-err = Console(stderr=True, highlight=False)
+# soft_wrap: a message is one line whatever the terminal width (scripts read stderr by line).
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 console = Console(highlight=False)
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
-
-
-def demo_dir() -> Path:
-    """Where `owl2 demo` keeps its generated model (per user, survives between runs)."""
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "owl2-edge" / "demo"
 
 
 def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
@@ -140,9 +134,9 @@ def ask_cmd(
         raise _fail(str(e))
     stats = owl.stats
     if as_json:
-        console.print_json(json.dumps({
+        print(json.dumps({
             "text": text, "tokens": stats.generated_tokens, "prompt_tokens": stats.prompt_positions,
-            "finish_reason": stats.finish_reason, "timings": _timings(owl)}))
+            "finish_reason": stats.finish_reason, "timings": _timings(owl)}, ensure_ascii=False))
     elif no_stream:
         print(text)
     else:
@@ -233,7 +227,8 @@ def demo_cmd(
     from owl2_edge.info import describe
     from owl2_edge.pipeline import Owl2
     from owl2_edge.sample import sample_image
-    folder = demo_dir()
+    from owl2_edge.model_dir import demo_folder
+    folder = demo_folder()
     try:
         if rebuild or not (folder / "model" / "owl2.json").is_file():
             build_demo_model(folder)

@@ -8,11 +8,28 @@ here with one clear line instead of deep inside ggml or ONNX Runtime.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from owl2_edge import names
 from owl2_edge.errors import ModelFolderError
+
+
+MODEL_ENV = "OWL2_MODEL"
+
+
+def demo_folder() -> Path:
+    """Where `owl2 demo` keeps its generated checkpoint (hf/) and model folder (model/)."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "owl2-edge" / "demo"
+
+
+def default_model_path() -> Path:
+    """-m's default: $OWL2_MODEL, then the demo model."""
+    if os.environ.get(MODEL_ENV):
+        return Path(os.environ[MODEL_ENV])
+    return demo_folder() / "model"
 
 
 @dataclass(frozen=True)

@@ -26,22 +26,11 @@ from owl2_edge.decoder import Decoder
 from owl2_edge.detok import Utf8Stream
 from owl2_edge.errors import ContextFullError, ImageError, ModelFolderError
 from owl2_edge.image import ASPECT_MODES, content_hash, load_image, preprocess
-from owl2_edge.model_dir import Manifest
+from owl2_edge.model_dir import MODEL_ENV, Manifest, default_model_path
 from owl2_edge.prompt import PromptError, Turn, check_image_count, render, split_runs
 from owl2_edge.sampling import Sampler, SamplingParams
 from owl2_edge.tokenizer import Tokenizer
 from owl2_edge.vision import VisionEncoder
-
-MODEL_ENV = "OWL2_MODEL"
-
-
-def default_model_path() -> Path:
-    """-m's default: $OWL2_MODEL, then the demo model that `owl2 demo` builds."""
-    if os.environ.get(MODEL_ENV):
-        return Path(os.environ[MODEL_ENV])
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "owl2-edge" / "demo" / "model"
-
 
 @dataclass
 class Stats:

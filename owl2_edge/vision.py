@@ -59,8 +59,8 @@ class VisionEncoder:
         if not self.path.is_file():
             raise ModelFolderError(f"{self.path}: missing vision model")
         if providers == "cuda" and CUDA not in ort.get_available_providers():
-            raise Owl2Error(f"CUDA was asked for but this ONNX Runtime has no CUDA provider "
-                            f"(install onnxruntime-gpu), or choose the CPU")
+            raise Owl2Error("CUDA was asked for but this ONNX Runtime has no CUDA provider "
+                            "(install onnxruntime-gpu), or choose the CPU")
         options = ort.SessionOptions()
         if n_threads is not None:
             options.intra_op_num_threads = n_threads
@@ -74,8 +74,8 @@ class VisionEncoder:
         # What ONNX Runtime actually runs on: the first provider it kept.
         self.provider = self.session.get_providers()[0]
         if providers == "cuda" and self.provider != CUDA:
-            raise Owl2Error(f"CUDA was asked for but ONNX Runtime could not start its CUDA "
-                            f"provider (no GPU, or CUDA/cuDNN libraries missing); choose the CPU")
+            raise Owl2Error("CUDA was asked for but ONNX Runtime could not start its CUDA "
+                            "provider (no GPU, or CUDA/cuDNN libraries missing); choose the CPU")
         self.image_size, self.n_visual, self.n_embd = _interface(self.session, self.path)
         self.cache_size, self.max_batch = cache_size, max_batch
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()

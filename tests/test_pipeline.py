@@ -5,7 +5,6 @@ import pytest
 import torch
 from PIL import Image
 
-from owl2_edge import names
 from owl2_edge.convert.reference_io import preprocess as ref_preprocess
 from owl2_edge.convert.reference_io import tokenize as ref_tokenize
 from owl2_edge.errors import ContextFullError, ImageError
@@ -62,6 +61,7 @@ def test_multi_turn_chat_equals_reference_and_reuses_the_cache(owl, tiny_ref, sp
     stats = owl.stats
     prompt = render([Turn("Describe it.", first.strip()), Turn("And the colours?")], 1)
     assert stats.tokens == ref_answer(tiny_ref, sp, prompt, [image], n=8)
+    assert second.strip() == sp.decode(stats.tokens).strip()
     # Only what the first turn did not already put in the cache ran again; the image did not.
     assert stats.images_encoded == 0
     assert stats.reused_positions >= owl.manifest.n_visual
