@@ -203,6 +203,10 @@ def chat_cmd(
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             print()
+        except KeyboardInterrupt:
+            # Ctrl-C during an answer stops that answer (kept as far as it got); at the prompt
+            # it leaves the chat.
+            print()
         except (Owl2Error, ValueError) as e:
             err.print(f"error: {e}", markup=False)
 
@@ -261,10 +265,11 @@ def build_demo_model(folder: Path) -> Path:
 
 
 def main():
+    # typer turns Ctrl-C inside a command into exit code 130 without a traceback; this catches
+    # one that lands before a command runs (while Python imports).
     try:
         app()
     except KeyboardInterrupt:
-        err.print("interrupted")
         sys.exit(EXIT_INTERRUPTED)
 
 

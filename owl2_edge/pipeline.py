@@ -320,13 +320,17 @@ class Chat:
         turn = Turn(marks + question)
         images = self.images + self._new_images
         prompt = render([*self.turns, turn], n_images=len(images))
+        pieces = self.owl.generate(prompt, images, SamplingParams(**sampling))
         answer: list[str] = []
-        for piece in self.owl.generate(prompt, images, SamplingParams(**sampling)):
-            answer.append(piece)
-            yield piece
-        # The turn is history only once answered; an interrupted answer is kept as far as it got.
-        self.turns.append(Turn(turn.user, "".join(answer).strip()))
-        self.images, self._new_images = images, []
+        try:
+            for piece in pieces:
+                answer.append(piece)
+                yield piece
+        finally:
+            # An interrupted answer (Ctrl-C, the caller stopped reading) stays in the history as
+            # far as it got, as in a chat window.
+            self.turns.append(Turn(turn.user, "".join(answer).strip()))
+            self.images, self._new_images = images, []
 
 
 def _as_list(images) -> list:

@@ -121,3 +121,23 @@ def test_demo_builds_the_demo_model_once_and_answers(tmp_path):
         assert "ASSISTANT:" in r.stdout and "random weights" in r.stdout
     assert "building the demo model" not in r.stderr
     assert (tmp_path / "owl2-edge" / "demo" / "model" / names.MANIFEST_FILE).is_file()
+
+
+def test_ctrl_c_stops_generation_with_exit_130_and_no_traceback(tiny_model_dir, photo):
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, "-m", "owl2_edge.cli", "ask", str(photo), "Go on.", "-m",
+                             str(tiny_model_dir), "--ctx", "200000", "-n", "200000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Wait until the answer is streaming, then interrupt it as a terminal's Ctrl-C would.
+    assert proc.stdout.read(1)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, errors = proc.communicate(timeout=60)
+    assert proc.returncode == 130, errors
+    assert "Traceback" not in errors
+
+
+def test_usage_errors_exit_2(tiny_model_dir):
+    r = owl2("ask", "-m", tiny_model_dir, "--bogus-option", "x")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
