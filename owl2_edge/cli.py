@@ -88,9 +88,9 @@ ASPECT_OPT = typer.Option("pad", "--aspect", help="Non-square images: pad (upstr
 NO_EXIF_OPT = typer.Option(False, "--no-exif", help="Ignore EXIF orientation (upstream's pixels).")
 
 
-def _sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed) -> dict:
+def _sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, ignore_eos) -> dict:
     return dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                min_p=min_p, repeat_penalty=repeat_penalty, seed=seed)
+                min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, ignore_eos=ignore_eos)
 
 
 @app.command("ask")
@@ -107,6 +107,7 @@ def ask_cmd(
     min_p: float = typer.Option(0.0, "--min-p"),
     repeat_penalty: float = typer.Option(1.0, "--repeat-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Never stop at end-of-text."),
     raw: bool = typer.Option(False, "--raw", help="QUESTION is the whole prompt (no template); "
                                                   "<|image|> marks each image's place."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Print the answer at the end."),
@@ -117,7 +118,8 @@ def ask_cmd(
     import json
     images, question = args[:-1], args[-1]
     try:
-        sampling = _sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed)
+        sampling = _sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed,
+                             ignore_eos)
         from owl2_edge.sampling import SamplingParams
         SamplingParams(**sampling)  # refuse bad options before loading anything
         owl = _load(model, device, ctx, threads, kv_type, flash_attn, aspect, no_exif)

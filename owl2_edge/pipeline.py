@@ -169,9 +169,13 @@ class Owl2:
         out = Utf8Stream(self.tokenizer.token_to_bytes)
         started = False
         stats.finish_reason = "length"
+        eos = self.tokenizer.eos_id
         for _ in range(params.max_tokens):
+            if params.ignore_eos:
+                logits = logits.copy()
+                logits[eos] = -np.inf
             token = sampler(logits, text_ids)
-            if token == self.tokenizer.eos_id:
+            if token == eos:
                 stats.finish_reason = "stop"
                 break
             stats.generated_tokens += 1

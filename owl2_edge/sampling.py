@@ -19,6 +19,7 @@ class SamplingParams:
     repeat_last_n: int = 64
     seed: int | None = None
     max_tokens: int = 512
+    ignore_eos: bool = False   # never end on eos (benchmarks, stress tests), as llama.cpp's flag
 
     def __post_init__(self):
         if self.temperature < 0:

@@ -35,20 +35,41 @@ def sp(tiny_ckpt):
     return sentencepiece.SentencePieceProcessor(model_file=str(tiny_ckpt.tokenizer_model))
 
 
-def test_ask_json_greedy_equals_reference(tiny_model_dir, tiny_ref, sp, photo):
-    r = owl2("ask", photo, "What is this?", "-m", tiny_model_dir, "--temperature", "0",
+def reference_greedy(ref, sp, prompt, image_paths, n):
+    embeds = None
+    if image_paths:
+        pixels = []
+        for path in image_paths:
+            with Image.open(path) as im:
+                pixels.append(ref_preprocess(im, ref.cfg.preprocess, "pad"))
+        embeds = ref.encode_images(torch.from_numpy(np.stack(pixels)))
+    ids = ref_tokenize(sp, prompt)
+    return ids, [t for t in ref.greedy(ids, embeds, max_new_tokens=n) if t != ref.cfg.text.eos_token_id]
+
+
+@pytest.mark.parametrize("n_images", [0, 1, 2])
+def test_ask_json_greedy_equals_reference(tiny_model_dir, tiny_ref, sp, photo, tmp_path, n_images):
+    images = [photo, photo.with_name("second.png")][:n_images]
+    if n_images == 2:
+        Image.open(photo).rotate(90, expand=True).save(images[1])
+    r = owl2("ask", *images, "What is this?", "-m", tiny_model_dir, "--temperature", "0",
              "--max-tokens", "12", "--json", "--kv-type", "f32", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
-    with Image.open(photo) as im:
-        pixels = ref_preprocess(im, tiny_ref.cfg.preprocess, "pad")
-    embeds = tiny_ref.encode_images(torch.from_numpy(pixels[None]))
-    ids = ref_tokenize(sp, render([Turn("What is this?")], 1))
-    expected = [t for t in tiny_ref.greedy(ids, embeds, max_new_tokens=12) if t != 2]
+    ids, expected = reference_greedy(tiny_ref, sp, render([Turn("What is this?")], n_images), images, 12)
     assert result["text"] == sp.decode(expected).strip()
     assert result["tokens"] == len(expected)
-    assert result["prompt_tokens"] == len(ids) - 1 + tiny_ref.cfg.n_visual
+    assert result["prompt_tokens"] == len(ids) - n_images + n_images * tiny_ref.cfg.n_visual
     assert set(result["timings"]) >= {"load_s", "vision_s", "prefill_s", "decode_s"}
+
+
+def test_ask_raw_multi_turn_prompt_equals_reference(tiny_model_dir, tiny_ref, sp, photo):
+    prompt = render([Turn("<|image|>What is this?", "A striped banner."), Turn("Is it red?")], 1)
+    r = owl2("ask", photo, prompt, "--raw", "-m", tiny_model_dir, "--temperature", "0", "-n", "10",
+             "--json", "--kv-type", "f32")
+    assert r.returncode == 0, r.stderr
+    _, expected = reference_greedy(tiny_ref, sp, prompt, [photo], 10)
+    assert json.loads(r.stdout)["text"] == sp.decode(expected).strip()
 
 
 def test_ask_streams_and_reports_timings(tiny_model_dir, photo):
@@ -127,7 +148,7 @@ def test_ctrl_c_stops_generation_with_exit_130_and_no_traceback(tiny_model_dir, 
     import signal
     import time
     proc = subprocess.Popen([sys.executable, "-m", "owl2_edge.cli", "ask", str(photo), "Go on.", "-m",
-                             str(tiny_model_dir), "--ctx", "200000", "-n", "200000"],
+                             str(tiny_model_dir), "--ctx", "200000", "-n", "200000", "--ignore-eos"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Wait until the answer is streaming, then interrupt it as a terminal's Ctrl-C would.
     assert proc.stdout.read(1)

@@ -149,3 +149,9 @@ def test_errors_leave_the_object_usable(owl, tmp_path):
     with pytest.raises(ContextFullError):
         owl.ask([], "word " * 600, temperature=0)
     assert owl.ask(picture(1), "Still there?", temperature=0, max_tokens=3) is not None
+
+
+def test_ignore_eos_runs_to_max_tokens(owl):
+    owl.ask(picture(2), "Go.", temperature=1.5, top_k=0, seed=3, max_tokens=40, ignore_eos=True)
+    assert owl.stats.generated_tokens == 40 and owl.stats.finish_reason == "length"
+    assert owl.tokenizer.eos_id not in owl.stats.tokens
