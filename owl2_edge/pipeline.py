@@ -79,7 +79,9 @@ class Owl2:
         decoder = Decoder(folder / manifest.decoder_file, folder / manifest.mam_file, n_ctx=n_ctx,
                           n_threads=n_threads, device=device, n_gpu_layers=n_gpu_layers,
                           kv_type=kv_type, flash_attn=flash_attn, repack=repack)
-        providers = "cpu" if device == "cpu" else ("cuda" if device == "cuda" else "auto")
+        # The decoder is where a GPU matters; the vision model takes ONNX Runtime's CUDA provider
+        # when onnxruntime-gpu can start it and runs on the CPU otherwise (owl.vision.provider).
+        providers = "cpu" if device == "cpu" else "auto"
         vision = VisionEncoder.from_folder(folder, manifest, providers=providers, n_threads=n_threads)
         owl = cls(folder, manifest, tokenizer, decoder, vision, aspect, exif_transpose)
         owl.load_seconds = time.perf_counter() - t0

@@ -480,3 +480,21 @@ def test_gpu_offload_matches_reference(n_gpu_layers, flash_attn, ref, images, pa
         steps = [dec.eval_tokens([t]) for t in (5, 6)]
     assert max_diff(got, expected) <= (1e-2 if flash_attn else 1e-3)
     assert np.isfinite(steps).all()
+
+
+@pytest.mark.parametrize("quant", ["F32", "Q4_0"])
+def test_gpu_text_logits_equal_stock_llama_cpp_on_the_gpu(quant, ref, pairs):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    base, mam = pairs(quant)
+    ids = _ids(PROMPTS["text_only"][0] + [3148, 1001, 29901, 500, 600], ref.cfg.text.vocab_size)
+    with _gpu_decoder((base, mam)) as dec:
+        ours = dec.eval_tokens(ids, all_logits=True)
+    llm = llama_cpp.Llama(model_path=str(base), n_ctx=64, n_batch=64, n_ubatch=64, logits_all=True,
+                          type_k=0, type_v=0, flash_attn=False, n_gpu_layers=-1, verbose=False)
+    try:
+        llm.eval(ids)
+        stock = np.array(llm.scores[:len(ids)])
+    finally:
+        llm.close()
+    # The same ggml CUDA kernels on the same file: equal but for accumulation order.
+    assert max_diff(ours, stock) <= 1e-2

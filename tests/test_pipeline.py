@@ -155,3 +155,19 @@ def test_ignore_eos_runs_to_max_tokens(owl):
     owl.ask(picture(2), "Go.", temperature=1.5, top_k=0, seed=3, max_tokens=40, ignore_eos=True)
     assert owl.stats.generated_tokens == 40 and owl.stats.finish_reason == "length"
     assert owl.tokenizer.eos_id not in owl.stats.tokens
+
+
+def test_gpu_answer_equals_reference(tiny_model_dir, tiny_ref, sp):
+    from owl2_edge.errors import DecoderError
+    try:
+        gpu = Owl2.load(tiny_model_dir, device="cuda", kv_type="f32", n_ctx=512)
+    except DecoderError as e:
+        if "no GPU device" in str(e):
+            pytest.skip("the installed ggml has no GPU device")
+        raise
+    with gpu:
+        images = [picture(1), picture(2)]
+        expected = ref_answer(tiny_ref, sp, render([Turn("Compare.")], 2), images)
+        gpu.ask(images, "Compare.", temperature=0, max_tokens=16)
+        assert gpu.decoder.device != "CPU"
+        assert gpu.stats.tokens == expected
