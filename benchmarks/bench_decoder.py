@@ -65,7 +65,7 @@ def run_llama_cpp(folder: Path, threads: int, n_prompt: int, n_gen: int, device:
     from owl2_edge.model_dir import Manifest
     m = Manifest.load(folder)
     t = time.perf_counter()
-    llm = llama_cpp.Llama(str(folder / m.decoder_file), n_ctx=n_prompt + n_gen + 8, n_batch=512,
+    llm = llama_cpp.Llama(str(folder / m.decoder_file), n_ctx=n_prompt + n_gen + 8, n_batch=512, n_ubatch=512,
                           n_threads=threads, n_threads_batch=threads, verbose=False,
                           n_gpu_layers=-1 if device != "cpu" else 0)
     load = time.perf_counter() - t
@@ -75,8 +75,11 @@ def run_llama_cpp(folder: Path, threads: int, n_prompt: int, n_gen: int, device:
     llm.eval(ids)
     prefill = time.perf_counter() - t
     t = time.perf_counter()
+    def last_logits():
+        # Only the last position has logits (as in ours); read them from llama.cpp directly.
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
     for _ in range(n_gen):
-        llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        llm.eval([int(np.argmax(last_logits()))])
     decode = time.perf_counter() - t
     return {"load_s": load, "prefill_tok_s": n_prompt / prefill, "decode_tok_s": n_gen / decode,
             "rss_loaded_gib": rss_loaded, "peak_rss_gib": rss_gib()}

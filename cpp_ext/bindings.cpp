@@ -40,6 +40,8 @@ static int default_threads() {
 NB_MODULE(_decoder, m) {
     m.doc() = "owl2-edge native code on ggml (from the llama-cpp-python install)";
 
+    m.def("init_backends", &owl2::init_backends_quietly,
+          "Build ggml's device registry quietly; returns the number of devices.");
     m.def("ggml_type_from_name", &owl2::ggml_type_from_name, nb::arg("name"));
     m.def("ggml_type_name", &owl2::ggml_type_to_name, nb::arg("type"));
     m.def("row_bytes", &owl2::row_bytes, nb::arg("type"), nb::arg("n_per_row"));

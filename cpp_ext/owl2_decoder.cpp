@@ -343,6 +343,11 @@ struct quiet_ggml_log {
     }
 };
 
+size_t init_backends_quietly() {
+    quiet_ggml_log quiet;
+    return ggml_backend_dev_count();
+}
+
 static void load(model & m, const std::string & base_path, const std::string & mam_path) {
     quiet_ggml_log quiet;
     m.base = std::make_unique<gguf_file>(base_path, "decoder GGUF");
@@ -399,6 +404,13 @@ static void load(model & m, const std::string & base_path, const std::string & m
     m.dev_gpu = pick_gpu(p.device);
     const int n_gpu = m.dev_gpu == nullptr ? 0 : (p.n_gpu_layers < 0 ? hp.n_layer : std::min(p.n_gpu_layers, hp.n_layer));
     if (m.dev_gpu != nullptr && n_gpu == 0) m.dev_gpu = nullptr;
+    if (m.dev_gpu != nullptr) {
+        // On the GPU attention always takes ggml's fused kernel, as llama.cpp's default does
+        // there. Measured on an H100 (CUDA build of llama-cpp-python 0.3.36): the unfused path
+        // (mul_mat over permuted cache views + soft_max) gave logits off by ~3 against the
+        // reference with an f32 cache, while the fused kernel matched it.
+        m.params.flash_attn = true;
+    }
     const bool output_on_gpu = m.dev_gpu != nullptr && n_gpu == hp.n_layer;
 
     const std::vector<ggml_backend_buffer_type_t> repack = p.repack ? cpu_repack_bufts(m.dev_cpu) : std::vector<ggml_backend_buffer_type_t>();

@@ -24,6 +24,11 @@ struct context_full_error : decoder_error {
     using decoder_error::decoder_error;
 };
 
+// Builds ggml's backend registry (the first call does; a CUDA build then reports its devices at
+// INFO level) with that chatter silenced, and returns the number of devices. Call it before
+// anything else touches the registry so a terminal never sees those lines.
+size_t init_backends_quietly();
+
 struct decoder_params {
     int n_ctx = 2048;
     int n_threads = 0;           // <= 0: the number of physical cores

@@ -22,6 +22,10 @@ from owl2_edge import _decoder
 from owl2_edge.errors import ContextFullError, DecoderError
 from owl2_edge.names import IMAGE_TOKEN_ID, TEXT_ROUTE, VISUAL_ROUTE
 
+# The first touch of ggml's device registry makes a CUDA build print its devices; do it here,
+# quietly, before llama_cpp or anything else can.
+_decoder.init_backends()
+
 KV_TYPES = ("f16", "f32", "q8_0")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -48,7 +52,8 @@ class Decoder:
     device: "auto" (a GPU when the ggml in llama-cpp-python has one), "cpu" or "cuda".
     n_gpu_layers: with a GPU, how many of the last layers run there (-1: all, and the output head).
     kv_type: "f16" (default), "f32" or "q8_0" (needs a head size that is a multiple of 32).
-    flash_attn: ggml's fused attention kernel instead of mul_mat + softmax.
+    flash_attn: ggml's fused attention kernel instead of mul_mat + softmax. Always on when a GPU
+        is used (see owl2_decoder.cpp: the unfused path was wrong on CUDA in our measurement).
     n_ubatch: positions per graph; longer runs are split (memory stays bounded).
     repack: on the CPU, copy the weights that ggml can repack into its interleaved layouts, as
         stock llama.cpp does (the default: at 7B Q4_0 on 2 cores, 1.5x the prefill and 2x the

@@ -19,19 +19,25 @@ mkdir -p "$OUT" "$SITE"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 tar -xJf "$TARBALL" -C "$SITE"
 export PYTHONPATH=$SITE
+# Import owl2_edge from $SITE (with the built extension), never from the checkout: PYTHONSAFEPATH
+# keeps the current folder off sys.path, in this process and in the CLI processes tests start.
+export PYTHONSAFEPATH=1
+# ggml-cuda needs cuBLAS and the CUDA runtime: from the pip nvidia-* packages that come with
+# torch there, or the toolkit's own.
+NV_LIBS=$(python3 -c "import glob, os, nvidia; print(':'.join(sorted(glob.glob(os.path.join(list(nvidia.__path__)[0], '*', 'lib')))))" 2>/dev/null || true)
+export LD_LIBRARY_PATH=${NV_LIBS}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 cd "$REPO"
 # Our extension, built against the CUDA ggml in $SITE (CMakeLists.txt asks Python where it is).
 python3 -m pip install --no-index --no-deps --no-build-isolation --target "$SITE" . > "$OUT/build.log" 2>&1 ||
   { tail -40 "$OUT/build.log"; exit 1; }
-python3 -c "import owl2_edge._decoder" || exit 1
-# -P: import owl2_edge from $SITE (with the built extension), not from the checkout.
-timeout 420 python3 -P -m pytest -q -p no:cacheprovider -rs tests/test_decoder.py tests/test_pipeline.py \
+python3 -c "import owl2_edge._decoder, owl2_edge; print(owl2_edge.__file__)" || exit 1
+timeout 420 python3 -m pytest -q -p no:cacheprovider -rs tests/test_decoder.py tests/test_pipeline.py \
   tests/test_cli_ask.py tests/test_native_build.py 2>&1 | tee "$OUT/tests.log" | tail -15
 if [ "$BENCH" = "--bench" ]; then
   W=/tmp/owl2-bench
   mkdir -p $W
-  (time python3 -P benchmarks/bench_convert.py $W --quant Q4_0 --vision fp32) > "$OUT/bench.log" 2>&1
-  python3 -P benchmarks/bench_decoder.py $W/owl2-7b-Q4_0 --device cuda --threads 16 --prompt 512 --gen 128 \
+  (time python3 benchmarks/bench_convert.py $W --quant Q4_0 --vision fp32) > "$OUT/bench.log" 2>&1
+  python3 benchmarks/bench_decoder.py $W/owl2-7b-Q4_0 --device cuda --threads 16 --prompt 512 --gen 128 \
     >> "$OUT/bench.log" 2>&1
   tail -6 "$OUT/bench.log"
 fi
