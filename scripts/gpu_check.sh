@@ -4,7 +4,7 @@
 # scikit-build-core, cmake and a C++ compiler, plus a CUDA build of llama-cpp-python==0.3.36
 # unpacked as a site folder and packed by scripts/pack_cuda_site.sh.
 #
-#   scripts/gpu_check.sh CUDA_SITE.tar.xz OUT_DIR [--bench]
+#   scripts/gpu_check.sh CUDA_SITE.tar.xz OUT_DIR [--bench | --bench-only]
 #
 # Writes OUT_DIR/gpu.txt (the device), build.log, tests.log (the decoder, pipeline and CLI tests,
 # GPU ones included) and, with --bench, bench.log (a 7B-shaped Q4_0 model generated and converted
@@ -31,9 +31,9 @@ cd "$REPO"
 python3 -m pip install --no-index --no-deps --no-build-isolation --target "$SITE" . > "$OUT/build.log" 2>&1 ||
   { tail -40 "$OUT/build.log"; exit 1; }
 python3 -c "import owl2_edge._decoder, owl2_edge; print(owl2_edge.__file__)" || exit 1
-timeout 420 python3 -m pytest -q -p no:cacheprovider -rs tests/test_decoder.py tests/test_pipeline.py \
+[ "$BENCH" = "--bench-only" ] || timeout 420 python3 -m pytest -q -p no:cacheprovider -rs tests/test_decoder.py tests/test_pipeline.py \
   tests/test_cli_ask.py tests/test_native_build.py 2>&1 | tee "$OUT/tests.log" | tail -15
-if [ "$BENCH" = "--bench" ]; then
+if [ "$BENCH" = "--bench" ] || [ "$BENCH" = "--bench-only" ]; then
   W=/tmp/owl2-bench
   mkdir -p $W
   (time python3 benchmarks/bench_convert.py $W --quant Q4_0 --vision fp32) > "$OUT/bench.log" 2>&1
