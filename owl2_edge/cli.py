@@ -72,10 +72,11 @@ def convert_cmd(
 
 
 def _load(model: Optional[Path], device: str, n_ctx: int, threads: Optional[int], kv_type: str,
-          flash_attn: bool, aspect: str, no_exif: bool):
+          flash_attn: bool, aspect: str, no_exif: bool, no_repack: bool = False):
     from owl2_edge.pipeline import Owl2
     return Owl2.load(model, device=device, n_ctx=n_ctx, n_threads=threads, kv_type=kv_type,
-                     flash_attn=flash_attn, aspect=aspect, exif_transpose=not no_exif)
+                     flash_attn=flash_attn, repack=not no_repack, aspect=aspect,
+                     exif_transpose=not no_exif)
 
 
 MODEL_OPT = typer.Option(None, "-m", "--model", help="Model folder (default: $OWL2_MODEL, then the demo model).")
@@ -86,6 +87,8 @@ KV_OPT = typer.Option("f16", "--kv-type", help="KV cache type: f16, f32, q8_0.")
 FA_OPT = typer.Option(False, "--flash-attn", help="Use ggml's fused attention.")
 ASPECT_OPT = typer.Option("pad", "--aspect", help="Non-square images: pad (upstream CLI), resize, crop.")
 NO_EXIF_OPT = typer.Option(False, "--no-exif", help="Ignore EXIF orientation (upstream's pixels).")
+NO_REPACK_OPT = typer.Option(False, "--no-repack", help="CPU: use the weights in place from the mapped "
+                                                        "files (instant load; slower matmuls).")
 
 
 def _sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, ignore_eos) -> dict:
@@ -99,7 +102,7 @@ def ask_cmd(
                                      help="Zero or more images, then the question."),
     model: Optional[Path] = MODEL_OPT, device: str = DEVICE_OPT, ctx: int = CTX_OPT,
     threads: Optional[int] = THREADS_OPT, kv_type: str = KV_OPT, flash_attn: bool = FA_OPT,
-    aspect: str = ASPECT_OPT, no_exif: bool = NO_EXIF_OPT,
+    aspect: str = ASPECT_OPT, no_exif: bool = NO_EXIF_OPT, no_repack: bool = NO_REPACK_OPT,
     max_tokens: int = typer.Option(512, "--max-tokens", "-n"),
     temperature: float = typer.Option(0.2, "--temperature", help="0 = greedy."),
     top_k: int = typer.Option(50, "--top-k"),
@@ -122,7 +125,7 @@ def ask_cmd(
                              ignore_eos)
         from owl2_edge.sampling import SamplingParams
         SamplingParams(**sampling)  # refuse bad options before loading anything
-        owl = _load(model, device, ctx, threads, kv_type, flash_attn, aspect, no_exif)
+        owl = _load(model, device, ctx, threads, kv_type, flash_attn, aspect, no_exif, no_repack)
         pieces = []
         for piece in owl.stream(images, question, raw=raw, **sampling):
             pieces.append(piece)
@@ -168,7 +171,7 @@ def chat_cmd(
     image: Optional[Path] = typer.Argument(None, help="An image to talk about (more with /image)."),
     model: Optional[Path] = MODEL_OPT, device: str = DEVICE_OPT, ctx: int = CTX_OPT,
     threads: Optional[int] = THREADS_OPT, kv_type: str = KV_OPT, flash_attn: bool = FA_OPT,
-    aspect: str = ASPECT_OPT, no_exif: bool = NO_EXIF_OPT,
+    aspect: str = ASPECT_OPT, no_exif: bool = NO_EXIF_OPT, no_repack: bool = NO_REPACK_OPT,
     max_tokens: int = typer.Option(512, "--max-tokens", "-n"),
     temperature: float = typer.Option(0.2, "--temperature"),
     top_k: int = typer.Option(50, "--top-k"), top_p: float = typer.Option(1.0, "--top-p"),
@@ -176,7 +179,7 @@ def chat_cmd(
 ):
     """Talk about images: /image PATH adds one, /clear starts over, /exit (or Ctrl-D) leaves."""
     try:
-        owl = _load(model, device, ctx, threads, kv_type, flash_attn, aspect, no_exif)
+        owl = _load(model, device, ctx, threads, kv_type, flash_attn, aspect, no_exif, no_repack)
         chat = owl.chat([image] if image else [])
     except Owl2Error as e:
         raise _fail(str(e))

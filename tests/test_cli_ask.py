@@ -73,7 +73,7 @@ def test_ask_raw_multi_turn_prompt_equals_reference(tiny_model_dir, tiny_ref, sp
 
 
 def test_ask_streams_and_reports_timings(tiny_model_dir, photo):
-    r = owl2("ask", photo, "Hi?", "-m", tiny_model_dir, "-n", "5", "--seed", "1", "--verbose")
+    r = owl2("ask", photo, "Hi?", "-m", tiny_model_dir, "-n", "5", "--seed", "1", "--verbose", "--no-repack")
     assert r.returncode == 0, r.stderr
     assert "prefill" in r.stderr and "tok/s" in r.stderr
 
