@@ -38,8 +38,21 @@ def _progress():
                     TimeElapsedColumn(), console=err, transient=False)
 
 
+def _converter():
+    """The converter's entry points; it needs torch & co., which the runtime does not."""
+    try:
+        import onnx  # noqa: F401
+        import sentencepiece  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as e:
+        raise Owl2Error(f"converting needs the converter's packages ({e.name} is missing): "
+                        f"pip install 'owl2-edge[convert]'") from None
+    from owl2_edge.convert import pipeline, tiny
+    return pipeline, tiny
+
+
 def _run_convert(hf_dir: Path, out_dir: Path, quant: str, vision: list[str], force: bool):
-    from owl2_edge.convert.pipeline import convert
+    convert = _converter()[0].convert
     with _progress() as bar:
         tasks: dict[str, int] = {}
 
@@ -259,8 +272,8 @@ def demo_cmd(
 
 
 def build_demo_model(folder: Path) -> Path:
-    from owl2_edge.convert.tiny import make_tiny_checkpoint
     import shutil
+    make_tiny_checkpoint = _converter()[1].make_tiny_checkpoint
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     err.print(f"building the demo model in {folder} ...")

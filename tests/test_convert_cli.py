@@ -124,3 +124,16 @@ def test_unknown_quant_type_is_refused_before_any_work(tiny_checkpoint, tmp_path
     assert r.returncode == 1
     assert "Q3_BOGUS" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_convert_without_the_converter_packages_says_how_to_get_them(tiny_checkpoint, tmp_path):
+    # A runtime-only install has no torch: simulate it by hiding torch from the child process.
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "torch.py").write_text("raise ImportError('no torch here', name='torch')\n")
+    import os
+    env = {**os.environ, "PYTHONPATH": f"{hide}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run([sys.executable, "-m", "owl2_edge.cli", "convert", str(tiny_checkpoint), "-o",
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 1
+    assert "owl2-edge[convert]" in r.stderr and "Traceback" not in r.stderr
