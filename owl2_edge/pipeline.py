@@ -27,7 +27,7 @@ from owl2_edge.detok import Utf8Stream
 from owl2_edge.errors import ContextFullError, ImageError, ModelFolderError
 from owl2_edge.image import ASPECT_MODES, content_hash, load_image, preprocess
 from owl2_edge.model_dir import MODEL_ENV, Manifest, default_model_path
-from owl2_edge.prompt import PromptError, Turn, check_image_count, render, split_runs
+from owl2_edge.prompt import PromptError, Turn, check_image_count, render
 from owl2_edge.sampling import Sampler, SamplingParams
 from owl2_edge.tokenizer import Tokenizer
 from owl2_edge.vision import VisionEncoder
@@ -40,7 +40,7 @@ class Stats:
     evaluated_positions: int = 0   # prompt positions the decoder actually ran
     generated_tokens: int = 0
     tokens: list[int] = field(default_factory=list)  # the generated ids, eos excluded
-    images_encoded: int = 0        # images run through the vision model (cache misses)
+    images_encoded: int = 0        # vision model runs it took (0: every image came from the cache)
     finish_reason: str = ""        # "stop" (eos), "length" (max_tokens) or "context" (cache full)
     timings: dict = field(default_factory=dict)
 
@@ -120,14 +120,7 @@ class Owl2:
         embeds, hashes = self._encode(images)
         self._check_fits(ids, 0)
         self._forget(0)
-        out = []
-        for run in split_runs(ids):
-            if run.image is None:
-                out.append(self.decoder.eval_tokens(run.text, all_logits=True))
-            else:
-                out.append(self.decoder.eval_embeddings(embeds[run.image], all_logits=True))
-        self._cached = self._items(ids, hashes)
-        return np.concatenate(out)
+        return np.concatenate(self._evaluate(self._items(ids, hashes), embeds, 0, all_logits=True))
 
     # -- asking ------------------------------------------------------------------------------------
 
@@ -214,23 +207,28 @@ class Owl2:
             keep -= 1  # the last position must run again: its logits start the answer
         self._forget(keep)
         stats.reused_positions = self.decoder.n_past
-        logits = None
-        image_index = sum(1 for kind, _ in items[:keep] if kind == "i")
-        # Evaluate run by run, recording each in _cached only once the decoder holds it, so an
-        # interruption (Ctrl-C, an error) leaves the two in agreement.
-        todo = items[keep:]
-        while todo:
-            if todo[0][0] == "i":
-                logits = self.decoder.eval_embeddings(embeds[image_index])
-                image_index += 1
-                run, todo = todo[:1], todo[1:]
-            else:
-                n = next((k for k, item in enumerate(todo) if item[0] == "i"), len(todo))
-                run, todo = todo[:n], todo[n:]
-                logits = self.decoder.eval_tokens([value for _, value in run])
-            self._cached.extend(run)
+        first_image = sum(1 for kind, _ in items[:keep] if kind == "i")
+        logits = self._evaluate(items[keep:], embeds, first_image)[-1]
         stats.evaluated_positions = stats.prompt_positions - stats.reused_positions
         return logits
+
+    def _evaluate(self, items: list[_Item], embeds, first_image: int,
+                  all_logits: bool = False) -> list[np.ndarray]:
+        """Append items to the decoder's cache run by run (each run one modality) and return each
+        run's logits. A run is recorded in _cached only once the decoder holds it, so an
+        interruption (Ctrl-C, an error) leaves the two in agreement."""
+        out, image_index = [], first_image
+        while items:
+            if items[0][0] == "i":
+                run, items = items[:1], items[1:]
+                out.append(self.decoder.eval_embeddings(embeds[image_index], all_logits=all_logits))
+                image_index += 1
+            else:
+                n = next((k for k, item in enumerate(items) if item[0] == "i"), len(items))
+                run, items = items[:n], items[n:]
+                out.append(self.decoder.eval_tokens([value for _, value in run], all_logits=all_logits))
+            self._cached.extend(run)
+        return out
 
     def _forget(self, keep_items: int) -> None:
         keep_positions = sum(self._width(i) for i in self._cached[:keep_items])
@@ -261,10 +259,11 @@ class Owl2:
 
     def _encode(self, images: Sequence) -> tuple[list[np.ndarray], list[str]]:
         pixels = [self.preprocess(image) for image in images]
+        keys = [content_hash(p) for p in pixels]  # the vision cache's keys and the KV items' too
         before = self.vision.n_runs
-        embeds = self.vision.encode_images(pixels)
+        embeds = self.vision.encode_images(pixels, keys=keys)
         self.stats.images_encoded = self.vision.n_runs - before
-        return embeds, [content_hash(p) for p in pixels]
+        return embeds, keys
 
     # -- OpenAI-style chat completion ------------------------------------------------------------
 

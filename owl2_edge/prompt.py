@@ -1,4 +1,4 @@
-"""The mPLUG-Owl2 prompt template (conv_mplug_owl2, owl2-architecture.md §7) and the splice plan.
+"""The mPLUG-Owl2 prompt template (conv_mplug_owl2, owl2-architecture.md §7) and where images go in it.
 
 A conversation renders as
     "USER: <|image|>What is this? ASSISTANT: A banner.</s>USER: Is it red? ASSISTANT:"
@@ -51,30 +51,3 @@ def check_image_count(marks: int, n_images: int) -> None:
     if marks != n_images:
         raise PromptError(f"the prompt has {marks} {names.IMAGE_PLACEHOLDER} mark(s) but "
                           f"{n_images} image(s) were given")
-
-
-@dataclass(frozen=True)
-class Run:
-    """One run of the spliced sequence: text ids, or the image with this index (one modality)."""
-    text: tuple[int, ...] = ()
-    image: int | None = None
-
-
-def split_runs(ids: list[int]) -> list[Run]:
-    """Cut tokenized ids (with IMAGE_TOKEN_ID slots) into the runs the decoder evaluates in order.
-    Each slot becomes one image run; the k-th slot takes the k-th image."""
-    runs: list[Run] = []
-    text: list[int] = []
-    n_images = 0
-    for token in ids:
-        if token == names.IMAGE_TOKEN_ID:
-            if text:
-                runs.append(Run(text=tuple(text)))
-                text = []
-            runs.append(Run(image=n_images))
-            n_images += 1
-        else:
-            text.append(token)
-    if text:
-        runs.append(Run(text=tuple(text)))
-    return runs

@@ -111,20 +111,22 @@ class VisionEncoder:
         self.n_runs += 1
         return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: pixels})[0]
 
-    def encode_images(self, images: list[np.ndarray]) -> list[np.ndarray]:
+    def encode_images(self, images: list[np.ndarray], keys: list[str] | None = None) -> list[np.ndarray]:
         """Each image's pixels [3, S, S] -> its embeddings [n_visual, n_embd], read-only.
 
         The cache lives here, keyed by content_hash of the pixels: the key then covers the
         picture, the aspect mode and the normalisation at once, so a picture asked about again
         (a new question, the next chat turn) is not encoded twice. Images not in the cache are
-        encoded together, max_batch per run; an image repeated within the call runs once."""
-        keys = []
+        encoded together, max_batch per run; an image repeated within the call runs once.
+        `keys`: content_hash of each image when the caller has them already (not hashed twice)."""
         for i, image in enumerate(images):
-            image = np.asarray(image)
-            if image.ndim != 3:
-                raise ValueError(f"image {i}: pixels of shape {list(image.shape)}; expected one "
+            if np.ndim(image) != 3:
+                raise ValueError(f"image {i}: pixels of shape {list(np.shape(image))}; expected one "
                                  f"image [3, {self.image_size}, {self.image_size}]")
-            keys.append(content_hash(image))
+        if keys is None:
+            keys = [content_hash(np.asarray(image)) for image in images]
+        elif len(keys) != len(images):
+            raise ValueError(f"{len(keys)} keys for {len(images)} images")
         found = {}
         for key in keys:
             if key in self._cache:

@@ -3,8 +3,7 @@ and counted as the CLI promises."""
 
 import pytest
 
-from owl2_edge import names
-from owl2_edge.prompt import PromptError, Run, Turn, render, split_runs
+from owl2_edge.prompt import PromptError, Turn, render
 
 
 def test_single_turn_with_image_matches_upstream_cli():
@@ -38,10 +37,3 @@ def test_mark_count_must_equal_image_count(question, n):
 def test_open_turn_must_be_last():
     with pytest.raises(ValueError):
         render([Turn("a"), Turn("b", "c")])
-
-
-def test_split_runs_alternates_modalities_in_order():
-    i = names.IMAGE_TOKEN_ID
-    assert split_runs([1, 5, 6, i, 7, i, i, 8]) == [
-        Run(text=(1, 5, 6)), Run(image=0), Run(text=(7,)), Run(image=1), Run(image=2), Run(text=(8,))]
-    assert split_runs([i, 1, 9]) == [Run(image=0), Run(text=(1, 9))]
