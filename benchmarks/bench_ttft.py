@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from owl2_edge.pipeline import Owl2
-from owl2_edge.sample import sample_image
+from owl2_edge.owl2 import Owl2
+from owl2_edge.demo_image import sample_image
 
 
 def first_token_seconds(owl: Owl2, image, question: str) -> float:

@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "owl2_decoder.h"
+#include "owl2_names.h"
 #include "quantize.h"
 
 namespace nb = nanobind;
@@ -17,9 +18,6 @@ using FloatMatrix = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::devi
 using ByteMatrix = nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 using TokenVector = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
-namespace owl2 {
-std::map<std::string, std::string> names_table();
-}
 
 // Logits as a numpy array that owns the decoder's vector: [n_vocab], or [n, n_vocab].
 static nb::object to_numpy(std::vector<float> && logits, int n_vocab, bool all) {
@@ -89,7 +87,8 @@ NB_MODULE(_decoder, m) {
     auto decoder_error = nb::exception<owl2::decoder_error>(m, "NativeDecoderError");
     nb::exception<owl2::context_full_error>(m, "NativeContextFullError", decoder_error);
 
-    m.def("names_table", &owl2::names_table, "The GGUF names the C++ side uses (checked against names.py).");
+    m.def("names_digest", [] { return std::string(owl2::names::DIGEST); },
+          "Digest of the names header this extension was built from (see cpp_ext/gen_names_header.py).");
     m.def("physical_cores", &owl2::physical_cores);
 
     nb::class_<owl2::kv_state>(m, "KVState", "A copy of the KV cache's first n_past positions.")

@@ -15,47 +15,17 @@
 #include "ggml-backend.h"
 #include "ggml.h"
 #include "owl2_gguf_file.h"
+#include "owl2_names.h"
 
 namespace owl2 {
 
-// --- Names -----------------------------------------------------------------------------------------
-// The GGUF keys and tensor names of owl2_edge/names.py (the one table of names), mirrored for C++;
-// tests/test_decoder.py checks that both say the same (names_table() below).
+// --- Names ---------------------------------------------------------------------------------------
+// GGUF keys, tensor names and layer parts come from owl2_names.h, generated at build time from
+// owl2_edge/names.py and gguf_names.py (the one table of names).
 
 namespace names {
-const char * const KEY_ARCHITECTURE = "general.architecture";
-const char * const KEY_GENERAL_TYPE = "general.type";
-const char * const KEY_ADAPTER_TYPE = "adapter.type";
-const char * const KEY_PAIR_ID = "owl2.pair_id";
-const char * const KEY_MAM_BLOCK_COUNT = "owl2.block_count";
-const char * const KEY_MAM_EMBEDDING_LENGTH = "owl2.embedding_length";
-const char * const KEY_MAM_KV_WIDTH = "owl2.kv_width";
-const char * const ARCHITECTURE = "llama";
-const char * const ADAPTER_GENERAL_TYPE = "adapter";
-const char * const MAM_ADAPTER_TYPE = "owl2-mam";
-const char * const TOKEN_EMBD = "token_embd.weight";
-const char * const OUTPUT_NORM = "output_norm.weight";
-const char * const OUTPUT = "output.weight";
-const int TEXT_ROUTE = 0;
-const int VISUAL_ROUTE = 1;
-
-std::string blk(int i, const char * part) { return "blk." + std::to_string(i) + "." + part + ".weight"; }
+static std::string blk(int i, const char * part) { return "blk." + std::to_string(i) + "." + part + ".weight"; }
 }  // namespace names
-
-std::map<std::string, std::string> names_table() {
-    using namespace names;
-    return {
-        {"KEY_ARCHITECTURE", KEY_ARCHITECTURE},   {"KEY_GENERAL_TYPE", KEY_GENERAL_TYPE},
-        {"KEY_ADAPTER_TYPE", KEY_ADAPTER_TYPE},   {"KEY_PAIR_ID", KEY_PAIR_ID},
-        {"KEY_MAM_BLOCK_COUNT", KEY_MAM_BLOCK_COUNT},
-        {"KEY_MAM_EMBEDDING_LENGTH", KEY_MAM_EMBEDDING_LENGTH},
-        {"KEY_MAM_KV_WIDTH", KEY_MAM_KV_WIDTH},   {"ARCHITECTURE", ARCHITECTURE},
-        {"ADAPTER_GENERAL_TYPE", ADAPTER_GENERAL_TYPE}, {"MAM_ADAPTER_TYPE", MAM_ADAPTER_TYPE},
-        {"TOKEN_EMBD", TOKEN_EMBD},               {"OUTPUT_NORM", OUTPUT_NORM},
-        {"OUTPUT", OUTPUT},                       {"blk(7, 'attn_k')", blk(7, "attn_k")},
-        {"TEXT_ROUTE", std::to_string(TEXT_ROUTE)}, {"VISUAL_ROUTE", std::to_string(VISUAL_ROUTE)},
-    };
-}
 
 // --- The model ---------------------------------------------------------------------------------------
 
@@ -385,7 +355,7 @@ static void load(model & m, const std::string & base_path, const std::string & m
         expect(B, names::blk(i, "ffn_gate"), E, F, seen_b);
         expect(B, names::blk(i, "ffn_up"), E, F, seen_b);
         expect(B, names::blk(i, "ffn_down"), F, E, seen_b);
-        // The sidecar's K/V take the base's type per layer (design.md §2): a different type
+        // The sidecar's K/V take the base's type per layer (docs/design.md §2): a different type
         // means the two files were not written together.
         expect(M, names::blk(i, "attn_norm"), E, -1, seen_m, GGML_TYPE_F32);
         expect(M, names::blk(i, "attn_k"), E, KV, seen_m, bk.type);

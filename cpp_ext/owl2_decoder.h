@@ -3,7 +3,7 @@
 // Two GGUF files make one model: a stock llama.cpp LLaMA file (shared weights + the text route)
 // and the MAM sidecar (the visual route: per layer attn_norm, attn_k, attn_v, ffn_norm). A call
 // to eval() is one run of one modality; its graph takes that route's norms and K/V weights, and
-// Q, O, the MLP and the output head are shared (owl2-architecture.md §4).
+// Q, O, the MLP and the output head are shared (docs/architecture.md §4).
 #pragma once
 
 #include <cstdint>

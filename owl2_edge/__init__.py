@@ -11,6 +11,6 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # Lazy, so `import owl2_edge.names` (the converter does) loads no native code.
     if name in ("Owl2", "Chat"):
-        from owl2_edge import pipeline
-        return getattr(pipeline, name)
+        from owl2_edge import owl2
+        return getattr(owl2, name)
     raise AttributeError(name)

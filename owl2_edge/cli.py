@@ -6,6 +6,7 @@ stderr and a non-zero exit code; nothing below this edge prints or exits.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Optional
@@ -14,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from owl2_edge.cli_options import MODEL, OUTPUT, RUNTIME, SAMPLING, load_kwargs, with_options
 from owl2_edge.errors import Owl2Error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -47,8 +49,8 @@ def _converter():
     except ImportError as e:
         raise Owl2Error(f"converting needs the converter's packages ({e.name} is missing): "
                         f"pip install 'owl2-edge[convert]'") from None
-    from owl2_edge.convert import pipeline, tiny
-    return pipeline, tiny
+    from owl2_edge.convert import converter, tiny
+    return converter, tiny
 
 
 def _run_convert(hf_dir: Path, out_dir: Path, quant: str, vision: list[str], force: bool):
@@ -84,85 +86,29 @@ def convert_cmd(
     console.print(f"wrote {out} ({size / 2**20:.1f} MiB, decoder {manifest.quant})")
 
 
-def _load(model: Optional[Path], device: str, n_ctx: int, threads: Optional[int], kv_type: str,
-          flash_attn: bool, aspect: str, no_exif: bool, no_repack: bool = False):
-    from owl2_edge.pipeline import Owl2
-    return Owl2.load(model, device=device, n_ctx=n_ctx, n_threads=threads, kv_type=kv_type,
-                     flash_attn=flash_attn, repack=not no_repack, aspect=aspect,
-                     exif_transpose=not no_exif)
+def _load(runtime: dict):
+    from owl2_edge.owl2 import Owl2
+    return Owl2.load(**load_kwargs(runtime))
 
 
-MODEL_OPT = typer.Option(None, "-m", "--model", help="Model folder (default: $OWL2_MODEL, then the demo model).")
-DEVICE_OPT = typer.Option("auto", "--device", help="auto, cpu or cuda.")
-CTX_OPT = typer.Option(2048, "--ctx", help="Context positions (each image takes 65).")
-THREADS_OPT = typer.Option(None, "--threads", "-t", help="CPU threads (default: physical cores).")
-KV_OPT = typer.Option("f16", "--kv-type", help="KV cache type: f16, f32, q8_0.")
-FA_OPT = typer.Option(False, "--flash-attn", help="Use ggml's fused attention.")
-ASPECT_OPT = typer.Option("pad", "--aspect", help="Non-square images: pad (upstream CLI), resize, crop.")
-NO_EXIF_OPT = typer.Option(False, "--no-exif", help="Ignore EXIF orientation (upstream's pixels).")
-NO_REPACK_OPT = typer.Option(False, "--no-repack", help="CPU: use the weights in place from the mapped "
-                                                        "files (instant load; slower matmuls).")
+def _check_sampling(sampling: dict) -> None:
+    """Refuse bad sampling options before loading anything."""
+    from owl2_edge.sampling import SamplingParams
+    SamplingParams(**sampling)
 
 
-def _sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed, ignore_eos) -> dict:
-    return dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, ignore_eos=ignore_eos)
-
-
-@app.command("ask")
-def ask_cmd(
-    args: list[str] = typer.Argument(..., metavar="IMAGE... QUESTION",
-                                     help="Zero or more images, then the question."),
-    model: Optional[Path] = MODEL_OPT, device: str = DEVICE_OPT, ctx: int = CTX_OPT,
-    threads: Optional[int] = THREADS_OPT, kv_type: str = KV_OPT, flash_attn: bool = FA_OPT,
-    aspect: str = ASPECT_OPT, no_exif: bool = NO_EXIF_OPT, no_repack: bool = NO_REPACK_OPT,
-    max_tokens: int = typer.Option(512, "--max-tokens", "-n"),
-    temperature: float = typer.Option(0.2, "--temperature", help="0 = greedy."),
-    top_k: int = typer.Option(50, "--top-k"),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    min_p: float = typer.Option(0.0, "--min-p"),
-    repeat_penalty: float = typer.Option(1.0, "--repeat-penalty"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Never stop at end-of-text."),
-    raw: bool = typer.Option(False, "--raw", help="QUESTION is the whole prompt (no template); "
-                                                  "<|image|> marks each image's place."),
-    no_stream: bool = typer.Option(False, "--no-stream", help="Print the answer at the end."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Timings and tokens/s on stderr."),
-):
-    """Ask a question about images: owl2 ask photo.jpg "What is written on the sign?"."""
-    import json
-    images, question = args[:-1], args[-1]
-    try:
-        sampling = _sampling(max_tokens, temperature, top_k, top_p, min_p, repeat_penalty, seed,
-                             ignore_eos)
-        from owl2_edge.sampling import SamplingParams
-        SamplingParams(**sampling)  # refuse bad options before loading anything
-        owl = _load(model, device, ctx, threads, kv_type, flash_attn, aspect, no_exif, no_repack)
-        pieces = []
-        for piece in owl.stream(images, question, raw=raw, **sampling):
-            pieces.append(piece)
-            if not (no_stream or as_json):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        text = "".join(pieces).strip()
-    except (Owl2Error, ValueError) as e:
-        if not (no_stream or as_json) and 'pieces' in locals() and pieces:
-            sys.stdout.write("\n")
-        raise _fail(str(e))
+def _report(owl, output: dict, text: str) -> None:
+    """After an answer: its JSON object (--json) and its timings (--verbose)."""
     stats = owl.stats
-    if as_json:
+    if output["as_json"]:
         print(json.dumps({
-            "text": text, "tokens": stats.generated_tokens, "prompt_tokens": stats.prompt_positions,
-            "finish_reason": stats.finish_reason, "timings": _timings(owl)}, ensure_ascii=False))
-    elif no_stream:
-        print(text)
-    else:
-        print()
+            "text": text, "token_ids": stats.tokens, "tokens": stats.generated_tokens,
+            "prompt_tokens": stats.prompt_positions, "finish_reason": stats.finish_reason,
+            "timings": stats.rates(owl.load_seconds)}, ensure_ascii=False), flush=True)
     if stats.finish_reason == "context":
         err.print("(stopped: the context is full; use --ctx to allow more)")
-    if verbose:
-        t = _timings(owl)
+    if output["verbose"]:
+        t = stats.rates(owl.load_seconds)
         err.print(f"load {t['load_s']:.2f} s · vision {t['vision_s']:.2f} s · prefill "
                   f"{t['prefill_s']:.2f} s ({t['prefill_tok_per_s']:.1f} tok/s, "
                   f"{stats.evaluated_positions} positions) · decode {t['decode_s']:.2f} s "
@@ -170,33 +116,55 @@ def ask_cmd(
                   f"{owl.decoder.device}, vision on {owl.vision.provider}")
 
 
-def _timings(owl) -> dict:
-    s, t = owl.stats, owl.stats.timings
-    prefill, decode = t.get("prefill", 0.0), t.get("decode", 0.0)
-    return {"load_s": round(getattr(owl, "load_seconds", 0.0), 3), "vision_s": round(t.get("vision", 0.0), 3),
-            "prefill_s": round(prefill, 3), "decode_s": round(decode, 3),
-            "prefill_tok_per_s": round(s.evaluated_positions / prefill, 2) if prefill else 0.0,
-            "decode_tok_per_s": round(s.generated_tokens / decode, 2) if decode else 0.0}
+def _write(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+@app.command("ask")
+@with_options(RUNTIME, SAMPLING, OUTPUT)
+def ask_cmd(
+    args: list[str] = typer.Argument(..., metavar="IMAGE... QUESTION",
+                                     help="Zero or more images, then the question."),
+    raw: bool = typer.Option(False, "--raw", help="QUESTION is the whole prompt (no template); "
+                                                  "<|image|> marks each image's place."),
+    no_stream: bool = typer.Option(False, "--no-stream", help="Print the answer at the end."),
+    *, runtime: dict, sampling: dict, output: dict,
+):
+    """Ask a question about images: owl2 ask photo.jpg "What is written on the sign?"."""
+    images, question = args[:-1], args[-1]
+    streaming = not (no_stream or output["as_json"])
+    pieces: list[str] = []
+    try:
+        _check_sampling(sampling)
+        owl = _load(runtime)
+        for piece in owl.stream(images, question, raw=raw, **sampling):
+            pieces.append(piece)
+            if streaming:
+                _write(piece)
+    except (Owl2Error, ValueError) as e:
+        if streaming and pieces:
+            sys.stdout.write("\n")
+        raise _fail(str(e))
+    text = "".join(pieces).strip()
+    if not output["as_json"]:
+        print(text if no_stream else "")
+    _report(owl, output, text)
 
 
 @app.command("chat")
+@with_options(RUNTIME, SAMPLING, OUTPUT)
 def chat_cmd(
     image: Optional[Path] = typer.Argument(None, help="An image to talk about (more with /image)."),
-    model: Optional[Path] = MODEL_OPT, device: str = DEVICE_OPT, ctx: int = CTX_OPT,
-    threads: Optional[int] = THREADS_OPT, kv_type: str = KV_OPT, flash_attn: bool = FA_OPT,
-    aspect: str = ASPECT_OPT, no_exif: bool = NO_EXIF_OPT, no_repack: bool = NO_REPACK_OPT,
-    max_tokens: int = typer.Option(512, "--max-tokens", "-n"),
-    temperature: float = typer.Option(0.2, "--temperature"),
-    top_k: int = typer.Option(50, "--top-k"), top_p: float = typer.Option(1.0, "--top-p"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    *, runtime: dict, sampling: dict, output: dict,
 ):
     """Talk about images: /image PATH adds one, /clear starts over, /exit (or Ctrl-D) leaves."""
     try:
-        owl = _load(model, device, ctx, threads, kv_type, flash_attn, aspect, no_exif, no_repack)
+        _check_sampling(sampling)
+        owl = _load(runtime)
         chat = owl.chat([image] if image else [])
-    except Owl2Error as e:
+    except (Owl2Error, ValueError) as e:
         raise _fail(str(e))
-    sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     while True:
         try:
             line = input(">>> ").strip()
@@ -216,25 +184,38 @@ def chat_cmd(
             except Owl2Error as e:
                 err.print(f"error: {e}", markup=False)
             continue
+        pieces: list[str] = []
         try:
             for piece in chat.send(line, **sampling):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            print()
+                pieces.append(piece)
+                if not output["as_json"]:
+                    _write(piece)
+            if not output["as_json"]:
+                print()
         except KeyboardInterrupt:
             # Ctrl-C during an answer stops that answer (kept as far as it got); at the prompt
             # it leaves the chat.
             print()
+            continue
         except (Owl2Error, ValueError) as e:
             err.print(f"error: {e}", markup=False)
+            continue
+        _report(owl, output, "".join(pieces).strip())
 
 
 @app.command("info")
-def info_cmd(model: Path = typer.Argument(..., help="owl2-edge model folder.")):
+def info_cmd(
+    folder: Optional[Path] = typer.Argument(None, metavar="[MODEL]",
+                                            help="Model folder (default: as ask's -m)."),
+    model: Optional[Path] = MODEL.info,
+):
     """Show what is in a model folder: files, sizes, types, dimensions."""
     from owl2_edge.info import describe
+    from owl2_edge.model_dir import default_model_path
+    if folder is not None and model is not None and folder != model:
+        raise _fail(f"two model folders given ({folder} and -m {model}); give one")
     try:
-        table = describe(model)
+        table = describe(folder or model or default_model_path())
     except Owl2Error as e:
         raise _fail(str(e))
     console.print(table)
@@ -246,13 +227,14 @@ def demo_cmd(
     question: str = typer.Option("What is written on the sign?", "--question", "-q"),
 ):
     """Build the small demo model once (random weights, offline) and ask it about a sample image."""
+    from owl2_edge.demo_image import sample_image
     from owl2_edge.info import describe
-    from owl2_edge.pipeline import Owl2
-    from owl2_edge.sample import sample_image
     from owl2_edge.model_dir import demo_folder
+    from owl2_edge.names import MANIFEST_FILE
+    from owl2_edge.owl2 import Owl2
     folder = demo_folder()
     try:
-        if rebuild or not (folder / "model" / "owl2.json").is_file():
+        if rebuild or not (folder / "model" / MANIFEST_FILE).is_file():
             build_demo_model(folder)
         console.print(describe(folder / "model"))
         owl = Owl2.load(folder / "model")
@@ -264,7 +246,7 @@ def demo_cmd(
         print()
     except Owl2Error as e:
         raise _fail(str(e))
-    t = _timings(owl)
+    t = owl.stats.rates(owl.load_seconds)
     err.print(f"vision {t['vision_s']:.2f} s · prefill {t['prefill_tok_per_s']:.0f} tok/s · "
               f"decode {t['decode_tok_per_s']:.0f} tok/s ({owl.decoder.device})")
     console.print("[yellow]The demo model has random weights, so its answer is noise: it shows the "

@@ -20,14 +20,11 @@ import numpy as np
 
 from owl2_edge import _decoder
 from owl2_edge.errors import ContextFullError, DecoderError
-from owl2_edge.names import IMAGE_TOKEN_ID, TEXT_ROUTE, VISUAL_ROUTE
+from owl2_edge.names import DEVICES, IMAGE_TOKEN_ID, KV_TYPES, TEXT_ROUTE, VISUAL_ROUTE
 
 # The first touch of ggml's device registry makes a CUDA build print its devices; do it here,
 # quietly, before llama_cpp or anything else can.
 _decoder.init_backends()
-
-KV_TYPES = ("f16", "f32", "q8_0")
-DEVICES = ("auto", "cpu", "cuda")
 
 # A KV cache snapshot (the first n_past positions), from save_state(); opaque to callers.
 KVState = _decoder.KVState

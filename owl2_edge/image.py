@@ -4,7 +4,7 @@
     preprocess(image, spec, mode) RGB image -> float32 [3, S, S], as upstream prepares it
     content_hash(image)           key of the image-embedding cache
 
-preprocess follows owl2-architecture.md §6 to the bit: upstream's expand2square or bicubic
+preprocess follows docs/architecture.md §6 to the bit: upstream's expand2square or bicubic
 stretch, then CLIPImageProcessor (shortest edge to S with Pillow's bicubic back to uint8, centre
 crop, rescale, normalise). Pillow's bicubic (a = -0.5, antialiased when shrinking) is part of
 the result, so the resizing stays in Pillow; only the arithmetic after it is numpy.
@@ -143,7 +143,7 @@ def _one_line(e: BaseException) -> str:
 
 
 # ================================================================================================
-# Preprocessing (owl2-architecture.md §6)
+# Preprocessing (docs/architecture.md §6)
 # ================================================================================================
 
 def preprocess(image: Image.Image, spec: ImageSpec, mode: str = "pad") -> np.ndarray:

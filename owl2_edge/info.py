@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from owl2_edge import names
+from owl2_edge import gguf_names
 from owl2_edge.errors import ModelFolderError
 from owl2_edge.model_dir import Manifest
 
@@ -19,7 +19,7 @@ def gguf_summary(path: Path) -> tuple[str, Counter]:
         reader = gguf.GGUFReader(path)
     except Exception as e:  # gguf-py raises bare ValueError/struct errors on bad files
         raise ModelFolderError(f"{path}: not a readable GGUF file ({e})") from None
-    field = reader.get_field(names.KEY_PAIR_ID)
+    field = reader.get_field(gguf_names.KEY_PAIR_ID)
     pair_id = field.contents() if field is not None else ""
     types = Counter(t.tensor_type.name for t in reader.tensors)
     return pair_id, types

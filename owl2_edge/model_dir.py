@@ -34,7 +34,7 @@ def default_model_path() -> Path:
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """How pixels are prepared for the vision graph (owl2-architecture.md §6)."""
+    """How pixels are prepared for the vision graph (docs/architecture.md §6)."""
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]

@@ -1,11 +1,12 @@
-"""The one table of names that the converter and the runtime must agree on.
+"""The one table of the runtime's names: what the converter, the runtime and the C++ decoder must
+agree on, written once here and looked up everywhere else.
 
-Every GGUF key, tensor name, manifest field, ONNX input/output name, the image slot id and the
-prompt template is written here once; everything else looks them up. (gguf-py's constants.py
-keeps llama.cpp's names the same way.)
+The GGUF side (llama.cpp's keys and tensor names, the decoder's layer parts) is in gguf_names.py,
+built on gguf-py's own constants; it is kept apart so that `owl2 ask` never imports gguf-py.
+cpp_ext/gen_names_header.py writes both into the C++ header the decoder compiles against.
 """
 
-# --- Prompt and tokenization (owl2-architecture.md §7) -----------------------------------------
+# --- Prompt and tokenization (docs/architecture.md §7) ------------------------------------------
 
 # The id that stands for "one image goes here" in a token list, as upstream's
 # tokenizer_image_token returns it. It is never embedded: the splice replaces it by the image's
@@ -15,17 +16,26 @@ IMAGE_TOKEN_ID = -200
 IMAGE_PLACEHOLDER = "<|image|>"
 
 # Template conv_mplug_owl2 (TWO_NO_SYS): no system prompt is ever emitted.
+TEMPLATE_ID = "mplug_owl2"
 USER_ROLE = "USER"
 ASSISTANT_ROLE = "ASSISTANT"
 USER_SEP = " "          # after a user turn
 ASSISTANT_SEP = "</s>"  # after a finished assistant turn
 STOP_STRING = "</s>"
 
-# Modality of a position in the spliced sequence: index into every multiway pair.
+# Modality of a position in the spliced sequence: index into every multiway pair
+# (docs/architecture.md §4.1).
 TEXT_ROUTE = 0
 VISUAL_ROUTE = 1
 
-# --- Model folder (design.md §2) -----------------------------------------------------------------
+# --- Where things run (docs/design.md §5) -------------------------------------------------------
+
+# What device= / --device accept, for the decoder (C++) and the vision model alike.
+DEVICES = ("auto", "cpu", "cuda")
+# The KV cache's element types.
+KV_TYPES = ("f16", "f32", "q8_0")
+
+# --- Model folder (docs/design.md §2) -----------------------------------------------------------
 
 MANIFEST_FILE = "owl2.json"
 MANIFEST_FORMAT = "owl2-edge-model"
@@ -44,42 +54,8 @@ def vision_onnx_file(variant: str) -> str:
     return f"vision-{variant}.onnx"
 
 
-# --- Vision ONNX graph ---------------------------------------------------------------------------
+# --- Vision ONNX graph (docs/design.md §2.3) ----------------------------------------------------
 
 ONNX_INPUT = "pixel_values"    # float32 [N, 3, S, S]
 ONNX_OUTPUT = "image_embeds"   # float32 [N, n_visual, n_embd]
 VISION_VARIANTS = ("fp32", "fp16")
-
-# --- GGUF keys -----------------------------------------------------------------------------------
-
-KEY_ARCHITECTURE = "general.architecture"
-KEY_GENERAL_TYPE = "general.type"
-KEY_ADAPTER_TYPE = "adapter.type"
-KEY_PAIR_ID = "owl2.pair_id"
-# Written into the sidecar so that a loader can check it against the base before reading tensors.
-KEY_MAM_BLOCK_COUNT = "owl2.block_count"
-KEY_MAM_EMBEDDING_LENGTH = "owl2.embedding_length"
-KEY_MAM_KV_WIDTH = "owl2.kv_width"
-
-ARCHITECTURE = "llama"
-ADAPTER_GENERAL_TYPE = "adapter"
-MAM_ADAPTER_TYPE = "owl2-mam"
-
-# --- GGUF tensor names (llama.cpp's names for the LLaMA architecture) ----------------------------
-
-TOKEN_EMBD = "token_embd.weight"
-OUTPUT_NORM = "output_norm.weight"
-OUTPUT = "output.weight"
-
-
-def blk(i: int, part: str) -> str:
-    return f"blk.{i}.{part}.weight"
-
-
-# Per-layer parts shared by both routes (stored only in the base file).
-SHARED_LAYER_PARTS = ("attn_q", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
-# Per-layer parts that MAM doubles: the base file holds the text route under these names, the
-# sidecar holds the visual route under the very same names.
-ROUTED_LAYER_PARTS = ("attn_norm", "attn_k", "attn_v", "ffn_norm")
-# The routed norms stay float32 whatever the quantization (llama.cpp keeps 1-D tensors f32).
-ROUTED_NORM_PARTS = ("attn_norm", "ffn_norm")

@@ -1,4 +1,4 @@
-"""The mPLUG-Owl2 prompt template (conv_mplug_owl2, owl2-architecture.md §7) and where images go in it.
+"""The mPLUG-Owl2 prompt template (conv_mplug_owl2, docs/architecture.md §7) and where images go in it.
 
 A conversation renders as
     "USER: <|image|>What is this? ASSISTANT: A banner.</s>USER: Is it red? ASSISTANT:"

@@ -10,7 +10,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class SamplingParams:
-    # Upstream CLI defaults (owl2-architecture.md §8): do_sample, temperature 0.2, HF's top_k 50.
+    # Upstream CLI defaults (docs/architecture.md §8): do_sample, temperature 0.2, HF's top_k 50.
     temperature: float = 0.2
     top_k: int = 50
     top_p: float = 1.0

@@ -2,69 +2,22 @@
 
 The base GGUF carries the release's sentencepiece vocabulary (tokenizer.ggml.*); llama.cpp's SPM
 tokenizer on it gives the slow LlamaTokenizer's ids, as long as the prompt is cut the way
-upstream's tokenizer_image_token cuts it (owl2-architecture.md §7): see Tokenizer.tokenize.
+upstream's tokenizer_image_token cuts it (docs/architecture.md §7): see Tokenizer.tokenize.
 Only the vocabulary is loaded (vocab_only), never the weights.
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import llama_cpp
 
 from owl2_edge.errors import DecoderError, ModelFolderError
+from owl2_edge.llama_log import captured_llama_log, init_llama_backend
 from owl2_edge.names import IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID
-
-# ggml_log_level (ggml.h): 4 = error, 5 = continuation of the previous message.
-_LOG_ERROR, _LOG_CONT = 4, 5
-
-
-class _LlamaLog:
-    def __init__(self) -> None:
-        self.lines: list[tuple[int, str]] = []
-
-    def first_error(self) -> str | None:
-        """The first error line: the cause (later ones only say that loading failed)."""
-        errors = [text.strip() for level, text in self.lines if level == _LOG_ERROR and text.strip()]
-        return errors[0] if errors else None
-
-
-@contextlib.contextmanager
-def captured_llama_log() -> Iterator[_LlamaLog]:
-    """Collect llama.cpp's log lines during a call instead of printing them, so that a failure can
-    be reported as one line (its first error) and a success stays quiet. Restores
-    llama-cpp-python's own log callback afterwards."""
-    log = _LlamaLog()
-    last_level = [0]
-
-    @llama_cpp.llama_log_callback
-    def collect(level: int, text: bytes, user_data) -> None:
-        if level == _LOG_CONT:
-            level = last_level[0]
-        last_level[0] = level
-        log.lines.append((level, (text or b"").decode("utf-8", errors="replace")))
-
-    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
-    try:
-        yield log
-    finally:
-        from llama_cpp import _logger
-        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
-
-
-_backend_ready = False
-
-
-def _init_backend() -> None:
-    global _backend_ready
-    if not _backend_ready:
-        llama_cpp.llama_backend_init()
-        _backend_ready = True
-
 
 class Tokenizer:
     """The vocabulary of a base GGUF. Use as a context manager or call close()."""
@@ -73,7 +26,7 @@ class Tokenizer:
         path = Path(gguf_path)
         if not path.is_file():
             raise ModelFolderError(f"{path}: missing (the decoder GGUF holds the vocabulary)")
-        _init_backend()
+        init_llama_backend()
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True
         with captured_llama_log() as log:

@@ -23,11 +23,10 @@ import onnxruntime as ort
 from owl2_edge.errors import ModelFolderError, Owl2Error
 from owl2_edge.image import content_hash
 from owl2_edge.model_dir import Manifest
-from owl2_edge.names import ONNX_INPUT, ONNX_OUTPUT
+from owl2_edge.names import DEVICES, ONNX_INPUT, ONNX_OUTPUT
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-PROVIDER_CHOICES = ("auto", "cpu", "cuda")
 
 # Which vision file a provider prefers: fp16 weights and math where a GPU runs them natively;
 # fp32 on CPU, where ONNX Runtime has few fp16 kernels and would cast around them.
@@ -38,7 +37,7 @@ _CUDA_VARIANTS = ("fp16", "fp32")
 class VisionEncoder:
     """One ONNX Runtime session over a vision ONNX ([N,3,S,S] float32 -> [N,n_visual,n_embd]).
 
-    providers: "cpu"; "cuda" (CUDA or an Owl2Error, never a silent CPU run); "auto" (CUDA when
+    device: "cpu"; "cuda" (CUDA or an Owl2Error, never a silent CPU run); "auto" (CUDA when
     onnxruntime-gpu has it and a CUDA driver is installed and it starts, else CPU).
     from_folder() also picks the file that suits the provider; the constructor runs the file
     it is given.
@@ -47,10 +46,10 @@ class VisionEncoder:
     max_batch: images per ONNX run in encode_images (bounds activation memory).
     """
 
-    def __init__(self, onnx_path: str | Path, providers: str = "auto", n_threads: int | None = None,
+    def __init__(self, onnx_path: str | Path, device: str = "auto", n_threads: int | None = None,
                  cache_size: int = 16, max_batch: int = 4):
-        if providers not in PROVIDER_CHOICES:
-            raise ValueError(f"unknown providers {providers!r}; expected one of {PROVIDER_CHOICES}")
+        if device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
         if n_threads is not None and n_threads < 1:
             raise ValueError(f"n_threads must be at least 1, got {n_threads}")
         if max_batch < 1:
@@ -58,13 +57,13 @@ class VisionEncoder:
         self.path = Path(onnx_path)
         if not self.path.is_file():
             raise ModelFolderError(f"{self.path}: missing vision model")
-        if providers == "cuda" and CUDA not in ort.get_available_providers():
+        if device == "cuda" and CUDA not in ort.get_available_providers():
             raise Owl2Error("CUDA was asked for but this ONNX Runtime has no CUDA provider "
                             "(install onnxruntime-gpu), or choose the CPU")
         options = ort.SessionOptions()
         if n_threads is not None:
             options.intra_op_num_threads = n_threads
-        wanted = [CUDA, CPU] if providers == "cuda" or (providers == "auto" and cuda_possible()) \
+        wanted = [CUDA, CPU] if device == "cuda" or (device == "auto" and cuda_possible()) \
             else [CPU]
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=wanted)
@@ -73,7 +72,7 @@ class VisionEncoder:
                                    f"({_one_line(e)})") from None
         # What ONNX Runtime actually runs on: the first provider it kept.
         self.provider = self.session.get_providers()[0]
-        if providers == "cuda" and self.provider != CUDA:
+        if device == "cuda" and self.provider != CUDA:
             raise Owl2Error("CUDA was asked for but ONNX Runtime could not start its CUDA "
                             "provider (no GPU, or CUDA/cuDNN libraries missing); choose the CPU")
         self.image_size, self.n_visual, self.n_embd = _interface(self.session, self.path)
@@ -83,7 +82,7 @@ class VisionEncoder:
 
     @classmethod
     def from_folder(cls, folder: str | Path, manifest: Manifest | None = None,
-                    providers: str = "auto", **kwargs) -> "VisionEncoder":
+                    device: str = "auto", **kwargs) -> "VisionEncoder":
         """The model folder's vision model on the provider asked for.
 
         CUDA runs the fp16 file when the folder has it. "auto" uses CUDA only with the fp16
@@ -92,10 +91,10 @@ class VisionEncoder:
         folder = Path(folder)
         manifest = manifest or Manifest.load(folder)
         files = manifest.vision_files
-        if providers == "auto" and (not cuda_possible() or "fp16" not in files):
-            providers = "cpu"
-        variant = _pick_variant(files, _CUDA_VARIANTS if providers != "cpu" else _CPU_VARIANTS)
-        encoder = cls(folder / files[variant], providers, **kwargs)
+        if device == "auto" and (not cuda_possible() or "fp16" not in files):
+            device = "cpu"
+        variant = _pick_variant(files, _CUDA_VARIANTS if device != "cpu" else _CPU_VARIANTS)
+        encoder = cls(folder / files[variant], device, **kwargs)
         if encoder.provider == CPU and _pick_variant(files, _CPU_VARIANTS) != variant:
             encoder = cls(folder / files[_pick_variant(files, _CPU_VARIANTS)], "cpu", **kwargs)
         return encoder

@@ -31,7 +31,7 @@ def tiny_ref(tiny_ckpt):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_checkpoint, tmp_path_factory) -> Path:
     """The tiny checkpoint converted by `owl2 convert`'s own code: F32 decoder, fp32 vision."""
-    from owl2_edge.convert.pipeline import convert
+    from owl2_edge.convert.converter import convert
     out = tmp_path_factory.mktemp("models") / "tiny-F32"
     convert(tiny_checkpoint, out, quant="F32", vision=("fp32",))
     return out

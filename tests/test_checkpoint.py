@@ -7,6 +7,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
+from owl2_edge import gguf_names
 from owl2_edge.convert import hf_layout, tiny
 from owl2_edge.convert.checkpoint import Checkpoint
 from owl2_edge.convert.config import Owl2Config
@@ -88,10 +89,10 @@ def test_unknown_extra_tensors_are_ignored(tmp_path):
 def test_visual_route_is_drawn_independently_of_the_text_route(tiny_ckpt):
     cfg = tiny_ckpt.config
     for i in range(cfg.text.num_layers):
-        for part in hf_layout.ROUTED_DECODER_PARTS:
+        for part in gguf_names.ROUTED_LAYER_PARTS:
             text, visual = tiny_ckpt.load([hf_layout.multiway_name(i, part, 0),
                                            hf_layout.multiway_name(i, part, 1)]).values()
-            if part.endswith("layernorm"):  # 1 + noise: the noise parts are unrelated
+            if part.is_norm:  # 1 + noise: the noise parts are unrelated
                 text, visual = text - 1, visual - 1
             corr = torch.corrcoef(torch.stack([text.flatten(), visual.flatten()]))[0, 1]
             assert abs(corr) < 0.3, (i, part)
@@ -138,7 +139,7 @@ def test_release_plan_for_7b_matches_the_spec():
     assert shapes["model.vision_model.embeddings.position_embedding"] == (1, 1025, 1024)
     assert shapes["model.visual_abstractor.encoder.layers.5.crossattention.output.mlp.w2.weight"] \
         == (1024, 2816)
-    # owl2-architecture §1: vision 304.0 M, abstractor 81.5 M, ~8.2 B in all.
+    # docs/architecture.md §1: vision 304.0 M, abstractor 81.5 M, ~8.2 B in all.
     count = lambda prefix: sum(math.prod(s) for n, s in shapes.items() if n.startswith(prefix))
     assert round(count(hf_layout.VISION_PREFIX) / 1e6, 1) == 304.0
     assert round(count(hf_layout.ABSTRACTOR_PREFIX) / 1e6, 1) == 81.5

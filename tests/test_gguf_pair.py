@@ -9,7 +9,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from owl2_edge import _decoder, names
+from owl2_edge import _decoder, gguf_names, names
 from owl2_edge.convert import hf_layout
 from owl2_edge.convert.checkpoint import Checkpoint
 from owl2_edge.convert.gguf_pair import (QUANT_TYPES, check_quant, gguf_to_hf_rope_rows,
@@ -122,9 +122,9 @@ def sidecar_visual_route(mam_path, cfg) -> dict[str, np.ndarray]:
     values = gguf_values(mam_path)
     route = {}
     for i in range(cfg.text.num_layers):
-        for part in hf_layout.ROUTED_DECODER_PARTS:
-            v = values[names.blk(i, hf_layout.DECODER_GGUF_PART[part])]
-            if part == "self_attn.k_proj":
+        for part in gguf_names.ROUTED_LAYER_PARTS:
+            v = values[part.gguf_name(i)]
+            if part.rope_heads:
                 v = gguf_to_hf_rope_rows(v, cfg.text.num_kv_heads)
             route[hf_layout.multiway_name(i, part, names.VISUAL_ROUTE)] = v
     return route
@@ -133,7 +133,7 @@ def sidecar_visual_route(mam_path, cfg) -> dict[str, np.ndarray]:
 def text_route_as_visual(state, cfg) -> dict[str, np.ndarray]:
     return {hf_layout.multiway_name(i, part, names.VISUAL_ROUTE):
             state[hf_layout.multiway_name(i, part, names.TEXT_ROUTE)].numpy()
-            for i in range(cfg.text.num_layers) for part in hf_layout.ROUTED_DECODER_PARTS}
+            for i in range(cfg.text.num_layers) for part in gguf_names.ROUTED_LAYER_PARTS}
 
 
 # --- The base: a stock llama.cpp LLaMA ------------------------------------------------------------
@@ -162,8 +162,8 @@ def test_q4_0_base_loads_and_runs(tiny_pair, reference, sp):
 def test_q4_0_is_quantized_by_llama_cpp(tiny_pair):
     base, _ = tiny_pair("Q4_0")
     types = read_tensor_types(base)
-    assert types[names.blk(0, "ffn_up")] == gguf.GGMLQuantizationType.Q4_0
-    assert types[names.blk(0, "attn_norm")] == gguf.GGMLQuantizationType.F32
+    assert types[gguf_names.blk(0, "ffn_up")] == gguf.GGMLQuantizationType.Q4_0
+    assert types[gguf_names.blk(0, "attn_norm")] == gguf.GGMLQuantizationType.F32
     assert gguf_fields(base)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_0
 
 
@@ -176,17 +176,17 @@ def test_base_holds_text_route_with_q_and_k_rows_permuted(tiny_pair, state, tiny
         def text(part):
             return state[hf_layout.multiway_name(i, part, names.TEXT_ROUTE)].numpy()
         q = state[hf_layout.decoder_layer_name(i, "self_attn.q_proj")].numpy()
-        np.testing.assert_array_equal(values[names.blk(i, "attn_q")],
+        np.testing.assert_array_equal(values[gguf_names.blk(i, "attn_q")],
                                       hf_to_gguf_rope_rows(q, t.num_heads))
-        np.testing.assert_array_equal(values[names.blk(i, "attn_k")],
+        np.testing.assert_array_equal(values[gguf_names.blk(i, "attn_k")],
                                       hf_to_gguf_rope_rows(text("self_attn.k_proj"), t.num_kv_heads))
         # V is not rotated: its rows stay in HF order.
-        np.testing.assert_array_equal(values[names.blk(i, "attn_v")], text("self_attn.v_proj"))
-        np.testing.assert_array_equal(values[names.blk(i, "attn_norm")], text("input_layernorm"))
-        np.testing.assert_array_equal(values[names.blk(i, "ffn_norm")],
+        np.testing.assert_array_equal(values[gguf_names.blk(i, "attn_v")], text("self_attn.v_proj"))
+        np.testing.assert_array_equal(values[gguf_names.blk(i, "attn_norm")], text("input_layernorm"))
+        np.testing.assert_array_equal(values[gguf_names.blk(i, "ffn_norm")],
                                       text("post_attention_layernorm"))
-    np.testing.assert_array_equal(values[names.TOKEN_EMBD], state[hf_layout.EMBED_TOKENS].numpy())
-    np.testing.assert_array_equal(values[names.OUTPUT], state[hf_layout.LM_HEAD].numpy())
+    np.testing.assert_array_equal(values[gguf_names.TOKEN_EMBD], state[hf_layout.EMBED_TOKENS].numpy())
+    np.testing.assert_array_equal(values[gguf_names.OUTPUT], state[hf_layout.LM_HEAD].numpy())
 
 
 def test_rope_row_permutation_pairs_dim_j_with_j_plus_half():
@@ -204,7 +204,7 @@ def test_base_metadata_is_stock_llama(tiny_pair, tiny_ckpt):
     base, mam = tiny_pair("Q8_0")
     t = tiny_ckpt.config.text
     f = gguf_fields(base)
-    assert f[names.KEY_ARCHITECTURE] == "llama"
+    assert f[gguf_names.KEY_ARCHITECTURE] == "llama"
     assert f["llama.context_length"] == t.max_position_embeddings
     assert f["llama.embedding_length"] == t.hidden_size
     assert f["llama.block_count"] == t.num_layers
@@ -224,9 +224,8 @@ def test_base_metadata_is_stock_llama(tiny_pair, tiny_ckpt):
     assert f["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
     # The base has no MAM tensors beyond llama's own: only llama.cpp names.
     assert set(read_tensor_types(base)) == {
-        names.TOKEN_EMBD, names.OUTPUT_NORM, names.OUTPUT,
-        *(names.blk(i, p) for i in range(t.num_layers)
-          for p in (*names.SHARED_LAYER_PARTS, *names.ROUTED_LAYER_PARTS))}
+        gguf_names.TOKEN_EMBD, gguf_names.OUTPUT_NORM, gguf_names.OUTPUT,
+        *(p.gguf_name(i) for i in range(t.num_layers) for p in gguf_names.LAYER_PARTS)}
 
 
 def test_token_types_follow_the_sentencepiece_model(tiny_pair, sp):
@@ -245,15 +244,15 @@ def test_pair_ids_and_sidecar_metadata(tiny_pair, tiny_ckpt):
     base, mam = tiny_pair("Q8_0")
     t = tiny_ckpt.config.text
     fb, fm = gguf_fields(base), gguf_fields(mam)
-    assert fb[names.KEY_PAIR_ID] == fm[names.KEY_PAIR_ID] == "tiny-Q8_0"
-    assert fm[names.KEY_ARCHITECTURE] == names.ARCHITECTURE
-    assert fm[names.KEY_GENERAL_TYPE] == names.ADAPTER_GENERAL_TYPE
-    assert fm[names.KEY_ADAPTER_TYPE] == names.MAM_ADAPTER_TYPE
-    assert fm[names.KEY_MAM_BLOCK_COUNT] == t.num_layers
-    assert fm[names.KEY_MAM_EMBEDDING_LENGTH] == t.hidden_size
-    assert fm[names.KEY_MAM_KV_WIDTH] == t.kv_width
-    assert set(read_tensor_types(mam)) == {names.blk(i, p) for i in range(t.num_layers)
-                                           for p in names.ROUTED_LAYER_PARTS}
+    assert fb[gguf_names.KEY_PAIR_ID] == fm[gguf_names.KEY_PAIR_ID] == "tiny-Q8_0"
+    assert fm[gguf_names.KEY_ARCHITECTURE] == gguf_names.ARCHITECTURE
+    assert fm[gguf_names.KEY_GENERAL_TYPE] == gguf_names.ADAPTER_GENERAL_TYPE
+    assert fm[gguf_names.KEY_ADAPTER_TYPE] == gguf_names.MAM_ADAPTER_TYPE
+    assert fm[gguf_names.KEY_MAM_BLOCK_COUNT] == t.num_layers
+    assert fm[gguf_names.KEY_MAM_EMBEDDING_LENGTH] == t.hidden_size
+    assert fm[gguf_names.KEY_MAM_KV_WIDTH] == t.kv_width
+    assert set(read_tensor_types(mam)) == {p.gguf_name(i) for i in range(t.num_layers)
+                                           for p in gguf_names.ROUTED_LAYER_PARTS}
 
 
 # Q8_0 measured: 0.002 off the checkpoint's visual route; the text route differs by > 0.1.
@@ -319,11 +318,11 @@ def test_k_quant_mix_raises_one_layers_v_and_the_sidecar_follows(ckpt_256, tmp_p
     base, mam = write_gguf_pair(ckpt_256, tmp_path, "Q4_K_M", pair_id="k")
     base_types, mam_types = read_tensor_types(base), read_tensor_types(mam)
     T = gguf.GGMLQuantizationType
-    assert base_types[names.blk(0, "attn_v")] == T.Q4_K
-    assert base_types[names.blk(1, "attn_v")] == T.Q6_K
+    assert base_types[gguf_names.blk(0, "attn_v")] == T.Q4_K
+    assert base_types[gguf_names.blk(1, "attn_v")] == T.Q6_K
     for i in range(ckpt_256.config.text.num_layers):
         for part in ("attn_k", "attn_v"):
-            assert mam_types[names.blk(i, part)] == base_types[names.blk(i, part)]
+            assert mam_types[gguf_names.blk(i, part)] == base_types[gguf_names.blk(i, part)]
 
 
 def test_sidecar_quantization_is_llama_cpps(ckpt_256, tmp_path):
@@ -335,7 +334,7 @@ def test_sidecar_quantization_is_llama_cpps(ckpt_256, tmp_path):
     for i in range(cfg.text.num_layers):
         k_text = ckpt_256.load([hf_layout.multiway_name(i, "self_attn.k_proj", 0)])
         values = hf_to_gguf_rope_rows(next(iter(k_text.values())).numpy(), cfg.text.num_kv_heads)
-        t = reader[names.blk(i, "attn_k")]
+        t = reader[gguf_names.blk(i, "attn_k")]
         ours = _decoder.quantize(np.ascontiguousarray(values), int(t.tensor_type))
         np.testing.assert_array_equal(ours.ravel(), np.asarray(t.data).view(np.uint8).ravel())
 

@@ -8,7 +8,7 @@ from PIL import Image
 from owl2_edge.convert.reference_io import preprocess as ref_preprocess
 from owl2_edge.convert.reference_io import tokenize as ref_tokenize
 from owl2_edge.errors import ContextFullError, ImageError
-from owl2_edge.pipeline import Owl2
+from owl2_edge.owl2 import Owl2
 from owl2_edge.prompt import PromptError, Turn, render
 
 

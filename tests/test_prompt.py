@@ -1,4 +1,4 @@
-"""The template renders exactly upstream's strings (owl2-architecture.md §7), and images are placed
+"""The template renders exactly upstream's strings (docs/architecture.md §7), and images are placed
 and counted as the CLI promises."""
 
 import pytest

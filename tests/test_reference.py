@@ -1,4 +1,4 @@
-"""The PyTorch reference guards itself: each test checks a rule of owl2-architecture.md in a way
+"""The PyTorch reference guards itself: each test checks a rule of docs/architecture.md in a way
 that fails when the rule is broken (KV cache, MAM routing, sin-cos layout, fused QKV layout,
 preprocessing geometry, chunk-wise tokenization)."""
 
@@ -48,7 +48,7 @@ def _prompt_ids(sp, prompt: str) -> list[int]:
     return tokenize(sp, prompt)
 
 
-# --- Abstractor sin-cos tables (§3) -------------------------------------------------------------
+# --- Abstractor sin-cos tables (docs/architecture.md §3) -------------------------------------------------------------
 
 def test_query_sincos_table_matches_hand_values(tiny_ckpt):
     a = tiny_ckpt.config.abstractor
@@ -84,7 +84,7 @@ def test_swapped_sincos_halves_change_image_embeddings(tiny_ckpt, pixels, image_
     assert _rel_diff(wrong, image_embeds) > 0.05
 
 
-# --- Vision tower (§2) --------------------------------------------------------------------------
+# --- Vision tower (docs/architecture.md §2) --------------------------------------------------------------------------
 
 def test_vision_attention_reads_fused_qkv_per_head_interleaved(tiny_ckpt):
     """Attention computed by hand with the spec's row indices: head h's Q, K, V are rows
@@ -157,7 +157,7 @@ def test_vit_eos_is_the_last_image_embedding(ref, tiny_ckpt, image_embeds):
     assert torch.equal(image_embeds[1, -1], eos)
 
 
-# --- Splice and decoder (§4) --------------------------------------------------------------------
+# --- Splice and decoder (docs/architecture.md §4) --------------------------------------------------------------------
 
 def test_splice_routes_every_image_embedding_visual(ref, image_embeds):
     n_vis = ref.cfg.n_visual
@@ -220,7 +220,7 @@ def test_greedy_stops_at_eos(ref, sp, monkeypatch):
     assert ref.greedy(_prompt_ids(sp, "USER: Hi ASSISTANT:"), max_new_tokens=5) == [eos]
 
 
-# --- Image preprocessing (§6) -------------------------------------------------------------------
+# --- Image preprocessing (docs/architecture.md §6) -------------------------------------------------------------------
 
 def _normalised(rgb, cfg: PreprocessConfig) -> np.ndarray:
     return ((np.asarray(rgb, np.float64) / 255 - cfg.image_mean) / cfg.image_std).astype(np.float32)
@@ -290,7 +290,7 @@ def test_preprocess_modes_differ_on_a_non_square_image(tiny_ckpt):
         preprocess(img, cfg, "stretch")
 
 
-# --- Tokenization (§7) --------------------------------------------------------------------------
+# --- Tokenization (docs/architecture.md §7) --------------------------------------------------------------------------
 
 def _pieces(sp, ids):
     return [i if i == IMAGE_TOKEN_ID else sp.id_to_piece(i) for i in ids]

@@ -1,5 +1,5 @@
 """The runtime tokenizer (llama.cpp's, on the base GGUF's vocabulary) against the reference's
-chunk-wise sentencepiece tokenization (owl2-architecture.md §7)."""
+chunk-wise sentencepiece tokenization (docs/architecture.md §7)."""
 
 from __future__ import annotations
 

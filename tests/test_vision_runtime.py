@@ -35,7 +35,7 @@ def onnx_path(vision, tmp_path_factory):
 
 @pytest.fixture
 def encoder(onnx_path) -> VisionEncoder:
-    return VisionEncoder(onnx_path, providers="cpu", n_threads=1)
+    return VisionEncoder(onnx_path, device="cpu", n_threads=1)
 
 
 def _pixels(cfg, n: int, seed: int = 0) -> list[np.ndarray]:
@@ -128,7 +128,7 @@ def test_cache_encodes_only_the_new_images_together(encoder, cfg, vision, monkey
 
 
 def test_cache_forgets_the_least_recently_used(onnx_path, cfg, monkeypatch):
-    encoder = VisionEncoder(onnx_path, providers="cpu", cache_size=2)
+    encoder = VisionEncoder(onnx_path, device="cpu", cache_size=2)
     a, b, c = _pixels(cfg, 3, seed=5)
     calls = _count_runs(monkeypatch, encoder)
     encoder.encode_images([a])
@@ -143,7 +143,7 @@ def test_cache_forgets_the_least_recently_used(onnx_path, cfg, monkeypatch):
 
 
 def test_encode_images_runs_at_most_max_batch_images_at_once(onnx_path, cfg, monkeypatch):
-    encoder = VisionEncoder(onnx_path, providers="cpu", max_batch=2)
+    encoder = VisionEncoder(onnx_path, device="cpu", max_batch=2)
     calls = _count_runs(monkeypatch, encoder)
     encoder.encode_images(_pixels(cfg, 5, seed=6))
     assert [len(c[1][names.ONNX_INPUT]) for c in calls] == [2, 2, 1]
@@ -185,12 +185,12 @@ def test_auto_reports_the_provider_actually_running(onnx_path):
 @pytest.mark.skipif(cuda_possible(), reason="a CUDA driver is present here")
 def test_asking_for_cuda_without_a_gpu_fails_instead_of_running_on_cpu(onnx_path):
     with pytest.raises(Owl2Error, match="CUDA"):
-        VisionEncoder(onnx_path, providers="cuda")
+        VisionEncoder(onnx_path, device="cuda")
 
 
-def test_unknown_provider_choice_is_refused(onnx_path):
-    with pytest.raises(ValueError, match="providers"):
-        VisionEncoder(onnx_path, providers="tpu")
+def test_unknown_device_is_refused(onnx_path):
+    with pytest.raises(ValueError, match="device must be one of auto, cpu, cuda"):
+        VisionEncoder(onnx_path, device="tpu")
 
 
 def test_from_folder_runs_the_fp32_file_on_cpu(onnx_path, cfg, tmp_path):
@@ -208,7 +208,7 @@ def test_from_folder_runs_the_fp32_file_on_cpu(onnx_path, cfg, tmp_path):
                              pad_color=p.pad_color),
              decoder=DecoderSpec(n_vocab=1, n_embd=1, n_layer=1, n_ctx_train=1, bos_id=1,
                                  eos_id=2)).write(tmp_path)
-    encoder = VisionEncoder.from_folder(tmp_path, providers="cpu")
+    encoder = VisionEncoder.from_folder(tmp_path, device="cpu")
     assert encoder.path.name == names.vision_onnx_file("fp32") and encoder.provider == CPU
     if not cuda_possible():
         assert VisionEncoder.from_folder(tmp_path).path.name == names.vision_onnx_file("fp32")
@@ -220,7 +220,7 @@ def test_from_folder_runs_the_fp32_file_on_cpu(onnx_path, cfg, tmp_path):
 
 def _folder_error(path, match: str) -> ModelFolderError:
     with pytest.raises(ModelFolderError, match=match) as caught:
-        VisionEncoder(path, providers="cpu")
+        VisionEncoder(path, device="cpu")
     assert "\n" not in str(caught.value) and str(path) in str(caught.value)
     error = caught.value
     # No chained traceback of some other exception type comes with it.

@@ -73,7 +73,7 @@ class AbstractorConfig:
     num_layers: int = 6
     num_heads: int = 16
     intermediate_size: int = 2816
-    # Only ffn_ln uses this; norm1/normk/norm2 use PyTorch's default 1e-5 (owl2-architecture §3).
+    # Only ffn_ln uses this; norm1/normk/norm2 use PyTorch's default 1e-5 (docs/architecture.md §3).
     ffn_ln_eps: float = 1e-6
     encoder_hidden_size: int = 1024
     grid_size: int = 32

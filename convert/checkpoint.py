@@ -1,6 +1,6 @@
 """Reads a Hugging Face mPLUG-Owl2 checkpoint folder, one weights file at a time.
 
-The release is 33 PyTorch pickles plus an index (owl2-architecture §5); safetensors and single
+The release is 33 PyTorch pickles plus an index (docs/architecture.md §5); safetensors and single
 files are accepted too. Everything that can be checked before the slow part is checked in
 Checkpoint.open (config, tokenizer, index, shard files); shapes and dtypes are checked as each
 file is loaded. Every failure is a CheckpointError whose message starts with the file at fault.

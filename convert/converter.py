@@ -23,7 +23,7 @@ Progress = Callable[[str, int, int], None]
 def convert(hf_dir: str | Path, out_dir: str | Path, quant: str = "Q4_K_M",
             vision: tuple[str, ...] = ("fp32",), force: bool = False,
             progress: Progress | None = None) -> Manifest:
-    # Imported here so that `import owl2_edge.convert.pipeline` stays cheap for the CLI's --help.
+    # Imported here so that `import owl2_edge.convert.converter` stays cheap for the CLI's --help.
     from owl2_edge.convert.checkpoint import Checkpoint
     from owl2_edge.convert.gguf_pair import check_quant, write_gguf_pair
     from owl2_edge.convert.hf_layout import abstractor_shapes, vision_shapes

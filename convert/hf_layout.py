@@ -1,7 +1,8 @@
 """The Hugging Face side of the tensor names: every tensor of the mPLUG-Owl2 release, its shape,
-and which file of the release holds it (owl2-architecture.md §4, §5).
+and which file of the release holds it (docs/architecture.md §4, §5).
 
-The GGUF side of the names lives in owl2_edge/names.py; DECODER_GGUF_PART below is the bridge.
+The GGUF side of the names, and the table of decoder layer parts that bridges the two, live in
+owl2_edge/gguf_names.py.
 Shapes are PyTorch's: Linear weights are [out, in].
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from owl2_edge import names
 from owl2_edge.convert.config import Owl2Config
+from owl2_edge.gguf_names import LAYER_PARTS, LayerPart
 
 Shape = tuple[int, ...]
 
@@ -21,37 +23,20 @@ ABSTRACTOR_PREFIX = "model.visual_abstractor."
 
 ROUTES = (names.TEXT_ROUTE, names.VISUAL_ROUTE)
 
-# --- Decoder layers (§4) --------------------------------------------------------------------------
+# --- Decoder layers (docs/architecture.md §4) ----------------------------------------------------
 
-# Parts every token uses, whatever its modality: one weight each.
-SHARED_DECODER_PARTS = (
-    "self_attn.q_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
-# Parts the Modality-Adaptive Module doubles: `<part>.multiway.0` (text), `.multiway.1` (visual).
-ROUTED_DECODER_PARTS = (
-    "input_layernorm",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "post_attention_layernorm",
-)
-DECODER_PARTS = SHARED_DECODER_PARTS + ROUTED_DECODER_PARTS
+# The parts of a layer, their release names and their llama.cpp names are one table:
+# gguf_names.LAYER_PARTS. Here they are found by the release's name.
+PART_BY_HF = {p.hf: p for p in LAYER_PARTS}
 
-# The llama.cpp name (names.blk(i, part)) of each decoder part.
-DECODER_GGUF_PART = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "post_attention_layernorm": "ffn_norm",
-}
+
+def _layer_part(part: str | LayerPart) -> LayerPart:
+    if isinstance(part, LayerPart):
+        return part
+    if part not in PART_BY_HF:
+        raise ValueError(f"unknown decoder part {part!r}")
+    return PART_BY_HF[part]
+
 
 # Buffers that some checkpoints carry but that are recomputed from the config; never required.
 OPTIONAL_BUFFER_SUFFIXES = (
@@ -61,22 +46,22 @@ OPTIONAL_BUFFER_SUFFIXES = (
 )
 
 
-def decoder_layer_name(i: int, part: str, route: int | None = None) -> str:
-    """`model.layers.{i}.{part}.weight`, or `...{part}.multiway.{route}.weight` for a routed part."""
-    if part in ROUTED_DECODER_PARTS:
+def decoder_layer_name(i: int, part: str | LayerPart, route: int | None = None) -> str:
+    """`model.layers.{i}.{part}.weight`, or `...{part}.multiway.{route}.weight` for a routed part.
+    `part`: the release's name ("self_attn.k_proj") or a gguf_names.LayerPart."""
+    p = _layer_part(part)
+    if p.routed:
         if route not in ROUTES:
-            raise ValueError(f"{part} is per modality: give route {ROUTES}, not {route!r}")
-        return f"model.layers.{i}.{part}.multiway.{route}.weight"
-    if part in SHARED_DECODER_PARTS:
-        if route is not None:
-            raise ValueError(f"{part} is shared by both modalities; it has no route")
-        return f"model.layers.{i}.{part}.weight"
-    raise ValueError(f"unknown decoder part {part!r}")
+            raise ValueError(f"{p.hf} is per modality: give route {ROUTES}, not {route!r}")
+        return f"model.layers.{i}.{p.hf}.multiway.{route}.weight"
+    if route is not None:
+        raise ValueError(f"{p.hf} is shared by both modalities; it has no route")
+    return f"model.layers.{i}.{p.hf}.weight"
 
 
-def multiway_name(i: int, part: str, route: int) -> str:
+def multiway_name(i: int, part: str | LayerPart, route: int) -> str:
     """The `route` (0 text, 1 visual) weight of a MAM-doubled part of decoder layer i."""
-    if part not in ROUTED_DECODER_PARTS:
+    if not _layer_part(part).routed:
         raise ValueError(f"{part!r} is not a per-modality part")
     return decoder_layer_name(i, part, route)
 
@@ -100,26 +85,24 @@ def abstractor_layer_name(i: int, suffix: str) -> str:
 
 # --- Shapes ---------------------------------------------------------------------------------------
 
-def decoder_layer_shapes(cfg: Owl2Config, i: int) -> dict[str, Shape]:
+def decoder_dims(cfg: Owl2Config) -> dict[str, int]:
+    """The values of gguf_names' dimension names (LayerPart.shape, .rope_heads) for a config."""
     t = cfg.text
-    hidden, inter, kv = t.hidden_size, t.intermediate_size, t.kv_width
-    shared = {
-        "self_attn.q_proj": (hidden, hidden),
-        "self_attn.o_proj": (hidden, hidden),
-        "mlp.gate_proj": (inter, hidden),
-        "mlp.up_proj": (inter, hidden),
-        "mlp.down_proj": (hidden, inter),
-    }
-    routed = {
-        "input_layernorm": (hidden,),
-        "self_attn.k_proj": (kv, hidden),
-        "self_attn.v_proj": (kv, hidden),
-        "post_attention_layernorm": (hidden,),
-    }
-    shapes = {decoder_layer_name(i, part): shape for part, shape in shared.items()}
-    for part, shape in routed.items():
-        for route in ROUTES:
-            shapes[decoder_layer_name(i, part, route)] = shape
+    return {"n_embd": t.hidden_size, "n_embd_kv": t.kv_width, "n_ff": t.intermediate_size,
+            "n_head": t.num_heads, "n_head_kv": t.num_kv_heads}
+
+
+def part_shape(cfg: Owl2Config, part: LayerPart) -> Shape:
+    dims = decoder_dims(cfg)
+    return tuple(dims[d] for d in part.shape)
+
+
+def decoder_layer_shapes(cfg: Owl2Config, i: int) -> dict[str, Shape]:
+    """Every tensor of decoder layer i (both routes of the routed parts), in the math's order."""
+    shapes = {}
+    for part in LAYER_PARTS:
+        for route in (ROUTES if part.routed else (None,)):
+            shapes[decoder_layer_name(i, part, route)] = part_shape(cfg, part)
     return shapes
 
 
@@ -146,7 +129,7 @@ def vision_shapes(cfg: Owl2Config) -> dict[str, Shape]:
     layer = {
         "input_layernorm.weight": (d,),
         "input_layernorm.bias": (d,),
-        # Fused, per-head interleaved [head][q|k|v][head_dim] (owl2-architecture §2).
+        # Fused, per-head interleaved [head][q|k|v][head_dim] (docs/architecture.md §2).
         "self_attn.query_key_value.weight": (3 * d, d),
         "self_attn.query_key_value.bias": (3 * d,),
         "self_attn.dense.weight": (d, d),
@@ -214,7 +197,7 @@ def expected_shapes(cfg: Owl2Config) -> dict[str, Shape]:
     return shapes
 
 
-# --- The release's files (§5) ---------------------------------------------------------------------
+# --- The release's files (docs/architecture.md §5) ---------------------------------------------------------------------
 
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 SAFETENSORS_INDEX = "model.safetensors.index.json"

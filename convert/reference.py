@@ -1,13 +1,15 @@
-"""A plain float32 PyTorch mPLUG-Owl2, written from owl2-architecture.md and nothing else.
+"""A plain float32 PyTorch mPLUG-Owl2, written from docs/architecture.md and nothing else.
 
 It is the oracle every test compares against and the module the vision ONNX is exported from,
 so it favours reading over speed: one small module per part of the spec, the math top to bottom,
 module attributes named so that the checkpoint's tensor names load with a few prefix renames.
 
-    image  -> VisionTower (ViT-L/14, §2) -> VisualAbstractor (§3) -> [n_visual, n_embd]
-    prompt -> ids with IMAGE_TOKEN_ID -> splice (§4) -> MamDecoder (LLaMA-2 + MAM) -> logits
+    image  -> VisionTower (ViT-L/14) -> VisualAbstractor -> [n_visual, n_embd]
+    prompt -> ids with IMAGE_TOKEN_ID -> splice -> MamDecoder (LLaMA-2 + MAM) -> logits
 
-The places a re-implementation gets wrong (spec §9) carry a comment where they happen.
+(docs/architecture.md §2, §3, §4.3 and §4, in that order.)
+
+The places a re-implementation gets wrong (docs/architecture.md §9) carry a comment where they happen.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from owl2_edge.errors import CheckpointError
 from owl2_edge.names import IMAGE_TOKEN_ID, TEXT_ROUTE, VISUAL_ROUTE
 
 # PyTorch's LayerNorm default. The abstractor's norm1/normk/norm2 are built without an eps
-# argument upstream, so they use this and NOT the config's 1e-6 (spec §3, §9.5).
+# argument upstream, so they use this and NOT the config's 1e-6 (docs/architecture.md §3, §9.5).
 TORCH_LAYERNORM_EPS = 1e-5
 
 
 # ================================================================================================
-# Abstractor position tables (spec §3): computed, never loaded
+# Abstractor position tables (docs/architecture.md §3): computed, never loaded
 # ================================================================================================
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
@@ -49,7 +51,7 @@ def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
 def sincos_2d(dim: int, grid_size: int, column_first: bool = True) -> np.ndarray:
     """[1 + grid², dim] key table: row 0 (cls) zeros, row 1 + r·grid + c = [S(c), S(r)].
 
-    MAE convention: the FIRST half encodes the column (x), the second half the row (y) (spec §9.4).
+    MAE convention: the FIRST half encodes the column (x), the second half the row (y) (docs/architecture.md §9.4).
     `column_first=False` builds the wrong, swapped table; it exists only so a test can show that
     the swap matters.
     """
@@ -70,7 +72,7 @@ def abstractor_pos_tables(cfg: AbstractorConfig) -> tuple[torch.Tensor, torch.Te
 
 
 # ================================================================================================
-# Vision tower (spec §2)
+# Vision tower (docs/architecture.md §2)
 # ================================================================================================
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +129,7 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         # The fused projection is interleaved PER HEAD: its outputs are [head][q|k|v][head_dim],
-        # not three [Q;K;V] blocks (spec §9.1).
+        # not three [Q;K;V] blocks (docs/architecture.md §9.1).
         qkv = self.query_key_value(x).view(b, t, self.n_heads, 3, -1)
         q, k, v = qkv.permute(3, 0, 2, 1, 4).unbind(0)  # each [B, H, T, d]
         return self.dense(merge_heads(attention(q, k, v, self.head_dim)))
@@ -174,7 +176,7 @@ class VisionTower(nn.Module):
 
 
 # ================================================================================================
-# Visual abstractor (spec §3)
+# Visual abstractor (docs/architecture.md §3)
 # ================================================================================================
 
 class AbstractorCrossAttention(nn.Module):
@@ -187,7 +189,7 @@ class AbstractorCrossAttention(nn.Module):
         self.value = nn.Linear(cfg.encoder_hidden_size, d)
 
     def forward(self, queries, keys, q_pos, k_pos):
-        # Positions go into Q and K only, never into V (spec §9.3).
+        # Positions go into Q and K only, never into V (docs/architecture.md §9.3).
         q = split_heads(self.query(queries + q_pos), self.n_heads)
         k = split_heads(self.key(keys + k_pos), self.n_heads)
         v = split_heads(self.value(keys), self.n_heads)
@@ -203,7 +205,7 @@ class AbstractorMLP(nn.Module):
         self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # ffn_ln sits INSIDE the MLP, on the SwiGLU product, before w2 (spec §9.6).
+        # ffn_ln sits INSIDE the MLP, on the SwiGLU product, before w2 (docs/architecture.md §9.6).
         return self.w2(self.ffn_ln(F.silu(self.w1(x)) * self.w3(x)))
 
 
@@ -213,7 +215,7 @@ class AbstractorLayer(nn.Module):
     def __init__(self, cfg: AbstractorConfig):
         super().__init__()
         d = cfg.hidden_size
-        self.norm1 = nn.LayerNorm(d, eps=TORCH_LAYERNORM_EPS)  # not the config's 1e-6 (§9.5)
+        self.norm1 = nn.LayerNorm(d, eps=TORCH_LAYERNORM_EPS)  # not the config's 1e-6 (docs/architecture.md §9.5)
         self.normk = nn.LayerNorm(cfg.encoder_hidden_size, eps=TORCH_LAYERNORM_EPS)
         self.attention = AbstractorCrossAttention(cfg)
         self.out_proj = nn.Linear(d, d)
@@ -223,10 +225,10 @@ class AbstractorLayer(nn.Module):
     def forward(self, x, image_features, q_pos, k_pos):
         qn = self.norm1(x)
         fn = self.normk(image_features)
-        # The queries attend to themselves AND to the image: 64 + 1025 keys (spec §9.3).
+        # The queries attend to themselves AND to the image: 64 + 1025 keys (docs/architecture.md §9.3).
         kv = torch.cat([qn, fn], dim=1)
         kv_pos = torch.cat([q_pos, k_pos], dim=0)
-        # The residual is the NORMALISED queries, not x (spec §9.2).
+        # The residual is the NORMALISED queries, not x (docs/architecture.md §9.2).
         y = qn + self.out_proj(self.attention(qn, kv, q_pos, kv_pos))
         return y + self.mlp(self.norm2(y))
 
@@ -245,7 +247,7 @@ class VisualAbstractor(nn.Module):
         q_pos, k_pos = abstractor_pos_tables(cfg)
         if swap_sincos_halves:  # deliberately wrong (row first); for tests only
             k_pos = torch.from_numpy(sincos_2d(d, cfg.grid_size, column_first=False))
-        # Not persistent: the release checkpoint does not hold them (spec §9.15); in an ONNX
+        # Not persistent: the release checkpoint does not hold them (docs/architecture.md §9.15); in an ONNX
         # export they become constants.
         self.register_buffer("q_pos", q_pos, persistent=False)
         self.register_buffer("k_pos", k_pos, persistent=False)
@@ -257,7 +259,7 @@ class VisualAbstractor(nn.Module):
         x = self.query_embeds.expand(n, self.num_queries, -1)
         for layer in self.layers:
             x = layer(x, image_features, self.q_pos, self.k_pos)
-        # No final LayerNorm. vit_eos is appended AFTER visual_fc, already in LLM width (§9.7).
+        # No final LayerNorm. vit_eos is appended AFTER visual_fc, already in LLM width (docs/architecture.md §9.7).
         queries = self.visual_fc(x)
         # vit_eos reaches the batch by broadcasting (0·q + eos == eos) rather than an Expand,
         # whose exported shape would hide that the output has exactly n_visual rows.
@@ -299,7 +301,7 @@ class Owl2Vision(nn.Module):
 
 
 # ================================================================================================
-# Decoder: LLaMA-2 with the Modality-Adaptive Module (spec §4)
+# Decoder: LLaMA-2 with the Modality-Adaptive Module (docs/architecture.md §4)
 # ================================================================================================
 
 class RMSNorm(nn.Module):
@@ -394,7 +396,7 @@ class MamAttention(nn.Module):
             k, v = cache.append(layer, k, v)
         groups = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
-        # Causal over the WHOLE mixed sequence, image positions included (spec §9.9).
+        # Causal over the WHOLE mixed sequence, image positions included (docs/architecture.md §9.9).
         key_positions = torch.arange(k.shape[1])
         mask = torch.zeros(t, k.shape[1])
         mask[key_positions[None, :] > positions[:, None]] = float("-inf")
@@ -416,7 +418,7 @@ class MamLayer(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         d, eps = cfg.hidden_size, cfg.rms_norm_eps
-        # The visual route switches BOTH norms, not only K/V (spec §9.8).
+        # The visual route switches BOTH norms, not only K/V (docs/architecture.md §9.8).
         self.input_layernorm = Multiway(lambda: RMSNorm(d, eps))
         self.self_attn = MamAttention(cfg)
         self.post_attention_layernorm = Multiway(lambda: RMSNorm(d, eps))
@@ -491,13 +493,13 @@ class Owl2Reference(nn.Module):
         """pixels [N, 3, S, S] (tensor or numpy) -> [N, n_visual, n_embd]"""
         return self.vision(torch.as_tensor(pixels, dtype=torch.float32))
 
-    # -- splicing (spec §4, "Splicing") ----------------------------------------------------------
+    # -- splicing (docs/architecture.md §4, "Splicing") ----------------------------------------------------------
 
     def splice(self, ids: Sequence[int], image_embeds=None) -> tuple[torch.Tensor, torch.Tensor]:
         """ids with one IMAGE_TOKEN_ID per image -> (embeds [T, D], modality [T] long).
 
         Each IMAGE_TOKEN_ID is replaced by the next image's n_visual embeddings (it is never
-        embedded itself), all of them routed visual, vit_eos included (spec §9.7).
+        embedded itself), all of them routed visual, vit_eos included (docs/architecture.md §9.7).
         """
         ids = list(ids)
         n_slots = ids.count(IMAGE_TOKEN_ID)

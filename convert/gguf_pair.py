@@ -1,4 +1,4 @@
-"""The decoder as two GGUF files (design.md §2): a stock llama.cpp LLaMA file holding the text
+"""The decoder as two GGUF files (docs/design.md §2): a stock llama.cpp LLaMA file holding the text
 route, and the MAM sidecar holding what the Modality-Adaptive Module adds (the visual route).
 
     base_path, mam_path = write_gguf_pair(ckpt, out_dir, "Q4_K_M", pair_id)
@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 import gguf
 import numpy as np
 
-from owl2_edge import _decoder, names
+from owl2_edge import _decoder, gguf_names, names
 from owl2_edge.convert import hf_layout
 from owl2_edge.convert.config import Owl2Config
 from owl2_edge.convert.gguf_vocab import GGUFVocab, read_sentencepiece_vocab
@@ -114,23 +114,21 @@ def mam_targets(cfg: Owl2Config) -> dict[str, Target]:
 
 
 def _targets(cfg: Owl2Config, route: int, include_shared: bool) -> dict[str, Target]:
-    t = cfg.text
     shapes = hf_layout.expected_shapes(cfg)
-    # Q and K are rotated by RoPE; both K routes are (each feeds the same attention), V never is.
-    rope_heads = {"self_attn.q_proj": t.num_heads, "self_attn.k_proj": t.num_kv_heads}
+    dims = hf_layout.decoder_dims(cfg)
     targets: dict[str, Target] = {}
     if include_shared:
-        for hf, gg in ((hf_layout.EMBED_TOKENS, names.TOKEN_EMBD),
-                       (hf_layout.FINAL_NORM, names.OUTPUT_NORM),
-                       (hf_layout.LM_HEAD, names.OUTPUT)):
+        for hf, gg in ((hf_layout.EMBED_TOKENS, gguf_names.TOKEN_EMBD),
+                       (hf_layout.FINAL_NORM, gguf_names.OUTPUT_NORM),
+                       (hf_layout.LM_HEAD, gguf_names.OUTPUT)):
             targets[hf] = Target(gg, shapes[hf])
-    for i in range(t.num_layers):
-        parts = hf_layout.DECODER_PARTS if include_shared else hf_layout.ROUTED_DECODER_PARTS
+    parts = gguf_names.LAYER_PARTS if include_shared else gguf_names.ROUTED_LAYER_PARTS
+    for i in range(cfg.text.num_layers):
         for part in parts:
-            routed = part in hf_layout.ROUTED_DECODER_PARTS
-            hf = hf_layout.decoder_layer_name(i, part, route if routed else None)
-            targets[hf] = Target(names.blk(i, hf_layout.DECODER_GGUF_PART[part]), shapes[hf],
-                                 rope_heads.get(part, 0))
+            hf = hf_layout.decoder_layer_name(i, part, route if part.routed else None)
+            # Q and both routes of K are rotated by RoPE (each K feeds the same attention); V never.
+            rope_heads = dims[part.rope_heads] if part.rope_heads else 0
+            targets[hf] = Target(part.gguf_name(i), shapes[hf], rope_heads)
     return targets
 
 
@@ -271,7 +269,7 @@ def _add_base_kv(writer: gguf.GGUFWriter, cfg: Owl2Config, vocab: GGUFVocab,
     writer.add_rope_freq_base(t.rope_theta)
     writer.add_rope_dimension_count(t.head_dim)
     vocab.write_to(writer)
-    writer.add_string(names.KEY_PAIR_ID, pair_id)
+    writer.add_string(gguf_names.KEY_PAIR_ID, pair_id)
 
 
 def _tensor_type(shape: tuple[int, ...], matrix_type: int) -> int:
@@ -283,7 +281,7 @@ def _write_base(ckpt, plan, vocab: GGUFVocab, path: Path, matrix_type: int, file
                 pair_id: str, tick: Callable[[], None]) -> None:
     cfg = ckpt.config
     targets = base_targets(cfg)
-    with contextlib.closing(gguf.GGUFWriter(path, names.ARCHITECTURE)) as writer:
+    with contextlib.closing(gguf.GGUFWriter(path, gguf_names.ARCHITECTURE)) as writer:
         _add_base_kv(writer, cfg, vocab, file_type, pair_id)
         for _, hf_names in plan:
             for n in hf_names:
@@ -316,21 +314,21 @@ def _write_mam(ckpt, path: Path, base_types: dict[str, int], pair_id: str,
             raise Owl2Error(f"the base GGUF has no {tg.gguf_name}")
         return base_types[tg.gguf_name]
 
-    with contextlib.closing(gguf.GGUFWriter(path, names.ARCHITECTURE)) as writer:
+    with contextlib.closing(gguf.GGUFWriter(path, gguf_names.ARCHITECTURE)) as writer:
         writer.add_name(f"{MODEL_NAME} modality-adaptive module")
-        writer.add_string(names.KEY_GENERAL_TYPE, names.ADAPTER_GENERAL_TYPE)
-        writer.add_string(names.KEY_ADAPTER_TYPE, names.MAM_ADAPTER_TYPE)
-        writer.add_string(names.KEY_PAIR_ID, pair_id)
-        writer.add_uint32(names.KEY_MAM_BLOCK_COUNT, t.num_layers)
-        writer.add_uint32(names.KEY_MAM_EMBEDDING_LENGTH, t.hidden_size)
-        writer.add_uint32(names.KEY_MAM_KV_WIDTH, t.kv_width)
+        writer.add_string(gguf_names.KEY_GENERAL_TYPE, gguf_names.ADAPTER_GENERAL_TYPE)
+        writer.add_string(gguf_names.KEY_ADAPTER_TYPE, gguf_names.MAM_ADAPTER_TYPE)
+        writer.add_string(gguf_names.KEY_PAIR_ID, pair_id)
+        writer.add_uint32(gguf_names.KEY_MAM_BLOCK_COUNT, t.num_layers)
+        writer.add_uint32(gguf_names.KEY_MAM_EMBEDDING_LENGTH, t.hidden_size)
+        writer.add_uint32(gguf_names.KEY_MAM_KV_WIDTH, t.kv_width)
         for tg in targets.values():
             _declare(writer, tg.gguf_name, tg.shape, ggml_type(tg))
         _write_preamble(writer)
         # One layer at a time: a 7B layer's visual K/V are 128 MB of float32, all 32 would be 4 GB.
         for i in range(t.num_layers):
             layer = [hf_layout.multiway_name(i, part, names.VISUAL_ROUTE)
-                     for part in hf_layout.ROUTED_DECODER_PARTS]  # the declaration order
+                     for part in gguf_names.ROUTED_LAYER_PARTS]  # the declaration order
             tensors = ckpt.load(layer)
             for n in layer:
                 tg = targets[n]
@@ -350,11 +348,11 @@ def llama_quantize(src: Path, dst: Path, qt: QuantType) -> None:
     """llama.cpp's llama_model_quantize with its default parameters (the llama-quantize tool's)."""
     import llama_cpp
 
-    from owl2_edge.tokenizer import captured_llama_log
+    from owl2_edge.llama_log import captured_llama_log
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(qt.file_type)
-    params.nthread = os.cpu_count() or 1
+    params.nthread = _decoder.physical_cores()  # the project's one default thread count
     with captured_llama_log() as log:
         rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst),
                                             ctypes.byref(params))

@@ -1,4 +1,4 @@
-"""Writes a random mPLUG-Owl2 checkpoint in the release's exact layout (owl2-architecture §5).
+"""Writes a random mPLUG-Owl2 checkpoint in the release's exact layout (docs/architecture.md §5).
 
 Tests and `owl2 demo` use the tiny size; benchmarks use the real 7B shape (Owl2Config()), which is
 generated and written one shard at a time so memory stays bounded (about one shard: ~1.5 GB).

@@ -1,4 +1,4 @@
-"""Reference image preprocessing and prompt tokenization, written from owl2-architecture.md §6-§7.
+"""Reference image preprocessing and prompt tokenization, written from docs/architecture.md §6 and §7.
 
 These mirror what upstream gets from transformers (CLIPImageProcessor, the slow LlamaTokenizer
 with legacy=True) without depending on transformers: they are the oracle for the runtime's own
@@ -19,7 +19,7 @@ ASPECT_MODES = ("pad", "resize", "crop")
 
 
 # ================================================================================================
-# Images (spec §6)
+# Images (docs/architecture.md §6)
 # ================================================================================================
 
 def preprocess(image: Image.Image, cfg: PreprocessConfig, mode: str = "pad") -> np.ndarray:
@@ -78,7 +78,7 @@ def clip_process(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
 
 
 # ================================================================================================
-# Prompts (spec §7)
+# Prompts (docs/architecture.md §7)
 # ================================================================================================
 
 # The special tokens the slow LlamaTokenizer matches in raw text (its all_special_tokens).

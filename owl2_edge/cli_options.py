@@ -1,0 +1,111 @@
+"""The CLI's options, each defined once and shared by the commands that take it.
+
+A command declares which groups it takes with @with_options; its function then receives one dict
+per group (already validated where the API can check it without loading a model):
+
+    @app.command("ask")
+    @with_options(RUNTIME, SAMPLING, OUTPUT)
+    def ask_cmd(args: list[str] = ..., *, runtime: dict, sampling: dict, output: dict): ...
+
+so ask, chat (and later commands) cannot drift apart in names, defaults or help.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from owl2_edge import names
+
+
+@dataclass(frozen=True)
+class Opt:
+    param: str                          # the key in the group's dict
+    type: object
+    info: typer.models.OptionInfo
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str                           # the keyword the command receives the dict as
+    options: tuple[Opt, ...]
+
+
+def _opt(param, type_, default, *flags, help, panel):
+    return Opt(param, type_, typer.Option(default, *flags, help=help, rich_help_panel=panel))
+
+
+_M = "Model and device"
+MODEL = _opt("model", Optional[Path], None, "-m", "--model", panel=_M,
+             help="Model folder (default: $OWL2_MODEL, then the demo model).")
+RUNTIME = Group("runtime", (
+    MODEL,
+    _opt("device", str, "auto", "--device", panel=_M, help=f"{', '.join(names.DEVICES)}."),
+    _opt("threads", Optional[int], None, "--threads", "-t", panel=_M,
+         help="CPU threads (default: physical cores)."),
+    _opt("ctx", int, 2048, "--ctx", panel=_M, help="Context positions (each image takes 65)."),
+    _opt("kv_type", str, "f16", "--kv-type", panel=_M, help=f"KV cache type: {', '.join(names.KV_TYPES)}."),
+    _opt("flash_attn", bool, False, "--flash-attn", panel=_M, help="Use ggml's fused attention."),
+    _opt("no_repack", bool, False, "--no-repack", panel=_M,
+         help="CPU: use the weights in place from the mapped files (instant load; slower matmuls)."),
+    _opt("aspect", str, "pad", "--aspect", panel=_M,
+         help="Non-square images: pad (upstream CLI), resize, crop."),
+    _opt("no_exif", bool, False, "--no-exif", panel=_M, help="Ignore EXIF orientation (upstream's pixels)."),
+))
+
+_S = "Sampling"
+SAMPLING = Group("sampling", (
+    _opt("max_tokens", int, 512, "--max-tokens", "-n", panel=_S, help="Most tokens to generate."),
+    _opt("temperature", float, 0.2, "--temperature", panel=_S, help="0 = greedy (default as upstream's CLI)."),
+    _opt("top_k", int, 50, "--top-k", panel=_S, help="Keep the k likeliest tokens (0: all)."),
+    _opt("top_p", float, 1.0, "--top-p", panel=_S, help="Keep the smallest set with this probability."),
+    _opt("min_p", float, 0.0, "--min-p", panel=_S, help="Drop tokens below this share of the likeliest."),
+    _opt("repeat_penalty", float, 1.0, "--repeat-penalty", panel=_S, help="1 = none."),
+    _opt("seed", Optional[int], None, "--seed", panel=_S, help="Sampling seed (default: random)."),
+    _opt("ignore_eos", bool, False, "--ignore-eos", panel=_S, help="Never stop at end-of-text."),
+))
+
+_O = "Output"
+OUTPUT = Group("output", (
+    _opt("as_json", bool, False, "--json", panel=_O,
+         help="One JSON object per answer: text, token_ids, counts, timings."),
+    _opt("verbose", bool, False, "--verbose", "-v", panel=_O,
+         help="Load, vision, prefill and decode times and tokens/s on stderr."),
+))
+
+
+def load_kwargs(runtime: dict) -> dict:
+    """The RUNTIME group as Owl2.load's keyword arguments."""
+    return dict(path=runtime["model"], device=runtime["device"], n_ctx=runtime["ctx"],
+                n_threads=runtime["threads"], kv_type=runtime["kv_type"],
+                flash_attn=runtime["flash_attn"], repack=not runtime["no_repack"],
+                aspect=runtime["aspect"], exif_transpose=not runtime["no_exif"])
+
+
+def with_options(*groups: Group):
+    """Add the groups' options to a command's parameters and pass each group as one dict."""
+    def decorate(command):
+        signature = inspect.signature(command)
+        hints = typing.get_type_hints(command)  # the command's own annotations, evaluated
+        own = [p.replace(annotation=hints.get(p.name, p.annotation))
+               for p in signature.parameters.values() if p.name not in {g.name for g in groups}]
+        added = [inspect.Parameter(o.param, inspect.Parameter.KEYWORD_ONLY, default=o.info,
+                                   annotation=o.type) for g in groups for o in g.options]
+
+        @functools.wraps(command)
+        def run(**kwargs):
+            for g in groups:
+                kwargs[g.name] = {o.param: kwargs.pop(o.param) for o in g.options}
+            return command(**kwargs)
+
+        run.__signature__ = signature.replace(parameters=own + added)
+        run.__annotations__ = {p.name: p.annotation for p in own + added}
+        del run.__wrapped__  # typer must see the new signature, not the command's own
+        return run
+    return decorate

@@ -1,0 +1,98 @@
+"""What the decoder's KV cache holds, item by item, so that a new prompt re-evaluates only what
+differs from the last one (docs/design.md §4.2).
+
+The cache is described as a list of items in position order: ("t", token_id) for a text token,
+("i", content_hash) for a whole image (n_visual positions). A prompt whose items start like the
+cached ones keeps that prefix; the rest is rewound and evaluated run by run, each run one
+modality (text ids, or one image's embeddings), as the decoder requires.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from owl2_edge import names
+from owl2_edge.decoder import Decoder
+from owl2_edge.errors import ContextFullError
+
+TEXT, IMAGE = "t", "i"
+Item = tuple[str, object]
+
+
+def prompt_items(ids: Sequence[int], image_keys: Sequence[str]) -> list[Item]:
+    """Token ids (names.IMAGE_TOKEN_ID where each image goes) -> items, the images named by key."""
+    items, k = [], 0
+    for t in ids:
+        if t == names.IMAGE_TOKEN_ID:
+            items.append((IMAGE, image_keys[k]))
+            k += 1
+        else:
+            items.append((TEXT, t))
+    return items
+
+
+class KVPrefix:
+    """The decoder's cache and its description, kept in agreement."""
+
+    def __init__(self, decoder: Decoder, n_visual: int):
+        self.decoder, self.n_visual = decoder, n_visual
+        self.cached: list[Item] = []
+
+    def width(self, item: Item) -> int:
+        return self.n_visual if item[0] == IMAGE else 1
+
+    def check_fits(self, items: Sequence[Item]) -> None:
+        positions = sum(self.width(i) for i in items)
+        if positions > self.decoder.n_ctx:
+            n_images = sum(1 for kind, _ in items if kind == IMAGE)
+            raise ContextFullError(
+                f"the prompt needs {positions} positions ({len(items) - n_images} tokens + "
+                f"{n_images} image(s) x {self.n_visual}) but the context holds "
+                f"{self.decoder.n_ctx}; shorten it or load with a larger n_ctx")
+
+    def prefill(self, items: list[Item], embeds: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
+        """Make the cache hold exactly `items`, evaluating only what it lacks; return the last
+        position's logits and how many positions were reused. embeds[k]: the k-th image's."""
+        self.check_fits(items)
+        keep = 0
+        while keep < min(len(items), len(self.cached)) and items[keep] == self.cached[keep]:
+            keep += 1
+        if keep == len(items) and keep:
+            keep -= 1  # the last position must run again: its logits start the answer
+        self.forget(keep)
+        reused = self.decoder.n_past
+        first_image = sum(1 for kind, _ in items[:keep] if kind == IMAGE)
+        return self.evaluate(items[keep:], embeds, first_image)[-1], reused
+
+    def evaluate(self, items: list[Item], embeds: Sequence[np.ndarray], first_image: int = 0,
+                 all_logits: bool = False) -> list[np.ndarray]:
+        """Append items to the cache run by run and return each run's logits. A run is recorded
+        only once the decoder holds it, so an interruption (Ctrl-C, an error) leaves the cache
+        and its description in agreement."""
+        out, image_index = [], first_image
+        while items:
+            if items[0][0] == IMAGE:
+                run, items = items[:1], items[1:]
+                out.append(self.decoder.eval_embeddings(embeds[image_index], all_logits=all_logits))
+                image_index += 1
+            else:
+                n = next((k for k, item in enumerate(items) if item[0] == IMAGE), len(items))
+                run, items = items[:n], items[n:]
+                out.append(self.decoder.eval_tokens([value for _, value in run],
+                                                    all_logits=all_logits))
+            self.cached.extend(run)
+        return out
+
+    def append_token(self, token: int) -> np.ndarray:
+        """One decode step: the token's logits, the token now cached."""
+        logits = self.decoder.eval_tokens([token])
+        self.cached.append((TEXT, token))
+        return logits
+
+    def forget(self, keep_items: int) -> None:
+        """Rewind the cache to its first keep_items items."""
+        keep_positions = sum(self.width(i) for i in self.cached[:keep_items])
+        self.decoder.rewind(self.decoder.n_past - keep_positions)
+        self.cached = self.cached[:keep_items]

@@ -1,0 +1,123 @@
+"""OpenAI-style chat messages in, chat completions out (the shapes llama-cpp-python's
+create_chat_completion and the OpenAI API use), over the Owl2 prompt template.
+
+mPLUG-Owl2 has no system prompt: a system message's text goes before the first user message.
+Image parts are data: URLs (base64), file:// URLs or local paths; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from typing import Iterable, Iterator
+
+from owl2_edge import names
+from owl2_edge.errors import ImageError
+from owl2_edge.prompt import PromptError, Turn, render
+from owl2_edge.stats import Stats
+
+
+def messages_to_prompt(messages: list[dict]) -> tuple[str, list]:
+    """Messages -> (the templated prompt, its images in order)."""
+    system, turns, images = [], [], []
+    pending_user: list[str] = []
+    for m in messages:
+        role, content = m.get("role"), m.get("content")
+        text = _content_text(content, images)
+        if role == "system":
+            system.append(text)
+        elif role == "user":
+            pending_user.append(text)
+        elif role == "assistant":
+            if not pending_user:
+                raise PromptError("an assistant message must follow a user message")
+            turns.append(Turn(" ".join(pending_user), text))
+            pending_user = []
+        else:
+            raise PromptError(f"unknown message role {role!r}")
+    if not pending_user:
+        raise PromptError("the last message must be the user's")
+    turns.append(Turn(" ".join(pending_user)))
+    if system:
+        first = turns[0]
+        turns[0] = Turn(" ".join(system) + " " + first.user, first.assistant)
+    return render(turns, n_images=len(images)), images
+
+
+def _content_text(content, images: list) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise PromptError("message content must be a string or a list of parts")
+    parts = []
+    for part in content:
+        kind = part.get("type")
+        if kind == "text":
+            parts.append(part.get("text", ""))
+        elif kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            images.append(image_from_url(url))
+            parts.append(names.IMAGE_PLACEHOLDER)
+        else:
+            raise PromptError(f"unknown content part type {kind!r}")
+    return "".join(parts)
+
+
+def image_from_url(url) -> bytes | str:
+    """An image_url part's url -> the image's bytes (data: URL) or a local path."""
+    if not isinstance(url, str) or not url:
+        raise ImageError("image_url needs a url")
+    if url.startswith("data:"):
+        header, _, data = url.partition(",")
+        if ";base64" not in header:
+            raise ImageError("only base64 data: URLs are supported")
+        try:
+            return base64.b64decode(data, validate=True)
+        except ValueError:
+            raise ImageError("image_url: the data: URL is not valid base64") from None
+    if url.startswith("file://"):
+        return url[len("file://"):]
+    if "://" in url:
+        raise ImageError(f"{url}: only local files and data: URLs are read (owl2-edge never downloads)")
+    return url
+
+
+class Completion:
+    """One chat completion's identity (id, time, model) and its two output shapes."""
+
+    def __init__(self, model: str):
+        self.id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.model = model
+
+    def response(self, text: str, stats: Stats) -> dict:
+        return {
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish_reason(stats)}],
+            "usage": usage(stats),
+        }
+
+    def chunks(self, pieces: Iterable[str], stats: Stats) -> Iterator[dict]:
+        """chat.completion.chunk dicts: the role, one per piece, then the finish reason (read
+        from `stats` once the pieces are spent)."""
+        yield self._chunk({"role": "assistant"})
+        for piece in pieces:
+            yield self._chunk({"content": piece})
+        yield self._chunk({}, finish_reason(stats))
+
+    def _chunk(self, delta: dict, finish: str | None = None) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+
+def finish_reason(stats: Stats) -> str:
+    # OpenAI knows "stop" and "length"; a full context is a length stop to a client.
+    return "stop" if stats.finish_reason == "stop" else "length"
+
+
+def usage(stats: Stats) -> dict:
+    return {"prompt_tokens": stats.prompt_positions, "completion_tokens": stats.generated_tokens,
+            "total_tokens": stats.prompt_positions + stats.generated_tokens}

@@ -1,0 +1,238 @@
+"""The `Owl2` class: load a model folder, ask about images, stream answers, chat.
+
+    from owl2_edge import Owl2
+    owl = Owl2.load("owl2-7b-Q4_K_M")
+    print(owl.ask("photo.jpg", "What is written on the sign?"))
+
+One question flows (docs/design.md §1): images -> pixels (image) -> embeddings (vision, cached
+by content); prompt -> template (prompt) -> ids with image slots (tokenizer) -> the KV cache's
+missing runs (kv_prefix) -> decoder -> sampler (sampling) -> UTF-8-safe text pieces (detok).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from owl2_edge import names, openai_chat
+from owl2_edge.chat import Chat
+from owl2_edge.decoder import Decoder
+from owl2_edge.detok import Utf8Stream
+from owl2_edge.errors import ModelFolderError
+from owl2_edge.image import ASPECT_MODES, content_hash, load_image, preprocess
+from owl2_edge.kv_prefix import KVPrefix, prompt_items
+from owl2_edge.model_dir import MODEL_ENV, Manifest, default_model_path
+from owl2_edge.prompt import Turn, check_image_count, render
+from owl2_edge.sampling import Sampler, SamplingParams
+from owl2_edge.stats import Stats
+from owl2_edge.tokenizer import Tokenizer
+from owl2_edge.vision import VisionEncoder
+
+
+class Owl2:
+    def __init__(self, folder: Path, manifest: Manifest, tokenizer: Tokenizer, decoder: Decoder,
+                 vision: VisionEncoder, aspect: str = "pad", exif_transpose: bool = True):
+        if aspect not in ASPECT_MODES:
+            raise ValueError(f"aspect must be one of {', '.join(ASPECT_MODES)}, not {aspect!r}")
+        self.folder, self.manifest = folder, manifest
+        self.tokenizer, self.decoder, self.vision = tokenizer, decoder, vision
+        self.aspect, self.exif_transpose = aspect, exif_transpose
+        self.kv = KVPrefix(decoder, manifest.n_visual)
+        self.stats = Stats()
+        self.load_seconds = 0.0
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, device: str = "auto", n_ctx: int = 2048,
+             n_threads: int | None = None, kv_type: str = "f16", flash_attn: bool = False,
+             n_gpu_layers: int = -1, repack: bool = True, aspect: str = "pad",
+             exif_transpose: bool = True) -> "Owl2":
+        """A model folder (default: $OWL2_MODEL, then the demo model) on `device`."""
+        folder = Path(path) if path is not None else default_model_path()
+        if path is None and not folder.exists():
+            raise ModelFolderError(f"no model given and {folder} does not exist: pass -m MODEL_DIR, "
+                                   f"set ${MODEL_ENV}, or run `owl2 demo` once")
+        t0 = time.perf_counter()
+        manifest = Manifest.load(folder)
+        tokenizer = Tokenizer(folder / manifest.decoder_file)
+        decoder = Decoder(folder / manifest.decoder_file, folder / manifest.mam_file, n_ctx=n_ctx,
+                          n_threads=n_threads, device=device, n_gpu_layers=n_gpu_layers,
+                          kv_type=kv_type, flash_attn=flash_attn, repack=repack)
+        # The decoder is where a GPU matters; the vision model takes ONNX Runtime's CUDA provider
+        # when onnxruntime-gpu can start it and runs on the CPU otherwise (owl.vision.provider).
+        vision = VisionEncoder.from_folder(folder, manifest, device="cpu" if device == "cpu" else "auto",
+                                           n_threads=decoder.n_threads)
+        _check_files_agree(folder, manifest, tokenizer, decoder, vision)
+        owl = cls(folder, manifest, tokenizer, decoder, vision, aspect, exif_transpose)
+        owl.load_seconds = time.perf_counter() - t0
+        return owl
+
+    def close(self) -> None:
+        self.decoder.close()
+        self.tokenizer.close()
+
+    def __enter__(self) -> "Owl2":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the stages, each usable on its own --------------------------------------------------------
+
+    def tokenize(self, prompt: str) -> list[int]:
+        """A raw prompt -> ids, with names.IMAGE_TOKEN_ID (-200) where each <|image|> stands."""
+        return self.tokenizer.tokenize(prompt)
+
+    def preprocess(self, image, aspect: str | None = None) -> np.ndarray:
+        """An image (path, bytes, file or PIL image) -> float32 pixels [3, S, S]."""
+        return preprocess(load_image(image, self.exif_transpose), self.manifest.image,
+                          aspect or self.aspect)
+
+    def encode_image(self, image) -> np.ndarray:
+        """An image -> its float32 embeddings [n_visual, n_embd] (cached by content)."""
+        return self._encode([image])[0][0]
+
+    def logits(self, prompt: str, images: Sequence = ()) -> np.ndarray:
+        """float32 logits [T, n_vocab] for every position of a raw prompt's spliced sequence
+        (T = text tokens + n_visual per image), evaluated from an empty cache."""
+        ids = self.tokenize(prompt)
+        check_image_count(ids.count(names.IMAGE_TOKEN_ID), len(images))
+        embeds, keys = self._encode(images)
+        items = prompt_items(ids, keys)
+        self.kv.check_fits(items)
+        self.kv.forget(0)
+        return np.concatenate(self.kv.evaluate(items, embeds, all_logits=True))
+
+    # -- asking ------------------------------------------------------------------------------------
+
+    def stream(self, images, question: str, history: Sequence[tuple[str, str]] = (),
+               raw: bool = False, **sampling) -> Iterator[str]:
+        """Text pieces of the answer as they are decided. `images`: one or a list (paths, bytes,
+        PIL images). `history`: earlier (question, answer) turns. raw=True takes `question` as the
+        whole prompt (no template; <|image|> marks each image's place)."""
+        images = _as_list(images)
+        if raw:
+            prompt = question
+        else:
+            prompt = render([*(Turn(q, a) for q, a in history), Turn(question)], n_images=len(images))
+        return self.generate(prompt, images, SamplingParams(**sampling))
+
+    def ask(self, images, question: str, **kwargs) -> str:
+        """The whole answer as one string (upstream's CLI strips it)."""
+        return "".join(self.stream(images, question, **kwargs)).strip()
+
+    def chat(self, images=()) -> Chat:
+        """A conversation whose history is kept (and whose KV cache is reused turn to turn)."""
+        return Chat(self, _as_list(images))
+
+    def create_chat_completion(self, messages: list[dict], stream: bool = False, **sampling):
+        """llama-cpp-python's / OpenAI's chat completion: messages with text and image_url parts
+        (data: URLs, file:// URLs or local paths). A dict, or with stream=True an iterator of
+        chunk dicts."""
+        prompt, images = openai_chat.messages_to_prompt(messages)
+        pieces = self.generate(prompt, images, SamplingParams(**sampling))
+        completion = openai_chat.Completion(model=self.folder.name)
+        if stream:
+            return completion.chunks(pieces, self.stats)
+        return completion.response("".join(pieces).strip(), self.stats)
+
+    def generate(self, prompt: str, images: Sequence, params: SamplingParams) -> Iterator[str]:
+        """The engine under stream(): a templated (or raw) prompt and its images -> text pieces.
+        Encodes the images now; prefill and decoding run as the pieces are read."""
+        stats = self.stats = Stats()
+        t0 = time.perf_counter()
+        ids = self.tokenize(prompt)
+        check_image_count(ids.count(names.IMAGE_TOKEN_ID), len(images))
+        embeds, keys = self._encode(images)
+        stats.timings["vision"] = time.perf_counter() - t0
+        return self._answer(ids, embeds, keys, params, stats)
+
+    def _answer(self, ids, embeds, keys, params: SamplingParams, stats: Stats) -> Iterator[str]:
+        # Prefill: only what the KV cache lacks of this prompt.
+        t0 = time.perf_counter()
+        items = prompt_items(ids, keys)
+        logits, stats.reused_positions = self.kv.prefill(items, embeds)
+        stats.prompt_positions = sum(self.kv.width(i) for i in items)
+        stats.evaluated_positions = stats.prompt_positions - stats.reused_positions
+        t1 = time.perf_counter()
+        stats.timings["prefill"] = t1 - t0
+
+        # Decode: sample, stream whole characters, feed the token back.
+        sampler = Sampler(params)
+        history = [t for t in ids if t != names.IMAGE_TOKEN_ID]  # what repeat_penalty looks at
+        text = Utf8Stream(self.tokenizer.token_to_bytes)
+        eos = self.tokenizer.eos_id
+        started = False
+        stats.finish_reason = "length"
+        for _ in range(params.max_tokens):
+            if params.ignore_eos:
+                logits = logits.copy()
+                logits[eos] = -np.inf
+            token = sampler(logits, history)
+            if token == eos:
+                stats.finish_reason = "stop"
+                break
+            stats.generated_tokens += 1
+            stats.tokens.append(token)
+            history.append(token)
+            piece = text.push(token)
+            if not started:
+                # The first piece carries sentencepiece's word-start space; upstream strips it.
+                piece = piece.lstrip()
+                started = bool(piece)
+            if piece:
+                yield piece
+            if self.decoder.n_past >= self.decoder.n_ctx:
+                stats.finish_reason = "context"
+                break
+            logits = self.kv.append_token(token)
+        tail = text.flush()
+        if tail:
+            yield tail
+        stats.timings["decode"] = time.perf_counter() - t1
+
+    def _encode(self, images: Sequence) -> tuple[list[np.ndarray], list[str]]:
+        pixels = [self.preprocess(image) for image in images]
+        keys = [content_hash(p) for p in pixels]  # the vision cache's keys and the KV items' too
+        before = self.vision.n_runs
+        embeds = self.vision.encode_images(pixels, keys=keys)
+        self.stats.images_encoded = self.vision.n_runs - before
+        return embeds, keys
+
+
+def _check_files_agree(folder: Path, manifest: Manifest, tokenizer: Tokenizer, decoder: Decoder,
+                       vision: VisionEncoder) -> None:
+    """The manifest repeats facts that the GGUF and ONNX files carry themselves; a folder whose
+    files were swapped or edited would otherwise fail later, or answer wrongly."""
+    d = manifest.decoder
+    facts = [
+        ("n_visual", manifest.n_visual, vision.n_visual, vision.path),
+        ("image.size", manifest.image.size, vision.image_size, vision.path),
+        ("decoder.n_embd", d.n_embd, vision.n_embd, vision.path),
+        ("decoder.n_embd", d.n_embd, decoder.n_embd, folder / manifest.decoder_file),
+        ("decoder.n_vocab", d.n_vocab, decoder.n_vocab, folder / manifest.decoder_file),
+        ("decoder.n_layer", d.n_layer, decoder.n_layer, folder / manifest.decoder_file),
+        ("decoder.n_vocab", d.n_vocab, tokenizer.n_vocab, folder / manifest.decoder_file),
+        ("decoder.bos_id", d.bos_id, tokenizer.bos_id, folder / manifest.decoder_file),
+        ("decoder.eos_id", d.eos_id, tokenizer.eos_id, folder / manifest.decoder_file),
+    ]
+    for field, said, found, path in facts:
+        if found is not None and found != said:
+            raise ModelFolderError(f"{folder / names.MANIFEST_FILE}: {field} is {said} but {path.name} "
+                                   f"has {found} (files from different models?)")
+
+
+def _as_list(images) -> list:
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
+
+
+__all__ = ["Owl2", "Chat", "Stats", "default_model_path"]
