@@ -352,7 +352,7 @@ def llama_quantize(src: Path, dst: Path, qt: QuantType) -> None:
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(qt.file_type)
-    params.nthread = _decoder.physical_cores()  # the project's one default thread count
+    params.nthread = _decoder.default_n_threads()
     with captured_llama_log() as log:
         rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst),
                                             ctypes.byref(params))

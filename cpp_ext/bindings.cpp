@@ -6,8 +6,6 @@
 #include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/vector.h>
 
-#include <thread>
-
 #include "owl2_decoder.h"
 #include "owl2_names.h"
 #include "quantize.h"
@@ -30,11 +28,6 @@ static nb::object to_numpy(std::vector<float> && logits, int n_vocab, bool all) 
     return nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<2>>(owned->data(), {rows, (size_t) n_vocab}, owner));
 }
 
-static int default_threads() {
-    unsigned n = std::thread::hardware_concurrency();
-    return n == 0 ? 1 : (int) n;
-}
-
 NB_MODULE(_decoder, m) {
     m.doc() = "owl2-edge native code on ggml (from the llama-cpp-python install)";
 
@@ -54,7 +47,7 @@ NB_MODULE(_decoder, m) {
             {
                 nb::gil_scoped_release release;
                 owl2::quantize_rows(type, values.data(), out, rows, cols,
-                                    n_threads > 0 ? n_threads : default_threads());
+                                    n_threads > 0 ? n_threads : owl2::physical_cores());
             }
             return nb::ndarray<nb::numpy, uint8_t, nb::ndim<2>>(out, {(size_t) rows, rb}, owner);
         },
@@ -89,7 +82,9 @@ NB_MODULE(_decoder, m) {
 
     m.def("names_digest", [] { return std::string(owl2::names::DIGEST); },
           "Digest of the names header this extension was built from (see cpp_ext/gen_names_header.py).");
-    m.def("physical_cores", &owl2::physical_cores);
+    m.def("default_n_threads", &owl2::physical_cores,
+          "The one default thread count (physical cores) of the decoder, the quantizer, llama.cpp's "
+          "quantizer and ONNX Runtime.");
 
     nb::class_<owl2::kv_state>(m, "KVState", "A copy of the KV cache's first n_past positions.")
         .def_ro("n_past", &owl2::kv_state::n_past)
