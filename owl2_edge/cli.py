@@ -42,13 +42,11 @@ def _progress():
 
 def _converter():
     """The converter's entry points; it needs torch & co., which the runtime does not."""
-    try:
-        import onnx  # noqa: F401
-        import sentencepiece  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError as e:
-        raise Owl2Error(f"converting needs the converter's packages ({e.name} is missing): "
-                        f"pip install 'owl2-edge[convert]'") from None
+    from owl2_edge.convert import missing_package
+    missing = missing_package()
+    if missing:
+        raise Owl2Error(f"converting needs the converter's packages ({missing} is missing): "
+                        f"pip install 'owl2-edge[convert]'")
     from owl2_edge.convert import converter, tiny
     return converter, tiny
 

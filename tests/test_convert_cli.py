@@ -1,12 +1,16 @@
 """`owl2 convert` end to end through the real command line, and its refusals."""
 
+import pytest
+
+# Everything here compares with the converter's output or the PyTorch reference.
+pytest.importorskip("torch", reason="needs the converter (pip install 'owl2-edge[convert]')")
+
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from owl2_edge import names

@@ -2,10 +2,14 @@
 that fails when the rule is broken (KV cache, MAM routing, sin-cos layout, fused QKV layout,
 preprocessing geometry, chunk-wise tokenization)."""
 
+import pytest
+
+# Everything here compares with the converter's output or the PyTorch reference.
+pytest.importorskip("torch", reason="needs the converter (pip install 'owl2-edge[convert]')")
+
 import math
 
 import numpy as np
-import pytest
 import sentencepiece as spm
 import torch
 from PIL import Image

@@ -3,10 +3,14 @@ chunk-wise sentencepiece tokenization (docs/architecture.md §7)."""
 
 from __future__ import annotations
 
+import pytest
+
+# Everything here compares with the converter's output or the PyTorch reference.
+pytest.importorskip("torch", reason="needs the converter (pip install 'owl2-edge[convert]')")
+
 import subprocess
 import sys
 
-import pytest
 import sentencepiece as spm
 
 from owl2_edge.convert.gguf_pair import write_gguf_pair

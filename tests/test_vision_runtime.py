@@ -1,10 +1,14 @@
 """VisionEncoder (ONNX Runtime over the vision ONNX) against the PyTorch reference."""
 
+import pytest
+
+# Everything here compares with the converter's output or the PyTorch reference.
+pytest.importorskip("torch", reason="needs the converter (pip install 'owl2-edge[convert]')")
+
 import shutil
 
 import numpy as np
 import onnx
-import pytest
 import torch
 from onnx import TensorProto, helper
 from PIL import Image
