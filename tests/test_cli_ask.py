@@ -62,6 +62,7 @@ def test_ask_json_greedy_equals_reference(tiny_model_dir, tiny_ref, sp, photo, t
     result = json.loads(r.stdout)
     ids, expected = reference_greedy(tiny_ref, sp, render([Turn("What is this?")], n_images), images, 12)
     assert result["text"] == sp.decode(expected).strip()
+    assert result["token_ids"] == expected
     assert result["tokens"] == len(expected)
     assert result["prompt_tokens"] == len(ids) - n_images + n_images * tiny_ref.cfg.n_visual
     assert set(result["timings"]) >= {"load_s", "vision_s", "prefill_s", "decode_s"}
@@ -135,6 +136,39 @@ def test_chat_repl_keeps_history_and_takes_commands(tiny_model_dir, photo):
     assert r.returncode == 0, r.stderr
     assert r.stdout.count(">>> ") == 7
     assert "such.png" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_chat_takes_the_same_options_as_ask_and_answers_alike(tiny_model_dir, photo):
+    """ask and chat share their option definitions: sampling, --json and --verbose work in both,
+    and the first chat turn answers exactly as ask does."""
+    common = ["-m", tiny_model_dir, "--kv-type", "f32", "-n", "6", "--temperature", "0",
+              "--min-p", "0.05", "--repeat-penalty", "1.3", "--ignore-eos", "--json", "--verbose"]
+    asked = owl2("ask", photo, "What is this?", *common)
+    chatted = owl2("chat", photo, *common, stdin="What is this?\n/exit\n")
+    assert asked.returncode == 0 and chatted.returncode == 0, asked.stderr + chatted.stderr
+    answer = json.loads(asked.stdout)
+    turn = json.loads(chatted.stdout.replace(">>> ", "").strip().splitlines()[0])
+    assert turn["token_ids"] == answer["token_ids"] and len(answer["token_ids"]) == 6  # --ignore-eos
+    assert turn["text"] == answer["text"]
+    assert "tok/s" in asked.stderr and "tok/s" in chatted.stderr
+
+
+def test_ask_and_chat_list_the_same_options():
+    from owl2_edge.cli import app
+    import typer.main
+    group = typer.main.get_group(app)
+    options = {name: {o for p in group.commands[name].params for o in p.opts if o.startswith("--")}
+               for name in ("ask", "chat")}
+    assert options["ask"] - {"--raw", "--no-stream"} == options["chat"]
+
+
+def test_info_defaults_to_the_model_ask_uses(tiny_model_dir):
+    env = {**__import__("os").environ, "OWL2_MODEL": str(tiny_model_dir)}
+    for args in ([], ["-m", str(tiny_model_dir)], [str(tiny_model_dir)]):
+        r = subprocess.run([sys.executable, "-m", "owl2_edge.cli", "info", *args],
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        assert "decoder-F32.gguf" in r.stdout
 
 
 def test_demo_builds_the_demo_model_once_and_answers(tmp_path):

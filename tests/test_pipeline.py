@@ -11,7 +11,7 @@ from PIL import Image
 
 from owl2_edge.convert.reference_io import preprocess as ref_preprocess
 from owl2_edge.convert.reference_io import tokenize as ref_tokenize
-from owl2_edge.errors import ContextFullError, ImageError
+from owl2_edge.errors import ContextFullError, ImageError, ModelFolderError
 from owl2_edge.owl2 import Owl2
 from owl2_edge.prompt import PromptError, Turn, render
 
@@ -153,6 +153,33 @@ def test_errors_leave_the_object_usable(owl, tmp_path):
     with pytest.raises(ContextFullError):
         owl.ask([], "word " * 600, temperature=0)
     assert owl.ask(picture(1), "Still there?", temperature=0, max_tokens=3) is not None
+
+
+@pytest.mark.parametrize("field,value,file", [
+    ("n_visual", 7, "vision-fp32.onnx"),
+    ("image.size", 1234, "vision-fp32.onnx"),
+    ("decoder.n_embd", 48, "vision-fp32.onnx"),
+    ("decoder.n_layer", 9, "decoder-F32.gguf"),
+    ("decoder.n_vocab", 1000, "decoder-F32.gguf"),
+    ("decoder.eos_id", 5, "decoder-F32.gguf"),
+])
+def test_manifest_facts_are_checked_against_the_files(field, value, file, tiny_model_dir, tmp_path):
+    """The manifest repeats what the ONNX and GGUF files carry; a folder where they disagree
+    (edited or mixed-up files) is refused at load with both values, not trusted."""
+    import json
+    import shutil
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    manifest = json.loads((folder / "owl2.json").read_text())
+    *path, last = field.split(".")
+    target = manifest
+    for key in path:
+        target = target[key]
+    said = target[last]
+    target[last] = value
+    (folder / "owl2.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelFolderError, match=rf"{field} is {value} but {file} has {said}"):
+        Owl2.load(folder, device="cpu", n_ctx=256)
 
 
 def test_ignore_eos_runs_to_max_tokens(owl):
