@@ -9,7 +9,7 @@ test checkpoint go through the same code.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from owl2_edge.errors import CheckpointError
@@ -277,9 +277,6 @@ class Owl2Config:
             "resample": 3,
             "size": p.image_size,
         }
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _preprocess_from_dict(d: dict, default_size: int) -> PreprocessConfig:

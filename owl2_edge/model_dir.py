@@ -61,7 +61,7 @@ class Manifest:
     n_visual: int                     # embeddings one image puts into the decoder
     image: ImageSpec
     decoder: DecoderSpec
-    template: str = "mplug_owl2"
+    template: str = names.TEMPLATE_ID
     source: str = ""
     format: str = names.MANIFEST_FORMAT
     version: int = names.MANIFEST_VERSION
@@ -108,7 +108,7 @@ class Manifest:
                                 pad_color=tuple(int(x) for x in raw["image"]["pad_color"])),
                 decoder=DecoderSpec(**{k: int(raw["decoder"][k])
                                        for k in DecoderSpec.__dataclass_fields__}),
-                template=str(raw.get("template", "mplug_owl2")),
+                template=str(raw.get("template", names.TEMPLATE_ID)),
                 source=str(raw.get("source", "")),
                 extra=dict(raw.get("extra", {})),
             )

@@ -21,7 +21,6 @@ USER_ROLE = "USER"
 ASSISTANT_ROLE = "ASSISTANT"
 USER_SEP = " "          # after a user turn
 ASSISTANT_SEP = "</s>"  # after a finished assistant turn
-STOP_STRING = "</s>"
 
 # Modality of a position in the spliced sequence: index into every multiway pair
 # (docs/architecture.md §4.1).

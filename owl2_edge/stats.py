@@ -17,9 +17,6 @@ class Stats:
     finish_reason: str = ""        # "stop" (eos), "length" (max_tokens) or "context" (cache full)
     timings: dict = field(default_factory=dict)      # "vision", "prefill", "decode"
 
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
     def rates(self, load_seconds: float = 0.0) -> dict:
         """Stage times rounded for people, and prefill / decode speeds (positions or tokens per
         second of the stage; 0.0 where a stage did not run)."""

@@ -146,9 +146,6 @@ class VisionEncoder:
                 self._remember(key, embeds)
         return [found[k] for k in keys]
 
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
     def _remember(self, key: str, embeds: np.ndarray) -> None:
         if self.cache_size <= 0:
             return

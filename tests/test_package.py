@@ -44,8 +44,10 @@ print("ok")
 def _run_guarded(code: str, python_args: tuple[str, ...] = (),
                  never: tuple[str, ...] = NEVER_ON_THE_RUNTIME_PATH) -> subprocess.CompletedProcess:
     script = _GUARD.format(blocked=CONVERTER_MODULES, never=never, code=code)
+    # Run from tests/, not the checkout's root: `python -c` puts its folder on sys.path, and the
+    # root's owl2_edge/ sources must not shadow an installed (non-editable) owl2-edge.
     return subprocess.run([sys.executable, *python_args, "-c", script], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, cwd=Path(__file__).parent)
 
 
 # --- The runtime never imports the converter --------------------------------------------------------

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from owl2_edge import names
 from owl2_edge.convert.reference_io import preprocess as ref_preprocess
 from owl2_edge.convert.reference_io import tokenize as ref_tokenize
 from owl2_edge.errors import ContextFullError, ImageError, ModelFolderError
@@ -170,14 +171,14 @@ def test_manifest_facts_are_checked_against_the_files(field, value, file, tiny_m
     import shutil
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
-    manifest = json.loads((folder / "owl2.json").read_text())
+    manifest = json.loads((folder / names.MANIFEST_FILE).read_text())
     *path, last = field.split(".")
     target = manifest
     for key in path:
         target = target[key]
     said = target[last]
     target[last] = value
-    (folder / "owl2.json").write_text(json.dumps(manifest))
+    (folder / names.MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(ModelFolderError, match=rf"{field} is {value} but {file} has {said}"):
         Owl2.load(folder, device="cpu", n_ctx=256)
 

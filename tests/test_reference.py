@@ -16,7 +16,7 @@ from PIL import Image
 
 from owl2_edge.convert import hf_layout
 from owl2_edge.convert.config import PreprocessConfig
-from owl2_edge.convert.reference import (Owl2Reference, Owl2Vision, VisionAttention,
+from owl2_edge.convert.reference import (AbstractorLayer, Owl2Reference, Owl2Vision, VisionAttention,
                                          _decoder_hf_name, _vision_hf_name, abstractor_pos_tables)
 from owl2_edge.convert.reference_io import clip_process, pad_to_square, preprocess, tokenize
 from owl2_edge.names import IMAGE_TOKEN_ID, TEXT_ROUTE, VISUAL_ROUTE
@@ -86,6 +86,53 @@ def test_swapped_sincos_halves_change_image_embeddings(tiny_ckpt, pixels, image_
     with torch.no_grad():
         wrong = swapped(pixels)
     assert _rel_diff(wrong, image_embeds) > 0.05
+
+
+# --- Abstractor layer (docs/architecture.md §3) -------------------------------------------------
+
+def _abstractor_layer_from_the_spec(layer, x, feats, q_pos, k_pos, n_heads):
+    """One abstractor layer written out with plain tensor ops from docs/architecture.md §3, apart
+    from the reference's modules: the oracle for docs/architecture.md §9.2, §9.3, §9.5 and §9.6."""
+    def ln(t, norm, eps):
+        return torch.nn.functional.layer_norm(t, t.shape[-1:], norm.weight, norm.bias, eps)
+
+    def heads(t):  # [N, T, D] -> [N, H, T, D/H]
+        return t.unflatten(-1, (n_heads, -1)).transpose(1, 2)
+
+    a = layer.attention
+    qn = ln(x, layer.norm1, 1e-5)
+    fn = ln(feats, layer.normk, 1e-5)
+    kv = torch.cat([qn, fn], dim=1)                        # the queries are keys too
+    q = heads(torch.nn.functional.linear(qn + q_pos, a.query.weight, a.query.bias))
+    k = heads(torch.nn.functional.linear(kv + torch.cat([q_pos, k_pos]), a.key.weight, a.key.bias))
+    v = heads(torch.nn.functional.linear(kv, a.value.weight, a.value.bias))   # no position on V
+    attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1) @ v
+    y = qn + layer.out_proj(attn.transpose(1, 2).flatten(2))   # residual: the normed queries
+    m = layer.mlp
+    h = ln(y, layer.norm2, 1e-5)
+    inner = torch.nn.functional.silu(m.w1(h)) * m.w3(h)
+    return y + m.w2(ln(inner, m.ffn_ln, 1e-6))             # ffn_ln inside the MLP, eps 1e-6
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-3])  # 1e-3: activations small enough that eps matters
+def test_abstractor_layer_follows_the_spec_formula(tiny_ckpt, scale):
+    cfg = tiny_ckpt.config.abstractor
+    torch.manual_seed(0)
+    layer = AbstractorLayer(cfg).double()
+    with torch.no_grad():
+        for p in layer.parameters():  # every weight and bias random, LayerNorm affines included
+            p.copy_(torch.randn_like(p) * 0.3)
+    n_keys = 1 + cfg.grid_size ** 2
+    x = torch.randn(2, cfg.num_queries, cfg.hidden_size, dtype=torch.float64) * scale
+    feats = torch.randn(2, n_keys, cfg.encoder_hidden_size, dtype=torch.float64) * scale
+    q_pos = torch.randn(cfg.num_queries, cfg.hidden_size, dtype=torch.float64) * scale
+    k_pos = torch.randn(n_keys, cfg.hidden_size, dtype=torch.float64) * scale
+    with torch.no_grad():
+        got = layer(x, feats, q_pos, k_pos)
+        want = _abstractor_layer_from_the_spec(layer, x, feats, q_pos, k_pos, cfg.num_heads)
+    # The reference takes its softmax in float32 (as upstream): agreement to ~1e-5, while each rule
+    # broken (eps 1e-6 for 1e-5, the residual from x, no queries among the keys...) moves it by O(1).
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 # --- Vision tower (docs/architecture.md §2) --------------------------------------------------------------------------
