@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterator
 
 from owl2_edge import names
+from owl2_edge.errors import PromptError
 from owl2_edge.image import load_image
-from owl2_edge.prompt import PromptError, Turn, render
+from owl2_edge.prompt import Turn, render
 from owl2_edge.sampling import SamplingParams
 
 if TYPE_CHECKING:

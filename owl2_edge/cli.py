@@ -203,7 +203,7 @@ def chat_cmd(
 
 @app.command("info")
 def info_cmd(
-    folder: Optional[Path] = typer.Argument(None, metavar="[MODEL]",
+    folder: Optional[Path] = typer.Argument(None, metavar="MODEL",
                                             help="Model folder (default: as ask's -m)."),
     model: Optional[Path] = MODEL.info,
 ):

@@ -62,7 +62,7 @@ RUNTIME = Group("runtime", (
 _S = "Sampling"
 SAMPLING = Group("sampling", (
     _opt("max_tokens", int, 512, "--max-tokens", "-n", panel=_S, help="Most tokens to generate."),
-    _opt("temperature", float, 0.2, "--temperature", panel=_S, help="0 = greedy (default as upstream's CLI)."),
+    _opt("temperature", float, 0.2, "--temperature", panel=_S, help="0 = greedy; the default is upstream CLI's."),
     _opt("top_k", int, 50, "--top-k", panel=_S, help="Keep the k likeliest tokens (0: all)."),
     _opt("top_p", float, 1.0, "--top-p", panel=_S, help="Keep the smallest set with this probability."),
     _opt("min_p", float, 0.0, "--min-p", panel=_S, help="Drop tokens below this share of the likeliest."),

@@ -53,7 +53,7 @@ class Decoder:
         is used (see owl2_decoder.cpp: the unfused path was wrong on CUDA in our measurement).
     n_ubatch: positions per graph; longer runs are split (memory stays bounded).
     repack: on the CPU, copy the weights that ggml can repack into its interleaved layouts, as
-        stock llama.cpp does (the default: at 7B Q4_0 on 2 cores, 1.5x the prefill and 2x the
+        stock llama.cpp does (the default: at 7B Q4_0 on 2 cores, 1.5x the prefill and
         decode speed of the weights used in place). The mapped pages of each copied weight are
         given back at once, so memory still holds the weights once. False: every weight is used
         in place from the mapped files (loads instantly, slower matmuls).

@@ -22,5 +22,10 @@ class ContextFullError(Owl2Error):
     """The input would not fit in the decoder's context window."""
 
 
+class PromptError(Owl2Error):
+    """A prompt that does not fit its images (more or fewer <|image|> marks than images), or
+    messages that do not make a conversation."""
+
+
 class ImageError(Owl2Error):
     """An image that cannot be read or used (missing file, not an image, truncated, too large)."""

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import gguf
 
+from owl2_edge import names
+
 _T = gguf.MODEL_TENSOR
 _K = gguf.Keys
 
@@ -43,7 +45,7 @@ KEY_ROPE_FREQ_BASE = _llama_key(_K.Rope.FREQ_BASE)
 # owl2-edge's own keys. The pair id ties a sidecar to the base it was converted with (both files
 # carry it); the sidecar repeats the widths so that a loader can check it before any tensor.
 MAM_ADAPTER_TYPE = "owl2-mam"
-KEY_PAIR_ID = "owl2.pair_id"
+KEY_PAIR_ID = names.KEY_PAIR_ID   # the runtime reads it too, so it lives in names.py
 KEY_MAM_BLOCK_COUNT = "owl2.block_count"
 KEY_MAM_EMBEDDING_LENGTH = "owl2.embedding_length"
 KEY_MAM_KV_WIDTH = "owl2.kv_width"

@@ -37,6 +37,9 @@ KV_TYPES = ("f16", "f32", "q8_0")
 # --- Model folder (docs/design.md §2) -----------------------------------------------------------
 
 MANIFEST_FILE = "owl2.json"
+# Written into both GGUF files and the manifest by one conversion: files of different
+# conversions are refused together.
+KEY_PAIR_ID = "owl2.pair_id"
 MANIFEST_FORMAT = "owl2-edge-model"
 MANIFEST_VERSION = 1
 

@@ -13,8 +13,8 @@ import uuid
 from typing import Iterable, Iterator
 
 from owl2_edge import names
-from owl2_edge.errors import ImageError
-from owl2_edge.prompt import PromptError, Turn, render
+from owl2_edge.errors import ImageError, PromptError
+from owl2_edge.prompt import Turn, render
 from owl2_edge.stats import Stats
 
 

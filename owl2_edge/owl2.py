@@ -209,8 +209,13 @@ def _check_files_agree(folder: Path, manifest: Manifest, tokenizer: Tokenizer, d
                        vision: VisionEncoder) -> None:
     """The manifest repeats facts that the GGUF and ONNX files carry themselves; a folder whose
     files were swapped or edited would otherwise fail later, or answer wrongly."""
+    if manifest.template != names.TEMPLATE_ID:
+        raise ModelFolderError(f"{folder / names.MANIFEST_FILE}: template {manifest.template!r} is not "
+                               f"one this owl2-edge knows ({names.TEMPLATE_ID!r})")
     d = manifest.decoder
     facts = [
+        ("pair_id", manifest.pair_id, tokenizer.metadata(names.KEY_PAIR_ID),
+         folder / manifest.decoder_file),
         ("n_visual", manifest.n_visual, vision.n_visual, vision.path),
         ("image.size", manifest.image.size, vision.image_size, vision.path),
         ("decoder.n_embd", d.n_embd, vision.n_embd, vision.path),

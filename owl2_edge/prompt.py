@@ -10,11 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from owl2_edge import names
-from owl2_edge.errors import Owl2Error
-
-
-class PromptError(Owl2Error):
-    """A prompt that does not fit its images (more or fewer <|image|> marks than images)."""
+from owl2_edge.errors import PromptError
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,20 @@ class Tokenizer:
     def __del__(self) -> None:
         self.close()
 
+    def metadata(self, key: str) -> str | None:
+        """A GGUF metadata value of the base file, as text (None when the key is absent)."""
+        if not self._model:
+            raise DecoderError(f"{self.path}: the tokenizer is closed")
+        size = 256
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", errors="replace")
+            size = n + 1
+
     def _live_vocab(self):
         if not self._vocab:
             raise DecoderError(f"{self.path}: the tokenizer is closed")

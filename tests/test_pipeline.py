@@ -14,7 +14,8 @@ from owl2_edge.convert.reference_io import preprocess as ref_preprocess
 from owl2_edge.convert.reference_io import tokenize as ref_tokenize
 from owl2_edge.errors import ContextFullError, ImageError, ModelFolderError
 from owl2_edge.owl2 import Owl2
-from owl2_edge.prompt import PromptError, Turn, render
+from owl2_edge.errors import PromptError
+from owl2_edge.prompt import Turn, render
 
 
 def picture(seed: int, size=(90, 60)) -> Image.Image:
@@ -163,6 +164,8 @@ def test_errors_leave_the_object_usable(owl, tmp_path):
     ("decoder.n_layer", 9, "decoder-F32.gguf"),
     ("decoder.n_vocab", 1000, "decoder-F32.gguf"),
     ("decoder.eos_id", 5, "decoder-F32.gguf"),
+    ("pair_id", "0f" * 16, "decoder-F32.gguf"),
+    ("template", "chatml", None),
 ])
 def test_manifest_facts_are_checked_against_the_files(field, value, file, tiny_model_dir, tmp_path):
     """The manifest repeats what the ONNX and GGUF files carry; a folder where they disagree
@@ -179,7 +182,9 @@ def test_manifest_facts_are_checked_against_the_files(field, value, file, tiny_m
     said = target[last]
     target[last] = value
     (folder / names.MANIFEST_FILE).write_text(json.dumps(manifest))
-    with pytest.raises(ModelFolderError, match=rf"{field} is {value} but {file} has {said}"):
+    expected = (rf"{field} is {value} but {file} has {said}" if file else
+                rf"template '{value}' is not one this owl2-edge knows")
+    with pytest.raises(ModelFolderError, match=expected):
         Owl2.load(folder, device="cpu", n_ctx=256)
 
 

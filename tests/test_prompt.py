@@ -3,7 +3,8 @@ and counted as the CLI promises."""
 
 import pytest
 
-from owl2_edge.prompt import PromptError, Turn, render
+from owl2_edge.errors import PromptError
+from owl2_edge.prompt import Turn, render
 
 
 def test_single_turn_with_image_matches_upstream_cli():
