@@ -84,7 +84,7 @@ struct model {
     ggml_backend_t backend_cpu = nullptr, backend_gpu = nullptr;
     ggml_backend_sched_t sched = nullptr;
     std::vector<ggml_context *> contexts;           // tensor metadata (weights, KV)
-    std::vector<ggml_backend_buffer_t> buffers;     // mapped files, GPU weights, KV
+    std::vector<ggml_backend_buffer_t> buffers;     // mapped files, GPU / repacked weights, KV
     std::vector<uint8_t> graph_meta;                // room for one graph's tensor metadata
     size_t graph_size = 0;
 
@@ -211,8 +211,9 @@ static ggml_backend_dev_t pick_gpu(const std::string & device) {
     return gpu;
 }
 
-// Tensors of one file that live on one device: metadata in a ggml context, data either in the
-// mapped file (CPU: ggml uses the mapping in place, no copy) or uploaded into a device buffer.
+// Tensors of one file that live in one kind of buffer: metadata in a ggml context, data either in
+// the mapped file (CPU: ggml uses the mapping in place, no copy), or copied into a GPU buffer or a
+// repacked CPU buffer.
 struct weight_set {
     ggml_context * ctx = nullptr;
     std::vector<std::pair<ggml_tensor *, const gguf_tensor_info *>> tensors;
@@ -226,7 +227,8 @@ static ggml_context * new_meta_context(size_t n_tensors) {
 }
 
 // ggml's CPU "extra" buffer types hold weights in repacked layouts (interleaved rows for the
-// AVX2 / NEON kernels): faster matmuls, but the weights are copied out of the mapping. Opt-in.
+// AVX2 / NEON kernels): faster matmuls, but the weights are copied out of the mapping (whose pages
+// are given back). Used by default, as stock llama.cpp does; decoder_params::repack = false opts out.
 static std::vector<ggml_backend_buffer_type_t> cpu_repack_bufts(ggml_backend_dev_t cpu) {
     std::vector<ggml_backend_buffer_type_t> out;
     auto get_extra = (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(
@@ -650,8 +652,8 @@ static void set_inputs(const graph & g, const run & r) {
     ggml_backend_tensor_set(g.inp_mask, mask.data(), 0, ggml_nbytes(g.inp_mask));
 }
 
-// Runs `total` positions of one modality through the model in ubatches and appends their logits
-// (all of them, or only the last one's) to `out`.
+// Runs `total` positions of one modality through the model in ubatches and returns their logits
+// (all of them, [total, n_vocab] row-major, or only the last one's).
 static std::vector<float> eval(model & m, const int32_t * tokens, const float * embeds, int total, int route,
                                bool all_logits) {
     std::lock_guard<std::mutex> lock(m.busy);

@@ -38,7 +38,8 @@ struct decoder_params {
     bool flash_attn = false;
     int n_ubatch = 512;          // positions per graph; longer runs are split
     bool repack = true;          // CPU: copy the weights ggml can repack into its faster layouts
-                                 // (default: use them in place from the mapped file)
+                                 // and give their mapped pages back (false: every weight is used
+                                 // in place from the mapped files; loads at once, slower matmuls)
 };
 
 // The K/V rows of the first n_past positions, copied to host memory (prefix reuse).
