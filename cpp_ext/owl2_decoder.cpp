@@ -530,6 +530,18 @@ static ggml_tensor * rms_norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor *
     return ggml_mul(ctx, ggml_rms_norm(ctx, x, eps), w);
 }
 
+// Rotary position embedding of x [head_dim, heads, n] at positions pos [n], as LLaMA-2 has it: the
+// first n_rot dims of each head, base rope_freq_base, no context extension. llama.cpp's normal
+// (adjacent-pair) rope, not NeoX's split halves: the converter permuted the Q/K rows for it.
+static ggml_tensor * rope(ggml_context * ctx, ggml_tensor * x, ggml_tensor * pos, const hparams & hp) {
+    return ggml_rope_ext(ctx, x, pos, /*freq_factors =*/nullptr, hp.n_rot, GGML_ROPE_TYPE_NORMAL,
+                         /*n_ctx_orig =*/hp.n_ctx_train, hp.rope_freq_base,
+                         /*freq_scale =*/1.0f,   // positions as they are (no linear scaling)
+                         /*ext_factor =*/0.0f,   // no YaRN, so its ramp (beta_*) is unused
+                         /*attn_factor =*/1.0f,  // rotated values unscaled
+                         /*beta_fast =*/0.0f, /*beta_slow =*/0.0f);
+}
+
 // Causal attention of this run's queries over the cache [0, n_kv), after writing the run's K/V
 // into it at n_past. q [head_dim, n_head, n], k [head_dim, n_head_kv, n], v [n_embd_kv, n].
 static ggml_tensor * attention(ggml_context * ctx, ggml_cgraph * gf, const model & m, const layer & L,
@@ -612,11 +624,8 @@ static void build_graph(graph & g, model & m, const run & r) {
         ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wq, cur), hd, hp.n_head, n);
         ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wk[R], cur), hd, hp.n_head_kv, n);
         ggml_tensor * v = ggml_mul_mat(ctx, L.wv[R], cur);
-        // llama.cpp's normal (adjacent-pair) rope: the converter permuted the Q/K rows for it.
-        q = ggml_rope_ext(ctx, q, g.inp_pos, nullptr, hp.n_rot, GGML_ROPE_TYPE_NORMAL, hp.n_ctx_train,
-                          hp.rope_freq_base, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
-        k = ggml_rope_ext(ctx, k, g.inp_pos, nullptr, hp.n_rot, GGML_ROPE_TYPE_NORMAL, hp.n_ctx_train,
-                          hp.rope_freq_base, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
+        q = rope(ctx, q, g.inp_pos, hp);
+        k = rope(ctx, k, g.inp_pos, hp);
         cur = attention(ctx, g.gf, m, L, r, kq_mask, q, k, v);
         ggml_tensor * h = ggml_add(ctx, ggml_mul_mat(ctx, L.wo, cur), x);
 
