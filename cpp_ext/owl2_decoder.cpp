@@ -9,6 +9,7 @@
 #include <mutex>
 #include <cstdio>
 #include <set>
+#include <string_view>
 #include <thread>
 
 #include "ggml-alloc.h"
@@ -16,6 +17,7 @@
 #include "ggml.h"
 #include "owl2_gguf_file.h"
 #include "owl2_names.h"
+#include "quantize.h"
 
 namespace owl2 {
 
@@ -189,22 +191,46 @@ static void refuse_unknown_tensors(const gguf_file & f, const std::set<std::stri
     }
 }
 
-static ggml_type parse_kv_type(const std::string & s) {
-    if (s == "f32") return GGML_TYPE_F32;
-    if (s == "f16") return GGML_TYPE_F16;
-    if (s == "q8_0") return GGML_TYPE_Q8_0;
-    throw decoder_error("kv_type must be f32, f16 or q8_0, not '" + s + "'");
+// Whether `s` is one of a generated list of names (names::DEVICES, names::KV_TYPES).
+template <size_t N>
+static constexpr bool listed(std::string_view s, const char * const (&list)[N]) {
+    for (const char * x : list) {
+        if (s == x) return true;
+    }
+    return false;
 }
+
+// The list as a message shows it: "a, b, c".
+template <size_t N>
+static std::string joined(const char * const (&list)[N]) {
+    std::string out;
+    for (const char * x : list) out += (out.empty() ? "" : ", ") + std::string(x);
+    return out;
+}
+
+// names::KV_TYPES are ggml's own spellings of the cache types, so ggml's name table maps them.
+static ggml_type parse_kv_type(const std::string & s) {
+    if (!listed(s, names::KV_TYPES)) {
+        throw decoder_error("kv_type must be one of " + joined(names::KV_TYPES) + ", not '" + s + "'");
+    }
+    return (ggml_type) ggml_type_from_name(s);
+}
+
+// The two device names with a meaning of their own here; any other listed name asks for a GPU.
+// Checked against the generated list so that a rename in names.py fails the build, not a user.
+static constexpr const char * DEVICE_AUTO = "auto";
+static constexpr const char * DEVICE_CPU = "cpu";
+static_assert(listed(DEVICE_AUTO, names::DEVICES) && listed(DEVICE_CPU, names::DEVICES));
 
 // The compute device: a GPU from ggml's device registry (a CUDA build of llama-cpp-python
 // registers one; nothing here depends on CUDA at compile time), or none.
 static ggml_backend_dev_t pick_gpu(const std::string & device) {
-    if (device == "cpu") return nullptr;
-    if (device != "auto" && device != "cuda" && device != "gpu") {
-        throw decoder_error("device must be auto, cpu or cuda, not '" + device + "'");
+    if (!listed(device, names::DEVICES)) {
+        throw decoder_error("device must be one of " + joined(names::DEVICES) + ", not '" + device + "'");
     }
+    if (device == DEVICE_CPU) return nullptr;
     ggml_backend_dev_t gpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU);
-    if (gpu == nullptr && device != "auto") {
+    if (gpu == nullptr && device != DEVICE_AUTO) {
         throw decoder_error("device '" + device + "' asked for, but ggml has no GPU device (the installed "
                             "llama-cpp-python was built without CUDA, or no GPU is visible)");
     }

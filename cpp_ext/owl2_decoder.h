@@ -32,9 +32,9 @@ size_t init_backends_quietly();
 struct decoder_params {
     int n_ctx = 2048;
     int n_threads = 0;           // <= 0: the number of physical cores
-    std::string device = "auto"; // "auto" (a GPU when ggml has one), "cpu", "cuda"/"gpu"
+    std::string device = "auto"; // one of names::DEVICES: "auto" (a GPU when ggml has one), "cpu", "cuda"
     int n_gpu_layers = -1;       // < 0: all; layers >= n_layer - n_gpu_layers go to the GPU
-    std::string kv_type = "f16"; // "f32", "f16", "q8_0"
+    std::string kv_type = "f16"; // one of names::KV_TYPES: "f16", "f32", "q8_0"
     bool flash_attn = false;
     int n_ubatch = 512;          // positions per graph; longer runs are split
     bool repack = true;          // CPU: copy the weights ggml can repack into its faster layouts
