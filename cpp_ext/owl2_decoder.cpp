@@ -67,6 +67,34 @@ struct layer {
     bool on_gpu = false;
 };
 
+// The field of `L` that holds one part of the layer-part table (for a routed part, the route's
+// copy): build_graph reads the named fields, load() walks names::LAYER_PARTS.
+static ggml_tensor *& layer_weight(layer & L, names::layer_part part, int route) {
+    switch (part) {
+        case names::ATTN_NORM: return L.attn_norm[route];
+        case names::ATTN_Q: return L.wq;
+        case names::ATTN_K: return L.wk[route];
+        case names::ATTN_V: return L.wv[route];
+        case names::ATTN_OUTPUT: return L.wo;
+        case names::FFN_NORM: return L.ffn_norm[route];
+        case names::FFN_GATE: return L.ffn_gate;
+        case names::FFN_UP: return L.ffn_up;
+        case names::FFN_DOWN: return L.ffn_down;
+        case names::N_LAYER_PARTS: break;
+    }
+    throw decoder_error("no layer part " + std::to_string((int) part));
+}
+
+// struct layer doubles exactly the parts the table marks routed: a change to the table must
+// change the struct (and the math) too, not load into the wrong field.
+static_assert(names::N_LAYER_PARTS == 9, "struct layer and layer_weight() know nine layer parts");
+static_assert(names::LAYER_PARTS[names::ATTN_NORM].routed && !names::LAYER_PARTS[names::ATTN_Q].routed &&
+              names::LAYER_PARTS[names::ATTN_K].routed && names::LAYER_PARTS[names::ATTN_V].routed &&
+              !names::LAYER_PARTS[names::ATTN_OUTPUT].routed && names::LAYER_PARTS[names::FFN_NORM].routed &&
+              !names::LAYER_PARTS[names::FFN_GATE].routed && !names::LAYER_PARTS[names::FFN_UP].routed &&
+              !names::LAYER_PARTS[names::FFN_DOWN].routed,
+              "struct layer has two copies ([route]) of the routed parts and one of the shared parts");
+
 struct model {
     hparams hp;
     decoder_params params;
@@ -104,39 +132,52 @@ struct model {
 
 // --- load() ------------------------------------------------------------------------------------------
 
-static hparams read_hparams(const gguf_file & f) {
+// Both files must say they are llama models before any key is read under llama's names.
+static void check_architecture(const gguf_file & f) {
     const std::string arch = f.get_str(names::KEY_ARCHITECTURE);
     if (arch != names::ARCHITECTURE) {
-        f.fail("general.architecture is '" + arch + "', expected '" + names::ARCHITECTURE + "'");
+        f.fail(std::string(names::KEY_ARCHITECTURE) + " is '" + arch + "', expected '" + names::ARCHITECTURE + "'");
     }
-    auto key = [&](const char * k) { return arch + "." + k; };
-    auto get_int = [&](const char * k, int64_t lo, int64_t hi) {
-        const uint64_t v = f.get_uint(key(k).c_str());
+}
+
+// The base file's llama hparams, each bounded: a corrupt value fails here, not as a huge allocation.
+static hparams read_hparams(const gguf_file & f) {
+    check_architecture(f);
+    auto get_int = [&](const char * key, int64_t lo, int64_t hi) {
+        const uint64_t v = f.get_uint(key);
         if (v < (uint64_t) lo || v > (uint64_t) hi) {
-            f.fail(key(k) + " = " + std::to_string(v) + " is out of range");
+            f.fail(std::string(key) + " = " + std::to_string(v) + " is out of range");
         }
         return (int) v;
     };
     hparams hp;
-    hp.n_ctx_train = get_int("context_length", 1, 1 << 24);
-    hp.n_embd = get_int("embedding_length", 1, 1 << 20);
-    hp.n_layer = get_int("block_count", 1, 4096);
-    hp.n_ff = get_int("feed_forward_length", 1, 1 << 22);
-    hp.n_head = get_int("attention.head_count", 1, 4096);
-    hp.n_head_kv = f.has(key("attention.head_count_kv").c_str()) ? get_int("attention.head_count_kv", 1, 4096)
-                                                                 : hp.n_head;
-    if (hp.n_embd % hp.n_head != 0) f.fail("embedding_length is not a multiple of the head count");
-    if (hp.n_head % hp.n_head_kv != 0) f.fail("head_count is not a multiple of head_count_kv");
-    hp.n_rot = f.has(key("rope.dimension_count").c_str()) ? get_int("rope.dimension_count", 2, 1 << 16)
-                                                          : hp.head_dim();
-    if (hp.n_rot > hp.head_dim() || hp.n_rot % 2 != 0) f.fail("rope.dimension_count does not fit the head size");
-    hp.rms_eps = (float) f.get_float(key("attention.layer_norm_rms_epsilon").c_str());
-    hp.rope_freq_base = (float) f.get_float(key("rope.freq_base").c_str(), 10000.0);
+    hp.n_ctx_train = get_int(names::KEY_CONTEXT_LENGTH, 1, 1 << 24);
+    hp.n_embd = get_int(names::KEY_EMBEDDING_LENGTH, 1, 1 << 20);
+    hp.n_layer = get_int(names::KEY_BLOCK_COUNT, 1, 4096);
+    hp.n_ff = get_int(names::KEY_FEED_FORWARD_LENGTH, 1, 1 << 22);
+    hp.n_head = get_int(names::KEY_HEAD_COUNT, 1, 4096);
+    hp.n_head_kv = f.has(names::KEY_HEAD_COUNT_KV) ? get_int(names::KEY_HEAD_COUNT_KV, 1, 4096) : hp.n_head;
+    if (hp.n_embd % hp.n_head != 0) {
+        f.fail(std::string(names::KEY_EMBEDDING_LENGTH) + " is not a multiple of " + names::KEY_HEAD_COUNT);
+    }
+    if (hp.n_head % hp.n_head_kv != 0) {
+        f.fail(std::string(names::KEY_HEAD_COUNT) + " is not a multiple of " + names::KEY_HEAD_COUNT_KV);
+    }
+    hp.n_rot = f.has(names::KEY_ROPE_DIMENSION_COUNT) ? get_int(names::KEY_ROPE_DIMENSION_COUNT, 2, 1 << 16)
+                                                      : hp.head_dim();
+    if (hp.n_rot > hp.head_dim() || hp.n_rot % 2 != 0) {
+        f.fail(std::string(names::KEY_ROPE_DIMENSION_COUNT) + " does not fit the head size");
+    }
+    hp.rms_eps = (float) f.get_float(names::KEY_RMS_EPS);
+    hp.rope_freq_base = (float) f.get_float(names::KEY_ROPE_FREQ_BASE, 10000.0);
     if (!(hp.rms_eps > 0) || !(hp.rope_freq_base > 0)) f.fail("rms epsilon and rope base must be > 0");
     return hp;
 }
 
+// A sidecar from another conversion would load and silently give wrong image logits: it must be an
+// owl2 MAM adapter written with this very base (the same pair id and dimensions).
 static void check_sidecar(const gguf_file & base, const gguf_file & mam, const hparams & hp) {
+    check_architecture(mam);
     auto str_or_empty = [&](const char * k) { return mam.has(k) ? mam.get_str(k) : std::string(); };
     if (str_or_empty(names::KEY_GENERAL_TYPE) != names::ADAPTER_GENERAL_TYPE ||
         str_or_empty(names::KEY_ADAPTER_TYPE) != names::MAM_ADAPTER_TYPE) {
@@ -158,6 +199,17 @@ static void check_sidecar(const gguf_file & base, const gguf_file & mam, const h
     same(names::KEY_MAM_BLOCK_COUNT, hp.n_layer);
     same(names::KEY_MAM_EMBEDDING_LENGTH, hp.n_embd);
     same(names::KEY_MAM_KV_WIDTH, hp.n_embd_kv());
+}
+
+// A dimension of the layer-part table in this model (-1: none, the part is a vector).
+static int64_t resolve(names::dim d, const hparams & hp) {
+    switch (d) {
+        case names::dim::n_embd: return hp.n_embd;
+        case names::dim::n_embd_kv: return hp.n_embd_kv();
+        case names::dim::n_ff: return hp.n_ff;
+        case names::dim::none: break;
+    }
+    return -1;
 }
 
 // Check a tensor's presence, shape and type against what the graph will do with it. A matrix
@@ -237,12 +289,38 @@ static ggml_backend_dev_t pick_gpu(const std::string & device) {
     return gpu;
 }
 
-// Tensors of one file that live in one kind of buffer: metadata in a ggml context, data either in
-// the mapped file (CPU: ggml uses the mapping in place, no copy), or copied into a GPU buffer or a
-// repacked CPU buffer.
+// The two files of a pair: the base holds the shared weights and the text route's copies of the
+// routed ones, the sidecar the visual route's copies.
+enum class pair_file { base, mam };
+
+static pair_file file_of_route(int route) { return route == names::VISUAL_ROUTE ? pair_file::mam : pair_file::base; }
+
+// Where a weight's data live once loaded.
+enum class weight_home {
+    mapped_cpu,    // in place in the mapped file: no copy, the page cache holds it
+    gpu,           // copied into a buffer on the GPU
+    repacked_cpu,  // copied into one of ggml's CPU extra buffer types, in its interleaved layout
+};
+
+// The weights of one file that share one home (and, when repacked, one buffer type): metadata in a
+// ggml context, data in one buffer once place_weights() has run.
 struct weight_set {
+    weight_home home = weight_home::mapped_cpu;
+    ggml_backend_buffer_type_t repack_buft = nullptr;  // repacked_cpu: the extra buffer type
     ggml_context * ctx = nullptr;
     std::vector<std::pair<ggml_tensor *, const gguf_tensor_info *>> tensors;
+};
+
+// One file's weights by home.
+struct file_weights {
+    weight_set mapped_cpu, gpu;
+    std::vector<weight_set> repacked_cpu;  // one per CPU extra buffer type, in ggml's order of preference
+};
+
+// Both files' weights by home.
+struct pair_weights {
+    file_weights base, mam;
+    file_weights & of(pair_file f) { return f == pair_file::base ? base : mam; }
 };
 
 static ggml_context * new_meta_context(size_t n_tensors) {
@@ -281,19 +359,13 @@ static bool buft_takes_matmul(ggml_backend_dev_t dev, ggml_backend_buffer_type_t
     return ok;
 }
 
-static void place_weights(model & m, const gguf_file & f, weight_set & set, bool gpu,
-                          ggml_backend_buffer_type_t copy_into = nullptr) {
+// Gives the tensors of one set their data: the mapped set points into the mapping; the others get a
+// buffer of their own and a copy (ggml repacks while the data are set), after which the copied
+// pages of the mapping are given back.
+static void place_weights(model & m, const gguf_file & f, weight_set & set) {
     if (set.tensors.empty()) return;
     ggml_backend_buffer_t buf;
-    if (copy_into) {  // a CPU extra buffer: ggml repacks while the data are set
-        buf = ggml_backend_alloc_ctx_tensors_from_buft(set.ctx, copy_into);
-        if (buf == nullptr) f.fail("out of memory for its repacked weights");
-        m.buffers.push_back(buf);
-        for (auto & [t, info] : set.tensors) {
-            ggml_backend_tensor_set(t, f.data(*info), 0, info->nbytes);
-            f.release(*info);
-        }
-    } else if (!gpu) {
+    if (set.home == weight_home::mapped_cpu) {
         buf = ggml_backend_cpu_buffer_from_ptr(f.map_base(), f.map_size());
         if (buf == nullptr) f.fail("cannot wrap the mapped file in a ggml buffer");
         m.buffers.push_back(buf);
@@ -303,8 +375,9 @@ static void place_weights(model & m, const gguf_file & f, weight_set & set, bool
             }
         }
     } else {
-        buf = ggml_backend_alloc_ctx_tensors_from_buft(set.ctx, ggml_backend_dev_buffer_type(m.dev_gpu));
-        if (buf == nullptr) f.fail("out of GPU memory for its weights");
+        const bool gpu = set.home == weight_home::gpu;
+        buf = ggml_backend_alloc_ctx_tensors_from_buft(set.ctx, gpu ? ggml_backend_dev_buffer_type(m.dev_gpu) : set.repack_buft);
+        if (buf == nullptr) f.fail(gpu ? "out of GPU memory for its weights" : "out of memory for its repacked weights");
         m.buffers.push_back(buf);
         for (auto & [t, info] : set.tensors) {
             ggml_backend_tensor_set(t, f.data(*info), 0, info->nbytes);
@@ -351,10 +424,6 @@ static void load(model & m, const std::string & base_path, const std::string & m
     m.base = std::make_unique<gguf_file>(base_path, "decoder GGUF");
     m.hp = read_hparams(*m.base);
     m.mam = std::make_unique<gguf_file>(mam_path, "MAM GGUF");
-    const std::string mam_arch = m.mam->get_str(names::KEY_ARCHITECTURE);
-    if (mam_arch != names::ARCHITECTURE) {
-        m.mam->fail("general.architecture is '" + mam_arch + "', expected '" + names::ARCHITECTURE + "'");
-    }
     check_sidecar(*m.base, *m.mam, m.hp);
     hparams & hp = m.hp;
 
@@ -370,25 +439,25 @@ static void load(model & m, const std::string & base_path, const std::string & m
     }
     hp.n_vocab = (int) embd->ne[1];
     expect(B, names::TOKEN_EMBD, hp.n_embd, hp.n_vocab, seen_b);
-    const int64_t E = hp.n_embd, KV = hp.n_embd_kv(), F = hp.n_ff, V = hp.n_vocab;
+    const int64_t E = hp.n_embd, V = hp.n_vocab;
     expect(B, names::OUTPUT_NORM, E, -1, seen_b, GGML_TYPE_F32);
     expect(B, names::OUTPUT, E, V, seen_b);
     for (int i = 0; i < hp.n_layer; ++i) {
-        expect(B, names::blk(i, "attn_norm"), E, -1, seen_b, GGML_TYPE_F32);
-        expect(B, names::blk(i, "attn_q"), E, E, seen_b);
-        const auto & bk = expect(B, names::blk(i, "attn_k"), E, KV, seen_b);
-        const auto & bv = expect(B, names::blk(i, "attn_v"), E, KV, seen_b);
-        expect(B, names::blk(i, "attn_output"), E, E, seen_b);
-        expect(B, names::blk(i, "ffn_norm"), E, -1, seen_b, GGML_TYPE_F32);
-        expect(B, names::blk(i, "ffn_gate"), E, F, seen_b);
-        expect(B, names::blk(i, "ffn_up"), E, F, seen_b);
-        expect(B, names::blk(i, "ffn_down"), F, E, seen_b);
-        // The sidecar's K/V take the base's type per layer (docs/design.md §2): a different type
-        // means the two files were not written together.
-        expect(M, names::blk(i, "attn_norm"), E, -1, seen_m, GGML_TYPE_F32);
-        expect(M, names::blk(i, "attn_k"), E, KV, seen_m, bk.type);
-        expect(M, names::blk(i, "attn_v"), E, KV, seen_m, bv.type);
-        expect(M, names::blk(i, "ffn_norm"), E, -1, seen_m, GGML_TYPE_F32);
+        // Every part in the base: shared parts and the text route's copies.
+        const gguf_tensor_info * in_base[names::N_LAYER_PARTS] = {};
+        for (int p = 0; p < names::N_LAYER_PARTS; ++p) {
+            const names::layer_part_info & part = names::LAYER_PARTS[p];
+            const bool norm = part.ne1 == names::dim::none;  // a vector the graph multiplies by elementwise
+            in_base[p] = &expect(B, names::blk(i, part.name), resolve(part.ne0, hp), resolve(part.ne1, hp), seen_b,
+                                 norm ? GGML_TYPE_F32 : GGML_TYPE_COUNT);
+        }
+        // The routed parts' visual copies in the sidecar, of the base copy's type (norms f32, K/V the
+        // base's type per layer, docs/design.md §2): another type means the files were not written together.
+        for (int p = 0; p < names::N_LAYER_PARTS; ++p) {
+            const names::layer_part_info & part = names::LAYER_PARTS[p];
+            if (!part.routed) continue;
+            expect(M, names::blk(i, part.name), resolve(part.ne0, hp), resolve(part.ne1, hp), seen_m, in_base[p]->type);
+        }
     }
     refuse_unknown_tensors(B, seen_b);
     refuse_unknown_tensors(M, seen_m);
@@ -411,62 +480,78 @@ static void load(model & m, const std::string & base_path, const std::string & m
     }
     const bool output_on_gpu = m.dev_gpu != nullptr && n_gpu == hp.n_layer;
 
-    const std::vector<ggml_backend_buffer_type_t> repack = p.repack ? cpu_repack_bufts(m.dev_cpu) : std::vector<ggml_backend_buffer_type_t>();
-    // [file: 0 base, 1 mam][0 mapped cpu, 1 gpu, 2.. repacked cpu (one per extra buffer type)]
-    std::vector<std::vector<weight_set>> sets(2, std::vector<weight_set>(2 + repack.size()));
-    for (auto & by_file : sets) {
-        for (auto & s : by_file) {
-            s.ctx = new_meta_context(B.tensors().size() + M.tensors().size());
+    // One set (one ggml context, later one buffer) per file and home; each context has room for
+    // every tensor of the pair (metadata only).
+    const size_t n_tensors = B.tensors().size() + M.tensors().size();
+    pair_weights weights;
+    for (file_weights * fw : {&weights.base, &weights.mam}) {
+        fw->mapped_cpu.home = weight_home::mapped_cpu;
+        fw->gpu.home = weight_home::gpu;
+        if (p.repack) {
+            for (ggml_backend_buffer_type_t buft : cpu_repack_bufts(m.dev_cpu)) {
+                weight_set s;
+                s.home = weight_home::repacked_cpu;
+                s.repack_buft = buft;
+                fw->repacked_cpu.push_back(s);
+            }
+        }
+        fw->mapped_cpu.ctx = new_meta_context(n_tensors);
+        m.contexts.push_back(fw->mapped_cpu.ctx);
+        fw->gpu.ctx = new_meta_context(n_tensors);
+        m.contexts.push_back(fw->gpu.ctx);
+        for (weight_set & s : fw->repacked_cpu) {
+            s.ctx = new_meta_context(n_tensors);
             m.contexts.push_back(s.ctx);
         }
     }
-    auto make = [&](int file, bool gpu, const std::string & name, const char * label) {
-        const gguf_file & f = file == 0 ? B : M;
+    // A weight's tensor metadata, created in the set whose buffer will hold its data: a GPU layer's
+    // weights on the GPU; on the CPU a matrix in the first repacked buffer type that can multiply it,
+    // anything else in place in the mapping. token_embd is only read by row (ggml_get_rows), never
+    // multiplied: it stays mapped. The sidecar's tensors share the base's names; their ggml names
+    // say they are the visual route's.
+    auto new_weight = [&](pair_file file, bool on_gpu, const std::string & name) {
+        const gguf_file & f = file == pair_file::base ? B : M;
         const gguf_tensor_info * info = f.find(name);
-        size_t where = gpu ? 1 : 0;
-        if (!gpu && info->n_dims == 2 && name != names::TOKEN_EMBD) {  // a matrix the CPU multiplies by
-            for (size_t k = 0; k < repack.size(); ++k) {
-                if (buft_takes_matmul(m.dev_cpu, repack[k], *info)) {
-                    where = 2 + k;
+        file_weights & fw = weights.of(file);
+        weight_set * s = on_gpu ? &fw.gpu : &fw.mapped_cpu;
+        if (!on_gpu && info->n_dims == 2 && name != names::TOKEN_EMBD) {
+            for (weight_set & r : fw.repacked_cpu) {
+                if (buft_takes_matmul(m.dev_cpu, r.repack_buft, *info)) {
+                    s = &r;
                     break;
                 }
             }
         }
-        weight_set & s = sets[file][where];
-        ggml_tensor * t = ggml_new_tensor(s.ctx, info->type, info->n_dims, info->ne);
-        ggml_set_name(t, label);
-        s.tensors.emplace_back(t, info);
+        ggml_tensor * t = ggml_new_tensor(s->ctx, info->type, info->n_dims, info->ne);
+        ggml_set_name(t, file == pair_file::mam ? (name + ".visual").c_str() : name.c_str());
+        s->tensors.emplace_back(t, info);
         return t;
     };
-    m.token_embd = make(0, false, names::TOKEN_EMBD, "token_embd");
-    m.output_norm = make(0, output_on_gpu, names::OUTPUT_NORM, "output_norm");
-    m.output = make(0, output_on_gpu, names::OUTPUT, "output");
+    m.token_embd = new_weight(pair_file::base, false, names::TOKEN_EMBD);
+    m.output_norm = new_weight(pair_file::base, output_on_gpu, names::OUTPUT_NORM);
+    m.output = new_weight(pair_file::base, output_on_gpu, names::OUTPUT);
     m.layers.resize(hp.n_layer);
     for (int i = 0; i < hp.n_layer; ++i) {
         layer & L = m.layers[i];
         L.on_gpu = i >= hp.n_layer - n_gpu;
-        auto label = [&](const char * part, int route) {
-            return "blk." + std::to_string(i) + "." + part + (route < 0 ? "" : route == 0 ? ".text" : ".visual");
-        };
-        auto shared = [&](const char * part) { return make(0, L.on_gpu, names::blk(i, part), label(part, -1).c_str()); };
-        auto routed = [&](ggml_tensor * (&pair)[2], const char * part) {
-            pair[names::TEXT_ROUTE] = make(0, L.on_gpu, names::blk(i, part), label(part, 0).c_str());
-            pair[names::VISUAL_ROUTE] = make(1, L.on_gpu, names::blk(i, part), label(part, 1).c_str());
-        };
-        routed(L.attn_norm, "attn_norm");
-        L.wq = shared("attn_q");
-        routed(L.wk, "attn_k");
-        routed(L.wv, "attn_v");
-        L.wo = shared("attn_output");
-        routed(L.ffn_norm, "ffn_norm");
-        L.ffn_gate = shared("ffn_gate");
-        L.ffn_up = shared("ffn_up");
-        L.ffn_down = shared("ffn_down");
-    }
-    for (int file = 0; file < 2; ++file) {
-        for (size_t where = 0; where < sets[file].size(); ++where) {
-            place_weights(m, file == 0 ? B : M, sets[file][where], where == 1, where >= 2 ? repack[where - 2] : nullptr);
+        for (int p = 0; p < names::N_LAYER_PARTS; ++p) {
+            const names::layer_part_info & part = names::LAYER_PARTS[p];
+            const std::string name = names::blk(i, part.name);
+            if (!part.routed) {
+                layer_weight(L, (names::layer_part) p, names::TEXT_ROUTE) = new_weight(pair_file::base, L.on_gpu, name);
+                continue;
+            }
+            for (int route : {names::TEXT_ROUTE, names::VISUAL_ROUTE}) {
+                layer_weight(L, (names::layer_part) p, route) = new_weight(file_of_route(route), L.on_gpu, name);
+            }
         }
+    }
+    for (pair_file file : {pair_file::base, pair_file::mam}) {
+        const gguf_file & f = file == pair_file::base ? B : M;
+        file_weights & fw = weights.of(file);
+        place_weights(m, f, fw.mapped_cpu);
+        place_weights(m, f, fw.gpu);
+        for (weight_set & s : fw.repacked_cpu) place_weights(m, f, s);
     }
 
     // KV cache, on the device of its layer.
