@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
-#include <map>
 #include <mutex>
 #include <cstdio>
 #include <set>
@@ -67,34 +66,6 @@ struct layer {
     bool on_gpu = false;
 };
 
-// The field of `L` that holds one part of the layer-part table (for a routed part, the route's
-// copy): build_graph reads the named fields, load() walks names::LAYER_PARTS.
-static ggml_tensor *& layer_weight(layer & L, names::layer_part part, int route) {
-    switch (part) {
-        case names::ATTN_NORM: return L.attn_norm[route];
-        case names::ATTN_Q: return L.wq;
-        case names::ATTN_K: return L.wk[route];
-        case names::ATTN_V: return L.wv[route];
-        case names::ATTN_OUTPUT: return L.wo;
-        case names::FFN_NORM: return L.ffn_norm[route];
-        case names::FFN_GATE: return L.ffn_gate;
-        case names::FFN_UP: return L.ffn_up;
-        case names::FFN_DOWN: return L.ffn_down;
-        case names::N_LAYER_PARTS: break;
-    }
-    throw decoder_error("no layer part " + std::to_string((int) part));
-}
-
-// struct layer doubles exactly the parts the table marks routed: a change to the table must
-// change the struct (and the math) too, not load into the wrong field.
-static_assert(names::N_LAYER_PARTS == 9, "struct layer and layer_weight() know nine layer parts");
-static_assert(names::LAYER_PARTS[names::ATTN_NORM].routed && !names::LAYER_PARTS[names::ATTN_Q].routed &&
-              names::LAYER_PARTS[names::ATTN_K].routed && names::LAYER_PARTS[names::ATTN_V].routed &&
-              !names::LAYER_PARTS[names::ATTN_OUTPUT].routed && names::LAYER_PARTS[names::FFN_NORM].routed &&
-              !names::LAYER_PARTS[names::FFN_GATE].routed && !names::LAYER_PARTS[names::FFN_UP].routed &&
-              !names::LAYER_PARTS[names::FFN_DOWN].routed,
-              "struct layer has two copies ([route]) of the routed parts and one of the shared parts");
-
 struct model {
     hparams hp;
     decoder_params params;
@@ -109,6 +80,7 @@ struct model {
     ggml_tensor * output_norm = nullptr;
     ggml_tensor * output = nullptr;
     std::vector<layer> layers;
+    bool output_on_gpu = false;  // output_norm and output: with every layer on the GPU
 
     ggml_backend_dev_t dev_cpu = nullptr, dev_gpu = nullptr;
     ggml_backend_t backend_cpu = nullptr, backend_gpu = nullptr;
@@ -131,6 +103,12 @@ struct model {
 };
 
 // --- load() ------------------------------------------------------------------------------------------
+// load() is a list of steps, defined below in the order it takes them: check the pair, choose the
+// devices, create the weights' tensor metadata, place their data, allocate the KV cache, start the
+// backends. Every file is checked before ggml sees any of its tensors, so that a bad file becomes a
+// decoder_error naming the file instead of an abort inside ggml.
+
+// --- check the pair
 
 // Both files must say they are llama models before any key is read under llama's names.
 static void check_architecture(const gguf_file & f) {
@@ -237,11 +215,51 @@ static const gguf_tensor_info & expect(const gguf_file & f, const std::string & 
     return *t;
 }
 
+// A tensor nothing reads means a file of another layout (or another model): refuse it rather than
+// run without it.
 static void refuse_unknown_tensors(const gguf_file & f, const std::set<std::string> & seen) {
     for (const auto & t : f.tensors()) {
         if (!seen.count(t.name)) f.fail("unexpected tensor " + t.name);
     }
 }
+
+// Every tensor of both files against the layer-part table: routed parts in both files, shared
+// parts in the base only. Returns n_vocab, the one dimension only the embedding table knows.
+static int check_tensors(const gguf_file & base, const gguf_file & mam, const hparams & hp) {
+    std::set<std::string> seen_base, seen_mam;
+    const gguf_tensor_info * embd = base.find(names::TOKEN_EMBD);
+    if (embd == nullptr) base.fail(std::string("missing tensor ") + names::TOKEN_EMBD);
+    if (embd->n_dims != 2 || embd->ne[1] < 1 || embd->ne[1] > INT32_MAX) {
+        base.fail(std::string("tensor ") + names::TOKEN_EMBD + " must be [n_embd, n_vocab]");
+    }
+    const int n_vocab = (int) embd->ne[1];
+    expect(base, names::TOKEN_EMBD, hp.n_embd, n_vocab, seen_base);
+    expect(base, names::OUTPUT_NORM, hp.n_embd, -1, seen_base, GGML_TYPE_F32);
+    expect(base, names::OUTPUT, hp.n_embd, n_vocab, seen_base);
+    for (int i = 0; i < hp.n_layer; ++i) {
+        // Every part in the base: shared parts and the text route's copies.
+        const gguf_tensor_info * in_base[names::N_LAYER_PARTS] = {};
+        for (int p = 0; p < names::N_LAYER_PARTS; ++p) {
+            const names::layer_part_info & part = names::LAYER_PARTS[p];
+            const bool norm = part.ne1 == names::dim::none;  // a vector the graph multiplies by elementwise
+            in_base[p] = &expect(base, names::blk(i, part.name), resolve(part.ne0, hp), resolve(part.ne1, hp),
+                                 seen_base, norm ? GGML_TYPE_F32 : GGML_TYPE_COUNT);
+        }
+        // The routed parts' visual copies in the sidecar, of the base copy's type (norms f32, K/V the
+        // base's type per layer, docs/design.md §2): another type means the files were not written together.
+        for (int p = 0; p < names::N_LAYER_PARTS; ++p) {
+            const names::layer_part_info & part = names::LAYER_PARTS[p];
+            if (!part.routed) continue;
+            expect(mam, names::blk(i, part.name), resolve(part.ne0, hp), resolve(part.ne1, hp), seen_mam,
+                   in_base[p]->type);
+        }
+    }
+    refuse_unknown_tensors(base, seen_base);
+    refuse_unknown_tensors(mam, seen_mam);
+    return n_vocab;
+}
+
+// --- choose the devices
 
 // Whether `s` is one of a generated list of names (names::DEVICES, names::KV_TYPES).
 template <size_t N>
@@ -258,14 +276,6 @@ static std::string joined(const char * const (&list)[N]) {
     std::string out;
     for (const char * x : list) out += (out.empty() ? "" : ", ") + std::string(x);
     return out;
-}
-
-// names::KV_TYPES are ggml's own spellings of the cache types, so ggml's name table maps them.
-static ggml_type parse_kv_type(const std::string & s) {
-    if (!listed(s, names::KV_TYPES)) {
-        throw decoder_error("kv_type must be one of " + joined(names::KV_TYPES) + ", not '" + s + "'");
-    }
-    return (ggml_type) ggml_type_from_name(s);
 }
 
 // The two device names with a meaning of their own here; any other listed name asks for a GPU.
@@ -288,6 +298,31 @@ static ggml_backend_dev_t pick_gpu(const std::string & device) {
     }
     return gpu;
 }
+
+// Which device each layer runs on, decided once so that weights and cache land together: like
+// llama.cpp's n_gpu_layers, the last layers go to the GPU, and the output head too once every
+// layer is there. token_embd stays on the CPU (a row lookup; llama.cpp keeps it there as well).
+static void choose_devices(model & m) {
+    const hparams & hp = m.hp;
+    const decoder_params & p = m.params;
+    m.dev_cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (m.dev_cpu == nullptr) throw decoder_error("ggml has no CPU device");
+    m.dev_gpu = pick_gpu(p.device);
+    const int n_gpu = m.dev_gpu == nullptr ? 0 : (p.n_gpu_layers < 0 ? hp.n_layer : std::min(p.n_gpu_layers, hp.n_layer));
+    if (m.dev_gpu != nullptr && n_gpu == 0) m.dev_gpu = nullptr;
+    if (m.dev_gpu != nullptr) {
+        // On the GPU attention always takes ggml's fused kernel, as llama.cpp's default does
+        // there. Measured on an H100 (CUDA build of llama-cpp-python 0.3.36): the unfused path
+        // (mul_mat over permuted cache views + soft_max) gave logits off by ~3 against the
+        // reference with an f32 cache, while the fused kernel matched it.
+        m.params.flash_attn = true;
+    }
+    m.layers.resize(hp.n_layer);
+    for (int i = 0; i < hp.n_layer; ++i) m.layers[i].on_gpu = i >= hp.n_layer - n_gpu;
+    m.output_on_gpu = m.dev_gpu != nullptr && n_gpu == hp.n_layer;
+}
+
+// --- create the weights' tensor metadata
 
 // The two files of a pair: the base holds the shared weights and the text route's copies of the
 // routed ones, the sidecar the visual route's copies.
@@ -322,6 +357,8 @@ struct pair_weights {
     file_weights base, mam;
     file_weights & of(pair_file f) { return f == pair_file::base ? base : mam; }
 };
+
+static const gguf_file & file_of(const model & m, pair_file f) { return f == pair_file::base ? *m.base : *m.mam; }
 
 static ggml_context * new_meta_context(size_t n_tensors) {
     ggml_init_params ip = {ggml_tensor_overhead() * (n_tensors + 1), nullptr, /*no_alloc =*/true};
@@ -359,10 +396,110 @@ static bool buft_takes_matmul(ggml_backend_dev_t dev, ggml_backend_buffer_type_t
     return ok;
 }
 
+// One set (one ggml context, later one buffer) per file and home; each context has room for every
+// tensor of the pair (metadata only, a few hundred bytes a tensor).
+static pair_weights new_weight_sets(model & m) {
+    const size_t n_tensors = m.base->tensors().size() + m.mam->tensors().size();
+    const std::vector<ggml_backend_buffer_type_t> repack_bufts =
+        m.params.repack ? cpu_repack_bufts(m.dev_cpu) : std::vector<ggml_backend_buffer_type_t>();
+    auto new_set = [&](weight_home home, ggml_backend_buffer_type_t repack_buft) {
+        weight_set s;
+        s.home = home;
+        s.repack_buft = repack_buft;
+        s.ctx = new_meta_context(n_tensors);
+        m.contexts.push_back(s.ctx);
+        return s;
+    };
+    pair_weights w;
+    for (file_weights * fw : {&w.base, &w.mam}) {
+        fw->mapped_cpu = new_set(weight_home::mapped_cpu, nullptr);
+        fw->gpu = new_set(weight_home::gpu, nullptr);
+        for (ggml_backend_buffer_type_t buft : repack_bufts) fw->repacked_cpu.push_back(new_set(weight_home::repacked_cpu, buft));
+    }
+    return w;
+}
+
+// A weight's tensor metadata, created in the set whose buffer will hold its data: a GPU layer's
+// weights on the GPU; on the CPU a matrix in the first repacked buffer type that can multiply it,
+// anything else in place in the mapping. token_embd is only read by row (ggml_get_rows), never
+// multiplied: it stays mapped. The sidecar's tensors have the base's names; their ggml names say
+// they are the visual route's.
+static ggml_tensor * new_weight(pair_weights & w, const model & m, pair_file file, const std::string & name, bool on_gpu) {
+    const gguf_tensor_info & info = *file_of(m, file).find(name);  // present: check_tensors saw it
+    file_weights & fw = w.of(file);
+    weight_set * s = on_gpu ? &fw.gpu : &fw.mapped_cpu;
+    if (!on_gpu && info.n_dims == 2 && name != names::TOKEN_EMBD) {
+        for (weight_set & r : fw.repacked_cpu) {
+            if (buft_takes_matmul(m.dev_cpu, r.repack_buft, info)) {
+                s = &r;
+                break;
+            }
+        }
+    }
+    ggml_tensor * t = ggml_new_tensor(s->ctx, info.type, info.n_dims, info.ne);
+    ggml_set_name(t, file == pair_file::mam ? (name + ".visual").c_str() : name.c_str());
+    s->tensors.emplace_back(t, &info);
+    return t;
+}
+
+// The field of `L` that holds one part of the layer-part table (for a routed part, the route's
+// copy): build_graph reads the named fields, load() walks names::LAYER_PARTS.
+static ggml_tensor *& layer_weight(layer & L, names::layer_part part, int route) {
+    switch (part) {
+        case names::ATTN_NORM: return L.attn_norm[route];
+        case names::ATTN_Q: return L.wq;
+        case names::ATTN_K: return L.wk[route];
+        case names::ATTN_V: return L.wv[route];
+        case names::ATTN_OUTPUT: return L.wo;
+        case names::FFN_NORM: return L.ffn_norm[route];
+        case names::FFN_GATE: return L.ffn_gate;
+        case names::FFN_UP: return L.ffn_up;
+        case names::FFN_DOWN: return L.ffn_down;
+        case names::N_LAYER_PARTS: break;
+    }
+    throw decoder_error("no layer part " + std::to_string((int) part));
+}
+
+// struct layer doubles exactly the parts the table marks routed: a change to the table must
+// change the struct (and the math) too, not load into the wrong field.
+static_assert(names::N_LAYER_PARTS == 9, "struct layer and layer_weight() know nine layer parts");
+static_assert(names::LAYER_PARTS[names::ATTN_NORM].routed && !names::LAYER_PARTS[names::ATTN_Q].routed &&
+              names::LAYER_PARTS[names::ATTN_K].routed && names::LAYER_PARTS[names::ATTN_V].routed &&
+              !names::LAYER_PARTS[names::ATTN_OUTPUT].routed && names::LAYER_PARTS[names::FFN_NORM].routed &&
+              !names::LAYER_PARTS[names::FFN_GATE].routed && !names::LAYER_PARTS[names::FFN_UP].routed &&
+              !names::LAYER_PARTS[names::FFN_DOWN].routed,
+              "struct layer has two copies ([route]) of the routed parts and one of the shared parts");
+
+// The metadata of every weight (ggml sees the tensors, no data yet), sorted into the sets of the
+// buffers that will hold them and hooked into the model's named fields.
+static pair_weights create_weights(model & m) {
+    pair_weights w = new_weight_sets(m);
+    m.token_embd = new_weight(w, m, pair_file::base, names::TOKEN_EMBD, false);
+    m.output_norm = new_weight(w, m, pair_file::base, names::OUTPUT_NORM, m.output_on_gpu);
+    m.output = new_weight(w, m, pair_file::base, names::OUTPUT, m.output_on_gpu);
+    for (int i = 0; i < m.hp.n_layer; ++i) {
+        layer & L = m.layers[i];
+        for (int p = 0; p < names::N_LAYER_PARTS; ++p) {
+            const names::layer_part part = (names::layer_part) p;
+            const std::string name = names::blk(i, names::LAYER_PARTS[p].name);
+            if (!names::LAYER_PARTS[p].routed) {
+                layer_weight(L, part, names::TEXT_ROUTE) = new_weight(w, m, pair_file::base, name, L.on_gpu);
+                continue;
+            }
+            for (int route : {names::TEXT_ROUTE, names::VISUAL_ROUTE}) {
+                layer_weight(L, part, route) = new_weight(w, m, file_of_route(route), name, L.on_gpu);
+            }
+        }
+    }
+    return w;
+}
+
+// --- place the weights' data
+
 // Gives the tensors of one set their data: the mapped set points into the mapping; the others get a
 // buffer of their own and a copy (ggml repacks while the data are set), after which the copied
 // pages of the mapping are given back.
-static void place_weights(model & m, const gguf_file & f, weight_set & set) {
+static void place_set(model & m, const gguf_file & f, weight_set & set) {
     if (set.tensors.empty()) return;
     ggml_backend_buffer_t buf;
     if (set.home == weight_home::mapped_cpu) {
@@ -387,6 +524,92 @@ static void place_weights(model & m, const gguf_file & f, weight_set & set) {
     // The scheduler runs an op where its weights are.
     ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
 }
+
+// Every set of both files, each into its buffer.
+static void place_weights(model & m, pair_weights & w) {
+    for (pair_file file : {pair_file::base, pair_file::mam}) {
+        file_weights & fw = w.of(file);
+        place_set(m, file_of(m, file), fw.mapped_cpu);
+        place_set(m, file_of(m, file), fw.gpu);
+        for (weight_set & s : fw.repacked_cpu) place_set(m, file_of(m, file), s);
+    }
+}
+
+// --- allocate the KV cache
+
+// names::KV_TYPES are ggml's own spellings of the cache types, so ggml's name table maps them.
+static ggml_type parse_kv_type(const std::string & s) {
+    if (!listed(s, names::KV_TYPES)) {
+        throw decoder_error("kv_type must be one of " + joined(names::KV_TYPES) + ", not '" + s + "'");
+    }
+    return (ggml_type) ggml_type_from_name(s);
+}
+
+// The KV cache of every layer, on the device of its layer, zeroed.
+static void allocate_kv_cache(model & m) {
+    const hparams & hp = m.hp;
+    m.n_ctx = m.params.n_ctx;
+    if (m.n_ctx < 1 || m.n_ctx > (1 << 20)) throw decoder_error("n_ctx must be between 1 and 2^20");
+    m.kv_type = parse_kv_type(m.params.kv_type);
+    if (hp.head_dim() % ggml_blck_size(m.kv_type) != 0) {
+        throw decoder_error(std::string("kv_type ") + ggml_type_name(m.kv_type) + " needs a head size that is a multiple of " +
+                            std::to_string(ggml_blck_size(m.kv_type)) + "; this model has " + std::to_string(hp.head_dim()));
+    }
+    // A transposed V lets plain attention multiply by it without a copy; flash attention wants
+    // rows, and a quantized V cannot be written column-wise (its blocks run along a row).
+    m.v_trans = !m.params.flash_attn && !ggml_is_quantized(m.kv_type);
+    for (bool on_gpu : {false, true}) {
+        ggml_context * ctx = new_meta_context(2 * hp.n_layer);
+        m.contexts.push_back(ctx);
+        bool any = false;
+        for (int i = 0; i < hp.n_layer; ++i) {
+            layer & L = m.layers[i];
+            if (L.on_gpu != on_gpu) continue;
+            any = true;
+            L.k_cache = ggml_new_tensor_2d(ctx, m.kv_type, hp.n_embd_kv(), m.n_ctx);
+            L.v_cache = m.v_trans ? ggml_new_tensor_2d(ctx, m.kv_type, m.n_ctx, hp.n_embd_kv())
+                                  : ggml_new_tensor_2d(ctx, m.kv_type, hp.n_embd_kv(), m.n_ctx);
+            ggml_format_name(L.k_cache, "cache_k.%d", i);
+            ggml_format_name(L.v_cache, "cache_v.%d", i);
+        }
+        if (!any) continue;
+        ggml_backend_buffer_t buf =
+            ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_dev_buffer_type(on_gpu ? m.dev_gpu : m.dev_cpu));
+        if (buf == nullptr) throw decoder_error("out of memory for the KV cache (n_ctx " + std::to_string(m.n_ctx) + ")");
+        // Positions past n_past are masked, but a masked NaN still poisons the weighted sum of V:
+        // start from zeros, never from whatever the allocator returned.
+        ggml_backend_buffer_clear(buf, 0);
+        m.buffers.push_back(buf);
+    }
+}
+
+// --- start the backends
+
+// The backends that compute and the scheduler that splits each graph between them (GPU first: the
+// scheduler prefers low indices), with room for one graph's metadata.
+static void start_backends(model & m) {
+    m.backend_cpu = ggml_backend_dev_init(m.dev_cpu, nullptr);
+    if (m.backend_cpu == nullptr) throw decoder_error("cannot start ggml's CPU backend");
+    m.n_threads = m.params.n_threads > 0 ? m.params.n_threads : physical_cores();
+    ggml_backend_reg_t cpu_reg = ggml_backend_dev_backend_reg(m.dev_cpu);
+    using set_threads_fn = void (*)(ggml_backend_t, int);
+    auto set_threads = (set_threads_fn) ggml_backend_reg_get_proc_address(cpu_reg, "ggml_backend_set_n_threads");
+    if (set_threads) set_threads(m.backend_cpu, m.n_threads);
+    std::vector<ggml_backend_t> backends;
+    if (m.dev_gpu) {
+        m.backend_gpu = ggml_backend_dev_init(m.dev_gpu, nullptr);
+        if (m.backend_gpu == nullptr) throw decoder_error(std::string("cannot start the GPU backend ") + ggml_backend_dev_name(m.dev_gpu));
+        backends.push_back(m.backend_gpu);
+    }
+    backends.push_back(m.backend_cpu);
+    m.graph_size = std::max<size_t>(2048, (size_t) m.hp.n_layer * 64 + 256);
+    m.graph_meta.resize(ggml_tensor_overhead() * m.graph_size + ggml_graph_overhead_custom(m.graph_size, false));
+    m.sched = ggml_backend_sched_new(backends.data(), nullptr, (int) backends.size(), m.graph_size, false,
+                                     /*op_offload =*/true);
+    if (m.sched == nullptr) throw decoder_error("cannot create the ggml scheduler");
+}
+
+// --- the steps in order
 
 // While the weights load, ggml reports each tensor it repacks or uploads at INFO level: one line
 // per tensor on a user's terminal. Keep warnings and errors, drop the chatter, and hand ggml's
@@ -419,196 +642,20 @@ size_t init_backends_quietly() {
     return ggml_backend_dev_count();
 }
 
+// Opens the pair and makes it ready to evaluate. A step that throws leaves a partly built model,
+// which the decoder's unique_ptr frees (~model releases whatever was made).
 static void load(model & m, const std::string & base_path, const std::string & mam_path) {
     quiet_ggml_log quiet;
     m.base = std::make_unique<gguf_file>(base_path, "decoder GGUF");
     m.hp = read_hparams(*m.base);
     m.mam = std::make_unique<gguf_file>(mam_path, "MAM GGUF");
     check_sidecar(*m.base, *m.mam, m.hp);
-    hparams & hp = m.hp;
-
-    // Every tensor, checked before ggml sees any of them.
-    const gguf_file & B = *m.base;
-    const gguf_file & M = *m.mam;
-    std::set<std::string> seen_b, seen_m;
-    // The vocabulary size is the one dimension only the embedding table knows.
-    const gguf_tensor_info * embd = B.find(names::TOKEN_EMBD);
-    if (embd == nullptr) B.fail(std::string("missing tensor ") + names::TOKEN_EMBD);
-    if (embd->n_dims != 2 || embd->ne[1] < 1 || embd->ne[1] > INT32_MAX) {
-        B.fail(std::string("tensor ") + names::TOKEN_EMBD + " must be [n_embd, n_vocab]");
-    }
-    hp.n_vocab = (int) embd->ne[1];
-    expect(B, names::TOKEN_EMBD, hp.n_embd, hp.n_vocab, seen_b);
-    const int64_t E = hp.n_embd, V = hp.n_vocab;
-    expect(B, names::OUTPUT_NORM, E, -1, seen_b, GGML_TYPE_F32);
-    expect(B, names::OUTPUT, E, V, seen_b);
-    for (int i = 0; i < hp.n_layer; ++i) {
-        // Every part in the base: shared parts and the text route's copies.
-        const gguf_tensor_info * in_base[names::N_LAYER_PARTS] = {};
-        for (int p = 0; p < names::N_LAYER_PARTS; ++p) {
-            const names::layer_part_info & part = names::LAYER_PARTS[p];
-            const bool norm = part.ne1 == names::dim::none;  // a vector the graph multiplies by elementwise
-            in_base[p] = &expect(B, names::blk(i, part.name), resolve(part.ne0, hp), resolve(part.ne1, hp), seen_b,
-                                 norm ? GGML_TYPE_F32 : GGML_TYPE_COUNT);
-        }
-        // The routed parts' visual copies in the sidecar, of the base copy's type (norms f32, K/V the
-        // base's type per layer, docs/design.md §2): another type means the files were not written together.
-        for (int p = 0; p < names::N_LAYER_PARTS; ++p) {
-            const names::layer_part_info & part = names::LAYER_PARTS[p];
-            if (!part.routed) continue;
-            expect(M, names::blk(i, part.name), resolve(part.ne0, hp), resolve(part.ne1, hp), seen_m, in_base[p]->type);
-        }
-    }
-    refuse_unknown_tensors(B, seen_b);
-    refuse_unknown_tensors(M, seen_m);
-
-    // Devices and the layer split: like llama.cpp's n_gpu_layers, the last layers go to the GPU,
-    // and the output head too once every layer is there. token_embd stays on the CPU (a row
-    // lookup; llama.cpp keeps it there as well).
-    const decoder_params & p = m.params;
-    m.dev_cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-    if (m.dev_cpu == nullptr) throw decoder_error("ggml has no CPU device");
-    m.dev_gpu = pick_gpu(p.device);
-    const int n_gpu = m.dev_gpu == nullptr ? 0 : (p.n_gpu_layers < 0 ? hp.n_layer : std::min(p.n_gpu_layers, hp.n_layer));
-    if (m.dev_gpu != nullptr && n_gpu == 0) m.dev_gpu = nullptr;
-    if (m.dev_gpu != nullptr) {
-        // On the GPU attention always takes ggml's fused kernel, as llama.cpp's default does
-        // there. Measured on an H100 (CUDA build of llama-cpp-python 0.3.36): the unfused path
-        // (mul_mat over permuted cache views + soft_max) gave logits off by ~3 against the
-        // reference with an f32 cache, while the fused kernel matched it.
-        m.params.flash_attn = true;
-    }
-    const bool output_on_gpu = m.dev_gpu != nullptr && n_gpu == hp.n_layer;
-
-    // One set (one ggml context, later one buffer) per file and home; each context has room for
-    // every tensor of the pair (metadata only).
-    const size_t n_tensors = B.tensors().size() + M.tensors().size();
-    pair_weights weights;
-    for (file_weights * fw : {&weights.base, &weights.mam}) {
-        fw->mapped_cpu.home = weight_home::mapped_cpu;
-        fw->gpu.home = weight_home::gpu;
-        if (p.repack) {
-            for (ggml_backend_buffer_type_t buft : cpu_repack_bufts(m.dev_cpu)) {
-                weight_set s;
-                s.home = weight_home::repacked_cpu;
-                s.repack_buft = buft;
-                fw->repacked_cpu.push_back(s);
-            }
-        }
-        fw->mapped_cpu.ctx = new_meta_context(n_tensors);
-        m.contexts.push_back(fw->mapped_cpu.ctx);
-        fw->gpu.ctx = new_meta_context(n_tensors);
-        m.contexts.push_back(fw->gpu.ctx);
-        for (weight_set & s : fw->repacked_cpu) {
-            s.ctx = new_meta_context(n_tensors);
-            m.contexts.push_back(s.ctx);
-        }
-    }
-    // A weight's tensor metadata, created in the set whose buffer will hold its data: a GPU layer's
-    // weights on the GPU; on the CPU a matrix in the first repacked buffer type that can multiply it,
-    // anything else in place in the mapping. token_embd is only read by row (ggml_get_rows), never
-    // multiplied: it stays mapped. The sidecar's tensors share the base's names; their ggml names
-    // say they are the visual route's.
-    auto new_weight = [&](pair_file file, bool on_gpu, const std::string & name) {
-        const gguf_file & f = file == pair_file::base ? B : M;
-        const gguf_tensor_info * info = f.find(name);
-        file_weights & fw = weights.of(file);
-        weight_set * s = on_gpu ? &fw.gpu : &fw.mapped_cpu;
-        if (!on_gpu && info->n_dims == 2 && name != names::TOKEN_EMBD) {
-            for (weight_set & r : fw.repacked_cpu) {
-                if (buft_takes_matmul(m.dev_cpu, r.repack_buft, *info)) {
-                    s = &r;
-                    break;
-                }
-            }
-        }
-        ggml_tensor * t = ggml_new_tensor(s->ctx, info->type, info->n_dims, info->ne);
-        ggml_set_name(t, file == pair_file::mam ? (name + ".visual").c_str() : name.c_str());
-        s->tensors.emplace_back(t, info);
-        return t;
-    };
-    m.token_embd = new_weight(pair_file::base, false, names::TOKEN_EMBD);
-    m.output_norm = new_weight(pair_file::base, output_on_gpu, names::OUTPUT_NORM);
-    m.output = new_weight(pair_file::base, output_on_gpu, names::OUTPUT);
-    m.layers.resize(hp.n_layer);
-    for (int i = 0; i < hp.n_layer; ++i) {
-        layer & L = m.layers[i];
-        L.on_gpu = i >= hp.n_layer - n_gpu;
-        for (int p = 0; p < names::N_LAYER_PARTS; ++p) {
-            const names::layer_part_info & part = names::LAYER_PARTS[p];
-            const std::string name = names::blk(i, part.name);
-            if (!part.routed) {
-                layer_weight(L, (names::layer_part) p, names::TEXT_ROUTE) = new_weight(pair_file::base, L.on_gpu, name);
-                continue;
-            }
-            for (int route : {names::TEXT_ROUTE, names::VISUAL_ROUTE}) {
-                layer_weight(L, (names::layer_part) p, route) = new_weight(file_of_route(route), L.on_gpu, name);
-            }
-        }
-    }
-    for (pair_file file : {pair_file::base, pair_file::mam}) {
-        const gguf_file & f = file == pair_file::base ? B : M;
-        file_weights & fw = weights.of(file);
-        place_weights(m, f, fw.mapped_cpu);
-        place_weights(m, f, fw.gpu);
-        for (weight_set & s : fw.repacked_cpu) place_weights(m, f, s);
-    }
-
-    // KV cache, on the device of its layer.
-    m.n_ctx = p.n_ctx;
-    if (m.n_ctx < 1 || m.n_ctx > (1 << 20)) throw decoder_error("n_ctx must be between 1 and 2^20");
-    m.kv_type = parse_kv_type(p.kv_type);
-    if (hp.head_dim() % ggml_blck_size(m.kv_type) != 0) {
-        throw decoder_error(std::string("kv_type ") + ggml_type_name(m.kv_type) + " needs a head size that is a multiple of " +
-                            std::to_string(ggml_blck_size(m.kv_type)) + "; this model has " + std::to_string(hp.head_dim()));
-    }
-    // A transposed V lets plain attention multiply by it without a copy; flash attention wants
-    // rows, and a quantized V cannot be written column-wise (its blocks run along a row).
-    m.v_trans = !p.flash_attn && !ggml_is_quantized(m.kv_type);
-    for (int gpu = 0; gpu < 2; ++gpu) {
-        ggml_context * ctx = new_meta_context(2 * hp.n_layer);
-        m.contexts.push_back(ctx);
-        bool any = false;
-        for (int i = 0; i < hp.n_layer; ++i) {
-            layer & L = m.layers[i];
-            if (L.on_gpu != (gpu == 1)) continue;
-            any = true;
-            L.k_cache = ggml_new_tensor_2d(ctx, m.kv_type, hp.n_embd_kv(), m.n_ctx);
-            L.v_cache = m.v_trans ? ggml_new_tensor_2d(ctx, m.kv_type, m.n_ctx, hp.n_embd_kv())
-                                  : ggml_new_tensor_2d(ctx, m.kv_type, hp.n_embd_kv(), m.n_ctx);
-            ggml_format_name(L.k_cache, "cache_k.%d", i);
-            ggml_format_name(L.v_cache, "cache_v.%d", i);
-        }
-        if (!any) continue;
-        ggml_backend_buffer_t buf =
-            ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_dev_buffer_type(gpu ? m.dev_gpu : m.dev_cpu));
-        if (buf == nullptr) throw decoder_error("out of memory for the KV cache (n_ctx " + std::to_string(m.n_ctx) + ")");
-        // Positions past n_past are masked, but a masked NaN still poisons the weighted sum of V:
-        // start from zeros, never from whatever the allocator returned.
-        ggml_backend_buffer_clear(buf, 0);
-        m.buffers.push_back(buf);
-    }
-
-    // Backends and the scheduler (GPU first: the scheduler prefers low indices).
-    m.backend_cpu = ggml_backend_dev_init(m.dev_cpu, nullptr);
-    if (m.backend_cpu == nullptr) throw decoder_error("cannot start ggml's CPU backend");
-    m.n_threads = p.n_threads > 0 ? p.n_threads : physical_cores();
-    ggml_backend_reg_t cpu_reg = ggml_backend_dev_backend_reg(m.dev_cpu);
-    using set_threads_fn = void (*)(ggml_backend_t, int);
-    auto set_threads = (set_threads_fn) ggml_backend_reg_get_proc_address(cpu_reg, "ggml_backend_set_n_threads");
-    if (set_threads) set_threads(m.backend_cpu, m.n_threads);
-    std::vector<ggml_backend_t> backends;
-    if (m.dev_gpu) {
-        m.backend_gpu = ggml_backend_dev_init(m.dev_gpu, nullptr);
-        if (m.backend_gpu == nullptr) throw decoder_error(std::string("cannot start the GPU backend ") + ggml_backend_dev_name(m.dev_gpu));
-        backends.push_back(m.backend_gpu);
-    }
-    backends.push_back(m.backend_cpu);
-    m.graph_size = std::max<size_t>(2048, (size_t) hp.n_layer * 64 + 256);
-    m.graph_meta.resize(ggml_tensor_overhead() * m.graph_size + ggml_graph_overhead_custom(m.graph_size, false));
-    m.sched = ggml_backend_sched_new(backends.data(), nullptr, (int) backends.size(), m.graph_size, false,
-                                     /*op_offload =*/true);
-    if (m.sched == nullptr) throw decoder_error("cannot create the ggml scheduler");
+    m.hp.n_vocab = check_tensors(*m.base, *m.mam, m.hp);
+    choose_devices(m);
+    pair_weights weights = create_weights(m);
+    place_weights(m, weights);
+    allocate_kv_cache(m);
+    start_backends(m);
 }
 
 // --- build_graph(run) --------------------------------------------------------------------------------
