@@ -91,7 +91,6 @@ struct model {
     size_t graph_size = 0;
 
     int n_past = 0;
-    std::mutex busy;  // the GIL is released while computing: one eval at a time
 
     ~model() {
         if (sched) ggml_backend_sched_free(sched);
@@ -823,7 +822,6 @@ static void set_inputs(const graph & g, const run & r) {
 // (all of them, [total, n_vocab] row-major, or only the last one's).
 static std::vector<float> eval(model & m, const int32_t * tokens, const float * embeds, int total, int route,
                                bool all_logits) {
-    std::lock_guard<std::mutex> lock(m.busy);
     if (total < 1) throw decoder_error("nothing to evaluate (an empty run)");
     if (route != names::TEXT_ROUTE && route != names::VISUAL_ROUTE) {
         throw decoder_error("route must be 0 (text) or 1 (visual), not " + std::to_string(route));
@@ -917,20 +915,30 @@ model & decoder::live() const {
     return *m_;
 }
 
+// Each public method below takes mutex_ and only then asks live(): a close() on another thread
+// lands wholly before the call (which then raises "closed") or wholly after it.
+using call_lock = std::lock_guard<std::mutex>;
+
 std::vector<float> decoder::eval_tokens(const std::vector<int32_t> & ids, int route, bool all_logits) {
+    call_lock hold(mutex_);
     return eval(live(), ids.data(), nullptr, (int) std::min<size_t>(ids.size(), INT32_MAX), route, all_logits);
 }
 
 std::vector<float> decoder::eval_embeddings(const float * embeds, int64_t n, int route, bool all_logits) {
+    call_lock hold(mutex_);
+    model & m = live();
     if (n > INT32_MAX) throw context_full_error("far too many embeddings");
-    return eval(live(), nullptr, embeds, (int) n, route, all_logits);
+    return eval(m, nullptr, embeds, (int) n, route, all_logits);
 }
 
-int decoder::n_past() const { return live().n_past; }
+int decoder::n_past() const {
+    call_lock hold(mutex_);
+    return live().n_past;
+}
 
 void decoder::rewind(int n) {
+    call_lock hold(mutex_);
     model & m = live();
-    std::lock_guard<std::mutex> lock(m.busy);
     if (n < 0 || n > m.n_past) {
         throw decoder_error("cannot rewind " + std::to_string(n) + " positions; n_past is " + std::to_string(m.n_past));
     }
@@ -944,8 +952,8 @@ static std::string cache_layout(const model & m) {
 }
 
 std::unique_ptr<kv_state> decoder::save_state() const {
-    model & m = live();
-    std::lock_guard<std::mutex> lock(m.busy);
+    call_lock hold(mutex_);
+    const model & m = live();
     auto s = std::make_unique<kv_state>();
     s->n_past = m.n_past;
     s->layout = cache_layout(m);
@@ -968,8 +976,8 @@ std::unique_ptr<kv_state> decoder::save_state() const {
 }
 
 void decoder::restore_state(const kv_state & s) {
+    call_lock hold(mutex_);
     model & m = live();
-    std::lock_guard<std::mutex> lock(m.busy);
     if (s.layout != cache_layout(m) || s.n_past > m.n_ctx || s.k.size() != m.layers.size()) {
         throw decoder_error("this state was saved from a decoder with another cache layout or a larger context");
     }
@@ -986,26 +994,55 @@ void decoder::restore_state(const kv_state & s) {
     m.n_past = s.n_past;
 }
 
-int decoder::n_vocab() const { return live().hp.n_vocab; }
-int decoder::n_embd() const { return live().hp.n_embd; }
-int decoder::n_ctx() const { return live().n_ctx; }
-int decoder::n_layer() const { return live().hp.n_layer; }
-int decoder::n_threads() const { return live().n_threads; }
-std::string decoder::kv_type() const { return ggml_type_name(live().kv_type); }
-bool decoder::flash_attn() const { return live().params.flash_attn; }
+int decoder::n_vocab() const {
+    call_lock hold(mutex_);
+    return live().hp.n_vocab;
+}
+
+int decoder::n_embd() const {
+    call_lock hold(mutex_);
+    return live().hp.n_embd;
+}
+
+int decoder::n_ctx() const {
+    call_lock hold(mutex_);
+    return live().n_ctx;
+}
+
+int decoder::n_layer() const {
+    call_lock hold(mutex_);
+    return live().hp.n_layer;
+}
+
+int decoder::n_threads() const {
+    call_lock hold(mutex_);
+    return live().n_threads;
+}
+
+std::string decoder::kv_type() const {
+    call_lock hold(mutex_);
+    return ggml_type_name(live().kv_type);
+}
+
+bool decoder::flash_attn() const {
+    call_lock hold(mutex_);
+    return live().params.flash_attn;
+}
 
 std::string decoder::device_name() const {
+    call_lock hold(mutex_);
     const model & m = live();
     return ggml_backend_dev_name(m.dev_gpu ? m.dev_gpu : m.dev_cpu);
 }
 
 void decoder::close() {
-    if (m_) {
-        std::lock_guard<std::mutex> lock(m_->busy);  // wait for a running eval
-    }
+    call_lock hold(mutex_);  // waits for a running call; the model is freed before anyone else gets in
     m_.reset();
 }
 
-bool decoder::closed() const { return !m_; }
+bool decoder::closed() const {
+    call_lock hold(mutex_);
+    return !m_;
+}
 
 }  // namespace owl2

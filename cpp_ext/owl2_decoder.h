@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -78,12 +79,17 @@ public:
     std::string kv_type() const;
     bool flash_attn() const;
 
-    void close();  // frees everything; any later call raises decoder_error
+    void close();  // waits for a running call, then frees everything; any later call raises decoder_error
     bool closed() const;
 
 private:
+    // Every public method holds this for its whole call, close() included. The bindings release
+    // the GIL while a call runs, so calls may come from several threads at once: one runs at a
+    // time, and close() can never free the model under a running eval. It lives here, not in the
+    // model, because close() destroys the model while holding it.
+    mutable std::mutex mutex_;
     std::unique_ptr<model> m_;
-    model & live() const;
+    model & live() const;  // the open model (the caller holds mutex_), or decoder_error "closed"
 };
 
 // Physical cores (Linux: distinct thread-sibling sets), else half the hardware threads, >= 1.
