@@ -1,5 +1,5 @@
-// The MAM decoder: hparams, layer and model structs, then load(), build_graph(), eval(), in the
-// order the math runs (whisper.cpp keeps a ggml model the same way).
+// The MAM decoder: hparams, layer and model structs, then load(), build_graph(run), eval(), in the
+// order a reader needs them (whisper.cpp keeps a ggml model the same way), then the public class.
 #include "owl2_decoder.h"
 
 #include <algorithm>
@@ -21,8 +21,9 @@
 namespace owl2 {
 
 // --- Names ---------------------------------------------------------------------------------------
-// GGUF keys, tensor names and layer parts come from owl2_names.h, generated at build time from
-// owl2_edge/names.py and gguf_names.py (the one table of names).
+// GGUF keys, tensor names, layer parts, devices and KV types come from owl2_names.h, generated at
+// build time from owl2_edge/names.py and gguf_names.py (the one table of names). The table gives a
+// layer part's short name; its tensor in layer i is spelled as llama.cpp spells it:
 
 namespace names {
 static std::string blk(int i, const char * part) { return "blk." + std::to_string(i) + "." + part + ".weight"; }
