@@ -17,15 +17,16 @@ using ByteMatrix = nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::dev
 using TokenVector = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 
-// Logits as a numpy array that owns the decoder's vector: [n_vocab], or [n, n_vocab].
-static nb::object to_numpy(std::vector<float> && logits, int n_vocab, bool all) {
+// Logits as a numpy array that owns the decoder's vector: [n_vocab], or [n, n_vocab] for the run's
+// n positions. The shape comes from the run, not from asking the decoder again: a close() on another
+// thread right after the eval must not turn its finished result into an error.
+static nb::object to_numpy(std::vector<float> && logits, size_t n, bool all) {
     auto * owned = new std::vector<float>(std::move(logits));
     nb::capsule owner(owned, [](void * p) noexcept { delete static_cast<std::vector<float> *>(p); });
     if (!all) {
-        return nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<1>>(owned->data(), {(size_t) n_vocab}, owner));
+        return nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<1>>(owned->data(), {owned->size()}, owner));
     }
-    const size_t rows = owned->size() / n_vocab;
-    return nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<2>>(owned->data(), {rows, (size_t) n_vocab}, owner));
+    return nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<2>>(owned->data(), {n, owned->size() / n}, owner));
 }
 
 NB_MODULE(_decoder, m) {
@@ -90,6 +91,10 @@ NB_MODULE(_decoder, m) {
         .def_ro("n_past", &owl2::kv_state::n_past)
         .def_prop_ro("nbytes", &owl2::kv_state::nbytes);
 
+    // Every decoder method waits for the decoder's lock (owl2_decoder.h) while a call on another
+    // thread runs: wait without the GIL, so that the other Python threads are not stalled for an eval.
+    const auto without_gil = nb::call_guard<nb::gil_scoped_release>();
+
     nb::class_<owl2::decoder>(m, "Decoder")
         .def(
             "__init__",
@@ -120,40 +125,38 @@ NB_MODULE(_decoder, m) {
                     nb::gil_scoped_release release;
                     out = d.eval_tokens(v, route, all_logits);
                 }
-                return to_numpy(std::move(out), d.n_vocab(), all_logits);
+                return to_numpy(std::move(out), v.size(), all_logits);
             },
             nb::arg("ids"), nb::arg("route"), nb::arg("all_logits"))
         .def(
             "eval_embeddings",
             [](owl2::decoder & d, FloatMatrix embeds, int route, bool all_logits) {
-                if ((int64_t) embeds.shape(1) != d.n_embd()) {
-                    throw owl2::decoder_error("embeddings must be [n, " + std::to_string(d.n_embd()) + "], got width " +
-                                              std::to_string(embeds.shape(1)));
-                }
                 std::vector<float> out;
                 {
                     // The array stays alive (and unchanged: it is const here) while the GIL is away.
                     nb::gil_scoped_release release;
+                    const int n_embd = d.n_embd();
+                    if ((int64_t) embeds.shape(1) != n_embd) {
+                        throw owl2::decoder_error("embeddings must be [n, " + std::to_string(n_embd) + "], got width " +
+                                                  std::to_string(embeds.shape(1)));
+                    }
                     out = d.eval_embeddings(embeds.data(), (int64_t) embeds.shape(0), route, all_logits);
                 }
-                return to_numpy(std::move(out), d.n_vocab(), all_logits);
+                return to_numpy(std::move(out), embeds.shape(0), all_logits);
             },
             nb::arg("embeds"), nb::arg("route"), nb::arg("all_logits"))
-        .def_prop_ro("n_past", &owl2::decoder::n_past)
-        .def("rewind", &owl2::decoder::rewind, nb::arg("n"))
-        .def("save_state", &owl2::decoder::save_state)
-        .def("restore_state", &owl2::decoder::restore_state, nb::arg("state"))
-        .def_prop_ro("n_vocab", &owl2::decoder::n_vocab)
-        .def_prop_ro("n_embd", &owl2::decoder::n_embd)
-        .def_prop_ro("n_ctx", &owl2::decoder::n_ctx)
-        .def_prop_ro("n_layer", &owl2::decoder::n_layer)
-        .def_prop_ro("n_threads", &owl2::decoder::n_threads)
-        .def_prop_ro("device", &owl2::decoder::device_name)
-        .def_prop_ro("kv_type", &owl2::decoder::kv_type)
-        .def_prop_ro("flash_attn", &owl2::decoder::flash_attn)
-        .def_prop_ro("closed", &owl2::decoder::closed)
-        .def("close", [](owl2::decoder & d) {
-            nb::gil_scoped_release release;
-            d.close();
-        });
+        .def_prop_ro("n_past", &owl2::decoder::n_past, without_gil)
+        .def("rewind", &owl2::decoder::rewind, nb::arg("n"), without_gil)
+        .def("save_state", &owl2::decoder::save_state, without_gil)
+        .def("restore_state", &owl2::decoder::restore_state, nb::arg("state"), without_gil)
+        .def_prop_ro("n_vocab", &owl2::decoder::n_vocab, without_gil)
+        .def_prop_ro("n_embd", &owl2::decoder::n_embd, without_gil)
+        .def_prop_ro("n_ctx", &owl2::decoder::n_ctx, without_gil)
+        .def_prop_ro("n_layer", &owl2::decoder::n_layer, without_gil)
+        .def_prop_ro("n_threads", &owl2::decoder::n_threads, without_gil)
+        .def_prop_ro("device", &owl2::decoder::device_name, without_gil)
+        .def_prop_ro("kv_type", &owl2::decoder::kv_type, without_gil)
+        .def_prop_ro("flash_attn", &owl2::decoder::flash_attn, without_gil)
+        .def_prop_ro("closed", &owl2::decoder::closed, without_gil)
+        .def("close", &owl2::decoder::close, without_gil);
 }

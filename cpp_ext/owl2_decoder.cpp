@@ -1,14 +1,14 @@
-// The MAM decoder: hparams, layer and model structs, then load(), build_graph(), eval(), in the
-// order the math runs (whisper.cpp keeps a ggml model the same way).
+// The MAM decoder: hparams, layer and model structs, then load(), build_graph(run), eval(), in the
+// order a reader needs them (whisper.cpp keeps a ggml model the same way), then the public class.
 #include "owl2_decoder.h"
 
 #include <algorithm>
 #include <cmath>
 #include <fstream>
-#include <map>
 #include <mutex>
 #include <cstdio>
 #include <set>
+#include <string_view>
 #include <thread>
 
 #include "ggml-alloc.h"
@@ -16,12 +16,14 @@
 #include "ggml.h"
 #include "owl2_gguf_file.h"
 #include "owl2_names.h"
+#include "quantize.h"
 
 namespace owl2 {
 
 // --- Names ---------------------------------------------------------------------------------------
-// GGUF keys, tensor names and layer parts come from owl2_names.h, generated at build time from
-// owl2_edge/names.py and gguf_names.py (the one table of names).
+// GGUF keys, tensor names, layer parts, devices and KV types come from owl2_names.h, generated at
+// build time from owl2_edge/names.py and gguf_names.py (the one table of names). The table gives a
+// layer part's short name; its tensor in layer i is spelled as llama.cpp spells it:
 
 namespace names {
 static std::string blk(int i, const char * part) { return "blk." + std::to_string(i) + "." + part + ".weight"; }
@@ -79,17 +81,17 @@ struct model {
     ggml_tensor * output_norm = nullptr;
     ggml_tensor * output = nullptr;
     std::vector<layer> layers;
+    bool output_on_gpu = false;  // output_norm and output: with every layer on the GPU
 
     ggml_backend_dev_t dev_cpu = nullptr, dev_gpu = nullptr;
     ggml_backend_t backend_cpu = nullptr, backend_gpu = nullptr;
     ggml_backend_sched_t sched = nullptr;
     std::vector<ggml_context *> contexts;           // tensor metadata (weights, KV)
-    std::vector<ggml_backend_buffer_t> buffers;     // mapped files, GPU weights, KV
+    std::vector<ggml_backend_buffer_t> buffers;     // mapped files, GPU / repacked weights, KV
     std::vector<uint8_t> graph_meta;                // room for one graph's tensor metadata
     size_t graph_size = 0;
 
     int n_past = 0;
-    std::mutex busy;  // the GIL is released while computing: one eval at a time
 
     ~model() {
         if (sched) ggml_backend_sched_free(sched);
@@ -101,40 +103,59 @@ struct model {
 };
 
 // --- load() ------------------------------------------------------------------------------------------
+// load() is a list of steps, defined below in the order it takes them: check the pair, choose the
+// devices, create the weights' tensor metadata, place their data, allocate the KV cache, start the
+// backends. Every file is checked before ggml sees any of its tensors, so that a bad file becomes a
+// decoder_error naming the file instead of an abort inside ggml.
 
-static hparams read_hparams(const gguf_file & f) {
+// --- check the pair
+
+// Both files must say they are llama models before any key is read under llama's names.
+static void check_architecture(const gguf_file & f) {
     const std::string arch = f.get_str(names::KEY_ARCHITECTURE);
     if (arch != names::ARCHITECTURE) {
-        f.fail("general.architecture is '" + arch + "', expected '" + names::ARCHITECTURE + "'");
+        f.fail(std::string(names::KEY_ARCHITECTURE) + " is '" + arch + "', expected '" + names::ARCHITECTURE + "'");
     }
-    auto key = [&](const char * k) { return arch + "." + k; };
-    auto get_int = [&](const char * k, int64_t lo, int64_t hi) {
-        const uint64_t v = f.get_uint(key(k).c_str());
+}
+
+// The base file's llama hparams, each bounded: a corrupt value fails here, not as a huge allocation.
+static hparams read_hparams(const gguf_file & f) {
+    check_architecture(f);
+    auto get_int = [&](const char * key, int64_t lo, int64_t hi) {
+        const uint64_t v = f.get_uint(key);
         if (v < (uint64_t) lo || v > (uint64_t) hi) {
-            f.fail(key(k) + " = " + std::to_string(v) + " is out of range");
+            f.fail(std::string(key) + " = " + std::to_string(v) + " is out of range");
         }
         return (int) v;
     };
     hparams hp;
-    hp.n_ctx_train = get_int("context_length", 1, 1 << 24);
-    hp.n_embd = get_int("embedding_length", 1, 1 << 20);
-    hp.n_layer = get_int("block_count", 1, 4096);
-    hp.n_ff = get_int("feed_forward_length", 1, 1 << 22);
-    hp.n_head = get_int("attention.head_count", 1, 4096);
-    hp.n_head_kv = f.has(key("attention.head_count_kv").c_str()) ? get_int("attention.head_count_kv", 1, 4096)
-                                                                 : hp.n_head;
-    if (hp.n_embd % hp.n_head != 0) f.fail("embedding_length is not a multiple of the head count");
-    if (hp.n_head % hp.n_head_kv != 0) f.fail("head_count is not a multiple of head_count_kv");
-    hp.n_rot = f.has(key("rope.dimension_count").c_str()) ? get_int("rope.dimension_count", 2, 1 << 16)
-                                                          : hp.head_dim();
-    if (hp.n_rot > hp.head_dim() || hp.n_rot % 2 != 0) f.fail("rope.dimension_count does not fit the head size");
-    hp.rms_eps = (float) f.get_float(key("attention.layer_norm_rms_epsilon").c_str());
-    hp.rope_freq_base = (float) f.get_float(key("rope.freq_base").c_str(), 10000.0);
+    hp.n_ctx_train = get_int(names::KEY_CONTEXT_LENGTH, 1, 1 << 24);
+    hp.n_embd = get_int(names::KEY_EMBEDDING_LENGTH, 1, 1 << 20);
+    hp.n_layer = get_int(names::KEY_BLOCK_COUNT, 1, 4096);
+    hp.n_ff = get_int(names::KEY_FEED_FORWARD_LENGTH, 1, 1 << 22);
+    hp.n_head = get_int(names::KEY_HEAD_COUNT, 1, 4096);
+    hp.n_head_kv = f.has(names::KEY_HEAD_COUNT_KV) ? get_int(names::KEY_HEAD_COUNT_KV, 1, 4096) : hp.n_head;
+    if (hp.n_embd % hp.n_head != 0) {
+        f.fail(std::string(names::KEY_EMBEDDING_LENGTH) + " is not a multiple of " + names::KEY_HEAD_COUNT);
+    }
+    if (hp.n_head % hp.n_head_kv != 0) {
+        f.fail(std::string(names::KEY_HEAD_COUNT) + " is not a multiple of " + names::KEY_HEAD_COUNT_KV);
+    }
+    hp.n_rot = f.has(names::KEY_ROPE_DIMENSION_COUNT) ? get_int(names::KEY_ROPE_DIMENSION_COUNT, 2, 1 << 16)
+                                                      : hp.head_dim();
+    if (hp.n_rot > hp.head_dim() || hp.n_rot % 2 != 0) {
+        f.fail(std::string(names::KEY_ROPE_DIMENSION_COUNT) + " does not fit the head size");
+    }
+    hp.rms_eps = (float) f.get_float(names::KEY_RMS_EPS);
+    hp.rope_freq_base = (float) f.get_float(names::KEY_ROPE_FREQ_BASE, 10000.0);
     if (!(hp.rms_eps > 0) || !(hp.rope_freq_base > 0)) f.fail("rms epsilon and rope base must be > 0");
     return hp;
 }
 
+// A sidecar from another conversion would load and silently give wrong image logits: it must be an
+// owl2 MAM adapter written with this very base (the same pair id and dimensions).
 static void check_sidecar(const gguf_file & base, const gguf_file & mam, const hparams & hp) {
+    check_architecture(mam);
     auto str_or_empty = [&](const char * k) { return mam.has(k) ? mam.get_str(k) : std::string(); };
     if (str_or_empty(names::KEY_GENERAL_TYPE) != names::ADAPTER_GENERAL_TYPE ||
         str_or_empty(names::KEY_ADAPTER_TYPE) != names::MAM_ADAPTER_TYPE) {
@@ -156,6 +177,17 @@ static void check_sidecar(const gguf_file & base, const gguf_file & mam, const h
     same(names::KEY_MAM_BLOCK_COUNT, hp.n_layer);
     same(names::KEY_MAM_EMBEDDING_LENGTH, hp.n_embd);
     same(names::KEY_MAM_KV_WIDTH, hp.n_embd_kv());
+}
+
+// A dimension of the layer-part table in this model (-1: none, the part is a vector).
+static int64_t resolve(names::dim d, const hparams & hp) {
+    switch (d) {
+        case names::dim::n_embd: return hp.n_embd;
+        case names::dim::n_embd_kv: return hp.n_embd_kv();
+        case names::dim::n_ff: return hp.n_ff;
+        case names::dim::none: break;
+    }
+    return -1;
 }
 
 // Check a tensor's presence, shape and type against what the graph will do with it. A matrix
@@ -183,40 +215,150 @@ static const gguf_tensor_info & expect(const gguf_file & f, const std::string & 
     return *t;
 }
 
+// A tensor nothing reads means a file of another layout (or another model): refuse it rather than
+// run without it.
 static void refuse_unknown_tensors(const gguf_file & f, const std::set<std::string> & seen) {
     for (const auto & t : f.tensors()) {
         if (!seen.count(t.name)) f.fail("unexpected tensor " + t.name);
     }
 }
 
-static ggml_type parse_kv_type(const std::string & s) {
-    if (s == "f32") return GGML_TYPE_F32;
-    if (s == "f16") return GGML_TYPE_F16;
-    if (s == "q8_0") return GGML_TYPE_Q8_0;
-    throw decoder_error("kv_type must be f32, f16 or q8_0, not '" + s + "'");
+// Every tensor of both files against the layer-part table: routed parts in both files, shared
+// parts in the base only. Returns n_vocab, the one dimension only the embedding table knows.
+static int check_tensors(const gguf_file & base, const gguf_file & mam, const hparams & hp) {
+    std::set<std::string> seen_base, seen_mam;
+    const gguf_tensor_info * embd = base.find(names::TOKEN_EMBD);
+    if (embd == nullptr) base.fail(std::string("missing tensor ") + names::TOKEN_EMBD);
+    if (embd->n_dims != 2 || embd->ne[1] < 1 || embd->ne[1] > INT32_MAX) {
+        base.fail(std::string("tensor ") + names::TOKEN_EMBD + " must be [n_embd, n_vocab]");
+    }
+    const int n_vocab = (int) embd->ne[1];
+    expect(base, names::TOKEN_EMBD, hp.n_embd, n_vocab, seen_base);
+    expect(base, names::OUTPUT_NORM, hp.n_embd, -1, seen_base, GGML_TYPE_F32);
+    expect(base, names::OUTPUT, hp.n_embd, n_vocab, seen_base);
+    for (int i = 0; i < hp.n_layer; ++i) {
+        // Every part in the base: shared parts and the text route's copies.
+        const gguf_tensor_info * in_base[names::N_LAYER_PARTS] = {};
+        for (int p = 0; p < names::N_LAYER_PARTS; ++p) {
+            const names::layer_part_info & part = names::LAYER_PARTS[p];
+            const bool norm = part.ne1 == names::dim::none;  // a vector the graph multiplies by elementwise
+            in_base[p] = &expect(base, names::blk(i, part.name), resolve(part.ne0, hp), resolve(part.ne1, hp),
+                                 seen_base, norm ? GGML_TYPE_F32 : GGML_TYPE_COUNT);
+        }
+        // The routed parts' visual copies in the sidecar, of the base copy's type (norms f32, K/V the
+        // base's type per layer, docs/design.md §2): another type means the files were not written together.
+        for (int p = 0; p < names::N_LAYER_PARTS; ++p) {
+            const names::layer_part_info & part = names::LAYER_PARTS[p];
+            if (!part.routed) continue;
+            expect(mam, names::blk(i, part.name), resolve(part.ne0, hp), resolve(part.ne1, hp), seen_mam,
+                   in_base[p]->type);
+        }
+    }
+    refuse_unknown_tensors(base, seen_base);
+    refuse_unknown_tensors(mam, seen_mam);
+    return n_vocab;
 }
+
+// --- choose the devices
+
+// Whether `s` is one of a generated list of names (names::DEVICES, names::KV_TYPES).
+template <size_t N>
+static constexpr bool listed(std::string_view s, const char * const (&list)[N]) {
+    for (const char * x : list) {
+        if (s == x) return true;
+    }
+    return false;
+}
+
+// The list as a message shows it: "a, b, c".
+template <size_t N>
+static std::string joined(const char * const (&list)[N]) {
+    std::string out;
+    for (const char * x : list) out += (out.empty() ? "" : ", ") + std::string(x);
+    return out;
+}
+
+// The two device names with a meaning of their own here; any other listed name asks for a GPU.
+// Checked against the generated list so that a rename in names.py fails the build, not a user.
+static constexpr const char * DEVICE_AUTO = "auto";
+static constexpr const char * DEVICE_CPU = "cpu";
+static_assert(listed(DEVICE_AUTO, names::DEVICES) && listed(DEVICE_CPU, names::DEVICES));
 
 // The compute device: a GPU from ggml's device registry (a CUDA build of llama-cpp-python
 // registers one; nothing here depends on CUDA at compile time), or none.
 static ggml_backend_dev_t pick_gpu(const std::string & device) {
-    if (device == "cpu") return nullptr;
-    if (device != "auto" && device != "cuda" && device != "gpu") {
-        throw decoder_error("device must be auto, cpu or cuda, not '" + device + "'");
+    if (!listed(device, names::DEVICES)) {
+        throw decoder_error("device must be one of " + joined(names::DEVICES) + ", not '" + device + "'");
     }
+    if (device == DEVICE_CPU) return nullptr;
     ggml_backend_dev_t gpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU);
-    if (gpu == nullptr && device != "auto") {
+    if (gpu == nullptr && device != DEVICE_AUTO) {
         throw decoder_error("device '" + device + "' asked for, but ggml has no GPU device (the installed "
                             "llama-cpp-python was built without CUDA, or no GPU is visible)");
     }
     return gpu;
 }
 
-// Tensors of one file that live on one device: metadata in a ggml context, data either in the
-// mapped file (CPU: ggml uses the mapping in place, no copy) or uploaded into a device buffer.
+// Which device each layer runs on, decided once so that weights and cache land together: like
+// llama.cpp's n_gpu_layers, the last layers go to the GPU, and the output head too once every
+// layer is there. token_embd stays on the CPU (a row lookup; llama.cpp keeps it there as well).
+static void choose_devices(model & m) {
+    const hparams & hp = m.hp;
+    const decoder_params & p = m.params;
+    m.dev_cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (m.dev_cpu == nullptr) throw decoder_error("ggml has no CPU device");
+    m.dev_gpu = pick_gpu(p.device);
+    const int n_gpu = m.dev_gpu == nullptr ? 0 : (p.n_gpu_layers < 0 ? hp.n_layer : std::min(p.n_gpu_layers, hp.n_layer));
+    if (m.dev_gpu != nullptr && n_gpu == 0) m.dev_gpu = nullptr;
+    if (m.dev_gpu != nullptr) {
+        // On the GPU attention always takes ggml's fused kernel, as llama.cpp's default does
+        // there. Measured on an H100 (CUDA build of llama-cpp-python 0.3.36): the unfused path
+        // (mul_mat over permuted cache views + soft_max) gave logits off by ~3 against the
+        // reference with an f32 cache, while the fused kernel matched it.
+        m.params.flash_attn = true;
+    }
+    m.layers.resize(hp.n_layer);
+    for (int i = 0; i < hp.n_layer; ++i) m.layers[i].on_gpu = i >= hp.n_layer - n_gpu;
+    m.output_on_gpu = m.dev_gpu != nullptr && n_gpu == hp.n_layer;
+}
+
+// --- create the weights' tensor metadata
+
+// The two files of a pair: the base holds the shared weights and the text route's copies of the
+// routed ones, the sidecar the visual route's copies.
+enum class pair_file { base, mam };
+
+static pair_file file_of_route(int route) { return route == names::VISUAL_ROUTE ? pair_file::mam : pair_file::base; }
+
+// Where a weight's data live once loaded.
+enum class weight_home {
+    mapped_cpu,    // in place in the mapped file: no copy, the page cache holds it
+    gpu,           // copied into a buffer on the GPU
+    repacked_cpu,  // copied into one of ggml's CPU extra buffer types, in its interleaved layout
+};
+
+// The weights of one file that share one home (and, when repacked, one buffer type): metadata in a
+// ggml context, data in one buffer once place_weights() has run.
 struct weight_set {
+    weight_home home = weight_home::mapped_cpu;
+    ggml_backend_buffer_type_t repack_buft = nullptr;  // repacked_cpu: the extra buffer type
     ggml_context * ctx = nullptr;
     std::vector<std::pair<ggml_tensor *, const gguf_tensor_info *>> tensors;
 };
+
+// One file's weights by home.
+struct file_weights {
+    weight_set mapped_cpu, gpu;
+    std::vector<weight_set> repacked_cpu;  // one per CPU extra buffer type, in ggml's order of preference
+};
+
+// Both files' weights by home.
+struct pair_weights {
+    file_weights base, mam;
+    file_weights & of(pair_file f) { return f == pair_file::base ? base : mam; }
+};
+
+static const gguf_file & file_of(const model & m, pair_file f) { return f == pair_file::base ? *m.base : *m.mam; }
 
 static ggml_context * new_meta_context(size_t n_tensors) {
     ggml_init_params ip = {ggml_tensor_overhead() * (n_tensors + 1), nullptr, /*no_alloc =*/true};
@@ -226,7 +368,8 @@ static ggml_context * new_meta_context(size_t n_tensors) {
 }
 
 // ggml's CPU "extra" buffer types hold weights in repacked layouts (interleaved rows for the
-// AVX2 / NEON kernels): faster matmuls, but the weights are copied out of the mapping. Opt-in.
+// AVX2 / NEON kernels): faster matmuls, but the weights are copied out of the mapping (whose pages
+// are given back). Used by default, as stock llama.cpp does; decoder_params::repack = false opts out.
 static std::vector<ggml_backend_buffer_type_t> cpu_repack_bufts(ggml_backend_dev_t cpu) {
     std::vector<ggml_backend_buffer_type_t> out;
     auto get_extra = (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(
@@ -253,19 +396,113 @@ static bool buft_takes_matmul(ggml_backend_dev_t dev, ggml_backend_buffer_type_t
     return ok;
 }
 
-static void place_weights(model & m, const gguf_file & f, weight_set & set, bool gpu,
-                          ggml_backend_buffer_type_t copy_into = nullptr) {
+// One set (one ggml context, later one buffer) per file and home; each context has room for every
+// tensor of the pair (metadata only, a few hundred bytes a tensor).
+static pair_weights new_weight_sets(model & m) {
+    const size_t n_tensors = m.base->tensors().size() + m.mam->tensors().size();
+    const std::vector<ggml_backend_buffer_type_t> repack_bufts =
+        m.params.repack ? cpu_repack_bufts(m.dev_cpu) : std::vector<ggml_backend_buffer_type_t>();
+    auto new_set = [&](weight_home home, ggml_backend_buffer_type_t repack_buft) {
+        weight_set s;
+        s.home = home;
+        s.repack_buft = repack_buft;
+        s.ctx = new_meta_context(n_tensors);
+        m.contexts.push_back(s.ctx);
+        return s;
+    };
+    pair_weights w;
+    for (file_weights * fw : {&w.base, &w.mam}) {
+        fw->mapped_cpu = new_set(weight_home::mapped_cpu, nullptr);
+        fw->gpu = new_set(weight_home::gpu, nullptr);
+        for (ggml_backend_buffer_type_t buft : repack_bufts) fw->repacked_cpu.push_back(new_set(weight_home::repacked_cpu, buft));
+    }
+    return w;
+}
+
+// A weight's tensor metadata, created in the set whose buffer will hold its data: a GPU layer's
+// weights on the GPU; on the CPU a matrix in the first repacked buffer type that can multiply it,
+// anything else in place in the mapping. token_embd is only read by row (ggml_get_rows), never
+// multiplied: it stays mapped. The sidecar's tensors have the base's names; their ggml names say
+// they are the visual route's.
+static ggml_tensor * new_weight(pair_weights & w, const model & m, pair_file file, const std::string & name, bool on_gpu) {
+    const gguf_tensor_info & info = *file_of(m, file).find(name);  // present: check_tensors saw it
+    file_weights & fw = w.of(file);
+    weight_set * s = on_gpu ? &fw.gpu : &fw.mapped_cpu;
+    if (!on_gpu && info.n_dims == 2 && name != names::TOKEN_EMBD) {
+        for (weight_set & r : fw.repacked_cpu) {
+            if (buft_takes_matmul(m.dev_cpu, r.repack_buft, info)) {
+                s = &r;
+                break;
+            }
+        }
+    }
+    ggml_tensor * t = ggml_new_tensor(s->ctx, info.type, info.n_dims, info.ne);
+    ggml_set_name(t, file == pair_file::mam ? (name + ".visual").c_str() : name.c_str());
+    s->tensors.emplace_back(t, &info);
+    return t;
+}
+
+// The field of `L` that holds one part of the layer-part table (for a routed part, the route's
+// copy): build_graph reads the named fields, load() walks names::LAYER_PARTS.
+static ggml_tensor *& layer_weight(layer & L, names::layer_part part, int route) {
+    switch (part) {
+        case names::ATTN_NORM: return L.attn_norm[route];
+        case names::ATTN_Q: return L.wq;
+        case names::ATTN_K: return L.wk[route];
+        case names::ATTN_V: return L.wv[route];
+        case names::ATTN_OUTPUT: return L.wo;
+        case names::FFN_NORM: return L.ffn_norm[route];
+        case names::FFN_GATE: return L.ffn_gate;
+        case names::FFN_UP: return L.ffn_up;
+        case names::FFN_DOWN: return L.ffn_down;
+        case names::N_LAYER_PARTS: break;
+    }
+    throw decoder_error("no layer part " + std::to_string((int) part));
+}
+
+// struct layer doubles exactly the parts the table marks routed: a change to the table must
+// change the struct (and the math) too, not load into the wrong field.
+static_assert(names::N_LAYER_PARTS == 9, "struct layer and layer_weight() know nine layer parts");
+static_assert(names::LAYER_PARTS[names::ATTN_NORM].routed && !names::LAYER_PARTS[names::ATTN_Q].routed &&
+              names::LAYER_PARTS[names::ATTN_K].routed && names::LAYER_PARTS[names::ATTN_V].routed &&
+              !names::LAYER_PARTS[names::ATTN_OUTPUT].routed && names::LAYER_PARTS[names::FFN_NORM].routed &&
+              !names::LAYER_PARTS[names::FFN_GATE].routed && !names::LAYER_PARTS[names::FFN_UP].routed &&
+              !names::LAYER_PARTS[names::FFN_DOWN].routed,
+              "struct layer has two copies ([route]) of the routed parts and one of the shared parts");
+
+// The metadata of every weight (ggml sees the tensors, no data yet), sorted into the sets of the
+// buffers that will hold them and hooked into the model's named fields.
+static pair_weights create_weights(model & m) {
+    pair_weights w = new_weight_sets(m);
+    m.token_embd = new_weight(w, m, pair_file::base, names::TOKEN_EMBD, false);
+    m.output_norm = new_weight(w, m, pair_file::base, names::OUTPUT_NORM, m.output_on_gpu);
+    m.output = new_weight(w, m, pair_file::base, names::OUTPUT, m.output_on_gpu);
+    for (int i = 0; i < m.hp.n_layer; ++i) {
+        layer & L = m.layers[i];
+        for (int p = 0; p < names::N_LAYER_PARTS; ++p) {
+            const names::layer_part part = (names::layer_part) p;
+            const std::string name = names::blk(i, names::LAYER_PARTS[p].name);
+            if (!names::LAYER_PARTS[p].routed) {
+                layer_weight(L, part, names::TEXT_ROUTE) = new_weight(w, m, pair_file::base, name, L.on_gpu);
+                continue;
+            }
+            for (int route : {names::TEXT_ROUTE, names::VISUAL_ROUTE}) {
+                layer_weight(L, part, route) = new_weight(w, m, file_of_route(route), name, L.on_gpu);
+            }
+        }
+    }
+    return w;
+}
+
+// --- place the weights' data
+
+// Gives the tensors of one set their data: the mapped set points into the mapping; the others get a
+// buffer of their own and a copy (ggml repacks while the data are set), after which the copied
+// pages of the mapping are given back.
+static void place_set(model & m, const gguf_file & f, weight_set & set) {
     if (set.tensors.empty()) return;
     ggml_backend_buffer_t buf;
-    if (copy_into) {  // a CPU extra buffer: ggml repacks while the data are set
-        buf = ggml_backend_alloc_ctx_tensors_from_buft(set.ctx, copy_into);
-        if (buf == nullptr) f.fail("out of memory for its repacked weights");
-        m.buffers.push_back(buf);
-        for (auto & [t, info] : set.tensors) {
-            ggml_backend_tensor_set(t, f.data(*info), 0, info->nbytes);
-            f.release(*info);
-        }
-    } else if (!gpu) {
+    if (set.home == weight_home::mapped_cpu) {
         buf = ggml_backend_cpu_buffer_from_ptr(f.map_base(), f.map_size());
         if (buf == nullptr) f.fail("cannot wrap the mapped file in a ggml buffer");
         m.buffers.push_back(buf);
@@ -275,8 +512,9 @@ static void place_weights(model & m, const gguf_file & f, weight_set & set, bool
             }
         }
     } else {
-        buf = ggml_backend_alloc_ctx_tensors_from_buft(set.ctx, ggml_backend_dev_buffer_type(m.dev_gpu));
-        if (buf == nullptr) f.fail("out of GPU memory for its weights");
+        const bool gpu = set.home == weight_home::gpu;
+        buf = ggml_backend_alloc_ctx_tensors_from_buft(set.ctx, gpu ? ggml_backend_dev_buffer_type(m.dev_gpu) : set.repack_buft);
+        if (buf == nullptr) f.fail(gpu ? "out of GPU memory for its weights" : "out of memory for its repacked weights");
         m.buffers.push_back(buf);
         for (auto & [t, info] : set.tensors) {
             ggml_backend_tensor_set(t, f.data(*info), 0, info->nbytes);
@@ -286,6 +524,92 @@ static void place_weights(model & m, const gguf_file & f, weight_set & set, bool
     // The scheduler runs an op where its weights are.
     ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
 }
+
+// Every set of both files, each into its buffer.
+static void place_weights(model & m, pair_weights & w) {
+    for (pair_file file : {pair_file::base, pair_file::mam}) {
+        file_weights & fw = w.of(file);
+        place_set(m, file_of(m, file), fw.mapped_cpu);
+        place_set(m, file_of(m, file), fw.gpu);
+        for (weight_set & s : fw.repacked_cpu) place_set(m, file_of(m, file), s);
+    }
+}
+
+// --- allocate the KV cache
+
+// names::KV_TYPES are ggml's own spellings of the cache types, so ggml's name table maps them.
+static ggml_type parse_kv_type(const std::string & s) {
+    if (!listed(s, names::KV_TYPES)) {
+        throw decoder_error("kv_type must be one of " + joined(names::KV_TYPES) + ", not '" + s + "'");
+    }
+    return (ggml_type) ggml_type_from_name(s);
+}
+
+// The KV cache of every layer, on the device of its layer, zeroed.
+static void allocate_kv_cache(model & m) {
+    const hparams & hp = m.hp;
+    m.n_ctx = m.params.n_ctx;
+    if (m.n_ctx < 1 || m.n_ctx > (1 << 20)) throw decoder_error("n_ctx must be between 1 and 2^20");
+    m.kv_type = parse_kv_type(m.params.kv_type);
+    if (hp.head_dim() % ggml_blck_size(m.kv_type) != 0) {
+        throw decoder_error(std::string("kv_type ") + ggml_type_name(m.kv_type) + " needs a head size that is a multiple of " +
+                            std::to_string(ggml_blck_size(m.kv_type)) + "; this model has " + std::to_string(hp.head_dim()));
+    }
+    // A transposed V lets plain attention multiply by it without a copy; flash attention wants
+    // rows, and a quantized V cannot be written column-wise (its blocks run along a row).
+    m.v_trans = !m.params.flash_attn && !ggml_is_quantized(m.kv_type);
+    for (bool on_gpu : {false, true}) {
+        ggml_context * ctx = new_meta_context(2 * hp.n_layer);
+        m.contexts.push_back(ctx);
+        bool any = false;
+        for (int i = 0; i < hp.n_layer; ++i) {
+            layer & L = m.layers[i];
+            if (L.on_gpu != on_gpu) continue;
+            any = true;
+            L.k_cache = ggml_new_tensor_2d(ctx, m.kv_type, hp.n_embd_kv(), m.n_ctx);
+            L.v_cache = m.v_trans ? ggml_new_tensor_2d(ctx, m.kv_type, m.n_ctx, hp.n_embd_kv())
+                                  : ggml_new_tensor_2d(ctx, m.kv_type, hp.n_embd_kv(), m.n_ctx);
+            ggml_format_name(L.k_cache, "cache_k.%d", i);
+            ggml_format_name(L.v_cache, "cache_v.%d", i);
+        }
+        if (!any) continue;
+        ggml_backend_buffer_t buf =
+            ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_dev_buffer_type(on_gpu ? m.dev_gpu : m.dev_cpu));
+        if (buf == nullptr) throw decoder_error("out of memory for the KV cache (n_ctx " + std::to_string(m.n_ctx) + ")");
+        // Positions past n_past are masked, but a masked NaN still poisons the weighted sum of V:
+        // start from zeros, never from whatever the allocator returned.
+        ggml_backend_buffer_clear(buf, 0);
+        m.buffers.push_back(buf);
+    }
+}
+
+// --- start the backends
+
+// The backends that compute and the scheduler that splits each graph between them (GPU first: the
+// scheduler prefers low indices), with room for one graph's metadata.
+static void start_backends(model & m) {
+    m.backend_cpu = ggml_backend_dev_init(m.dev_cpu, nullptr);
+    if (m.backend_cpu == nullptr) throw decoder_error("cannot start ggml's CPU backend");
+    m.n_threads = m.params.n_threads > 0 ? m.params.n_threads : physical_cores();
+    ggml_backend_reg_t cpu_reg = ggml_backend_dev_backend_reg(m.dev_cpu);
+    using set_threads_fn = void (*)(ggml_backend_t, int);
+    auto set_threads = (set_threads_fn) ggml_backend_reg_get_proc_address(cpu_reg, "ggml_backend_set_n_threads");
+    if (set_threads) set_threads(m.backend_cpu, m.n_threads);
+    std::vector<ggml_backend_t> backends;
+    if (m.dev_gpu) {
+        m.backend_gpu = ggml_backend_dev_init(m.dev_gpu, nullptr);
+        if (m.backend_gpu == nullptr) throw decoder_error(std::string("cannot start the GPU backend ") + ggml_backend_dev_name(m.dev_gpu));
+        backends.push_back(m.backend_gpu);
+    }
+    backends.push_back(m.backend_cpu);
+    m.graph_size = std::max<size_t>(2048, (size_t) m.hp.n_layer * 64 + 256);
+    m.graph_meta.resize(ggml_tensor_overhead() * m.graph_size + ggml_graph_overhead_custom(m.graph_size, false));
+    m.sched = ggml_backend_sched_new(backends.data(), nullptr, (int) backends.size(), m.graph_size, false,
+                                     /*op_offload =*/true);
+    if (m.sched == nullptr) throw decoder_error("cannot create the ggml scheduler");
+}
+
+// --- the steps in order
 
 // While the weights load, ggml reports each tensor it repacks or uploads at INFO level: one line
 // per tensor on a user's terminal. Keep warnings and errors, drop the chatter, and hand ggml's
@@ -318,184 +642,20 @@ size_t init_backends_quietly() {
     return ggml_backend_dev_count();
 }
 
+// Opens the pair and makes it ready to evaluate. A step that throws leaves a partly built model,
+// which the decoder's unique_ptr frees (~model releases whatever was made).
 static void load(model & m, const std::string & base_path, const std::string & mam_path) {
     quiet_ggml_log quiet;
     m.base = std::make_unique<gguf_file>(base_path, "decoder GGUF");
     m.hp = read_hparams(*m.base);
     m.mam = std::make_unique<gguf_file>(mam_path, "MAM GGUF");
-    const std::string mam_arch = m.mam->get_str(names::KEY_ARCHITECTURE);
-    if (mam_arch != names::ARCHITECTURE) {
-        m.mam->fail("general.architecture is '" + mam_arch + "', expected '" + names::ARCHITECTURE + "'");
-    }
     check_sidecar(*m.base, *m.mam, m.hp);
-    hparams & hp = m.hp;
-
-    // Every tensor, checked before ggml sees any of them.
-    const gguf_file & B = *m.base;
-    const gguf_file & M = *m.mam;
-    std::set<std::string> seen_b, seen_m;
-    // The vocabulary size is the one dimension only the embedding table knows.
-    const gguf_tensor_info * embd = B.find(names::TOKEN_EMBD);
-    if (embd == nullptr) B.fail(std::string("missing tensor ") + names::TOKEN_EMBD);
-    if (embd->n_dims != 2 || embd->ne[1] < 1 || embd->ne[1] > INT32_MAX) {
-        B.fail(std::string("tensor ") + names::TOKEN_EMBD + " must be [n_embd, n_vocab]");
-    }
-    hp.n_vocab = (int) embd->ne[1];
-    expect(B, names::TOKEN_EMBD, hp.n_embd, hp.n_vocab, seen_b);
-    const int64_t E = hp.n_embd, KV = hp.n_embd_kv(), F = hp.n_ff, V = hp.n_vocab;
-    expect(B, names::OUTPUT_NORM, E, -1, seen_b, GGML_TYPE_F32);
-    expect(B, names::OUTPUT, E, V, seen_b);
-    for (int i = 0; i < hp.n_layer; ++i) {
-        expect(B, names::blk(i, "attn_norm"), E, -1, seen_b, GGML_TYPE_F32);
-        expect(B, names::blk(i, "attn_q"), E, E, seen_b);
-        const auto & bk = expect(B, names::blk(i, "attn_k"), E, KV, seen_b);
-        const auto & bv = expect(B, names::blk(i, "attn_v"), E, KV, seen_b);
-        expect(B, names::blk(i, "attn_output"), E, E, seen_b);
-        expect(B, names::blk(i, "ffn_norm"), E, -1, seen_b, GGML_TYPE_F32);
-        expect(B, names::blk(i, "ffn_gate"), E, F, seen_b);
-        expect(B, names::blk(i, "ffn_up"), E, F, seen_b);
-        expect(B, names::blk(i, "ffn_down"), F, E, seen_b);
-        // The sidecar's K/V take the base's type per layer (docs/design.md §2): a different type
-        // means the two files were not written together.
-        expect(M, names::blk(i, "attn_norm"), E, -1, seen_m, GGML_TYPE_F32);
-        expect(M, names::blk(i, "attn_k"), E, KV, seen_m, bk.type);
-        expect(M, names::blk(i, "attn_v"), E, KV, seen_m, bv.type);
-        expect(M, names::blk(i, "ffn_norm"), E, -1, seen_m, GGML_TYPE_F32);
-    }
-    refuse_unknown_tensors(B, seen_b);
-    refuse_unknown_tensors(M, seen_m);
-
-    // Devices and the layer split: like llama.cpp's n_gpu_layers, the last layers go to the GPU,
-    // and the output head too once every layer is there. token_embd stays on the CPU (a row
-    // lookup; llama.cpp keeps it there as well).
-    const decoder_params & p = m.params;
-    m.dev_cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-    if (m.dev_cpu == nullptr) throw decoder_error("ggml has no CPU device");
-    m.dev_gpu = pick_gpu(p.device);
-    const int n_gpu = m.dev_gpu == nullptr ? 0 : (p.n_gpu_layers < 0 ? hp.n_layer : std::min(p.n_gpu_layers, hp.n_layer));
-    if (m.dev_gpu != nullptr && n_gpu == 0) m.dev_gpu = nullptr;
-    if (m.dev_gpu != nullptr) {
-        // On the GPU attention always takes ggml's fused kernel, as llama.cpp's default does
-        // there. Measured on an H100 (CUDA build of llama-cpp-python 0.3.36): the unfused path
-        // (mul_mat over permuted cache views + soft_max) gave logits off by ~3 against the
-        // reference with an f32 cache, while the fused kernel matched it.
-        m.params.flash_attn = true;
-    }
-    const bool output_on_gpu = m.dev_gpu != nullptr && n_gpu == hp.n_layer;
-
-    const std::vector<ggml_backend_buffer_type_t> repack = p.repack ? cpu_repack_bufts(m.dev_cpu) : std::vector<ggml_backend_buffer_type_t>();
-    // [file: 0 base, 1 mam][0 mapped cpu, 1 gpu, 2.. repacked cpu (one per extra buffer type)]
-    std::vector<std::vector<weight_set>> sets(2, std::vector<weight_set>(2 + repack.size()));
-    for (auto & by_file : sets) {
-        for (auto & s : by_file) {
-            s.ctx = new_meta_context(B.tensors().size() + M.tensors().size());
-            m.contexts.push_back(s.ctx);
-        }
-    }
-    auto make = [&](int file, bool gpu, const std::string & name, const char * label) {
-        const gguf_file & f = file == 0 ? B : M;
-        const gguf_tensor_info * info = f.find(name);
-        size_t where = gpu ? 1 : 0;
-        if (!gpu && info->n_dims == 2 && name != names::TOKEN_EMBD) {  // a matrix the CPU multiplies by
-            for (size_t k = 0; k < repack.size(); ++k) {
-                if (buft_takes_matmul(m.dev_cpu, repack[k], *info)) {
-                    where = 2 + k;
-                    break;
-                }
-            }
-        }
-        weight_set & s = sets[file][where];
-        ggml_tensor * t = ggml_new_tensor(s.ctx, info->type, info->n_dims, info->ne);
-        ggml_set_name(t, label);
-        s.tensors.emplace_back(t, info);
-        return t;
-    };
-    m.token_embd = make(0, false, names::TOKEN_EMBD, "token_embd");
-    m.output_norm = make(0, output_on_gpu, names::OUTPUT_NORM, "output_norm");
-    m.output = make(0, output_on_gpu, names::OUTPUT, "output");
-    m.layers.resize(hp.n_layer);
-    for (int i = 0; i < hp.n_layer; ++i) {
-        layer & L = m.layers[i];
-        L.on_gpu = i >= hp.n_layer - n_gpu;
-        auto label = [&](const char * part, int route) {
-            return "blk." + std::to_string(i) + "." + part + (route < 0 ? "" : route == 0 ? ".text" : ".visual");
-        };
-        auto shared = [&](const char * part) { return make(0, L.on_gpu, names::blk(i, part), label(part, -1).c_str()); };
-        auto routed = [&](ggml_tensor * (&pair)[2], const char * part) {
-            pair[names::TEXT_ROUTE] = make(0, L.on_gpu, names::blk(i, part), label(part, 0).c_str());
-            pair[names::VISUAL_ROUTE] = make(1, L.on_gpu, names::blk(i, part), label(part, 1).c_str());
-        };
-        routed(L.attn_norm, "attn_norm");
-        L.wq = shared("attn_q");
-        routed(L.wk, "attn_k");
-        routed(L.wv, "attn_v");
-        L.wo = shared("attn_output");
-        routed(L.ffn_norm, "ffn_norm");
-        L.ffn_gate = shared("ffn_gate");
-        L.ffn_up = shared("ffn_up");
-        L.ffn_down = shared("ffn_down");
-    }
-    for (int file = 0; file < 2; ++file) {
-        for (size_t where = 0; where < sets[file].size(); ++where) {
-            place_weights(m, file == 0 ? B : M, sets[file][where], where == 1, where >= 2 ? repack[where - 2] : nullptr);
-        }
-    }
-
-    // KV cache, on the device of its layer.
-    m.n_ctx = p.n_ctx;
-    if (m.n_ctx < 1 || m.n_ctx > (1 << 20)) throw decoder_error("n_ctx must be between 1 and 2^20");
-    m.kv_type = parse_kv_type(p.kv_type);
-    if (hp.head_dim() % ggml_blck_size(m.kv_type) != 0) {
-        throw decoder_error(std::string("kv_type ") + ggml_type_name(m.kv_type) + " needs a head size that is a multiple of " +
-                            std::to_string(ggml_blck_size(m.kv_type)) + "; this model has " + std::to_string(hp.head_dim()));
-    }
-    // A transposed V lets plain attention multiply by it without a copy; flash attention wants
-    // rows, and a quantized V cannot be written column-wise (its blocks run along a row).
-    m.v_trans = !p.flash_attn && !ggml_is_quantized(m.kv_type);
-    for (int gpu = 0; gpu < 2; ++gpu) {
-        ggml_context * ctx = new_meta_context(2 * hp.n_layer);
-        m.contexts.push_back(ctx);
-        bool any = false;
-        for (int i = 0; i < hp.n_layer; ++i) {
-            layer & L = m.layers[i];
-            if (L.on_gpu != (gpu == 1)) continue;
-            any = true;
-            L.k_cache = ggml_new_tensor_2d(ctx, m.kv_type, hp.n_embd_kv(), m.n_ctx);
-            L.v_cache = m.v_trans ? ggml_new_tensor_2d(ctx, m.kv_type, m.n_ctx, hp.n_embd_kv())
-                                  : ggml_new_tensor_2d(ctx, m.kv_type, hp.n_embd_kv(), m.n_ctx);
-            ggml_format_name(L.k_cache, "cache_k.%d", i);
-            ggml_format_name(L.v_cache, "cache_v.%d", i);
-        }
-        if (!any) continue;
-        ggml_backend_buffer_t buf =
-            ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_dev_buffer_type(gpu ? m.dev_gpu : m.dev_cpu));
-        if (buf == nullptr) throw decoder_error("out of memory for the KV cache (n_ctx " + std::to_string(m.n_ctx) + ")");
-        // Positions past n_past are masked, but a masked NaN still poisons the weighted sum of V:
-        // start from zeros, never from whatever the allocator returned.
-        ggml_backend_buffer_clear(buf, 0);
-        m.buffers.push_back(buf);
-    }
-
-    // Backends and the scheduler (GPU first: the scheduler prefers low indices).
-    m.backend_cpu = ggml_backend_dev_init(m.dev_cpu, nullptr);
-    if (m.backend_cpu == nullptr) throw decoder_error("cannot start ggml's CPU backend");
-    m.n_threads = p.n_threads > 0 ? p.n_threads : physical_cores();
-    ggml_backend_reg_t cpu_reg = ggml_backend_dev_backend_reg(m.dev_cpu);
-    using set_threads_fn = void (*)(ggml_backend_t, int);
-    auto set_threads = (set_threads_fn) ggml_backend_reg_get_proc_address(cpu_reg, "ggml_backend_set_n_threads");
-    if (set_threads) set_threads(m.backend_cpu, m.n_threads);
-    std::vector<ggml_backend_t> backends;
-    if (m.dev_gpu) {
-        m.backend_gpu = ggml_backend_dev_init(m.dev_gpu, nullptr);
-        if (m.backend_gpu == nullptr) throw decoder_error(std::string("cannot start the GPU backend ") + ggml_backend_dev_name(m.dev_gpu));
-        backends.push_back(m.backend_gpu);
-    }
-    backends.push_back(m.backend_cpu);
-    m.graph_size = std::max<size_t>(2048, (size_t) hp.n_layer * 64 + 256);
-    m.graph_meta.resize(ggml_tensor_overhead() * m.graph_size + ggml_graph_overhead_custom(m.graph_size, false));
-    m.sched = ggml_backend_sched_new(backends.data(), nullptr, (int) backends.size(), m.graph_size, false,
-                                     /*op_offload =*/true);
-    if (m.sched == nullptr) throw decoder_error("cannot create the ggml scheduler");
+    m.hp.n_vocab = check_tensors(*m.base, *m.mam, m.hp);
+    choose_devices(m);
+    pair_weights weights = create_weights(m);
+    place_weights(m, weights);
+    allocate_kv_cache(m);
+    start_backends(m);
 }
 
 // --- build_graph(run) --------------------------------------------------------------------------------
@@ -526,6 +686,18 @@ struct graph {
 
 static ggml_tensor * rms_norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, float eps) {
     return ggml_mul(ctx, ggml_rms_norm(ctx, x, eps), w);
+}
+
+// Rotary position embedding of x [head_dim, heads, n] at positions pos [n], as LLaMA-2 has it: the
+// first n_rot dims of each head, base rope_freq_base, no context extension. llama.cpp's normal
+// (adjacent-pair) rope, not NeoX's split halves: the converter permuted the Q/K rows for it.
+static ggml_tensor * rope(ggml_context * ctx, ggml_tensor * x, ggml_tensor * pos, const hparams & hp) {
+    return ggml_rope_ext(ctx, x, pos, /*freq_factors =*/nullptr, hp.n_rot, GGML_ROPE_TYPE_NORMAL,
+                         /*n_ctx_orig =*/hp.n_ctx_train, hp.rope_freq_base,
+                         /*freq_scale =*/1.0f,   // positions as they are (no linear scaling)
+                         /*ext_factor =*/0.0f,   // no YaRN, so its ramp (beta_*) is unused
+                         /*attn_factor =*/1.0f,  // rotated values unscaled
+                         /*beta_fast =*/0.0f, /*beta_slow =*/0.0f);
 }
 
 // Causal attention of this run's queries over the cache [0, n_kv), after writing the run's K/V
@@ -610,11 +782,8 @@ static void build_graph(graph & g, model & m, const run & r) {
         ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wq, cur), hd, hp.n_head, n);
         ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wk[R], cur), hd, hp.n_head_kv, n);
         ggml_tensor * v = ggml_mul_mat(ctx, L.wv[R], cur);
-        // llama.cpp's normal (adjacent-pair) rope: the converter permuted the Q/K rows for it.
-        q = ggml_rope_ext(ctx, q, g.inp_pos, nullptr, hp.n_rot, GGML_ROPE_TYPE_NORMAL, hp.n_ctx_train,
-                          hp.rope_freq_base, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
-        k = ggml_rope_ext(ctx, k, g.inp_pos, nullptr, hp.n_rot, GGML_ROPE_TYPE_NORMAL, hp.n_ctx_train,
-                          hp.rope_freq_base, 1.0f, 0.0f, 1.0f, 0.0f, 0.0f);
+        q = rope(ctx, q, g.inp_pos, hp);
+        k = rope(ctx, k, g.inp_pos, hp);
         cur = attention(ctx, g.gf, m, L, r, kq_mask, q, k, v);
         ggml_tensor * h = ggml_add(ctx, ggml_mul_mat(ctx, L.wo, cur), x);
 
@@ -650,11 +819,10 @@ static void set_inputs(const graph & g, const run & r) {
     ggml_backend_tensor_set(g.inp_mask, mask.data(), 0, ggml_nbytes(g.inp_mask));
 }
 
-// Runs `total` positions of one modality through the model in ubatches and appends their logits
-// (all of them, or only the last one's) to `out`.
+// Runs `total` positions of one modality through the model in ubatches and returns their logits
+// (all of them, [total, n_vocab] row-major, or only the last one's).
 static std::vector<float> eval(model & m, const int32_t * tokens, const float * embeds, int total, int route,
                                bool all_logits) {
-    std::lock_guard<std::mutex> lock(m.busy);
     if (total < 1) throw decoder_error("nothing to evaluate (an empty run)");
     if (route != names::TEXT_ROUTE && route != names::VISUAL_ROUTE) {
         throw decoder_error("route must be 0 (text) or 1 (visual), not " + std::to_string(route));
@@ -748,20 +916,30 @@ model & decoder::live() const {
     return *m_;
 }
 
+// Each public method below takes mutex_ and only then asks live(): a close() on another thread
+// lands wholly before the call (which then raises "closed") or wholly after it.
+using call_lock = std::lock_guard<std::mutex>;
+
 std::vector<float> decoder::eval_tokens(const std::vector<int32_t> & ids, int route, bool all_logits) {
+    call_lock hold(mutex_);
     return eval(live(), ids.data(), nullptr, (int) std::min<size_t>(ids.size(), INT32_MAX), route, all_logits);
 }
 
 std::vector<float> decoder::eval_embeddings(const float * embeds, int64_t n, int route, bool all_logits) {
+    call_lock hold(mutex_);
+    model & m = live();
     if (n > INT32_MAX) throw context_full_error("far too many embeddings");
-    return eval(live(), nullptr, embeds, (int) n, route, all_logits);
+    return eval(m, nullptr, embeds, (int) n, route, all_logits);
 }
 
-int decoder::n_past() const { return live().n_past; }
+int decoder::n_past() const {
+    call_lock hold(mutex_);
+    return live().n_past;
+}
 
 void decoder::rewind(int n) {
+    call_lock hold(mutex_);
     model & m = live();
-    std::lock_guard<std::mutex> lock(m.busy);
     if (n < 0 || n > m.n_past) {
         throw decoder_error("cannot rewind " + std::to_string(n) + " positions; n_past is " + std::to_string(m.n_past));
     }
@@ -775,8 +953,8 @@ static std::string cache_layout(const model & m) {
 }
 
 std::unique_ptr<kv_state> decoder::save_state() const {
-    model & m = live();
-    std::lock_guard<std::mutex> lock(m.busy);
+    call_lock hold(mutex_);
+    const model & m = live();
     auto s = std::make_unique<kv_state>();
     s->n_past = m.n_past;
     s->layout = cache_layout(m);
@@ -799,8 +977,8 @@ std::unique_ptr<kv_state> decoder::save_state() const {
 }
 
 void decoder::restore_state(const kv_state & s) {
+    call_lock hold(mutex_);
     model & m = live();
-    std::lock_guard<std::mutex> lock(m.busy);
     if (s.layout != cache_layout(m) || s.n_past > m.n_ctx || s.k.size() != m.layers.size()) {
         throw decoder_error("this state was saved from a decoder with another cache layout or a larger context");
     }
@@ -817,26 +995,55 @@ void decoder::restore_state(const kv_state & s) {
     m.n_past = s.n_past;
 }
 
-int decoder::n_vocab() const { return live().hp.n_vocab; }
-int decoder::n_embd() const { return live().hp.n_embd; }
-int decoder::n_ctx() const { return live().n_ctx; }
-int decoder::n_layer() const { return live().hp.n_layer; }
-int decoder::n_threads() const { return live().n_threads; }
-std::string decoder::kv_type() const { return ggml_type_name(live().kv_type); }
-bool decoder::flash_attn() const { return live().params.flash_attn; }
+int decoder::n_vocab() const {
+    call_lock hold(mutex_);
+    return live().hp.n_vocab;
+}
+
+int decoder::n_embd() const {
+    call_lock hold(mutex_);
+    return live().hp.n_embd;
+}
+
+int decoder::n_ctx() const {
+    call_lock hold(mutex_);
+    return live().n_ctx;
+}
+
+int decoder::n_layer() const {
+    call_lock hold(mutex_);
+    return live().hp.n_layer;
+}
+
+int decoder::n_threads() const {
+    call_lock hold(mutex_);
+    return live().n_threads;
+}
+
+std::string decoder::kv_type() const {
+    call_lock hold(mutex_);
+    return ggml_type_name(live().kv_type);
+}
+
+bool decoder::flash_attn() const {
+    call_lock hold(mutex_);
+    return live().params.flash_attn;
+}
 
 std::string decoder::device_name() const {
+    call_lock hold(mutex_);
     const model & m = live();
     return ggml_backend_dev_name(m.dev_gpu ? m.dev_gpu : m.dev_cpu);
 }
 
 void decoder::close() {
-    if (m_) {
-        std::lock_guard<std::mutex> lock(m_->busy);  // wait for a running eval
-    }
+    call_lock hold(mutex_);  // waits for a running call; the model is freed before anyone else gets in
     m_.reset();
 }
 
-bool decoder::closed() const { return !m_; }
+bool decoder::closed() const {
+    call_lock hold(mutex_);
+    return !m_;
+}
 
 }  // namespace owl2

@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -32,13 +33,14 @@ size_t init_backends_quietly();
 struct decoder_params {
     int n_ctx = 2048;
     int n_threads = 0;           // <= 0: the number of physical cores
-    std::string device = "auto"; // "auto" (a GPU when ggml has one), "cpu", "cuda"/"gpu"
+    std::string device = "auto"; // one of names::DEVICES: "auto" (a GPU when ggml has one), "cpu", "cuda"
     int n_gpu_layers = -1;       // < 0: all; layers >= n_layer - n_gpu_layers go to the GPU
-    std::string kv_type = "f16"; // "f32", "f16", "q8_0"
+    std::string kv_type = "f16"; // one of names::KV_TYPES: "f16", "f32", "q8_0"
     bool flash_attn = false;
     int n_ubatch = 512;          // positions per graph; longer runs are split
     bool repack = true;          // CPU: copy the weights ggml can repack into its faster layouts
-                                 // (default: use them in place from the mapped file)
+                                 // and give their mapped pages back (false: every weight is used
+                                 // in place from the mapped files; loads at once, slower matmuls)
 };
 
 // The K/V rows of the first n_past positions, copied to host memory (prefix reuse).
@@ -77,12 +79,17 @@ public:
     std::string kv_type() const;
     bool flash_attn() const;
 
-    void close();  // frees everything; any later call raises decoder_error
+    void close();  // waits for a running call, then frees everything; any later call raises decoder_error
     bool closed() const;
 
 private:
+    // Every public method holds this for its whole call, close() included. The bindings release
+    // the GIL while a call runs, so calls may come from several threads at once: one runs at a
+    // time, and close() can never free the model under a running eval. It lives here, not in the
+    // model, because close() destroys the model while holding it.
+    mutable std::mutex mutex_;
     std::unique_ptr<model> m_;
-    model & live() const;
+    model & live() const;  // the open model (the caller holds mutex_), or decoder_error "closed"
 };
 
 // Physical cores (Linux: distinct thread-sibling sets), else half the hardware threads, >= 1.

@@ -11,6 +11,8 @@ import pytest
 pytest.importorskip("torch", reason="needs the converter (pip install 'owl2-edge[convert]')")
 
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -286,6 +288,55 @@ def test_bad_input_raises_decoder_error(ref, images, pairs):
         assert dec.n_past == 0
     with pytest.raises(DecoderError, match="closed"):
         dec.eval_tokens([1])
+
+
+# --- lifetime --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("delay", [0.0, 0.05])
+def test_close_from_another_thread_during_an_eval_waits_or_refuses_never_crashes(delay, ref, pairs):
+    """The GIL is released while the decoder computes, so close() may come from another thread in
+    the middle of an eval. The eval either finishes (close() waits for it) or, when close() got in
+    first, raises DecoderError; close() returns; every later call raises DecoderError "closed"."""
+    n = 1000  # one position per graph: an eval of ~0.2 s on the tiny model, long enough to close into
+    dec = open_decoder(pairs("F32"), n_ctx=n, n_ubatch=1, n_threads=1)
+    ids = _ids(list(range(3, 3 + n)), ref.cfg.text.vocab_size)
+    eval_started = threading.Event()
+    outcome = {}
+
+    def run_eval():
+        eval_started.set()
+        try:
+            outcome["logits"] = dec.eval_tokens(ids, all_logits=True)
+        except DecoderError as e:
+            outcome["error"] = e
+        except BaseException as e:  # noqa: BLE001 (anything else fails the test below)
+            outcome["unexpected"] = e
+
+    def run_close():
+        eval_started.wait()
+        time.sleep(delay)
+        dec.close()
+        outcome["close_returned"] = True
+
+    threads = [threading.Thread(target=run_eval), threading.Thread(target=run_close)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "the eval or close() hung"
+    assert "unexpected" not in outcome, repr(outcome.get("unexpected"))
+    assert outcome.get("close_returned")
+    if "logits" in outcome:
+        assert outcome["logits"].shape == (n, ref.cfg.text.vocab_size)
+        assert np.isfinite(outcome["logits"]).all()
+    else:
+        assert "closed" in str(outcome["error"])
+    assert dec.closed
+    for later_call in (lambda: dec.eval_tokens([1]), lambda: dec.n_past, lambda: dec.rewind(0),
+                       dec.save_state, lambda: dec.n_vocab):
+        with pytest.raises(DecoderError, match="closed"):
+            later_call()
+    dec.close()  # closing again is harmless
 
 
 # --- stock llama.cpp and quantized pairs ---------------------------------------------------------
