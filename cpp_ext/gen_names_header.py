@@ -28,7 +28,7 @@ def _string_constants() -> dict[str, str]:
             "KEY_MAM_EMBEDDING_LENGTH", "KEY_MAM_KV_WIDTH", "KEY_CONTEXT_LENGTH",
             "KEY_EMBEDDING_LENGTH", "KEY_BLOCK_COUNT", "KEY_FEED_FORWARD_LENGTH",
             "KEY_HEAD_COUNT", "KEY_HEAD_COUNT_KV", "KEY_RMS_EPS", "KEY_ROPE_DIMENSION_COUNT",
-            "KEY_ROPE_FREQ_BASE", "TOKEN_EMBD", "OUTPUT_NORM", "OUTPUT")
+            "KEY_ROPE_FREQ_BASE", "TOKEN_EMBD", "OUTPUT_NORM", "OUTPUT", "LAYER_TENSOR_FORMAT")
     return {k: str(getattr(gguf_names, k)) for k in keys}
 
 

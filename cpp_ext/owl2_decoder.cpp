@@ -23,10 +23,14 @@ namespace owl2 {
 // --- Names ---------------------------------------------------------------------------------------
 // GGUF keys, tensor names, layer parts, devices and KV types come from owl2_names.h, generated at
 // build time from owl2_edge/names.py and gguf_names.py (the one table of names). The table gives a
-// layer part's short name; its tensor in layer i is spelled as llama.cpp spells it:
+// layer part's short name; its tensor in layer i is named by llama.cpp's pattern (blk.%d.%s.weight):
 
 namespace names {
-static std::string blk(int i, const char * part) { return "blk." + std::to_string(i) + "." + part + ".weight"; }
+static std::string blk(int i, const char * part) {
+    char name[GGML_MAX_NAME * 2];
+    snprintf(name, sizeof name, LAYER_TENSOR_FORMAT, i, part);
+    return name;
+}
 }  // namespace names
 
 // --- The model ---------------------------------------------------------------------------------------

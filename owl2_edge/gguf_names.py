@@ -111,6 +111,11 @@ ROUTED_LAYER_PARTS = tuple(p for p in LAYER_PARTS if p.routed)
 LAYER_PART_BY_NAME = {p.name: p for p in LAYER_PARTS}
 
 
+# A layer tensor's name as a printf format (layer index, part name), for the C++ side.
+LAYER_TENSOR_FORMAT = LAYER_PARTS[0].gguf_name(0).replace(".0.", ".%d.", 1).replace(
+    LAYER_PARTS[0].name, "%s", 1)
+
+
 def blk(i: int, part: str | LayerPart) -> str:
     """The GGUF tensor name of one part of layer i: blk.{i}.attn_k.weight."""
     if not isinstance(part, LayerPart):
