@@ -40,7 +40,7 @@ class Chat:
         turn = Turn(names.IMAGE_PLACEHOLDER * len(self._new_images) + question)
         images = self.images + self._new_images
         prompt = render([*self.turns, turn], n_images=len(images))
-        pieces = self.owl.generate(prompt, images, SamplingParams(**sampling))
+        pieces = self.owl.generate(prompt, images, SamplingParams.of(sampling))
         answer: list[str] = []
         try:
             for piece in pieces:

@@ -92,7 +92,7 @@ def _load(runtime: dict):
 def _check_sampling(sampling: dict) -> None:
     """Refuse bad sampling options before loading anything."""
     from owl2_edge.sampling import SamplingParams
-    SamplingParams(**sampling)
+    SamplingParams.of(sampling)
 
 
 def _report(owl, output: dict, text: str) -> None:
@@ -140,7 +140,7 @@ def ask_cmd(
             pieces.append(piece)
             if streaming:
                 _write(piece)
-    except (Owl2Error, ValueError) as e:
+    except Owl2Error as e:
         if streaming and pieces:
             sys.stdout.write("\n")
         raise _fail(str(e))
@@ -161,7 +161,7 @@ def chat_cmd(
         _check_sampling(sampling)
         owl = _load(runtime)
         chat = owl.chat([image] if image else [])
-    except (Owl2Error, ValueError) as e:
+    except Owl2Error as e:
         raise _fail(str(e))
     while True:
         try:
@@ -195,7 +195,7 @@ def chat_cmd(
             # it leaves the chat.
             print()
             continue
-        except (Owl2Error, ValueError) as e:
+        except Owl2Error as e:
             err.print(f"error: {e}", markup=False)
             continue
         _report(owl, output, "".join(pieces).strip())

@@ -18,13 +18,16 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from owl2_edge import _decoder
+from owl2_edge import _decoder, checks
 from owl2_edge.errors import ContextFullError, DecoderError
 from owl2_edge.names import DEVICES, IMAGE_TOKEN_ID, KV_TYPES, TEXT_ROUTE, VISUAL_ROUTE
 
 # The first touch of ggml's device registry makes a CUDA build print its devices; do it here,
 # quietly, before llama_cpp or anything else can.
 _decoder.init_backends()
+
+# The largest context the native decoder allocates (positions, text and image alike).
+MAX_CTX = 1 << 20
 
 # A KV cache snapshot (the first n_past positions), from save_state(); opaque to callers.
 KVState = _decoder.KVState
@@ -63,18 +66,21 @@ class Decoder:
                  n_threads: int | None = None, device: str = "auto", n_gpu_layers: int = -1,
                  kv_type: str = "f16", flash_attn: bool = False, n_ubatch: int = 512,
                  repack: bool = True):
-        if kv_type not in KV_TYPES:
-            raise DecoderError(f"kv_type must be one of {', '.join(KV_TYPES)}, not {kv_type!r}")
-        if device not in DEVICES:
-            raise DecoderError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
-        if n_ctx < 1 or n_ubatch < 1:
-            raise DecoderError("n_ctx and n_ubatch must be at least 1")
+        n_ctx = checks.integer("n_ctx", n_ctx, 1, MAX_CTX)
+        n_threads = checks.threads("n_threads", n_threads)
+        device = checks.choice("device", device, DEVICES)
+        n_gpu_layers = checks.integer("n_gpu_layers", n_gpu_layers, -1, MAX_CTX)
+        kv_type = checks.choice("kv_type", kv_type, KV_TYPES)
+        flash_attn = checks.flag("flash_attn", flash_attn)
+        n_ubatch = checks.integer("n_ubatch", n_ubatch, 1, MAX_CTX)
+        repack = checks.flag("repack", repack)
+        paths = [checks.path(name, p) for name, p in (("decoder_gguf", decoder_gguf),
+                                                       ("mam_gguf", mam_gguf))]
         with _native_errors():
             self._native = _decoder.Decoder(
-                os.fspath(decoder_gguf), os.fspath(mam_gguf), n_ctx=int(n_ctx),
-                n_threads=0 if n_threads is None else int(n_threads), device=device,
-                n_gpu_layers=int(n_gpu_layers), kv_type=kv_type, flash_attn=bool(flash_attn),
-                n_ubatch=int(n_ubatch), repack=bool(repack))
+                *paths, n_ctx=n_ctx, n_threads=n_threads or 0, device=device,
+                n_gpu_layers=n_gpu_layers, kv_type=kv_type, flash_attn=flash_attn,
+                n_ubatch=n_ubatch, repack=repack)
 
     # -- runs ------------------------------------------------------------------------------------
 

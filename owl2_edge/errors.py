@@ -1,9 +1,24 @@
 """One exception type per kind of failure. Each is raised once, where the fact is known, with a
-message a user can act on; the CLI turns it into one stderr line and an exit code."""
+message a user can act on; the CLI turns it into one stderr line and an exit code.
+
+The contract: every exception owl2-edge raises on purpose is an Owl2Error. Arguments of the wrong
+type or out of range raise ArgumentError, which is also a ValueError, so code that catches
+ValueError for bad arguments keeps working. After any Owl2Error the object that raised it stays
+usable. Anything else escaping the API is a bug.
+"""
 
 
 class Owl2Error(Exception):
     """Base of every error owl2-edge raises on purpose."""
+
+
+class ArgumentError(Owl2Error, ValueError):
+    """An argument of the wrong type or out of its range (n_ctx "2048", temperature NaN...)."""
+
+
+class BusyError(Owl2Error):
+    """An answer whose Owl2 was taken over by a later call before it finished (the decoder's KV
+    cache now holds the other prompt, so it cannot go on)."""
 
 
 class CheckpointError(Owl2Error):

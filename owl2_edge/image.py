@@ -12,20 +12,26 @@ the result, so the resizing stays in Pillow; only the arithmetic after it is num
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import io
 import os
+import stat
 import struct
 import zlib
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from owl2_edge.errors import ImageError
-from owl2_edge.model_dir import ImageSpec
+from owl2_edge import checks
+from owl2_edge.errors import ArgumentError, ImageError
+from owl2_edge.model_dir import ImageSpec, display_path
 
 ASPECT_MODES = ("pad", "resize", "crop")
+# The largest image file (or bytes) read: beyond any photo's size, and a bound on what a hostile
+# input can make us hold. Pillow's decompression-bomb guard bounds the decoded pixels.
+MAX_FILE_BYTES = 256 * 2**20
 
 # What Pillow's decoders raise on damaged or hostile data. It is a long list because each format
 # plugin fails its own way (a broken PNG chunk is a SyntaxError, a short zlib stream a zlib.error,
@@ -65,15 +71,32 @@ def load_image(source, exif_transpose: bool = True) -> Image.Image:
 
 
 def _open_source(source) -> tuple[str, object]:
-    """(name for messages, what Image.open takes) for each kind of source."""
+    """(name for messages, what Image.open takes) for each kind of source. A path must name a
+    regular file (a FIFO or a device would block open() or never end) of at most MAX_FILE_BYTES;
+    bytes are held to the same limit."""
     if isinstance(source, (str, os.PathLike)):
-        return os.fspath(source), source
+        path = checks.path("image", source)
+        name = display_path(path)
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise _read_error(name, e) from None
+        if not stat.S_ISREG(st.st_mode):
+            why = "is a folder, not an image" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise ImageError(f"{name}: {why}")
+        if st.st_size > MAX_FILE_BYTES:
+            raise ImageError(f"{name}: {st.st_size / 2**20:.0f} MiB is more than an image file may "
+                             f"hold here ({MAX_FILE_BYTES // 2**20} MiB)")
+        return name, path
     if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) > MAX_FILE_BYTES:
+            raise ImageError(f"image bytes: {len(source) / 2**20:.0f} MiB is more than an image "
+                             f"may hold here ({MAX_FILE_BYTES // 2**20} MiB)")
         return "image bytes", io.BytesIO(source)
     if hasattr(source, "read"):
-        return str(getattr(source, "name", "image file")), source
-    raise TypeError(f"cannot read an image from a {type(source).__name__}; give a path, bytes, "
-                    f"a binary file object or a PIL image")
+        return display_path(str(getattr(source, "name", "image file"))), source
+    raise ArgumentError(f"cannot read an image from a {type(source).__name__}; give a path, "
+                        f"bytes, a binary file object or a PIL image")
 
 
 def _decoded_rgb(image: Image.Image, name: str, exif_transpose: bool) -> Image.Image:
@@ -127,6 +150,8 @@ def _read_error(name: str, e: BaseException) -> ImageError:
         why = "is a folder, not an image"
     elif isinstance(e, PermissionError):
         why = "permission denied"
+    elif isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+        why = "file name too long"
     elif isinstance(e, UnidentifiedImageError):
         why = "not an image (Pillow does not recognise the format)"
     elif isinstance(e, Image.DecompressionBombError):
@@ -156,8 +181,7 @@ def preprocess(image: Image.Image, spec: ImageSpec, mode: str = "pad") -> np.nda
     A non-RGB image is converted with plain convert('RGB'), exactly as upstream; load_image's
     result is RGB already (and handles 16-bit pictures better, see to_rgb).
     """
-    if mode not in ASPECT_MODES:
-        raise ValueError(f"unknown aspect mode {mode!r}; expected one of {ASPECT_MODES}")
+    checks.choice("aspect", mode, ASPECT_MODES)
     if image.mode != "RGB":
         try:
             image = image.convert("RGB")

@@ -12,8 +12,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from owl2_edge import names
-from owl2_edge.errors import ModelFolderError
+from owl2_edge import checks, names
+from owl2_edge.errors import ArgumentError, ModelFolderError
 
 
 MODEL_ENV = "OWL2_MODEL"
@@ -77,48 +77,123 @@ class Manifest:
 
     @classmethod
     def load(cls, folder: str | Path) -> "Manifest":
-        folder = Path(folder)
+        """Read and check a model folder's manifest: every number within what a model of this
+        architecture can have, every file present and a regular file. Anything else is a
+        ModelFolderError naming the manifest."""
+        folder = Path(checks.path("model folder", folder))
         path = folder / names.MANIFEST_FILE
-        if not folder.is_dir():
-            raise ModelFolderError(f"{folder}: no such model folder")
-        if not path.is_file():
-            raise ModelFolderError(f"{path}: missing (not an owl2-edge model folder; "
-                                   f"make one with `owl2 convert`)")
+        shown = display_path(folder)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelFolderError(f"{path}: not readable JSON ({e})") from None
+            if not folder.is_dir():
+                raise ModelFolderError(f"{shown}: no such model folder")
+            if not path.is_file():
+                raise ModelFolderError(f"{display_path(path)}: missing (not an owl2-edge model "
+                                       f"folder; make one with `owl2 convert`)")
+            if path.stat().st_size > MAX_MANIFEST_BYTES:
+                raise ModelFolderError(f"{display_path(path)}: larger than a manifest can be "
+                                       f"({MAX_MANIFEST_BYTES // 1024} KiB)")
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ModelFolderError(f"{shown}: cannot read it ({e.strerror or e})") from None
+        except UnicodeDecodeError:
+            raise ModelFolderError(f"{display_path(path)}: not UTF-8 text") from None
+        try:
+            raw = json.loads(text, parse_constant=_refuse_constant)
+        except (json.JSONDecodeError, ValueError) as e:
+            raise ModelFolderError(f"{display_path(path)}: not readable JSON ({e})") from None
+        except RecursionError:
+            raise ModelFolderError(f"{display_path(path)}: JSON nested too deeply") from None
         if not isinstance(raw, dict) or raw.get("format") != names.MANIFEST_FORMAT:
-            raise ModelFolderError(f"{path}: not an owl2-edge manifest")
+            raise ModelFolderError(f"{display_path(path)}: not an owl2-edge manifest")
         if raw.get("version") != names.MANIFEST_VERSION:
-            raise ModelFolderError(f"{path}: manifest version {raw.get('version')!r} is not "
-                                   f"supported (this owl2-edge reads version "
+            raise ModelFolderError(f"{display_path(path)}: manifest version {raw.get('version')!r:.40} "
+                                   f"is not supported (this owl2-edge reads version "
                                    f"{names.MANIFEST_VERSION}); convert the model again")
         try:
-            manifest = cls(
-                decoder_file=str(raw["decoder_file"]),
-                mam_file=str(raw["mam_file"]),
-                vision_files={str(k): str(v) for k, v in raw["vision_files"].items()},
-                quant=str(raw["quant"]),
-                pair_id=str(raw["pair_id"]),
-                n_visual=int(raw["n_visual"]),
-                image=ImageSpec(size=int(raw["image"]["size"]),
-                                mean=tuple(float(x) for x in raw["image"]["mean"]),
-                                std=tuple(float(x) for x in raw["image"]["std"]),
-                                pad_color=tuple(int(x) for x in raw["image"]["pad_color"])),
-                decoder=DecoderSpec(**{k: int(raw["decoder"][k])
-                                       for k in DecoderSpec.__dataclass_fields__}),
-                template=str(raw.get("template", names.TEMPLATE_ID)),
-                source=str(raw.get("source", "")),
-                extra=dict(raw.get("extra", {})),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ModelFolderError(f"{path}: malformed manifest ({type(e).__name__}: {e})") from None
-        if not manifest.vision_files:
-            raise ModelFolderError(f"{path}: names no vision model")
+            manifest = _from_json(raw)
+        except ArgumentError as e:
+            raise ModelFolderError(f"{display_path(path)}: {e}") from None
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ModelFolderError(f"{display_path(path)}: malformed manifest "
+                                   f"({type(e).__name__}: {str(e)[:100]})") from None
         for name in manifest.files():
-            if Path(name).name != name:
-                raise ModelFolderError(f"{path}: file name {name!r} must be a plain name in the folder")
+            if Path(name).name != name or name in (".", ".."):
+                raise ModelFolderError(f"{display_path(path)}: file name {name[:100]!r} must be a "
+                                       f"plain name in the folder")
             if not (folder / name).is_file():
-                raise ModelFolderError(f"{folder / name}: missing (named in {names.MANIFEST_FILE})")
+                raise ModelFolderError(f"{display_path(folder / name)}: missing or not a regular "
+                                       f"file (named in {names.MANIFEST_FILE})")
         return manifest
+
+
+# What a manifest may say: the bounds of any model of this architecture (a ViT image of at most
+# 4096 px, at most 4096 embeddings per image, LLaMA widths and vocabularies with room to spare).
+# A manifest outside them is damaged or hostile (an image size of 1e6 would make preprocessing
+# allocate until the OOM killer ends the process).
+MAX_MANIFEST_BYTES = 1 << 20
+LIMITS = {
+    "image.size": (14, 4096),
+    "n_visual": (1, 4096),
+    "decoder.n_vocab": (1, 1 << 24),
+    "decoder.n_embd": (1, 1 << 16),
+    "decoder.n_layer": (1, 4096),
+    "decoder.n_ctx_train": (1, 1 << 24),
+}
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number a manifest may hold")
+
+
+def _from_json(raw: dict) -> Manifest:
+    def integer(name, value):
+        return checks.integer(name, value, *LIMITS[name])
+
+    def string(name, value, max_len=1000):
+        if not isinstance(value, str) or len(value) > max_len:
+            raise ArgumentError(f"{name} must be a string of at most {max_len} characters")
+        return checks.text(name, value)
+
+    def triple(name, values, check):
+        if not isinstance(values, list) or len(values) != 3:
+            raise ArgumentError(f"{name} must be a list of 3 numbers (R, G, B)")
+        return tuple(check(f"{name}[{i}]", v) for i, v in enumerate(values))
+
+    image, decoder = raw["image"], raw["decoder"]
+    vision_files = raw["vision_files"]
+    if not isinstance(vision_files, dict) or not vision_files:
+        raise ArgumentError("vision_files must name at least one vision model")
+    for variant in vision_files:
+        checks.choice("vision_files variant", variant, names.VISION_VARIANTS)
+    n_vocab = integer("decoder.n_vocab", decoder["n_vocab"])
+    return Manifest(
+        decoder_file=string("decoder_file", raw["decoder_file"], 255),
+        mam_file=string("mam_file", raw["mam_file"], 255),
+        vision_files={v: string(f"vision_files.{v}", f, 255) for v, f in vision_files.items()},
+        quant=string("quant", raw["quant"], 32),
+        pair_id=string("pair_id", raw["pair_id"], 128),
+        n_visual=integer("n_visual", raw["n_visual"]),
+        image=ImageSpec(
+            size=integer("image.size", image["size"]),
+            mean=triple("image.mean", image["mean"], lambda n, v: checks.number(n, v, 0, 1)),
+            std=triple("image.std", image["std"],
+                       lambda n, v: checks.number(n, v, 0, 10, lo_open=True)),
+            pad_color=triple("image.pad_color", image["pad_color"],
+                             lambda n, v: checks.integer(n, v, 0, 255))),
+        decoder=DecoderSpec(
+            n_vocab=n_vocab,
+            n_embd=integer("decoder.n_embd", decoder["n_embd"]),
+            n_layer=integer("decoder.n_layer", decoder["n_layer"]),
+            n_ctx_train=integer("decoder.n_ctx_train", decoder["n_ctx_train"]),
+            bos_id=checks.integer("decoder.bos_id", decoder["bos_id"], 0, n_vocab - 1),
+            eos_id=checks.integer("decoder.eos_id", decoder["eos_id"], 0, n_vocab - 1)),
+        template=string("template", raw.get("template", names.TEMPLATE_ID), 64),
+        source=string("source", raw.get("source", ""), 4096),
+        extra=dict(raw.get("extra", {})),
+    )
+
+
+def display_path(path: str | Path) -> str:
+    """A path fit for a one-line message: control characters escaped, long paths elided."""
+    name = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(path))
+    return name if len(name) <= 160 else f"{name[:100]}...{name[-50:]}"

@@ -20,9 +20,14 @@ from owl2_edge.stats import Stats
 
 def messages_to_prompt(messages: list[dict]) -> tuple[str, list]:
     """Messages -> (the templated prompt, its images in order)."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise PromptError("messages must be a non-empty list of {'role': ..., 'content': ...}")
     system, turns, images = [], [], []
     pending_user: list[str] = []
-    for m in messages:
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise PromptError(f"messages[{i}] must be a dict with 'role' and 'content', "
+                              f"not {type(m).__name__}")
         role, content = m.get("role"), m.get("content")
         text = _content_text(content, images)
         if role == "system":
@@ -35,7 +40,8 @@ def messages_to_prompt(messages: list[dict]) -> tuple[str, list]:
             turns.append(Turn(" ".join(pending_user), text))
             pending_user = []
         else:
-            raise PromptError(f"unknown message role {role!r}")
+            raise PromptError(f"messages[{i}]: unknown role {str(role)[:40]!r} "
+                              f"(system, user or assistant)")
     if not pending_user:
         raise PromptError("the last message must be the user's")
     turns.append(Turn(" ".join(pending_user)))
@@ -52,16 +58,21 @@ def _content_text(content, images: list) -> str:
         raise PromptError("message content must be a string or a list of parts")
     parts = []
     for part in content:
+        if not isinstance(part, dict):
+            raise PromptError(f"a content part must be a dict with a 'type', not {type(part).__name__}")
         kind = part.get("type")
         if kind == "text":
-            parts.append(part.get("text", ""))
+            text = part.get("text", "")
+            if not isinstance(text, str):
+                raise PromptError(f"a text part's text must be a string, not {type(text).__name__}")
+            parts.append(text)
         elif kind == "image_url":
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
             images.append(image_from_url(url))
             parts.append(names.IMAGE_PLACEHOLDER)
         else:
-            raise PromptError(f"unknown content part type {kind!r}")
+            raise PromptError(f"unknown content part type {str(kind)[:40]!r} (text or image_url)")
     return "".join(parts)
 
 

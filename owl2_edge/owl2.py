@@ -11,18 +11,20 @@ missing runs (kv_prefix) -> decoder -> sampler (sampling) -> UTF-8-safe text pie
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from owl2_edge import names, openai_chat
+from owl2_edge import checks, names, openai_chat
 from owl2_edge.chat import Chat
-from owl2_edge.decoder import Decoder
+from owl2_edge.decoder import MAX_CTX, Decoder
 from owl2_edge.detok import Utf8Stream
-from owl2_edge.errors import ModelFolderError
+from owl2_edge.errors import ArgumentError, BusyError, DecoderError, ModelFolderError
 from owl2_edge.image import ASPECT_MODES, content_hash, load_image, preprocess
 from owl2_edge.kv_prefix import KVPrefix, prompt_items
 from owl2_edge.model_dir import MODEL_ENV, Manifest, default_model_path
@@ -36,14 +38,18 @@ from owl2_edge.vision import VisionEncoder
 class Owl2:
     def __init__(self, folder: Path, manifest: Manifest, tokenizer: Tokenizer, decoder: Decoder,
                  vision: VisionEncoder, aspect: str = "pad", exif_transpose: bool = True):
-        if aspect not in ASPECT_MODES:
-            raise ValueError(f"aspect must be one of {', '.join(ASPECT_MODES)}, not {aspect!r}")
         self.folder, self.manifest = folder, manifest
         self.tokenizer, self.decoder, self.vision = tokenizer, decoder, vision
-        self.aspect, self.exif_transpose = aspect, exif_transpose
+        self.aspect = checks.choice("aspect", aspect, ASPECT_MODES)
+        self.exif_transpose = checks.flag("exif_transpose", exif_transpose)
         self.kv = KVPrefix(decoder, manifest.n_visual)
         self.stats = Stats()
         self.load_seconds = 0.0
+        # One call at a time owns the decoder's KV cache and the vision cache (docs/design.md
+        # §4.4): (turn number, thread id) of the owner, or None.
+        self._turn_change = threading.Condition()
+        self._owner: tuple[int, int] | None = None
+        self._turns = 0
 
     # -- loading -----------------------------------------------------------------------------------
 
@@ -53,7 +59,16 @@ class Owl2:
              n_gpu_layers: int = -1, repack: bool = True, aspect: str = "pad",
              exif_transpose: bool = True) -> "Owl2":
         """A model folder (default: $OWL2_MODEL, then the demo model) on `device`."""
-        folder = Path(path) if path is not None else default_model_path()
+        # Every argument checked before anything loads (the decoder checks them again).
+        for name, value, lo, hi in (("n_ctx", n_ctx, 1, MAX_CTX), ("n_gpu_layers", n_gpu_layers, -1, MAX_CTX)):
+            checks.integer(name, value, lo, hi)
+        checks.threads("n_threads", n_threads)
+        checks.choice("device", device, names.DEVICES)
+        checks.choice("kv_type", kv_type, names.KV_TYPES)
+        checks.choice("aspect", aspect, ASPECT_MODES)
+        for name, value in (("flash_attn", flash_attn), ("repack", repack), ("exif_transpose", exif_transpose)):
+            checks.flag(name, value)
+        folder = Path(checks.path("path", path)) if path is not None else default_model_path()
         if path is None and not folder.exists():
             raise ModelFolderError(f"no model given and {folder} does not exist: pass -m MODEL_DIR, "
                                    f"set ${MODEL_ENV}, or run `owl2 demo` once")
@@ -73,8 +88,9 @@ class Owl2:
         return owl
 
     def close(self) -> None:
-        self.decoder.close()
-        self.tokenizer.close()
+        with self._exclusive():
+            self.decoder.close()
+            self.tokenizer.close()
 
     def __enter__(self) -> "Owl2":
         return self
@@ -95,18 +111,23 @@ class Owl2:
 
     def encode_image(self, image) -> np.ndarray:
         """An image -> its float32 embeddings [n_visual, n_embd] (cached by content)."""
-        return self._encode([image])[0][0]
+        with self._exclusive():
+            return self._encode([image])[0][0]
 
     def logits(self, prompt: str, images: Sequence = ()) -> np.ndarray:
         """float32 logits [T, n_vocab] for every position of a raw prompt's spliced sequence
         (T = text tokens + n_visual per image), evaluated from an empty cache."""
+        images = _as_list(images)
         ids = self.tokenize(prompt)
         check_image_count(ids.count(names.IMAGE_TOKEN_ID), len(images))
-        embeds, keys = self._encode(images)
-        items = prompt_items(ids, keys)
-        self.kv.check_fits(items)
-        self.kv.forget(0)
-        return np.concatenate(self.kv.evaluate(items, embeds, all_logits=True))
+        with self._exclusive():
+            embeds, keys = self._encode(images)
+            items = prompt_items(ids, keys)
+            self.kv.check_fits(items)
+            self.kv.forget(0)
+            logits = np.concatenate(self.kv.evaluate(items, embeds, all_logits=True))
+        _check_finite(logits)
+        return logits
 
     # -- asking ------------------------------------------------------------------------------------
 
@@ -116,11 +137,13 @@ class Owl2:
         PIL images). `history`: earlier (question, answer) turns. raw=True takes `question` as the
         whole prompt (no template; <|image|> marks each image's place)."""
         images = _as_list(images)
+        checks.text("question", question)
+        checks.flag("raw", raw)
         if raw:
             prompt = question
         else:
             prompt = render([*(Turn(q, a) for q, a in history), Turn(question)], n_images=len(images))
-        return self.generate(prompt, images, SamplingParams(**sampling))
+        return self.generate(prompt, images, SamplingParams.of(sampling))
 
     def ask(self, images, question: str, **kwargs) -> str:
         """The whole answer as one string (upstream's CLI strips it)."""
@@ -134,8 +157,9 @@ class Owl2:
         """llama-cpp-python's / OpenAI's chat completion: messages with text and image_url parts
         (data: URLs, file:// URLs or local paths). A dict, or with stream=True an iterator of
         chunk dicts."""
+        checks.flag("stream", stream)
         prompt, images = openai_chat.messages_to_prompt(messages)
-        pieces = self.generate(prompt, images, SamplingParams(**sampling))
+        pieces = self.generate(prompt, images, SamplingParams.of(sampling))
         completion = openai_chat.Completion(model=self.folder.name)
         if stream:
             return completion.chunks(pieces, self.stats)
@@ -143,20 +167,36 @@ class Owl2:
 
     def generate(self, prompt: str, images: Sequence, params: SamplingParams) -> Iterator[str]:
         """The engine under stream(): a templated (or raw) prompt and its images -> text pieces.
-        Encodes the images now; prefill and decoding run as the pieces are read."""
-        stats = self.stats = Stats()
+        Encodes the images now; prefill and decoding run as the pieces are read, as the turn of
+        this object that owns its caches until the last piece (or until the iterator is closed).
+        """
+        if not isinstance(params, SamplingParams):
+            raise ArgumentError(f"params must be a SamplingParams, not {type(params).__name__}")
+        images = _as_list(images)
+        stats = Stats()
         t0 = time.perf_counter()
         ids = self.tokenize(prompt)
         check_image_count(ids.count(names.IMAGE_TOKEN_ID), len(images))
-        embeds, keys = self._encode(images)
+        with self._exclusive():
+            self.stats = stats
+            embeds, keys = self._encode(images)
         stats.timings["vision"] = time.perf_counter() - t0
         return self._answer(ids, embeds, keys, params, stats)
 
     def _answer(self, ids, embeds, keys, params: SamplingParams, stats: Stats) -> Iterator[str]:
+        turn = self._begin_turn()
+        try:
+            yield from self._prefill_and_decode(turn, ids, embeds, keys, params, stats)
+        finally:
+            self._end_turn(turn)
+
+    def _prefill_and_decode(self, turn, ids, embeds, keys, params, stats) -> Iterator[str]:
         # Prefill: only what the KV cache lacks of this prompt.
         t0 = time.perf_counter()
+        self.stats = stats
         items = prompt_items(ids, keys)
         logits, stats.reused_positions = self.kv.prefill(items, embeds)
+        _check_finite(logits)
         stats.prompt_positions = sum(self.kv.width(i) for i in items)
         stats.evaluated_positions = stats.prompt_positions - stats.reused_positions
         t1 = time.perf_counter()
@@ -187,14 +227,50 @@ class Owl2:
                 started = bool(piece)
             if piece:
                 yield piece
+                self._check_turn(turn)  # the reader may have made other calls meanwhile
             if self.decoder.n_past >= self.decoder.n_ctx:
                 stats.finish_reason = "context"
                 break
             logits = self.kv.append_token(token)
+            _check_finite(logits)
         tail = text.flush()
         if tail:
             yield tail
         stats.timings["decode"] = time.perf_counter() - t1
+
+    # -- turns: one call at a time owns the caches -------------------------------------------------
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[int]:
+        turn = self._begin_turn()
+        try:
+            yield turn
+        finally:
+            self._end_turn(turn)
+
+    def _begin_turn(self) -> int:
+        """Wait while another thread's call owns the caches; in the same thread, take them over
+        (an answer still being read there then raises BusyError at its next piece)."""
+        me = threading.get_ident()
+        with self._turn_change:
+            while self._owner is not None and self._owner[1] != me:
+                self._turn_change.wait()
+            self._turns += 1
+            self._owner = (self._turns, me)
+            return self._turns
+
+    def _end_turn(self, turn: int) -> None:
+        with self._turn_change:
+            if self._owner is not None and self._owner[0] == turn:
+                self._owner = None
+                self._turn_change.notify_all()
+
+    def _check_turn(self, turn: int) -> None:
+        owner = self._owner
+        if owner is None or owner[0] != turn:
+            raise BusyError("this answer was interrupted: a later call on the same Owl2 took over "
+                            "its KV cache before it finished (read or close one answer before "
+                            "starting the next)")
 
     def _encode(self, images: Sequence) -> tuple[list[np.ndarray], list[str]]:
         pixels = [self.preprocess(image) for image in images]
@@ -230,6 +306,12 @@ def _check_files_agree(folder: Path, manifest: Manifest, tokenizer: Tokenizer, d
         if found is not None and found != said:
             raise ModelFolderError(f"{folder / names.MANIFEST_FILE}: {field} is {said} but {path.name} "
                                    f"has {found} (files from different models?)")
+
+
+def _check_finite(logits: np.ndarray) -> None:
+    if not np.isfinite(logits).all():
+        raise DecoderError("the decoder gave NaN or infinite logits: a weight in the model files "
+                           "is damaged (or out of its type's range)")
 
 
 def _as_list(images) -> list:

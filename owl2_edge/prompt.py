@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from owl2_edge import names
-from owl2_edge.errors import PromptError
+from owl2_edge import checks, names
+from owl2_edge.errors import ArgumentError, PromptError
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,11 @@ def render(turns: list[Turn], n_images: int = 0) -> str:
     Images go where the user put <|image|> marks; without marks, all of them go before the first
     question, as upstream's CLI does."""
     if not turns or turns[-1].assistant is not None or any(t.assistant is None for t in turns[:-1]):
-        raise ValueError("a prompt needs finished turns followed by exactly one open turn")
+        raise ArgumentError("a prompt needs finished turns followed by exactly one open turn")
+    for t in turns:
+        checks.text("a question", t.user)
+        if t.assistant is not None:
+            checks.text("an answer", t.assistant)
     marks = sum(t.user.count(names.IMAGE_PLACEHOLDER) for t in turns)
     if marks == 0 and n_images:
         first = turns[0]

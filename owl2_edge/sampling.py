@@ -7,6 +7,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from owl2_edge import checks
+from owl2_edge.errors import ArgumentError
+
+# Beyond these nothing changes but the arithmetic's range: a temperature of 1000 is already a
+# uniform draw, a penalty of 1000 already removes every repeated token, and no context holds
+# more than 2^20 positions.
+MAX_TEMPERATURE = 1000.0
+MAX_PENALTY = 1000.0
+MAX_TOKENS = 1 << 20
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -22,18 +32,29 @@ class SamplingParams:
     ignore_eos: bool = False   # never end on eos (benchmarks, stress tests), as llama.cpp's flag
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0 (0 is greedy)")
-        if self.top_k < 0:
-            raise ValueError("top_k must be >= 0 (0 turns it off)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if not 0 <= self.min_p < 1:
-            raise ValueError("min_p must be in [0, 1)")
-        if self.repeat_penalty <= 0:
-            raise ValueError("repeat_penalty must be > 0")
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
+        # Frozen: the checked (and normalised) values are written through object.__setattr__.
+        def put(name, value):
+            object.__setattr__(self, name, value)
+        put("temperature", checks.number("temperature", self.temperature, 0, MAX_TEMPERATURE))
+        put("top_k", checks.integer("top_k", self.top_k, 0))
+        put("top_p", checks.number("top_p", self.top_p, 0, 1, lo_open=True))
+        put("min_p", checks.number("min_p", self.min_p, 0, 1, hi_open=True))
+        put("repeat_penalty", checks.number("repeat_penalty", self.repeat_penalty, 0, MAX_PENALTY,
+                                            lo_open=True))
+        put("repeat_last_n", checks.integer("repeat_last_n", self.repeat_last_n, 0))
+        if self.seed is not None:
+            put("seed", checks.integer("seed", self.seed, 0, 2**64 - 1))
+        put("max_tokens", checks.integer("max_tokens", self.max_tokens, 1, MAX_TOKENS))
+        put("ignore_eos", checks.flag("ignore_eos", self.ignore_eos))
+
+    @classmethod
+    def of(cls, options: dict) -> "SamplingParams":
+        """From keyword options as the API takes them (**sampling), refusing unknown names."""
+        unknown = sorted(set(options) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ArgumentError(f"unknown sampling option {unknown[0]!r}; known: "
+                                f"{', '.join(cls.__dataclass_fields__)}")
+        return cls(**options)
 
     @property
     def greedy(self) -> bool:

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import llama_cpp
 
+from owl2_edge import checks
 from owl2_edge.errors import DecoderError, ModelFolderError
 from owl2_edge.llama_log import captured_llama_log, init_llama_backend
 from owl2_edge.names import IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID
@@ -90,6 +91,7 @@ class Tokenizer:
         Empty chunks give nothing (adjacent images -> two image ids). When the prompt starts with
         an image, upstream keeps every chunk's BOS ([IMAGE, BOS, ...]); that is reproduced too.
         """
+        checks.text("prompt", prompt)
         chunks = [self._encode_with_bos(c) if c else [] for c in prompt.split(IMAGE_PLACEHOLDER)]
         # Upstream decides once, on the first chunk, whether BOS is hoisted and stripped.
         hoist_bos = bool(chunks[0])

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from owl2_edge.errors import ModelFolderError, Owl2Error
+from owl2_edge import checks
+from owl2_edge.errors import ArgumentError, ModelFolderError, Owl2Error
 from owl2_edge.image import content_hash
 from owl2_edge.model_dir import Manifest
 from owl2_edge.names import DEVICES, ONNX_INPUT, ONNX_OUTPUT
@@ -48,19 +49,20 @@ class VisionEncoder:
 
     def __init__(self, onnx_path: str | Path, device: str = "auto", n_threads: int | None = None,
                  cache_size: int = 16, max_batch: int = 4):
-        if device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
-        if n_threads is not None and n_threads < 1:
-            raise ValueError(f"n_threads must be at least 1, got {n_threads}")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
-        self.path = Path(onnx_path)
+        device = checks.choice("device", device, DEVICES)
+        n_threads = checks.threads("n_threads", n_threads)
+        cache_size = checks.integer("cache_size", cache_size, 0, 1 << 16)
+        max_batch = checks.integer("max_batch", max_batch, 1, 1024)
+        self.path = Path(checks.path("onnx_path", onnx_path))
         if not self.path.is_file():
             raise ModelFolderError(f"{self.path}: missing vision model")
         if device == "cuda" and CUDA not in ort.get_available_providers():
             raise Owl2Error("CUDA was asked for but this ONNX Runtime has no CUDA provider "
                             "(install onnxruntime-gpu), or choose the CPU")
         options = ort.SessionOptions()
+        # Errors come back as exceptions (one line, below); ONNX Runtime's own log would add
+        # lines to a terminal's stderr around them.
+        options.log_severity_level = 4
         if n_threads is not None:
             options.intra_op_num_threads = n_threads
         wanted = [CUDA, CPU] if device == "cuda" or (device == "auto" and cuda_possible()) \
@@ -120,12 +122,12 @@ class VisionEncoder:
         `keys`: content_hash of each image when the caller has them already (not hashed twice)."""
         for i, image in enumerate(images):
             if np.ndim(image) != 3:
-                raise ValueError(f"image {i}: pixels of shape {list(np.shape(image))}; expected one "
+                raise ArgumentError(f"image {i}: pixels of shape {list(np.shape(image))}; expected one "
                                  f"image [3, {self.image_size}, {self.image_size}]")
         if keys is None:
             keys = [content_hash(np.asarray(image)) for image in images]
         elif len(keys) != len(images):
-            raise ValueError(f"{len(keys)} keys for {len(images)} images")
+            raise ArgumentError(f"{len(keys)} keys for {len(images)} images")
         found = {}
         for key in keys:
             if key in self._cache:
@@ -157,11 +159,11 @@ class VisionEncoder:
         pixels = np.asarray(pixels)
         s = self.image_size
         if pixels.ndim != 4 or pixels.shape[1:] != (3, s, s):
-            raise ValueError(f"pixels of shape {list(pixels.shape)} do not fit this vision model: "
+            raise ArgumentError(f"pixels of shape {list(pixels.shape)} do not fit this vision model: "
                              f"expected [N, 3, {s}, {s}] (owl2_edge.image.preprocess gives "
                              f"[3, {s}, {s}] per image)")
         if not np.issubdtype(pixels.dtype, np.floating):
-            raise ValueError(f"pixels are {pixels.dtype}; expected normalised float32 "
+            raise ArgumentError(f"pixels are {pixels.dtype}; expected normalised float32 "
                              f"(owl2_edge.image.preprocess), not raw levels")
         return np.ascontiguousarray(pixels, dtype=np.float32)
 

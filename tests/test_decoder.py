@@ -10,6 +10,7 @@ import pytest
 # Everything here compares with the converter's output or the PyTorch reference.
 pytest.importorskip("torch", reason="needs the converter (pip install 'owl2-edge[convert]')")
 
+import re
 import sys
 import threading
 import time
@@ -24,7 +25,7 @@ from owl2_edge.convert.gguf_pair import write_gguf_pair
 from owl2_edge.convert.reference import Owl2Reference
 from owl2_edge.convert.tiny import make_tiny_checkpoint, tiny_config
 from owl2_edge.decoder import Decoder
-from owl2_edge.errors import ContextFullError, DecoderError
+from owl2_edge.errors import ArgumentError, ContextFullError, DecoderError
 
 IMG = names.IMAGE_TOKEN_ID
 EOS = 2
@@ -502,11 +503,18 @@ def test_sidecar_of_a_different_shape_is_refused(pairs, tmp_path):
     _still_works((base, mam))
 
 
-def test_bad_options_raise_decoder_error(pairs):
-    with pytest.raises(DecoderError, match="kv_type"):
-        open_decoder(pairs("F32"), kv_type="q4_0")
-    with pytest.raises(DecoderError, match="device"):
-        open_decoder(pairs("F32"), device="tpu")
+@pytest.mark.parametrize("option,value,message", [
+    ("kv_type", "q4_0", "kv_type must be one of f16, f32, q8_0, not 'q4_0'"),
+    ("device", "tpu", "device must be one of auto, cpu, cuda, not 'tpu'"),
+    ("n_ctx", 2**31, "n_ctx must be between 1 and 1048576, not 2147483648"),
+    ("n_ctx", "2048", "n_ctx must be an integer, not '2048'"),
+    ("n_threads", 2**40, "n_threads must be between 1 and"),
+    ("n_threads", 10000, "n_threads must be between 1 and"),
+    ("flash_attn", "yes", "flash_attn must be True or False"),
+])
+def test_bad_options_raise_argument_error(option, value, message, pairs):
+    with pytest.raises(ArgumentError, match=re.escape(message)):
+        open_decoder(pairs("F32"), **{option: value})
 
 
 # --- optional paths: repacked CPU weights, a GPU --------------------------------------------------

@@ -8,7 +8,7 @@ from PIL import Image
 
 from owl2_edge.convert import reference_io
 from owl2_edge.convert.config import PreprocessConfig
-from owl2_edge.errors import ImageError
+from owl2_edge.errors import ArgumentError, ImageError
 from owl2_edge.image import ASPECT_MODES, content_hash, load_image, preprocess
 from owl2_edge.model_dir import ImageSpec
 
@@ -104,7 +104,7 @@ def test_pad_mode_fills_with_the_release_pad_colour():
 
 
 def test_preprocess_refuses_an_unknown_aspect_mode():
-    with pytest.raises(ValueError, match="aspect mode"):
+    with pytest.raises(ValueError, match="aspect must be one of pad, resize, crop"):
         preprocess(random_image("RGB", (10, 10)), spec_of(SMALL), "letterbox")
 
 
@@ -176,7 +176,7 @@ def test_load_image_accepts_path_bytes_file_object_and_pil_image(tmp_path):
 
 
 def test_load_image_refuses_a_source_that_is_no_image_container():
-    with pytest.raises(TypeError, match="path, bytes"):
+    with pytest.raises(ArgumentError, match="path, bytes"):
         load_image(42)
 
 

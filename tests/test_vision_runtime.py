@@ -210,7 +210,7 @@ def test_from_folder_runs_the_fp32_file_on_cpu(onnx_path, cfg, tmp_path):
              quant="q4_0", pair_id="test", n_visual=cfg.n_visual,
              image=ImageSpec(size=p.image_size, mean=p.image_mean, std=p.image_std,
                              pad_color=p.pad_color),
-             decoder=DecoderSpec(n_vocab=1, n_embd=1, n_layer=1, n_ctx_train=1, bos_id=1,
+             decoder=DecoderSpec(n_vocab=8, n_embd=1, n_layer=1, n_ctx_train=1, bos_id=1,
                                  eos_id=2)).write(tmp_path)
     encoder = VisionEncoder.from_folder(tmp_path, device="cpu")
     assert encoder.path.name == names.vision_onnx_file("fp32") and encoder.provider == CPU
