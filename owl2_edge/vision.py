@@ -11,8 +11,10 @@ hear that.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import io
 import sys
 from collections import OrderedDict
 from pathlib import Path
@@ -68,7 +70,10 @@ class VisionEncoder:
         wanted = [CUDA, CPU] if device == "cuda" or (device == "auto" and cuda_possible()) \
             else [CPU]
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=wanted)
+            # onnxruntime's Python wrapper print()s its provider fallbacks ("EP Error ...") to
+            # stdout, where they would mix with an answer: the error below says it in one line.
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.session = ort.InferenceSession(str(self.path), options, providers=wanted)
         except Exception as e:  # ONNX Runtime's error types derive from Exception directly
             raise ModelFolderError(f"{self.path}: not a usable ONNX model "
                                    f"({_one_line(e)})") from None
@@ -110,7 +115,19 @@ class VisionEncoder:
         if len(pixels) == 0:
             return np.zeros((0, self.n_visual, self.n_embd), dtype=np.float32)
         self.n_runs += 1
-        return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: pixels})[0]
+        try:
+            out = self.session.run([ONNX_OUTPUT], {ONNX_INPUT: pixels})[0]
+        except Exception as e:  # a graph that loads but cannot run (a damaged or foreign file)
+            raise ModelFolderError(f"{self.path}: the vision model failed to run "
+                                   f"({_one_line(e)})") from None
+        expected = (len(pixels), self.n_visual, self.n_embd)
+        if out.shape != expected or out.dtype != np.float32:
+            raise ModelFolderError(f"{self.path}: the vision model gave {out.dtype} "
+                                   f"{list(out.shape)}, not float32 {list(expected)}")
+        if not np.isfinite(out).all():
+            raise ModelFolderError(f"{self.path}: the vision model gave NaN or infinite "
+                                   f"embeddings (a damaged weight?)")
+        return out
 
     def encode_images(self, images: list[np.ndarray], keys: list[str] | None = None) -> list[np.ndarray]:
         """Each image's pixels [3, S, S] -> its embeddings [n_visual, n_embd], read-only.
