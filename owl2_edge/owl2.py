@@ -45,8 +45,8 @@ class Owl2:
         self.kv = KVPrefix(decoder, manifest.n_visual)
         self.stats = Stats()
         self.load_seconds = 0.0
-        # One call at a time owns the decoder's KV cache and the vision cache (docs/design.md
-        # §4.4): (turn number, thread id) of the owner, or None.
+        # One call at a time owns the decoder's KV cache and the vision cache: the turn number
+        # and thread id of the owner, or None (docs/design.md §4.4).
         self._turn_change = threading.Condition()
         self._owner: tuple[int, int] | None = None
         self._turns = 0
