@@ -33,6 +33,67 @@ static std::string blk(int i, const char * part) {
 }
 }  // namespace names
 
+// --- Messages ------------------------------------------------------------------------------------
+
+// Length of the UTF-8 character at s[i], or 0 when the bytes there are not one (RFC 3629).
+static size_t utf8_char_len(std::string_view s, size_t i) {
+    const unsigned char c = (unsigned char) s[i];
+    if (c < 0x80) return 1;
+    size_t n;
+    uint32_t cp;
+    if ((c & 0xE0) == 0xC0) {
+        n = 2, cp = c & 0x1F;
+    } else if ((c & 0xF0) == 0xE0) {
+        n = 3, cp = c & 0x0F;
+    } else if ((c & 0xF8) == 0xF0) {
+        n = 4, cp = c & 0x07;
+    } else {
+        return 0;
+    }
+    if (n > s.size() - i) return 0;
+    for (size_t k = 1; k < n; ++k) {
+        const unsigned char cc = (unsigned char) s[i + k];
+        if ((cc & 0xC0) != 0x80) return 0;
+        cp = (cp << 6) | (cc & 0x3F);
+    }
+    static constexpr uint32_t shortest[5] = {0, 0, 0x80, 0x800, 0x10000};
+    if (cp < shortest[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+    return n;
+}
+
+bool is_utf8(std::string_view s) {
+    for (size_t i = 0, n; i < s.size(); i += n) {
+        n = utf8_char_len(s, i);
+        if (n == 0) return false;
+    }
+    return true;
+}
+
+std::string printable(std::string_view text, size_t max_bytes) {
+    std::string out;
+    for (size_t i = 0, n; i < text.size(); i += n) {
+        n = utf8_char_len(text, i);
+        const unsigned char c = (unsigned char) text[i];
+        std::string piece;
+        if (n == 0 || (n == 1 && (c < 0x20 || c == 0x7F))) {
+            char esc[5];
+            snprintf(esc, sizeof esc, "\\x%02X", c);
+            piece = esc;
+            n = 1;
+        } else {
+            piece = text.substr(i, n);
+        }
+        if (out.size() + piece.size() > max_bytes) return out + "...";
+        out += piece;
+    }
+    return out;
+}
+
+// Long enough for any message of ours with a long path; only a runaway quote is cut.
+static constexpr size_t MAX_MESSAGE_BYTES = 8192;
+
+decoder_error::decoder_error(const std::string & what) : std::runtime_error(printable(what, MAX_MESSAGE_BYTES)) {}
+
 // --- The model ---------------------------------------------------------------------------------------
 
 struct hparams {
@@ -118,7 +179,8 @@ struct model {
 static void check_architecture(const gguf_file & f) {
     const std::string arch = f.get_str(names::KEY_ARCHITECTURE);
     if (arch != names::ARCHITECTURE) {
-        f.fail(std::string(names::KEY_ARCHITECTURE) + " is '" + arch + "', expected '" + names::ARCHITECTURE + "'");
+        f.fail(std::string(names::KEY_ARCHITECTURE) + " is '" + printable(arch) + "', expected '" +
+               names::ARCHITECTURE + "'");
     }
 }
 
@@ -170,7 +232,8 @@ static void check_sidecar(const gguf_file & base, const gguf_file & mam, const h
     const std::string base_id = base.get_str(names::KEY_PAIR_ID);
     const std::string mam_id = mam.get_str(names::KEY_PAIR_ID);
     if (base_id != mam_id) {
-        mam.fail("belongs to another decoder (pair id '" + mam_id + "', the decoder GGUF has '" + base_id + "')");
+        mam.fail("belongs to another decoder (pair id '" + printable(mam_id) + "', the decoder GGUF has '" +
+                 printable(base_id) + "')");
     }
     auto same = [&](const char * k, int expected) {
         const uint64_t v = mam.get_uint(k);

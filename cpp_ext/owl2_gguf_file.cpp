@@ -14,6 +14,8 @@
 namespace owl2 {
 
 gguf_file::gguf_file(const std::string & path, const std::string & role) : path_(path), role_(role) {
+    // The C calls below would open the path only up to its first NUL: another file.
+    if (path.find('\0') != std::string::npos) fail("the path has a NUL character");
     struct stat st;
     if (stat(path.c_str(), &st) != 0) {
         fail(std::string("cannot open: ") + std::strerror(errno));
@@ -105,7 +107,10 @@ bool gguf_file::has(const char * key) const { return gguf_find_key(ctx_, key) >=
 std::string gguf_file::get_str(const char * key) const {
     const int64_t id = key_id(key);
     if (gguf_get_kv_type(ctx_, id) != GGUF_TYPE_STRING) fail(std::string("key ") + key + " is not a string");
-    return gguf_get_val_str(ctx_, id);
+    // Python reads every string as UTF-8 (a message quoting it, a metadata value): refuse other bytes here.
+    std::string s = gguf_get_val_str(ctx_, id);
+    if (!is_utf8(s)) fail(std::string("key ") + key + " is not valid UTF-8 ('" + printable(s) + "')");
+    return s;
 }
 
 uint64_t gguf_file::get_uint(const char * key) const {

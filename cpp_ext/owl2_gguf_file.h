@@ -35,7 +35,7 @@ public:
     [[noreturn]] void fail(const std::string & what) const;
 
     bool has(const char * key) const;
-    std::string get_str(const char * key) const;
+    std::string get_str(const char * key) const;  // must be valid UTF-8
     uint64_t get_uint(const char * key) const;  // any integer type, must be >= 0
     uint64_t get_uint(const char * key, uint64_t fallback) const;
     double get_float(const char * key) const;   // f32 or f64
