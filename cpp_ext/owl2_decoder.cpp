@@ -678,41 +678,19 @@ static void start_backends(model & m) {
 
 // --- the steps in order
 
-// While the weights load, ggml reports each tensor it repacks or uploads at INFO level: one line
-// per tensor on a user's terminal. Keep warnings and errors, drop the chatter, and hand ggml's
-// logging back as it was (llama_cpp in the same process may have its own callback installed).
-struct quiet_ggml_log {
-    ggml_log_callback prev_cb = nullptr;
-    void * prev_data = nullptr;
-    ggml_log_level last = GGML_LOG_LEVEL_NONE;
-
-    quiet_ggml_log() {
-        ggml_log_get(&prev_cb, &prev_data);
-        ggml_log_set(&quiet_ggml_log::filter, this);
-    }
-    ~quiet_ggml_log() { ggml_log_set(prev_cb, prev_data); }
-
-    static void filter(ggml_log_level level, const char * text, void * self_ptr) {
-        auto * self = static_cast<quiet_ggml_log *>(self_ptr);
-        if (level != GGML_LOG_LEVEL_CONT) self->last = level;
-        if (self->last < GGML_LOG_LEVEL_WARN) return;
-        if (self->prev_cb) {
-            self->prev_cb(level, text, self->prev_data);
-        } else {
-            fputs(text, stderr);
-        }
-    }
-};
-
+// ggml's log while the registry starts and a pair loads (ggml_log_scope, owl2_gguf_file.h): ggml
+// reports each tensor it repacks or uploads at INFO level, one line per tensor on a user's
+// terminal, so keep warnings and errors and drop the chatter. Opening a file (gguf_file) captures
+// the log instead: a bad file prints nothing but our one-line error.
 size_t init_backends_quietly() {
-    quiet_ggml_log quiet;
+    ggml_log_scope quiet(ggml_log_scope::mode::quiet);
     return ggml_backend_dev_count();
 }
 
 // Opens the pair and makes it ready to evaluate. A step that throws leaves a partly built model,
 // which the decoder's unique_ptr frees (~model releases whatever was made).
 static void load(model & m, const std::string & base_path, const std::string & mam_path) {
-    quiet_ggml_log quiet;
+    ggml_log_scope quiet(ggml_log_scope::mode::quiet);
     m.base = std::make_unique<gguf_file>(base_path, "decoder GGUF");
     m.hp = read_hparams(*m.base);
     m.mam = std::make_unique<gguf_file>(mam_path, "MAM GGUF");

@@ -15,6 +15,36 @@ struct gguf_context;
 
 namespace owl2 {
 
+// ggml's log, handled by this scope while it lives on this thread. ggml has one process-wide log
+// callback and decoders may load on several threads at once, so the first live scope installs one
+// dispatcher that hands each line to the innermost scope of the thread that logs it (a thread
+// without one gets the callback that was replaced, e.g. llama_cpp's), and the last scope to go
+// puts that callback back.
+class ggml_log_scope {
+public:
+    enum class mode {
+        quiet,    // drop debug and info lines (per-tensor chatter); pass warnings and errors on
+        capture,  // print nothing, keep the first error line (a bad file is one decoder_error)
+    };
+    explicit ggml_log_scope(mode m);
+    ~ggml_log_scope();
+    ggml_log_scope(const ggml_log_scope &) = delete;
+    ggml_log_scope & operator=(const ggml_log_scope &) = delete;
+
+    // capture: ggml's first error line, without its "function: " prefix ("" if none yet).
+    std::string first_error() const;
+
+private:
+    mode mode_;
+    ggml_log_scope * outer_;  // the scope this one nests in on this thread, or null
+    ggml_log_level last_ = GGML_LOG_LEVEL_NONE;  // the level a GGML_LOG_LEVEL_CONT line continues
+    std::string error_;        // capture: the first error line as logged so far
+    bool error_done_ = false;  // ... and whole
+
+    void take(ggml_log_level level, const char * text);
+    static void dispatch(ggml_log_level level, const char * text, void * user_data);
+};
+
 struct gguf_tensor_info {
     std::string name;
     ggml_type type;
