@@ -212,9 +212,20 @@ static hparams read_hparams(const gguf_file & f) {
     if (hp.n_rot > hp.head_dim() || hp.n_rot % 2 != 0) {
         f.fail(std::string(names::KEY_ROPE_DIMENSION_COUNT) + " does not fit the head size");
     }
-    hp.rms_eps = (float) f.get_float(names::KEY_RMS_EPS);
-    hp.rope_freq_base = (float) f.get_float(names::KEY_ROPE_FREQ_BASE, 10000.0);
-    if (!(hp.rms_eps > 0) || !(hp.rope_freq_base > 0)) f.fail("rms epsilon and rope base must be > 0");
+    // The floats go into every norm and every rotation: a NaN or inf (or an f64 beyond float) would
+    // make every logit NaN, and an epsilon of 1 or more would swamp the activations it normalizes.
+    auto get_real = [&](const char * key, double value, double lo, double hi, const char * range) {
+        const float v = (float) value;
+        if (!std::isfinite(v) || !(v > lo) || !(v < hi)) {
+            char shown[32];
+            snprintf(shown, sizeof shown, "%g", value);
+            f.fail(std::string(key) + " = " + shown + " is not a finite number in " + range);
+        }
+        return v;
+    };
+    hp.rms_eps = get_real(names::KEY_RMS_EPS, f.get_float(names::KEY_RMS_EPS), 0.0, 1.0, "(0, 1)");
+    hp.rope_freq_base = get_real(names::KEY_ROPE_FREQ_BASE, f.get_float(names::KEY_ROPE_FREQ_BASE, 10000.0), 0.0,
+                                 HUGE_VAL, "(0, inf)");
     return hp;
 }
 
@@ -657,7 +668,11 @@ static void allocate_kv_cache(model & m) {
 static void start_backends(model & m) {
     m.backend_cpu = ggml_backend_dev_init(m.dev_cpu, nullptr);
     if (m.backend_cpu == nullptr) throw decoder_error("cannot start ggml's CPU backend");
-    m.n_threads = m.params.n_threads > 0 ? m.params.n_threads : physical_cores();
+    m.n_threads = m.params.n_threads > 0 ? m.params.n_threads : std::min(physical_cores(), max_n_threads());
+    if (m.n_threads > max_n_threads()) {
+        throw decoder_error("n_threads = " + std::to_string(m.n_threads) +
+                            " is more than this machine can use (at most " + std::to_string(max_n_threads()) + ")");
+    }
     ggml_backend_reg_t cpu_reg = ggml_backend_dev_backend_reg(m.dev_cpu);
     using set_threads_fn = void (*)(ggml_backend_t, int);
     auto set_threads = (set_threads_fn) ggml_backend_reg_get_proc_address(cpu_reg, "ggml_backend_set_n_threads");
@@ -939,6 +954,12 @@ int physical_cores() {
     if (!cores.empty()) return (int) cores.size();
     const unsigned hw = std::thread::hardware_concurrency();
     return std::max(1, (int) hw / 2);
+}
+
+int max_n_threads() {
+    const unsigned hw = std::thread::hardware_concurrency();  // 0 when unknown
+    const int by_machine = hw == 0 ? GGML_MAX_N_THREADS : (int) std::min<unsigned>(4 * hw, GGML_MAX_N_THREADS);
+    return std::max(1, std::min(by_machine, GGML_MAX_N_THREADS));
 }
 
 size_t kv_state::nbytes() const {

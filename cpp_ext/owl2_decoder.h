@@ -106,4 +106,9 @@ private:
 // Physical cores (Linux: distinct thread-sibling sets), else half the hardware threads, >= 1.
 int physical_cores();
 
+// The most threads a caller may ask for: ggml's GGML_MAX_N_THREADS (its CPU backend asserts
+// above it) and 4 x the hardware threads (more only adds contention; a mistyped 100000 must not
+// start 100000 threads).
+int max_n_threads();
+
 }  // namespace owl2
