@@ -92,6 +92,16 @@ NB_MODULE(_decoder, m) {
     m.def("max_n_threads", &owl2::max_n_threads,
           "The most threads Decoder(n_threads=) and quantize(n_threads=) accept: ggml's GGML_MAX_N_THREADS, "
           "and at most 4 x the hardware threads.");
+    m.def(
+        "check_vocab",
+        [](const std::string & path) {
+            nb::gil_scoped_release release;
+            return owl2::check_vocab(path);
+        },
+        nb::arg("path"),
+        "Check the vocabulary of a base (decoder) GGUF before llama.cpp's tokenizer loads it, which "
+        "aborts the process on some bad ones; returns n_vocab. Raises NativeDecoderError naming the file, "
+        "the key and what is wrong.");
 
     nb::class_<owl2::kv_state>(m, "KVState", "A copy of the KV cache's first n_past positions.")
         .def_ro("n_past", &owl2::kv_state::n_past)

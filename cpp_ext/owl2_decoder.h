@@ -111,4 +111,10 @@ int physical_cores();
 // start 100000 threads).
 int max_n_threads();
 
+// The base GGUF's vocabulary, checked before llama.cpp's tokenizer loads it (llama.cpp aborts
+// the process on some bad vocabularies, at load or at the first tokenize): the converter's SPM
+// ("llama") vocabulary or a decoder_error naming the file, the key and what is wrong. Returns
+// n_vocab.
+int check_vocab(const std::string & path);
+
 }  // namespace owl2

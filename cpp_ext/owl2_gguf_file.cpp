@@ -229,6 +229,66 @@ std::string gguf_file::get_str(const char * key) const {
     return s;
 }
 
+uint32_t gguf_file::get_u32(const char * key) const {
+    const int64_t id = key_id(key);
+    const gguf_type type = gguf_get_kv_type(ctx_, id);
+    if (type != GGUF_TYPE_UINT32) {
+        fail(std::string("key ") + key + " is " + (type == GGUF_TYPE_ARRAY ? "an array" : gguf_type_name(type)) +
+             ", expected u32");
+    }
+    return gguf_get_val_u32(ctx_, id);
+}
+
+std::vector<std::string> gguf_file::keys() const {
+    std::vector<std::string> out;
+    const int64_t n = gguf_get_n_kv(ctx_);
+    out.reserve(n);
+    for (int64_t i = 0; i < n; ++i) out.emplace_back(gguf_get_key(ctx_, i));
+    return out;
+}
+
+int64_t gguf_file::arr_id(const char * key, int elem_type) const {
+    const int64_t id = key_id(key);
+    const gguf_type want = (gguf_type) elem_type;
+    // gguf_get_arr_type asserts that the key is an array: ask the key's own type first.
+    const gguf_type type = gguf_get_kv_type(ctx_, id);
+    if (type != GGUF_TYPE_ARRAY) {
+        fail(std::string("key ") + key + " is " + gguf_type_name(type) + ", expected an array of " + gguf_type_name(want));
+    }
+    const gguf_type elem = gguf_get_arr_type(ctx_, id);
+    if (elem != want) {
+        fail(std::string("key ") + key + " is an array of " + (elem == GGUF_TYPE_ARRAY ? "arrays" : gguf_type_name(elem)) +
+             ", expected an array of " + gguf_type_name(want));
+    }
+    return id;
+}
+
+std::vector<std::string_view> gguf_file::get_arr_str(const char * key) const {
+    const int64_t id = arr_id(key, GGUF_TYPE_STRING);
+    const size_t n = gguf_get_arr_n(ctx_, id);
+    std::vector<std::string_view> out;
+    out.reserve(n);
+    for (size_t i = 0; i < n; ++i) out.emplace_back(gguf_get_arr_str(ctx_, id, i));
+    return out;
+}
+
+// gguf_get_arr_data gives the elements as the file stored them; copied out, so no alignment is assumed.
+template <typename T>
+static std::vector<T> arr_values(gguf_context * ctx, int64_t id) {
+    const size_t n = gguf_get_arr_n(ctx, id);
+    std::vector<T> out(n);
+    if (n > 0) std::memcpy(out.data(), gguf_get_arr_data(ctx, id), n * sizeof(T));
+    return out;
+}
+
+std::vector<float> gguf_file::get_arr_f32(const char * key) const {
+    return arr_values<float>(ctx_, arr_id(key, GGUF_TYPE_FLOAT32));
+}
+
+std::vector<int32_t> gguf_file::get_arr_i32(const char * key) const {
+    return arr_values<int32_t>(ctx_, arr_id(key, GGUF_TYPE_INT32));
+}
+
 uint64_t gguf_file::get_uint(const char * key) const {
     const int64_t id = key_id(key);
     int64_t v;

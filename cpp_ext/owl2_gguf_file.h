@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "ggml.h"
@@ -68,8 +69,18 @@ public:
     std::string get_str(const char * key) const;  // must be valid UTF-8
     uint64_t get_uint(const char * key) const;  // any integer type, must be >= 0
     uint64_t get_uint(const char * key, uint64_t fallback) const;
+    uint32_t get_u32(const char * key) const;   // exactly a uint32 (what llama.cpp reads as one)
     double get_float(const char * key) const;   // f32 or f64
     double get_float(const char * key, double fallback) const;
+    std::vector<std::string> keys() const;      // every key, in file order (raw bytes)
+
+    // Arrays, whole. Each must hold elements of exactly that type: gguf.h aborts on an array
+    // read as another type, so every accessor checks first. Strings are as gguf.h gives them (up
+    // to a NUL, which is what llama.cpp reads), not checked for UTF-8: the caller names the bad
+    // element. The views live as long as this gguf_file.
+    std::vector<std::string_view> get_arr_str(const char * key) const;
+    std::vector<float> get_arr_f32(const char * key) const;
+    std::vector<int32_t> get_arr_i32(const char * key) const;
 
     const std::vector<gguf_tensor_info> & tensors() const { return tensors_; }
     const gguf_tensor_info * find(const std::string & name) const;
@@ -90,6 +101,7 @@ private:
     std::vector<gguf_tensor_info> tensors_;
 
     int64_t key_id(const char * key) const;
+    int64_t arr_id(const char * key, int elem_type) const;  // a gguf_type, checked
 };
 
 }  // namespace owl2
