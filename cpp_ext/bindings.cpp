@@ -1,4 +1,6 @@
 // Python module owl2_edge._decoder: the native half of owl2-edge.
+#include <algorithm>
+
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/map.h>
@@ -48,7 +50,8 @@ NB_MODULE(_decoder, m) {
             {
                 nb::gil_scoped_release release;
                 owl2::quantize_rows(type, values.data(), out, rows, cols,
-                                    n_threads > 0 ? n_threads : owl2::physical_cores());
+                                    n_threads > 0 ? n_threads
+                                                  : std::min(owl2::physical_cores(), owl2::max_n_threads()));
             }
             return nb::ndarray<nb::numpy, uint8_t, nb::ndim<2>>(out, {(size_t) rows, rb}, owner);
         },
@@ -86,6 +89,19 @@ NB_MODULE(_decoder, m) {
     m.def("default_n_threads", &owl2::physical_cores,
           "The one default thread count (physical cores) of the decoder, the quantizer, llama.cpp's "
           "quantizer and ONNX Runtime.");
+    m.def("max_n_threads", &owl2::max_n_threads,
+          "The most threads Decoder(n_threads=) and quantize(n_threads=) accept: ggml's GGML_MAX_N_THREADS, "
+          "and at most 4 x the hardware threads.");
+    m.def(
+        "check_vocab",
+        [](const std::string & path) {
+            nb::gil_scoped_release release;
+            return owl2::check_vocab(path);
+        },
+        nb::arg("path"),
+        "Check the vocabulary of a base (decoder) GGUF before llama.cpp's tokenizer loads it, which "
+        "aborts the process on some bad ones; returns n_vocab. Raises NativeDecoderError naming the file, "
+        "the key and what is wrong.");
 
     nb::class_<owl2::kv_state>(m, "KVState", "A copy of the KV cache's first n_past positions.")
         .def_ro("n_past", &owl2::kv_state::n_past)

@@ -1,19 +1,23 @@
 // The MAM decoder: hparams, layer and model structs, then load(), build_graph(run), eval(), in the
-// order a reader needs them (whisper.cpp keeps a ggml model the same way), then the public class.
+// order a reader needs them (whisper.cpp keeps a ggml model the same way), then check_vocab() (the
+// base file's vocabulary, for the tokenizer) and the public class.
 #include "owl2_decoder.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <mutex>
 #include <cstdio>
 #include <set>
 #include <string_view>
 #include <thread>
+#include <unordered_map>
 
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml.h"
+#include "llama.h"  // llama_token_type only: the vocabulary check accepts what llama.cpp's tokenizer reads
 #include "owl2_gguf_file.h"
 #include "owl2_names.h"
 #include "quantize.h"
@@ -32,6 +36,67 @@ static std::string blk(int i, const char * part) {
     return name;
 }
 }  // namespace names
+
+// --- Messages ------------------------------------------------------------------------------------
+
+// Length of the UTF-8 character at s[i], or 0 when the bytes there are not one (RFC 3629).
+static size_t utf8_char_len(std::string_view s, size_t i) {
+    const unsigned char c = (unsigned char) s[i];
+    if (c < 0x80) return 1;
+    size_t n;
+    uint32_t cp;
+    if ((c & 0xE0) == 0xC0) {
+        n = 2, cp = c & 0x1F;
+    } else if ((c & 0xF0) == 0xE0) {
+        n = 3, cp = c & 0x0F;
+    } else if ((c & 0xF8) == 0xF0) {
+        n = 4, cp = c & 0x07;
+    } else {
+        return 0;
+    }
+    if (n > s.size() - i) return 0;
+    for (size_t k = 1; k < n; ++k) {
+        const unsigned char cc = (unsigned char) s[i + k];
+        if ((cc & 0xC0) != 0x80) return 0;
+        cp = (cp << 6) | (cc & 0x3F);
+    }
+    static constexpr uint32_t shortest[5] = {0, 0, 0x80, 0x800, 0x10000};
+    if (cp < shortest[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+    return n;
+}
+
+bool is_utf8(std::string_view s) {
+    for (size_t i = 0, n; i < s.size(); i += n) {
+        n = utf8_char_len(s, i);
+        if (n == 0) return false;
+    }
+    return true;
+}
+
+std::string printable(std::string_view text, size_t max_bytes) {
+    std::string out;
+    for (size_t i = 0, n; i < text.size(); i += n) {
+        n = utf8_char_len(text, i);
+        const unsigned char c = (unsigned char) text[i];
+        std::string piece;
+        if (n == 0 || (n == 1 && (c < 0x20 || c == 0x7F))) {
+            char esc[5];
+            snprintf(esc, sizeof esc, "\\x%02X", c);
+            piece = esc;
+            n = 1;
+        } else {
+            piece = text.substr(i, n);
+        }
+        if (out.size() + piece.size() > max_bytes) return out + "...";
+        out += piece;
+    }
+    return out;
+}
+
+// Long enough for any message of ours with a long path; only a runaway quote is cut.
+static constexpr size_t MAX_MESSAGE_BYTES = 8192;
+
+decoder_error::decoder_error(const std::string & what) : std::runtime_error(printable(what, MAX_MESSAGE_BYTES)) {}
 
 // --- The model ---------------------------------------------------------------------------------------
 
@@ -118,7 +183,8 @@ struct model {
 static void check_architecture(const gguf_file & f) {
     const std::string arch = f.get_str(names::KEY_ARCHITECTURE);
     if (arch != names::ARCHITECTURE) {
-        f.fail(std::string(names::KEY_ARCHITECTURE) + " is '" + arch + "', expected '" + names::ARCHITECTURE + "'");
+        f.fail(std::string(names::KEY_ARCHITECTURE) + " is '" + printable(arch) + "', expected '" +
+               names::ARCHITECTURE + "'");
     }
 }
 
@@ -150,9 +216,20 @@ static hparams read_hparams(const gguf_file & f) {
     if (hp.n_rot > hp.head_dim() || hp.n_rot % 2 != 0) {
         f.fail(std::string(names::KEY_ROPE_DIMENSION_COUNT) + " does not fit the head size");
     }
-    hp.rms_eps = (float) f.get_float(names::KEY_RMS_EPS);
-    hp.rope_freq_base = (float) f.get_float(names::KEY_ROPE_FREQ_BASE, 10000.0);
-    if (!(hp.rms_eps > 0) || !(hp.rope_freq_base > 0)) f.fail("rms epsilon and rope base must be > 0");
+    // The floats go into every norm and every rotation: a NaN or inf (or an f64 beyond float) would
+    // make every logit NaN, and an epsilon of 1 or more would swamp the activations it normalizes.
+    auto get_real = [&](const char * key, double value, double lo, double hi, const char * range) {
+        const float v = (float) value;
+        if (!std::isfinite(v) || !(v > lo) || !(v < hi)) {
+            char shown[32];
+            snprintf(shown, sizeof shown, "%g", value);
+            f.fail(std::string(key) + " = " + shown + " is not a finite number in " + range);
+        }
+        return v;
+    };
+    hp.rms_eps = get_real(names::KEY_RMS_EPS, f.get_float(names::KEY_RMS_EPS), 0.0, 1.0, "(0, 1)");
+    hp.rope_freq_base = get_real(names::KEY_ROPE_FREQ_BASE, f.get_float(names::KEY_ROPE_FREQ_BASE, 10000.0), 0.0,
+                                 HUGE_VAL, "(0, inf)");
     return hp;
 }
 
@@ -170,7 +247,8 @@ static void check_sidecar(const gguf_file & base, const gguf_file & mam, const h
     const std::string base_id = base.get_str(names::KEY_PAIR_ID);
     const std::string mam_id = mam.get_str(names::KEY_PAIR_ID);
     if (base_id != mam_id) {
-        mam.fail("belongs to another decoder (pair id '" + mam_id + "', the decoder GGUF has '" + base_id + "')");
+        mam.fail("belongs to another decoder (pair id '" + printable(mam_id) + "', the decoder GGUF has '" +
+                 printable(base_id) + "')");
     }
     auto same = [&](const char * k, int expected) {
         const uint64_t v = mam.get_uint(k);
@@ -594,7 +672,11 @@ static void allocate_kv_cache(model & m) {
 static void start_backends(model & m) {
     m.backend_cpu = ggml_backend_dev_init(m.dev_cpu, nullptr);
     if (m.backend_cpu == nullptr) throw decoder_error("cannot start ggml's CPU backend");
-    m.n_threads = m.params.n_threads > 0 ? m.params.n_threads : physical_cores();
+    m.n_threads = m.params.n_threads > 0 ? m.params.n_threads : std::min(physical_cores(), max_n_threads());
+    if (m.n_threads > max_n_threads()) {
+        throw decoder_error("n_threads = " + std::to_string(m.n_threads) +
+                            " is more than this machine can use (at most " + std::to_string(max_n_threads()) + ")");
+    }
     ggml_backend_reg_t cpu_reg = ggml_backend_dev_backend_reg(m.dev_cpu);
     using set_threads_fn = void (*)(ggml_backend_t, int);
     auto set_threads = (set_threads_fn) ggml_backend_reg_get_proc_address(cpu_reg, "ggml_backend_set_n_threads");
@@ -615,41 +697,19 @@ static void start_backends(model & m) {
 
 // --- the steps in order
 
-// While the weights load, ggml reports each tensor it repacks or uploads at INFO level: one line
-// per tensor on a user's terminal. Keep warnings and errors, drop the chatter, and hand ggml's
-// logging back as it was (llama_cpp in the same process may have its own callback installed).
-struct quiet_ggml_log {
-    ggml_log_callback prev_cb = nullptr;
-    void * prev_data = nullptr;
-    ggml_log_level last = GGML_LOG_LEVEL_NONE;
-
-    quiet_ggml_log() {
-        ggml_log_get(&prev_cb, &prev_data);
-        ggml_log_set(&quiet_ggml_log::filter, this);
-    }
-    ~quiet_ggml_log() { ggml_log_set(prev_cb, prev_data); }
-
-    static void filter(ggml_log_level level, const char * text, void * self_ptr) {
-        auto * self = static_cast<quiet_ggml_log *>(self_ptr);
-        if (level != GGML_LOG_LEVEL_CONT) self->last = level;
-        if (self->last < GGML_LOG_LEVEL_WARN) return;
-        if (self->prev_cb) {
-            self->prev_cb(level, text, self->prev_data);
-        } else {
-            fputs(text, stderr);
-        }
-    }
-};
-
+// ggml's log while the registry starts and a pair loads (ggml_log_scope, owl2_gguf_file.h): ggml
+// reports each tensor it repacks or uploads at INFO level, one line per tensor on a user's
+// terminal, so keep warnings and errors and drop the chatter. Opening a file (gguf_file) captures
+// the log instead: a bad file prints nothing but our one-line error.
 size_t init_backends_quietly() {
-    quiet_ggml_log quiet;
+    ggml_log_scope quiet(ggml_log_scope::mode::quiet);
     return ggml_backend_dev_count();
 }
 
 // Opens the pair and makes it ready to evaluate. A step that throws leaves a partly built model,
 // which the decoder's unique_ptr frees (~model releases whatever was made).
 static void load(model & m, const std::string & base_path, const std::string & mam_path) {
-    quiet_ggml_log quiet;
+    ggml_log_scope quiet(ggml_log_scope::mode::quiet);
     m.base = std::make_unique<gguf_file>(base_path, "decoder GGUF");
     m.hp = read_hparams(*m.base);
     m.mam = std::make_unique<gguf_file>(mam_path, "MAM GGUF");
@@ -883,6 +943,146 @@ static std::vector<float> eval(model & m, const int32_t * tokens, const float * 
     return out;
 }
 
+// --- check_vocab(): the base file's vocabulary, before llama.cpp's tokenizer sees it ------------------
+// llama.cpp's vocabulary loader trusts the file. With llama-cpp-python 0.3.36 a duplicate token or
+// tokenizer model "bert" aborts the process while loading, and an empty token list, tokenizer model
+// "none" or a vocabulary without byte tokens (e.g. every token empty) aborts it at the first
+// tokenize (tests/test_hostile_gguf.py reproduces each). Only what the converter writes
+// (convert/gguf_vocab.py) and llama.cpp's SPM tokenizer handles safely passes.
+
+// llama.cpp's tokenizer keys (gguf-py's Keys.Tokenizer): the generated names header holds only the
+// names the decoder itself reads, so the vocabulary's are spelled once, here.
+namespace vocab_keys {
+static constexpr const char * MODEL = "tokenizer.ggml.model";
+static constexpr const char * TOKENS = "tokenizer.ggml.tokens";
+static constexpr const char * SCORES = "tokenizer.ggml.scores";
+static constexpr const char * TOKEN_TYPE = "tokenizer.ggml.token_type";
+// Every special token id: tokenizer.ggml.<bos, eos, unknown, seperator, padding...>_token_id.
+static constexpr std::string_view SPECIAL_ID_PREFIX = "tokenizer.ggml.";
+static constexpr std::string_view SPECIAL_ID_SUFFIX = "_token_id";
+}  // namespace vocab_keys
+
+// llama.cpp's name for its sentencepiece (SPM) tokenizer, the one the converter writes.
+static constexpr const char * SPM_TOKENIZER_MODEL = "llama";
+
+// The token llama.cpp's SPM tokenizer spells a byte with when no piece covers it (byte fallback),
+// as its byte_to_token looks it up: "<0x0A>".
+static std::string byte_token(unsigned byte) {
+    char text[8];
+    snprintf(text, sizeof text, "<0x%02X>", byte);
+    return text;
+}
+
+// Whether a token of type BYTE is one: llama.cpp takes its value from characters 3 and 4.
+static bool is_byte_token(std::string_view t) {
+    if (t.size() != 6) return false;
+    const unsigned long b = std::strtoul(std::string(t.substr(3, 2)).c_str(), nullptr, 16);
+    return b < 256 && t == byte_token((unsigned) b);
+}
+
+static int check_vocabulary(const gguf_file & f) {
+    using namespace vocab_keys;
+    check_architecture(f);
+    const std::string model = f.get_str(MODEL);
+    if (model != SPM_TOKENIZER_MODEL) {
+        f.fail(std::string(MODEL) + " is '" + printable(model) + "', expected '" + SPM_TOKENIZER_MODEL +
+               "' (llama.cpp's sentencepiece tokenizer)");
+    }
+
+    // The tokens: llama.cpp maps text -> id and asserts the map is as long as the list; its
+    // tokenizer needs at least one token (and BOS) to add; Python reads every piece as UTF-8.
+    const std::vector<std::string_view> tokens = f.get_arr_str(TOKENS);
+    if (tokens.empty()) f.fail(std::string(TOKENS) + " is empty");
+    if (tokens.size() > (size_t) INT32_MAX) {
+        f.fail(std::string(TOKENS) + " has " + std::to_string(tokens.size()) + " tokens, more than token ids can number");
+    }
+    const int n_vocab = (int) tokens.size();
+    std::unordered_map<std::string_view, int> ids;
+    ids.reserve(tokens.size());
+    for (int i = 0; i < n_vocab; ++i) {
+        const std::string_view t = tokens[i];
+        const std::string at = " at " + std::to_string(i);
+        if (t.empty()) f.fail(std::string(TOKENS) + " has an empty token" + at);
+        if (!is_utf8(t)) {
+            f.fail(std::string(TOKENS) + " has a token that is not valid UTF-8" + at + " ('" + printable(t) + "')");
+        }
+        const auto [first, fresh] = ids.emplace(t, i);
+        if (!fresh) {
+            f.fail(std::string(TOKENS) + " has a duplicate token" + at + " (same as " + std::to_string(first->second) + ")");
+        }
+    }
+
+    auto check_length = [&](const char * key, size_t n) {
+        if (n != tokens.size()) {
+            f.fail(std::string(key) + " has " + std::to_string(n) + " entries for " + std::to_string(n_vocab) +
+                   " tokens");
+        }
+    };
+    if (f.has(SCORES)) {  // the merge priorities: a NaN breaks the tokenizer's ordering
+        const std::vector<float> scores = f.get_arr_f32(SCORES);
+        check_length(SCORES, scores.size());
+        for (int i = 0; i < n_vocab; ++i) {
+            if (!std::isfinite(scores[i])) {
+                f.fail(std::string(SCORES) + " has a score that is not finite at " + std::to_string(i));
+            }
+        }
+    }
+    if (f.has(TOKEN_TYPE)) {
+        const std::vector<int32_t> types = f.get_arr_i32(TOKEN_TYPE);
+        check_length(TOKEN_TYPE, types.size());
+        for (int i = 0; i < n_vocab; ++i) {
+            if (types[i] < LLAMA_TOKEN_TYPE_NORMAL || types[i] > LLAMA_TOKEN_TYPE_BYTE) {
+                f.fail(std::string(TOKEN_TYPE) + " has type " + std::to_string(types[i]) + " at " + std::to_string(i) +
+                       ", not one of llama.cpp's token types " + std::to_string(LLAMA_TOKEN_TYPE_NORMAL) + ".." +
+                       std::to_string(LLAMA_TOKEN_TYPE_BYTE));
+            }
+            if (types[i] == LLAMA_TOKEN_TYPE_BYTE && !is_byte_token(tokens[i])) {
+                f.fail(std::string(TOKENS) + " has a byte token '" + printable(tokens[i]) + "' at " + std::to_string(i) +
+                       " that is not <0xHH>");
+            }
+        }
+    }
+
+    // Byte fallback: a piece the vocabulary cannot spell is written byte by byte, and llama.cpp
+    // looks each byte up as <0xHH> (or the one-byte token) and aborts when neither exists.
+    for (unsigned b = 0; b < 256; ++b) {
+        const bool single = b >= 0x01 && b < 0x80 && ids.count(std::string(1, (char) b));
+        if (!ids.count(byte_token(b)) && !single) {
+            f.fail(std::string(TOKENS) + " has no token for the byte " + byte_token(b) +
+                   " (llama.cpp's sentencepiece tokenizer needs one for each byte)");
+        }
+    }
+
+    // llama.cpp quietly replaces (or drops) a special id outside the vocabulary: refuse it instead,
+    // the runtime would use a token the file does not have.
+    for (const std::string & key : f.keys()) {
+        const std::string_view k = key;
+        const bool special_id = k.size() > SPECIAL_ID_PREFIX.size() + SPECIAL_ID_SUFFIX.size() &&
+                                k.substr(0, SPECIAL_ID_PREFIX.size()) == SPECIAL_ID_PREFIX &&
+                                k.substr(k.size() - SPECIAL_ID_SUFFIX.size()) == SPECIAL_ID_SUFFIX;
+        if (!special_id) continue;
+        const uint32_t id = f.get_u32(key.c_str());
+        if (id >= (uint32_t) n_vocab) {
+            f.fail(printable(key) + " = " + std::to_string(id) + " is outside the vocabulary [0, " +
+                   std::to_string(n_vocab) + ")");
+        }
+    }
+
+    // The decoder's embedding table has one row per token: the ids the tokenizer gives must fit it.
+    if (const gguf_tensor_info * embd = f.find(names::TOKEN_EMBD)) {
+        if (embd->n_dims != 2 || embd->ne[1] != n_vocab) {
+            f.fail(std::string(TOKENS) + " has " + std::to_string(n_vocab) + " tokens but tensor " + names::TOKEN_EMBD +
+                   " has " + std::to_string(embd->n_dims == 2 ? embd->ne[1] : 0) + " rows");
+        }
+    }
+    return n_vocab;
+}
+
+int check_vocab(const std::string & path) {
+    const gguf_file f(path, "decoder GGUF");
+    return check_vocabulary(f);
+}
+
 // --- decoder: the public face ------------------------------------------------------------------------
 
 int physical_cores() {
@@ -898,6 +1098,12 @@ int physical_cores() {
     if (!cores.empty()) return (int) cores.size();
     const unsigned hw = std::thread::hardware_concurrency();
     return std::max(1, (int) hw / 2);
+}
+
+int max_n_threads() {
+    const unsigned hw = std::thread::hardware_concurrency();  // 0 when unknown
+    const int by_machine = hw == 0 ? GGML_MAX_N_THREADS : (int) std::min<unsigned>(4 * hw, GGML_MAX_N_THREADS);
+    return std::max(1, std::min(by_machine, GGML_MAX_N_THREADS));
 }
 
 size_t kv_state::nbytes() const {

@@ -11,19 +11,30 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace owl2 {
 
-// A file or an argument the decoder refuses (bad GGUF, mismatched pair, bad ids...).
+// A file or an argument the decoder refuses (bad GGUF, mismatched pair, bad ids...). Python
+// decodes the message as UTF-8 and shows it as one line, and a message may quote a hostile file:
+// the constructor makes it one line of valid UTF-8 (see printable()).
 struct decoder_error : std::runtime_error {
-    using std::runtime_error::runtime_error;
+    explicit decoder_error(const std::string & what);
 };
 
 // The input would not fit in the context window; nothing was written to the cache.
 struct context_full_error : decoder_error {
     using decoder_error::decoder_error;
 };
+
+// Whether `s` is valid UTF-8 as Python's strict decoder takes it (RFC 3629: no overlong forms,
+// surrogates or code points above U+10FFFF).
+bool is_utf8(std::string_view s);
+
+// Text as a message may quote it: valid UTF-8 on one line (invalid bytes and control characters
+// written as \xNN) and at most about max_bytes long (cut at a character, "..." added).
+std::string printable(std::string_view text, size_t max_bytes = 200);
 
 // Builds ggml's backend registry (the first call does; a CUDA build then reports its devices at
 // INFO level) with that chatter silenced, and returns the number of devices. Call it before
@@ -94,5 +105,16 @@ private:
 
 // Physical cores (Linux: distinct thread-sibling sets), else half the hardware threads, >= 1.
 int physical_cores();
+
+// The most threads a caller may ask for: ggml's GGML_MAX_N_THREADS (its CPU backend asserts
+// above it) and 4 x the hardware threads (more only adds contention; a mistyped 100000 must not
+// start 100000 threads).
+int max_n_threads();
+
+// The base GGUF's vocabulary, checked before llama.cpp's tokenizer loads it (llama.cpp aborts
+// the process on some bad vocabularies, at load or at the first tokenize): the converter's SPM
+// ("llama") vocabulary or a decoder_error naming the file, the key and what is wrong. Returns
+// n_vocab.
+int check_vocab(const std::string & path);
 
 }  // namespace owl2

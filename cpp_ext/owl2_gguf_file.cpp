@@ -5,15 +5,127 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
+#include <mutex>
 
 #include "gguf.h"
 #include "owl2_decoder.h"
 
 namespace owl2 {
 
+// --- ggml's log ----------------------------------------------------------------------------------
+
+namespace {
+
+// The callback the first live scope replaced, and how many scopes live (on all threads).
+struct replaced_log {
+    std::mutex mutex;
+    int scopes = 0;
+    ggml_log_callback cb = nullptr;
+    void * data = nullptr;
+};
+
+replaced_log & replaced() {
+    static replaced_log r;
+    return r;
+}
+
+thread_local ggml_log_scope * innermost_scope = nullptr;
+
+// ggml's line without the "function_name: " it starts with and without trailing blanks.
+std::string without_prefix(std::string line) {
+    while (!line.empty() && std::isspace((unsigned char) line.back())) line.pop_back();
+    size_t i = 0;
+    while (i < line.size() && (std::isalnum((unsigned char) line[i]) || line[i] == '_')) ++i;
+    if (i > 0 && line.compare(i, 2, ": ") == 0) line.erase(0, i + 2);
+    return line;
+}
+
+}  // namespace
+
+ggml_log_scope::ggml_log_scope(mode m) : mode_(m), outer_(innermost_scope) {
+    innermost_scope = this;
+    replaced_log & r = replaced();
+    std::lock_guard<std::mutex> hold(r.mutex);
+    if (r.scopes++ == 0) {
+        ggml_log_get(&r.cb, &r.data);
+        ggml_log_set(&ggml_log_scope::dispatch, nullptr);
+    }
+}
+
+ggml_log_scope::~ggml_log_scope() {
+    innermost_scope = outer_;
+    replaced_log & r = replaced();
+    std::lock_guard<std::mutex> hold(r.mutex);
+    if (--r.scopes > 0) return;
+    // Put the replaced callback back only if ours is still installed: code outside (llama_cpp's
+    // log capture in Python) may have set its own meanwhile, and the callback we replaced may be
+    // gone by then (a Python callback object freed after its capture).
+    ggml_log_callback now_cb = nullptr;
+    void * now_data = nullptr;
+    ggml_log_get(&now_cb, &now_data);
+    if (now_cb == &ggml_log_scope::dispatch) ggml_log_set(r.cb, r.data);
+}
+
+// What ggml would have done without any scope: the replaced callback, or ggml's default (stderr).
+static void forward_to_replaced(ggml_log_level level, const char * text) {
+    ggml_log_callback cb;
+    void * data;
+    {
+        replaced_log & r = replaced();
+        std::lock_guard<std::mutex> hold(r.mutex);
+        cb = r.cb;
+        data = r.data;
+    }
+    if (cb != nullptr) {
+        cb(level, text, data);
+    } else if (text != nullptr) {
+        fputs(text, stderr);
+    }
+}
+
+void ggml_log_scope::dispatch(ggml_log_level level, const char * text, void *) {
+    if (innermost_scope != nullptr) {
+        innermost_scope->take(level, text);
+    } else {
+        forward_to_replaced(level, text);
+    }
+}
+
+void ggml_log_scope::take(ggml_log_level level, const char * text) {
+    const bool continued = level == GGML_LOG_LEVEL_CONT;
+    if (!continued) last_ = level;
+    if (mode_ == mode::capture) {
+        // Keep the first error line (its continuations too, up to its newline); print nothing.
+        if (error_done_) return;
+        if (!continued && !error_.empty()) {
+            error_done_ = true;
+        } else if (last_ == GGML_LOG_LEVEL_ERROR && text != nullptr) {
+            error_ += text;
+            error_done_ = error_.find('\n') != std::string::npos;
+        }
+        return;
+    }
+    if (last_ < GGML_LOG_LEVEL_WARN) return;
+    if (outer_ != nullptr) {
+        outer_->take(level, text);
+    } else {
+        forward_to_replaced(level, text);
+    }
+}
+
+std::string ggml_log_scope::first_error() const {
+    return without_prefix(error_.substr(0, error_.find('\n')));
+}
+
+// --- gguf_file -------------------------------------------------------------------------------------
+
 gguf_file::gguf_file(const std::string & path, const std::string & role) : path_(path), role_(role) {
+    // The C calls below would open the path only up to its first NUL: another file.
+    if (path.find('\0') != std::string::npos) fail("the path has a NUL character");
     struct stat st;
     if (stat(path.c_str(), &st) != 0) {
         fail(std::string("cannot open: ") + std::strerror(errno));
@@ -25,10 +137,16 @@ gguf_file::gguf_file(const std::string & path, const std::string & role) : path_
 
     // gguf.h reads the header itself and returns NULL (never aborts) on a bad magic, version,
     // key or tensor table; no_alloc: we only want the metadata, the data stay in the file.
+    // Its log is captured: a bad file must print nothing, and its first error line says why.
     gguf_init_params gp = {/*no_alloc =*/true, /*ctx =*/nullptr};
-    ctx_ = gguf_init_from_file(path.c_str(), gp);
-    if (ctx_ == nullptr) {
-        fail("not a readable GGUF file (bad magic, version or header, or cut short)");
+    {
+        ggml_log_scope log(ggml_log_scope::mode::capture);
+        ctx_ = gguf_init_from_file(path.c_str(), gp);
+        if (ctx_ == nullptr) {
+            const std::string ggml_says = log.first_error();
+            const std::string why = ggml_says.empty() ? "bad magic, version or header, or cut short" : printable(ggml_says);
+            fail("not a readable GGUF file (" + why + ")");
+        }
     }
 
     const size_t data_offset = gguf_get_data_offset(ctx_);
@@ -105,7 +223,70 @@ bool gguf_file::has(const char * key) const { return gguf_find_key(ctx_, key) >=
 std::string gguf_file::get_str(const char * key) const {
     const int64_t id = key_id(key);
     if (gguf_get_kv_type(ctx_, id) != GGUF_TYPE_STRING) fail(std::string("key ") + key + " is not a string");
-    return gguf_get_val_str(ctx_, id);
+    // Python reads every string as UTF-8 (a message quoting it, a metadata value): refuse other bytes here.
+    std::string s = gguf_get_val_str(ctx_, id);
+    if (!is_utf8(s)) fail(std::string("key ") + key + " is not valid UTF-8 ('" + printable(s) + "')");
+    return s;
+}
+
+uint32_t gguf_file::get_u32(const char * key) const {
+    const int64_t id = key_id(key);
+    const gguf_type type = gguf_get_kv_type(ctx_, id);
+    if (type != GGUF_TYPE_UINT32) {
+        fail(std::string("key ") + key + " is " + (type == GGUF_TYPE_ARRAY ? "an array" : gguf_type_name(type)) +
+             ", expected u32");
+    }
+    return gguf_get_val_u32(ctx_, id);
+}
+
+std::vector<std::string> gguf_file::keys() const {
+    std::vector<std::string> out;
+    const int64_t n = gguf_get_n_kv(ctx_);
+    out.reserve(n);
+    for (int64_t i = 0; i < n; ++i) out.emplace_back(gguf_get_key(ctx_, i));
+    return out;
+}
+
+int64_t gguf_file::arr_id(const char * key, int elem_type) const {
+    const int64_t id = key_id(key);
+    const gguf_type want = (gguf_type) elem_type;
+    // gguf_get_arr_type asserts that the key is an array: ask the key's own type first.
+    const gguf_type type = gguf_get_kv_type(ctx_, id);
+    if (type != GGUF_TYPE_ARRAY) {
+        fail(std::string("key ") + key + " is " + gguf_type_name(type) + ", expected an array of " + gguf_type_name(want));
+    }
+    const gguf_type elem = gguf_get_arr_type(ctx_, id);
+    if (elem != want) {
+        fail(std::string("key ") + key + " is an array of " + (elem == GGUF_TYPE_ARRAY ? "arrays" : gguf_type_name(elem)) +
+             ", expected an array of " + gguf_type_name(want));
+    }
+    return id;
+}
+
+std::vector<std::string_view> gguf_file::get_arr_str(const char * key) const {
+    const int64_t id = arr_id(key, GGUF_TYPE_STRING);
+    const size_t n = gguf_get_arr_n(ctx_, id);
+    std::vector<std::string_view> out;
+    out.reserve(n);
+    for (size_t i = 0; i < n; ++i) out.emplace_back(gguf_get_arr_str(ctx_, id, i));
+    return out;
+}
+
+// gguf_get_arr_data gives the elements as the file stored them; copied out, so no alignment is assumed.
+template <typename T>
+static std::vector<T> arr_values(gguf_context * ctx, int64_t id) {
+    const size_t n = gguf_get_arr_n(ctx, id);
+    std::vector<T> out(n);
+    if (n > 0) std::memcpy(out.data(), gguf_get_arr_data(ctx, id), n * sizeof(T));
+    return out;
+}
+
+std::vector<float> gguf_file::get_arr_f32(const char * key) const {
+    return arr_values<float>(ctx_, arr_id(key, GGUF_TYPE_FLOAT32));
+}
+
+std::vector<int32_t> gguf_file::get_arr_i32(const char * key) const {
+    return arr_values<int32_t>(ctx_, arr_id(key, GGUF_TYPE_INT32));
 }
 
 uint64_t gguf_file::get_uint(const char * key) const {

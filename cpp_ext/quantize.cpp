@@ -6,6 +6,7 @@
 
 #include "ggml.h"
 #include "ggml-cpu.h"
+#include "owl2_decoder.h"  // max_n_threads
 
 namespace owl2 {
 
@@ -49,9 +50,14 @@ void quantize_rows(int type, const float * src, uint8_t * dst, int64_t nrows, in
         throw std::invalid_argument(std::string("ggml type ") + ggml_type_name((ggml_type) type) +
                                     " needs an importance matrix, which owl2-edge does not produce");
     }
+    // One std::thread each: a mistyped count must not start thousands.
+    if (n_threads > max_n_threads()) {
+        throw std::invalid_argument("n_threads = " + std::to_string(n_threads) + " is more than this machine can use " +
+                                    "(at most " + std::to_string(max_n_threads()) + ")");
+    }
     // ggml_quantize_init builds lookup tables some types need; it is idempotent and thread-safe.
     ggml_quantize_init((ggml_type) type);
-    n_threads = std::max(1, std::min<int>(n_threads, (int) nrows));
+    n_threads = (int) std::max<int64_t>(1, std::min<int64_t>(n_threads, nrows));
     const int64_t per_thread = (nrows + n_threads - 1) / n_threads;
     auto work = [&](int64_t first, int64_t count) {
         // ggml_quantize_chunk's `start` is an element offset into src/dst of whole rows.
