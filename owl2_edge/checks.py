@@ -14,10 +14,6 @@ import os
 
 from owl2_edge.errors import ArgumentError
 
-# ggml's GGML_MAX_N_THREADS: no ggml build runs more threads than this.
-MAX_THREADS = 512
-
-
 def _shown(value) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -97,8 +93,9 @@ def path(name: str, value) -> str:
 
 
 def threads(name: str, value) -> int | None:
-    """None (the default count) or 1 .. a few per hardware thread: more only thrash the cores,
-    and thousands would exhaust the process's threads."""
+    """None (the default count) or 1 .. the native side's limit (ggml's GGML_MAX_N_THREADS, and
+    4 per hardware thread: more only thrash the cores, thousands would exhaust the process)."""
     if value is None:
         return None
-    return integer(name, value, 1, min(MAX_THREADS, 4 * (os.cpu_count() or 1)))
+    from owl2_edge import _decoder
+    return integer(name, value, 1, _decoder.max_n_threads())

@@ -15,18 +15,27 @@ from typing import Sequence
 
 import llama_cpp
 
-from owl2_edge import checks
+from owl2_edge import _decoder, checks
 from owl2_edge.errors import DecoderError, ModelFolderError
 from owl2_edge.llama_log import captured_llama_log, init_llama_backend
+from owl2_edge.model_dir import display_path
 from owl2_edge.names import IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID
 
 class Tokenizer:
     """The vocabulary of a base GGUF. Use as a context manager or call close()."""
 
     def __init__(self, gguf_path: str | Path):
-        path = Path(gguf_path)
+        path = Path(checks.path("gguf_path", gguf_path))
         if not path.is_file():
-            raise ModelFolderError(f"{path}: missing (the decoder GGUF holds the vocabulary)")
+            raise ModelFolderError(f"{display_path(path)}: missing or not a regular file (the "
+                                   f"decoder GGUF holds the vocabulary)")
+        # llama.cpp's vocabulary loader aborts the whole process on some bad vocabularies
+        # (duplicate tokens, no byte tokens, an empty list...): it only ever sees one that the
+        # project's own reader has checked (cpp_ext/owl2_gguf_file.cpp, check_vocab).
+        try:
+            _decoder.check_vocab(os.fspath(path))
+        except _decoder.NativeDecoderError as e:
+            raise ModelFolderError(str(e)) from None
         init_llama_backend()
         params = llama_cpp.llama_model_default_params()
         params.vocab_only = True

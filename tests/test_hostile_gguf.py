@@ -27,10 +27,10 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from owl2_edge import _decoder, gguf_names
+from owl2_edge import _decoder, gguf_names, names
 from owl2_edge.convert.gguf_pair import write_gguf_pair
 from owl2_edge.decoder import Decoder
-from owl2_edge.errors import DecoderError
+from owl2_edge.errors import ArgumentError, DecoderError
 
 VT = gguf.GGUFValueType
 TOKENS = gguf.Keys.Tokenizer.LIST
@@ -452,7 +452,10 @@ def test_thread_counts_are_bounded(pair):
     assert 1 <= limit <= 512  # GGML_MAX_N_THREADS
     assert limit <= 4 * (os.cpu_count() or 128)
     for n in (limit + 1, 100_000):
-        with pytest.raises(DecoderError, match=rf"n_threads = {n} is more than this machine can use \(at most {limit}\)"):
+        # The native decoder refuses it on its own, and the Python wrapper before it.
+        with pytest.raises(_decoder.NativeDecoderError, match=rf"n_threads = {n} is more than this machine can use \(at most {limit}\)"):
+            _decoder.Decoder(*map(str, pair), n_ctx=64, n_threads=n, device="cpu")
+        with pytest.raises(ArgumentError, match=rf"n_threads must be between 1 and {limit}, not {n}"):
             open_decoder(*pair, n_threads=n)
         with pytest.raises(ValueError, match=rf"n_threads = {n} is more than"):
             _decoder.quantize(np.zeros((4, 32), np.float32), _decoder.ggml_type_from_name("q8_0"), n_threads=n)
@@ -541,3 +544,27 @@ def test_a_path_with_a_nul_is_refused_not_truncated(pair):
     base, _ = pair
     message = refused_message(lambda: _decoder.check_vocab(str(base) + "\0.txt"))
     assert "the path has a NUL character" in message and "\\x00" in message
+
+
+# --- through Owl2.load and the CLI ----------------------------------------------------------------
+
+@pytest.mark.parametrize("case", list(ABORTS_LLAMA_CPP))
+@pytest.mark.parametrize("command", ["ask", "chat"])
+def test_the_cli_refuses_a_vocabulary_that_would_abort_in_one_line(case, command, tiny_model_dir,
+                                                                  tmp_path):
+    """The vocabularies that abort stock llama.cpp, in a real model folder: Owl2.load, and so
+    every command that answers, refuses them in one line with exit 1 before llama.cpp sees them."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    base = folder / json.loads((folder / names.MANIFEST_FILE).read_text())["decoder_file"]
+    rewrite(base, tmp_path / "bad.gguf", VOCAB_CASES[case][0]).replace(base)
+    args = ["ask", "Hi?"] if command == "ask" else ["chat"]
+    r = subprocess.run([sys.executable, "-m", "owl2_edge.cli", *args, "-m", str(folder), "-n", "2"],
+                       input="Hi\n/exit\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "tokenizer.ggml" in lines[0], r.stderr[-2000:]
