@@ -38,6 +38,14 @@ def tiny_ref(tiny_ckpt):
     return _converter()[2].Owl2Reference.from_checkpoint(tiny_ckpt)
 
 
+@pytest.fixture(scope="module")
+def owl(tiny_model_dir):
+    """An Owl2 on the tiny model (CPU, f32 KV cache: exact against the reference), one per module."""
+    from owl2_edge.owl2 import Owl2
+    with Owl2.load(tiny_model_dir, device="cpu", kv_type="f32", n_ctx=512) as o:
+        yield o
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tiny_checkpoint, tmp_path_factory) -> Path:
     """The tiny checkpoint converted by `owl2 convert`'s own code: F32 decoder, fp32 vision."""

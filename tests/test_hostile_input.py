@@ -29,12 +29,6 @@ GREEDY = dict(temperature=0, max_tokens=6, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def owl(tiny_model_dir):
-    with Owl2.load(tiny_model_dir, device="cpu", kv_type="f32", n_ctx=512) as o:
-        yield o
-
-
-@pytest.fixture(scope="module")
 def photo(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "photo.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(path)

@@ -24,12 +24,6 @@ def picture(seed: int, size=(90, 60)) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def owl(tiny_model_dir):
-    with Owl2.load(tiny_model_dir, device="cpu", kv_type="f32", n_ctx=512) as o:
-        yield o
-
-
-@pytest.fixture(scope="module")
 def sp(tiny_ckpt):
     import sentencepiece
     return sentencepiece.SentencePieceProcessor(model_file=str(tiny_ckpt.tokenizer_model))
