@@ -19,6 +19,7 @@ import io
 import os
 import stat
 import struct
+import warnings
 import zlib
 
 import numpy as np
@@ -32,6 +33,8 @@ ASPECT_MODES = ("pad", "resize", "crop")
 # The largest image file (or bytes) read: beyond any photo's size, and a bound on what a hostile
 # input can make us hold. Pillow's decompression-bomb guard bounds the decoded pixels.
 MAX_FILE_BYTES = 256 * 2**20
+# The largest square canvas pad and resize build (Pillow's own decompression-bomb limit).
+MAX_SQUARE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 # What Pillow's decoders raise on damaged or hostile data. It is a long list because each format
 # plugin fails its own way (a broken PNG chunk is a SyntaxError, a short zlib stream a zlib.error,
@@ -60,14 +63,18 @@ def load_image(source, exif_transpose: bool = True) -> Image.Image:
     gallery shows it. Upstream never does this (it only calls convert('RGB')), so a sideways
     photo reaches upstream's model sideways; pass False to get exactly upstream's pixels.
     """
-    if isinstance(source, Image.Image):
-        return _decoded_rgb(source, "image", exif_transpose)
-    name, stream = _open_source(source)
-    try:
-        with Image.open(stream) as image:
-            return _decoded_rgb(image, name, exif_transpose)
-    except _DECODE_FAILURES as e:
-        raise _read_error(name, e) from None
+    # Pillow warns (on stderr) about the damage it works around in a file ("Corrupt EXIF data",
+    # "Truncated File Read"): the picture is then either read or refused with one error line.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if isinstance(source, Image.Image):
+            return _decoded_rgb(source, "image", exif_transpose)
+        name, stream = _open_source(source)
+        try:
+            with Image.open(stream) as image:
+                return _decoded_rgb(image, name, exif_transpose)
+        except _DECODE_FAILURES as e:
+            raise _read_error(name, e) from None
 
 
 def _open_source(source) -> tuple[str, object]:
@@ -190,10 +197,16 @@ def preprocess(image: Image.Image, spec: ImageSpec, mode: str = "pad") -> np.nda
                              f"({_one_line(e)})") from None
     if min(image.size) == 0:
         raise ImageError(f"image: empty picture ({image.size[0]}x{image.size[1]})")
+    side = max(image.size)
+    if mode in ("pad", "resize") and side * side > MAX_SQUARE_PIXELS:
+        # Upstream makes the picture square at its long side before resizing: a 32x65535 GIF
+        # would need a 65535² canvas (13 GB). Refused, with the mode that does not need one.
+        raise ImageError(f"image: {image.size[0]}x{image.size[1]} is too long and thin to make "
+                         f"square ({side}x{side} would be over {MAX_SQUARE_PIXELS // 10**6} "
+                         f"megapixels); use aspect 'crop' (--aspect crop)")
     if mode == "pad":
         image = expand_to_square(image, spec.pad_color)
     elif mode == "resize":
-        side = max(image.size)
         image = image.resize((side, side), Image.Resampling.BICUBIC)
     return clip_pixels(image, spec)
 

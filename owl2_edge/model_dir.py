@@ -189,8 +189,14 @@ def _from_json(raw: dict) -> Manifest:
             eos_id=checks.integer("decoder.eos_id", decoder["eos_id"], 0, n_vocab - 1)),
         template=string("template", raw.get("template", names.TEMPLATE_ID), 64),
         source=string("source", raw.get("source", ""), 4096),
-        extra=dict(raw.get("extra", {})),
+        extra=_extra(raw.get("extra", {})),
     )
+
+
+def _extra(value) -> dict:
+    if not isinstance(value, dict):
+        raise ArgumentError(f"extra must be an object, not {type(value).__name__}")
+    return dict(value)
 
 
 def display_path(path: str | Path) -> str:

@@ -93,6 +93,7 @@ def _raw(field, literal):
     (_set("decoder.eos_id", 10**9), "decoder.eos_id must be between 0 and"),
     (_set("vision_files", {"int4": "vision-fp32.onnx"}), "vision_files variant must be one of fp32, fp16"),
     (_set("decoder_file", "../decoder-F32.gguf"), "must be a plain name in the folder"),
+    (_set("extra", "x"), "extra must be an object, not str"),  # found by the fuzzer
     (lambda text: "[" * 200000 + "]" * 200000, "JSON nested too deeply"),
     (lambda text: '{"a":' * 200000, "JSON nested too deeply"),
     (lambda text: text[: len(text) // 2], "not readable JSON"),
@@ -168,6 +169,21 @@ def test_an_image_file_larger_than_the_limit_is_refused_unread(owl, tmp_path, mo
         owl.ask(big, "What is this?", **GREEDY)
     with pytest.raises(ImageError, match="more than an image may hold"):
         owl.ask(big.read_bytes(), "What is this?", **GREEDY)
+
+
+def test_a_long_thin_picture_is_refused_before_a_huge_square_canvas(owl, photo):
+    """Found by the fuzzer: a 32x65535 GIF made pad mode allocate a 65535² canvas (13 GB)."""
+    import io
+    buf = io.BytesIO()
+    Image.new("P", (32, 65535)).save(buf, "GIF")
+    error = _finishes(lambda: owl.ask(buf.getvalue(), "What is this?", **GREEDY))
+    assert isinstance(error, ImageError) and "too long and thin to make square" in str(error)
+    owl.aspect = "crop"  # the mode that needs no square canvas reads it
+    try:
+        assert isinstance(owl.ask(buf.getvalue(), "What is this?", **GREEDY), str)
+    finally:
+        owl.aspect = "pad"
+    still_answers(owl, photo)
 
 
 # --- Arguments ----------------------------------------------------------------------------------
