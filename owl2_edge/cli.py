@@ -165,7 +165,8 @@ def chat_cmd(
         raise _fail(str(e))
     while True:
         try:
-            line = input(">>> ").strip()
+            # With --json, stdout is JSON lines only: no prompt between them.
+            line = input("" if output["as_json"] else ">>> ").strip()
         except EOFError:
             print()
             return

@@ -59,14 +59,15 @@ class Owl2:
              n_gpu_layers: int = -1, repack: bool = True, aspect: str = "pad",
              exif_transpose: bool = True) -> "Owl2":
         """A model folder (default: $OWL2_MODEL, then the demo model) on `device`."""
-        # Every argument checked before anything loads (the decoder checks them again).
-        for name, value, lo, hi in (("n_ctx", n_ctx, 1, MAX_CTX), ("n_gpu_layers", n_gpu_layers, -1, MAX_CTX)):
-            checks.integer(name, value, lo, hi)
+        # Every argument is checked before anything loads (the decoder checks its own again).
+        checks.integer("n_ctx", n_ctx, 1, MAX_CTX)
+        checks.integer("n_gpu_layers", n_gpu_layers, -1, MAX_CTX)
         checks.threads("n_threads", n_threads)
         checks.choice("device", device, names.DEVICES)
         checks.choice("kv_type", kv_type, names.KV_TYPES)
         checks.choice("aspect", aspect, ASPECT_MODES)
-        for name, value in (("flash_attn", flash_attn), ("repack", repack), ("exif_transpose", exif_transpose)):
+        for name, value in (("flash_attn", flash_attn), ("repack", repack),
+                            ("exif_transpose", exif_transpose)):
             checks.flag(name, value)
         folder = Path(checks.path("path", path)) if path is not None else default_model_path()
         if path is None and not folder.exists():
@@ -74,15 +75,21 @@ class Owl2:
                                    f"set ${MODEL_ENV}, or run `owl2 demo` once")
         t0 = time.perf_counter()
         manifest = Manifest.load(folder)
-        tokenizer = Tokenizer(folder / manifest.decoder_file)
-        decoder = Decoder(folder / manifest.decoder_file, folder / manifest.mam_file, n_ctx=n_ctx,
-                          n_threads=n_threads, device=device, n_gpu_layers=n_gpu_layers,
-                          kv_type=kv_type, flash_attn=flash_attn, repack=repack)
-        # The decoder is where a GPU matters; the vision model takes ONNX Runtime's CUDA provider
-        # when onnxruntime-gpu can start it and runs on the CPU otherwise (owl.vision.provider).
-        vision = VisionEncoder.from_folder(folder, manifest, device="cpu" if device == "cpu" else "auto",
-                                           n_threads=decoder.n_threads)
-        _check_files_agree(folder, manifest, tokenizer, decoder, vision)
+        with contextlib.ExitStack() as on_error:  # a failed load frees what it had opened
+            tokenizer = Tokenizer(folder / manifest.decoder_file)
+            on_error.callback(tokenizer.close)
+            decoder = Decoder(folder / manifest.decoder_file, folder / manifest.mam_file,
+                              n_ctx=n_ctx, n_threads=n_threads, device=device,
+                              n_gpu_layers=n_gpu_layers, kv_type=kv_type, flash_attn=flash_attn,
+                              repack=repack)
+            on_error.callback(decoder.close)
+            # The decoder is where a GPU matters; the vision model takes ONNX Runtime's CUDA
+            # provider when onnxruntime-gpu can start it, else the CPU (owl.vision.provider).
+            vision = VisionEncoder.from_folder(folder, manifest,
+                                               device="cpu" if device == "cpu" else "auto",
+                                               n_threads=decoder.n_threads)
+            _check_files_agree(folder, manifest, tokenizer, decoder, vision)
+            on_error.pop_all()
         owl = cls(folder, manifest, tokenizer, decoder, vision, aspect, exif_transpose)
         owl.load_seconds = time.perf_counter() - t0
         return owl

@@ -147,7 +147,7 @@ def test_chat_takes_the_same_options_as_ask_and_answers_alike(tiny_model_dir, ph
     chatted = owl2("chat", photo, *common, stdin="What is this?\n/exit\n")
     assert asked.returncode == 0 and chatted.returncode == 0, asked.stderr + chatted.stderr
     answer = json.loads(asked.stdout)
-    turn = json.loads(chatted.stdout.replace(">>> ", "").strip().splitlines()[0])
+    (turn,) = [json.loads(line) for line in chatted.stdout.splitlines() if line.strip()]
     assert turn["token_ids"] == answer["token_ids"] and len(answer["token_ids"]) == 6  # --ignore-eos
     assert turn["text"] == answer["text"]
     assert "tok/s" in asked.stderr and "tok/s" in chatted.stderr
