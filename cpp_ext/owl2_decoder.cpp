@@ -950,20 +950,19 @@ static std::vector<float> eval(model & m, const int32_t * tokens, const float * 
 // tokenize (tests/test_hostile_gguf.py reproduces each). Only what the converter writes
 // (convert/gguf_vocab.py) and llama.cpp's SPM tokenizer handles safely passes.
 
-// llama.cpp's tokenizer keys (gguf-py's Keys.Tokenizer): the generated names header holds only the
-// names the decoder itself reads, so the vocabulary's are spelled once, here.
+// llama.cpp's tokenizer keys come from the generated header (gguf-py's Keys.Tokenizer).
 namespace vocab_keys {
-static constexpr const char * MODEL = "tokenizer.ggml.model";
-static constexpr const char * TOKENS = "tokenizer.ggml.tokens";
-static constexpr const char * SCORES = "tokenizer.ggml.scores";
-static constexpr const char * TOKEN_TYPE = "tokenizer.ggml.token_type";
-// Every special token id: tokenizer.ggml.<bos, eos, unknown, seperator, padding...>_token_id.
+static constexpr const char * MODEL = names::KEY_TOKENIZER_MODEL;
+static constexpr const char * TOKENS = names::KEY_TOKENIZER_TOKENS;
+static constexpr const char * SCORES = names::KEY_TOKENIZER_SCORES;
+static constexpr const char * TOKEN_TYPE = names::KEY_TOKENIZER_TOKEN_TYPE;
+// Every special token id, whatever its role (bos, eos, unknown, seperator, padding...), is named
+// tokenizer.ggml.<role>_token_id in gguf-py's Keys.Tokenizer.
 static constexpr std::string_view SPECIAL_ID_PREFIX = "tokenizer.ggml.";
 static constexpr std::string_view SPECIAL_ID_SUFFIX = "_token_id";
 }  // namespace vocab_keys
 
-// llama.cpp's name for its sentencepiece (SPM) tokenizer, the one the converter writes.
-static constexpr const char * SPM_TOKENIZER_MODEL = "llama";
+using names::SPM_TOKENIZER_MODEL;
 
 // The token llama.cpp's SPM tokenizer spells a byte with when no piece covers it (byte fallback),
 // as its byte_to_token looks it up: "<0x0A>".

@@ -42,6 +42,14 @@ KEY_RMS_EPS = _llama_key(_K.Attention.LAYERNORM_RMS_EPS)
 KEY_ROPE_DIMENSION_COUNT = _llama_key(_K.Rope.DIMENSION_COUNT)
 KEY_ROPE_FREQ_BASE = _llama_key(_K.Rope.FREQ_BASE)
 
+# The vocabulary's keys, which owl2-edge checks before llama.cpp's tokenizer reads them.
+KEY_TOKENIZER_MODEL = _K.Tokenizer.MODEL
+KEY_TOKENIZER_TOKENS = _K.Tokenizer.LIST
+KEY_TOKENIZER_SCORES = _K.Tokenizer.SCORES
+KEY_TOKENIZER_TOKEN_TYPE = _K.Tokenizer.TOKEN_TYPE
+# llama.cpp's name for its sentencepiece tokenizer, the one the converter writes.
+SPM_TOKENIZER_MODEL = "llama"
+
 # owl2-edge's own keys. The pair id ties a sidecar to the base it was converted with (both files
 # carry it); the sidecar repeats the widths so that a loader can check it before any tensor.
 MAM_ADAPTER_TYPE = "owl2-mam"
