@@ -1129,6 +1129,11 @@ model & decoder::live() const {
 // lands wholly before the call (which then raises "closed") or wholly after it.
 using call_lock = std::lock_guard<std::mutex>;
 
+template <typename Fact> auto decoder::read(Fact fact) const {
+    call_lock hold(mutex_);
+    return fact(live());
+}
+
 std::vector<float> decoder::eval_tokens(const std::vector<int32_t> & ids, int route, bool all_logits) {
     call_lock hold(mutex_);
     return eval(live(), ids.data(), nullptr, (int) std::min<size_t>(ids.size(), INT32_MAX), route, all_logits);
@@ -1141,10 +1146,7 @@ std::vector<float> decoder::eval_embeddings(const float * embeds, int64_t n, int
     return eval(m, nullptr, embeds, (int) n, route, all_logits);
 }
 
-int decoder::n_past() const {
-    call_lock hold(mutex_);
-    return live().n_past;
-}
+int decoder::n_past() const { return read([](const model & m) { return m.n_past; }); }
 
 void decoder::rewind(int n) {
     call_lock hold(mutex_);
@@ -1204,45 +1206,19 @@ void decoder::restore_state(const kv_state & s) {
     m.n_past = s.n_past;
 }
 
-int decoder::n_vocab() const {
-    call_lock hold(mutex_);
-    return live().hp.n_vocab;
-}
-
-int decoder::n_embd() const {
-    call_lock hold(mutex_);
-    return live().hp.n_embd;
-}
-
-int decoder::n_ctx() const {
-    call_lock hold(mutex_);
-    return live().n_ctx;
-}
-
-int decoder::n_layer() const {
-    call_lock hold(mutex_);
-    return live().hp.n_layer;
-}
-
-int decoder::n_threads() const {
-    call_lock hold(mutex_);
-    return live().n_threads;
-}
+int decoder::n_vocab() const { return read([](const model & m) { return m.hp.n_vocab; }); }
+int decoder::n_embd() const { return read([](const model & m) { return m.hp.n_embd; }); }
+int decoder::n_ctx() const { return read([](const model & m) { return m.n_ctx; }); }
+int decoder::n_layer() const { return read([](const model & m) { return m.hp.n_layer; }); }
+int decoder::n_threads() const { return read([](const model & m) { return m.n_threads; }); }
+bool decoder::flash_attn() const { return read([](const model & m) { return m.params.flash_attn; }); }
 
 std::string decoder::kv_type() const {
-    call_lock hold(mutex_);
-    return ggml_type_name(live().kv_type);
-}
-
-bool decoder::flash_attn() const {
-    call_lock hold(mutex_);
-    return live().params.flash_attn;
+    return read([](const model & m) { return std::string(ggml_type_name(m.kv_type)); });
 }
 
 std::string decoder::device_name() const {
-    call_lock hold(mutex_);
-    const model & m = live();
-    return ggml_backend_dev_name(m.dev_gpu ? m.dev_gpu : m.dev_cpu);
+    return read([](const model & m) { return std::string(ggml_backend_dev_name(m.dev_gpu ? m.dev_gpu : m.dev_cpu)); });
 }
 
 void decoder::close() {

@@ -101,6 +101,8 @@ private:
     mutable std::mutex mutex_;
     std::unique_ptr<model> m_;
     model & live() const;  // the open model (the caller holds mutex_), or decoder_error "closed"
+    // One fact of the open model, read under mutex_: fact(const model &).
+    template <typename Fact> auto read(Fact fact) const;
 };
 
 // Physical cores (Linux: distinct thread-sibling sets), else half the hardware threads, >= 1.

@@ -14,9 +14,16 @@ import os
 
 from owl2_edge.errors import ArgumentError
 
+
 def _shown(value) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def display_path(path) -> str:
+    """A file name fit for a one-line message: control characters escaped, long names elided."""
+    name = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(path))
+    return name if len(name) <= 160 else f"{name[:100]}...{name[-50:]}"
 
 
 def integer(name: str, value, lo: int | None = None, hi: int | None = None) -> int:

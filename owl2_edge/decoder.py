@@ -44,6 +44,21 @@ def _native_errors() -> Iterator[None]:
         raise DecoderError(str(e)) from None
 
 
+def check_options(n_ctx: int = 2048, n_threads: int | None = None, device: str = "auto",
+                  n_gpu_layers: int = -1, kv_type: str = "f16", flash_attn: bool = False,
+                  n_ubatch: int = 512, repack: bool = True) -> dict:
+    """The decoder's options, checked (ArgumentError) before any file is opened: Decoder's own
+    check, and Owl2.load's before it loads anything."""
+    return dict(n_ctx=checks.integer("n_ctx", n_ctx, 1, MAX_CTX),
+                n_threads=checks.threads("n_threads", n_threads),
+                device=checks.choice("device", device, DEVICES),
+                n_gpu_layers=checks.integer("n_gpu_layers", n_gpu_layers, -1, MAX_CTX),
+                kv_type=checks.choice("kv_type", kv_type, KV_TYPES),
+                flash_attn=checks.flag("flash_attn", flash_attn),
+                n_ubatch=checks.integer("n_ubatch", n_ubatch, 1, MAX_CTX),
+                repack=checks.flag("repack", repack))
+
+
 class Decoder:
     """LLaMA-2 with the Modality-Adaptive Module, from a base GGUF and its MAM sidecar.
 
@@ -66,21 +81,14 @@ class Decoder:
                  n_threads: int | None = None, device: str = "auto", n_gpu_layers: int = -1,
                  kv_type: str = "f16", flash_attn: bool = False, n_ubatch: int = 512,
                  repack: bool = True):
-        n_ctx = checks.integer("n_ctx", n_ctx, 1, MAX_CTX)
-        n_threads = checks.threads("n_threads", n_threads)
-        device = checks.choice("device", device, DEVICES)
-        n_gpu_layers = checks.integer("n_gpu_layers", n_gpu_layers, -1, MAX_CTX)
-        kv_type = checks.choice("kv_type", kv_type, KV_TYPES)
-        flash_attn = checks.flag("flash_attn", flash_attn)
-        n_ubatch = checks.integer("n_ubatch", n_ubatch, 1, MAX_CTX)
-        repack = checks.flag("repack", repack)
-        paths = [checks.path(name, p) for name, p in (("decoder_gguf", decoder_gguf),
-                                                       ("mam_gguf", mam_gguf))]
+        options = check_options(n_ctx=n_ctx, n_threads=n_threads, device=device,
+                                n_gpu_layers=n_gpu_layers, kv_type=kv_type, flash_attn=flash_attn,
+                                n_ubatch=n_ubatch, repack=repack)
+        options["n_threads"] = options["n_threads"] or 0  # the native default: physical cores
+        base = checks.path("decoder_gguf", decoder_gguf)
+        mam = checks.path("mam_gguf", mam_gguf)
         with _native_errors():
-            self._native = _decoder.Decoder(
-                *paths, n_ctx=n_ctx, n_threads=n_threads or 0, device=device,
-                n_gpu_layers=n_gpu_layers, kv_type=kv_type, flash_attn=flash_attn,
-                n_ubatch=n_ubatch, repack=repack)
+            self._native = _decoder.Decoder(base, mam, **options)
 
     # -- runs ------------------------------------------------------------------------------------
 

@@ -27,7 +27,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from owl2_edge import checks
 from owl2_edge.errors import ArgumentError, ImageError
-from owl2_edge.model_dir import ImageSpec, display_path
+from owl2_edge.checks import display_path
+from owl2_edge.model_dir import ImageSpec
 
 ASPECT_MODES = ("pad", "resize", "crop")
 # The largest image file (or bytes) read: beyond any photo's size, and a bound on what a hostile

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from owl2_edge import checks, names
+from owl2_edge.checks import display_path
 from owl2_edge.errors import ArgumentError, ModelFolderError
 
 
@@ -82,43 +83,43 @@ class Manifest:
         ModelFolderError naming the manifest."""
         folder = Path(checks.path("model folder", folder))
         path = folder / names.MANIFEST_FILE
-        shown = display_path(folder)
+        shown, where = display_path(folder), display_path(path)
         try:
             if not folder.is_dir():
                 raise ModelFolderError(f"{shown}: no such model folder")
             if not path.is_file():
-                raise ModelFolderError(f"{display_path(path)}: missing (not an owl2-edge model "
+                raise ModelFolderError(f"{where}: missing (not an owl2-edge model "
                                        f"folder; make one with `owl2 convert`)")
             if path.stat().st_size > MAX_MANIFEST_BYTES:
-                raise ModelFolderError(f"{display_path(path)}: larger than a manifest can be "
+                raise ModelFolderError(f"{where}: larger than a manifest can be "
                                        f"({MAX_MANIFEST_BYTES // 1024} KiB)")
             text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise ModelFolderError(f"{shown}: cannot read it ({e.strerror or e})") from None
         except UnicodeDecodeError:
-            raise ModelFolderError(f"{display_path(path)}: not UTF-8 text") from None
+            raise ModelFolderError(f"{where}: not UTF-8 text") from None
         try:
             raw = json.loads(text, parse_constant=_refuse_constant)
         except (json.JSONDecodeError, ValueError) as e:
-            raise ModelFolderError(f"{display_path(path)}: not readable JSON ({e})") from None
+            raise ModelFolderError(f"{where}: not readable JSON ({e})") from None
         except RecursionError:
-            raise ModelFolderError(f"{display_path(path)}: JSON nested too deeply") from None
+            raise ModelFolderError(f"{where}: JSON nested too deeply") from None
         if not isinstance(raw, dict) or raw.get("format") != names.MANIFEST_FORMAT:
-            raise ModelFolderError(f"{display_path(path)}: not an owl2-edge manifest")
+            raise ModelFolderError(f"{where}: not an owl2-edge manifest")
         if raw.get("version") != names.MANIFEST_VERSION:
-            raise ModelFolderError(f"{display_path(path)}: manifest version {raw.get('version')!r:.40} "
+            raise ModelFolderError(f"{where}: manifest version {raw.get('version')!r:.40} "
                                    f"is not supported (this owl2-edge reads version "
                                    f"{names.MANIFEST_VERSION}); convert the model again")
         try:
             manifest = _from_json(raw)
         except ArgumentError as e:
-            raise ModelFolderError(f"{display_path(path)}: {e}") from None
+            raise ModelFolderError(f"{where}: {e}") from None
         except (KeyError, TypeError, AttributeError) as e:
-            raise ModelFolderError(f"{display_path(path)}: malformed manifest "
+            raise ModelFolderError(f"{where}: malformed manifest "
                                    f"({type(e).__name__}: {str(e)[:100]})") from None
         for name in manifest.files():
             if Path(name).name != name or name in (".", ".."):
-                raise ModelFolderError(f"{display_path(path)}: file name {name[:100]!r} must be a "
+                raise ModelFolderError(f"{where}: file name {name[:100]!r} must be a "
                                        f"plain name in the folder")
             if not (folder / name).is_file():
                 raise ModelFolderError(f"{display_path(folder / name)}: missing or not a regular "
@@ -197,9 +198,3 @@ def _extra(value) -> dict:
     if not isinstance(value, dict):
         raise ArgumentError(f"extra must be an object, not {type(value).__name__}")
     return dict(value)
-
-
-def display_path(path: str | Path) -> str:
-    """A path fit for a one-line message: control characters escaped, long paths elided."""
-    name = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in str(path))
-    return name if len(name) <= 160 else f"{name[:100]}...{name[-50:]}"

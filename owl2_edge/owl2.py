@@ -22,7 +22,7 @@ import numpy as np
 
 from owl2_edge import checks, names, openai_chat
 from owl2_edge.chat import Chat
-from owl2_edge.decoder import MAX_CTX, Decoder
+from owl2_edge.decoder import Decoder, check_options
 from owl2_edge.detok import Utf8Stream
 from owl2_edge.errors import ArgumentError, BusyError, DecoderError, ModelFolderError
 from owl2_edge.image import ASPECT_MODES, content_hash, load_image, preprocess
@@ -59,16 +59,12 @@ class Owl2:
              n_gpu_layers: int = -1, repack: bool = True, aspect: str = "pad",
              exif_transpose: bool = True) -> "Owl2":
         """A model folder (default: $OWL2_MODEL, then the demo model) on `device`."""
-        # Every argument is checked before anything loads (the decoder checks its own again).
-        checks.integer("n_ctx", n_ctx, 1, MAX_CTX)
-        checks.integer("n_gpu_layers", n_gpu_layers, -1, MAX_CTX)
-        checks.threads("n_threads", n_threads)
-        checks.choice("device", device, names.DEVICES)
-        checks.choice("kv_type", kv_type, names.KV_TYPES)
+        # Every argument is checked before anything loads.
+        decoder_options = check_options(n_ctx=n_ctx, n_threads=n_threads, device=device,
+                                        n_gpu_layers=n_gpu_layers, kv_type=kv_type,
+                                        flash_attn=flash_attn, repack=repack)
         checks.choice("aspect", aspect, ASPECT_MODES)
-        for name, value in (("flash_attn", flash_attn), ("repack", repack),
-                            ("exif_transpose", exif_transpose)):
-            checks.flag(name, value)
+        checks.flag("exif_transpose", exif_transpose)
         folder = Path(checks.path("path", path)) if path is not None else default_model_path()
         if path is None and not folder.exists():
             raise ModelFolderError(f"no model given and {folder} does not exist: pass -m MODEL_DIR, "
@@ -79,9 +75,7 @@ class Owl2:
             tokenizer = Tokenizer(folder / manifest.decoder_file)
             on_error.callback(tokenizer.close)
             decoder = Decoder(folder / manifest.decoder_file, folder / manifest.mam_file,
-                              n_ctx=n_ctx, n_threads=n_threads, device=device,
-                              n_gpu_layers=n_gpu_layers, kv_type=kv_type, flash_attn=flash_attn,
-                              repack=repack)
+                              **decoder_options)
             on_error.callback(decoder.close)
             # The decoder is where a GPU matters; the vision model takes ONNX Runtime's CUDA
             # provider when onnxruntime-gpu can start it, else the CPU (owl.vision.provider).

@@ -16,9 +16,9 @@ from typing import Sequence
 import llama_cpp
 
 from owl2_edge import _decoder, checks
+from owl2_edge.checks import display_path
 from owl2_edge.errors import DecoderError, ModelFolderError
 from owl2_edge.llama_log import captured_llama_log, init_llama_backend
-from owl2_edge.model_dir import display_path
 from owl2_edge.names import IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID
 
 class Tokenizer:
