@@ -30,8 +30,8 @@ def main():
     args = ap.parse_args()
     owl = Owl2.load(args.model, device=args.device, n_threads=args.threads)
     image = sample_image()
-    for label, question in (("first question", "What is written on the sign?"),
-                            ("second question, same image", "What colour is the sky?")):
+    for label, question in (("first question", "What shape is on the left?"),
+                            ("second question, same image", "How many shapes are there?")):
         seconds = first_token_seconds(owl, image, question)
         s = owl.stats
         print(f"{label}: first token after {seconds:.2f} s (vision {s.timings['vision']:.2f} s, "

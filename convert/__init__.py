@@ -8,9 +8,14 @@ cheap and needs none of them: the CLI asks it what is missing.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 # What the converter imports beyond the runtime (the `convert` extra of pyproject.toml).
 REQUIRED_PACKAGES = ("torch", "onnx", "sentencepiece", "safetensors")
+
+# The trained demo model's checkpoint (release layout, bfloat16), written by train_demo.py and
+# committed; `owl2 demo` converts it (docs/design.md §10).
+DEMO_CHECKPOINT = Path(__file__).parent / "demo_model"
 
 
 def missing_package() -> str | None:

@@ -103,10 +103,14 @@ def rotary_inv_freq(cfg: Owl2Config) -> torch.Tensor:
     return 1.0 / (cfg.text.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
 
 
-def _shard_tensors(cfg: Owl2Config, names: list[str], seed: int,
+# name, shape -> float32 tensor: random_tensor for a random checkpoint, a lookup for a trained one.
+TensorSource = Callable[[str, tuple[int, ...]], torch.Tensor]
+
+
+def _shard_tensors(cfg: Owl2Config, names: list[str], source: TensorSource,
                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
     shapes = hf_layout.expected_shapes(cfg)
-    tensors = {n: random_tensor(n, shapes[n], seed).to(dtype) for n in names}
+    tensors = {n: source(n, shapes[n]).to(dtype) for n in names}
     # The release stores each layer's RoPE buffer beside its weights (in the weights' dtype).
     layers = {int(n.split(".")[2]) for n in names if n.startswith("model.layers.")}
     for i in sorted(layers):
@@ -122,14 +126,14 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, weights_format: str) -> 
         save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def _write_weights(out: Path, cfg: Owl2Config, seed: int, dtype: torch.dtype,
+def _write_weights(out: Path, cfg: Owl2Config, source: TensorSource, dtype: torch.dtype,
                    weights_format: str, sharded: bool,
                    on_file: Callable[[str], None] | None) -> None:
     plan = hf_layout.release_shard_plan(cfg)
     if not sharded:
         single = (hf_layout.PICKLE_SINGLE if weights_format == "bin"
                   else hf_layout.SAFETENSORS_SINGLE)
-        _save(_shard_tensors(cfg, [n for names in plan for n in names], seed, dtype),
+        _save(_shard_tensors(cfg, [n for names in plan for n in names], source, dtype),
               out / single, weights_format)
         if on_file:
             on_file(single)
@@ -142,7 +146,7 @@ def _write_weights(out: Path, cfg: Owl2Config, seed: int, dtype: torch.dtype,
     total_size = 0
     for k, names in enumerate(plan, start=1):
         file = shard_file(k, len(plan))
-        tensors = _shard_tensors(cfg, names, seed, dtype)
+        tensors = _shard_tensors(cfg, names, source, dtype)
         _save(tensors, out / file, weights_format)
         for name, tensor in tensors.items():
             weight_map[name] = file
@@ -210,13 +214,18 @@ def _corpus(n_sentences: int = 3000) -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def _trained_tokenizer(vocab_size: int) -> bytes:
+    return train_tokenizer(_corpus(), vocab_size)
+
+
+def train_tokenizer(sentences: list[str], vocab_size: int = TINY_VOCAB) -> bytes:
+    """A serialized sentencepiece BPE model trained on `sentences` with LLaMA's conventions."""
     import sentencepiece as spm
 
     model = io.BytesIO()
     # LLaMA's trainer settings: BPE, byte fallback, digits split, dummy prefix, whitespace kept,
     # no normalization; <unk>=0 <s>=1 </s>=2, no pad. One thread keeps the result deterministic.
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus()), model_writer=model,
+        sentence_iterator=iter(sentences), model_writer=model,
         model_type="bpe", vocab_size=vocab_size, character_coverage=1.0,
         byte_fallback=True, split_digits=True, add_dummy_prefix=True,
         remove_extra_whitespaces=False, normalization_rule_name="identity",
@@ -271,10 +280,16 @@ def _tokenizer_files(cfg: Owl2Config) -> dict[str, str]:
 def make_tiny_checkpoint(out_dir: str | Path, *, config: Owl2Config | None = None, seed: int = 0,
                          dtype: str = "bfloat16", weights_format: str = "bin",
                          sharded: bool = True, tokenizer: bool = True,
-                         on_file: Callable[[str], None] | None = None) -> Path:
+                         on_file: Callable[[str], None] | None = None,
+                         tensors: dict[str, torch.Tensor] | None = None,
+                         tokenizer_model: bytes | None = None) -> Path:
     """Write a checkpoint folder like the release's: config.json, preprocessor_config.json,
     generation_config.json, the tokenizer files (unless tokenizer=False), and the weights as
-    the release's shards + index (sharded) or one file. Same seed, same bytes of weights."""
+    the release's shards + index (sharded) or one file. Same seed, same bytes of weights.
+
+    `tensors` (HF names -> tensors, every name of the layout) replaces the random weights, and
+    `tokenizer_model` (sentencepiece bytes) the generated tokenizer: that is how the trained demo
+    model (train_demo.py) is written."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     if weights_format not in WEIGHTS_FORMATS:
@@ -297,11 +312,19 @@ def make_tiny_checkpoint(out_dir: str | Path, *, config: Owl2Config | None = Non
     }
     if tokenizer:
         files.update(_tokenizer_files(cfg))
-        (out / hf_layout.TOKENIZER_MODEL).write_bytes(tokenizer_model_bytes(cfg.text.vocab_size))
+        (out / hf_layout.TOKENIZER_MODEL).write_bytes(
+            tokenizer_model or tokenizer_model_bytes(cfg.text.vocab_size))
     for name, text in files.items():
         (out / name).write_text(text + "\n", encoding="utf-8")
 
-    _write_weights(out, cfg, seed, DTYPES[dtype], weights_format, sharded, on_file)
+    if tensors is None:
+        source = functools.partial(random_tensor, seed=seed)
+    else:
+        missing = sorted(set(hf_layout.expected_shapes(cfg)) - set(tensors))
+        if missing:
+            raise ValueError(f"{len(missing)} tensor(s) missing, e.g. {missing[0]}")
+        source = lambda name, shape: tensors[name].reshape(shape).float()  # noqa: E731
+    _write_weights(out, cfg, source, DTYPES[dtype], weights_format, sharded, on_file)
     return out
 
 

@@ -15,7 +15,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from owl2_edge.cli_options import MODEL, OUTPUT, RUNTIME, SAMPLING, load_kwargs, with_options
+from owl2_edge.cli_options import (MODEL, OUTPUT, RUNTIME, RUNTIME_NO_MODEL, SAMPLING,
+                                   load_kwargs, with_options)
 from owl2_edge.errors import Owl2Error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -146,7 +147,7 @@ def ask_cmd(
         raise _fail(str(e))
     text = "".join(pieces).strip()
     if not output["as_json"]:
-        print(text if no_stream else "")
+        print(text if no_stream else "", flush=True)  # before --verbose's line on stderr
     _report(owl, output, text)
 
 
@@ -220,47 +221,179 @@ def info_cmd(
     console.print(table)
 
 
+def _eval_items(data: Optional[Path], generated: Optional[int], seed: int, need_answers=True):
+    from owl2_edge import evaluate
+    if data is not None and generated is not None:
+        raise Owl2Error("give --data or --generated, not both")
+    if data is not None:
+        return evaluate.read_items(data, need_answers=need_answers)
+    return evaluate.generated_items(generated or 200, seed)
+
+
+_DATA_HELP = "JSONL questions: image, question, answer[, type] per line (upstream's eval keys)."
+_GENERATED_HELP = ("N held-out questions per type about generated pictures of shapes "
+                   "(the default, with N = 200).")
+
+
+@app.command("eval")
+@with_options(RUNTIME)
+def eval_cmd(
+    data: Optional[Path] = typer.Option(None, "--data", help=_DATA_HELP),
+    generated: Optional[int] = typer.Option(None, "--generated", help=_GENERATED_HELP),
+    seed: int = typer.Option(0, "--seed", help="Which generated questions."),
+    max_tokens: int = typer.Option(16, "--max-tokens", "-n", help="Most tokens per answer."),
+    as_json: bool = typer.Option(False, "--json", help="The scores as one JSON object."),
+    *, runtime: dict,
+):
+    """Exact-match accuracy per question type (greedy answers)."""
+    from owl2_edge.evaluate import evaluate
+    try:
+        items = _eval_items(data, generated, seed)
+        with _load(runtime) as owl, _progress() as bar:
+            task = bar.add_task("eval", total=len(items))
+            report = evaluate(owl, items, max_tokens,
+                              on_progress=lambda done, total: bar.update(task, completed=done))
+            folder = str(owl.folder)
+    except Owl2Error as e:
+        raise _fail(str(e))
+    if as_json:
+        print(json.dumps({"model": folder, **report.to_dict()}))
+        return
+    from rich.table import Table
+    table = Table("type", "correct", "questions", "accuracy", title=f"accuracy of {folder}")
+    for kind in report.total:
+        table.add_row(kind, str(report.correct[kind]), str(report.total[kind]),
+                      f"{report.accuracy(kind):.3f}")
+    table.add_row("[bold]all[/]", str(sum(report.correct.values())),
+                  str(sum(report.total.values())), f"[bold]{report.accuracy():.3f}[/]")
+    console.print(table)
+
+
+@app.command("compare")
+@with_options(RUNTIME_NO_MODEL)
+def compare_cmd(
+    reference: Path = typer.Argument(..., help="Reference model folder (e.g. F32 or F16)."),
+    candidate: Path = typer.Argument(..., help="Model folder to measure (e.g. Q4_K_M)."),
+    data: Optional[Path] = typer.Option(None, "--data", help=_DATA_HELP + " answer optional."),
+    generated: Optional[int] = typer.Option(None, "--generated", help=_GENERATED_HELP),
+    seed: int = typer.Option(0, "--seed", help="Which generated questions."),
+    max_tokens: int = typer.Option(16, "--max-tokens", "-n", help="Most tokens per answer."),
+    as_json: bool = typer.Option(False, "--json", help="The measures as one JSON object."),
+    *, runtime: dict,
+):
+    """How far CANDIDATE is from REFERENCE: KL, top-1 agreement, same answers, accuracy."""
+    from owl2_edge.compare import compare
+    from owl2_edge.owl2 import Owl2
+    try:
+        items = _eval_items(data, generated, seed, need_answers=False)
+        kwargs = load_kwargs(runtime)
+        with _progress() as bar:
+            tasks: dict[str, int] = {}
+
+            def report(stage: str, done: int, total: int):
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(stage, total=total)
+                bar.update(tasks[stage], completed=done)
+
+            result = compare(reference, candidate, items,
+                             lambda path: Owl2.load(**{**kwargs, "path": path}), max_tokens, report)
+    except Owl2Error as e:
+        raise _fail(str(e))
+    out = result.to_dict()
+    if as_json:
+        print(json.dumps({"reference": str(reference), "candidate": str(candidate), **out}))
+        return
+    from rich.table import Table
+    table = Table("measure", "value", title=f"{candidate} against {reference}")
+    rows = [("KL mean (nats)", f"{out['kl_mean']:.3g}"), ("KL p99", f"{out['kl_p99']:.3g}"),
+            ("top-1 agreement", f"{out['top1_agreement']:.4f}"),
+            ("same greedy answer", f"{out['same_answer']:.4f}"),
+            ("perplexity ratio", f"{out['ppl_ratio']:.4f}")]
+    if out["image_cosine"] is not None:
+        rows.append(("image embedding cosine", f"{out['image_cosine']:.6f}"))
+    if "reference" in out:
+        rows.append(("accuracy, reference", f"{out['reference']['accuracy']:.3f}"))
+        rows.append(("accuracy, candidate", f"{out['candidate']['accuracy']:.3f}"))
+        for kind, cand in out["candidate"]["types"].items():
+            ref = out["reference"]["types"][kind]
+            rows.append((f"  {kind}", f"{ref['accuracy']:.3f} -> {cand['accuracy']:.3f}"))
+    for row in rows:
+        table.add_row(*row)
+    table.caption = f"{out['questions']} questions, {out['positions']} answer positions"
+    console.print(table)
+
+
 @app.command("demo")
 def demo_cmd(
-    rebuild: bool = typer.Option(False, "--rebuild", help="Generate the demo model again."),
-    question: str = typer.Option("What is written on the sign?", "--question", "-q"),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Convert the demo model again."),
+    question: Optional[str] = typer.Option(None, "--question", "-q",
+                                           help="Ask this about the first sample picture instead."),
 ):
-    """Build the small demo model once (random weights, offline) and ask it about a sample image."""
-    from owl2_edge.demo_image import sample_image
+    """Build the demo model once (a tiny mPLUG-Owl2 trained on pictures of shapes; offline) and
+    ask it about the sample pictures."""
+    from owl2_edge.demo_image import SAMPLES, sample_image, sample_questions
     from owl2_edge.info import describe
     from owl2_edge.model_dir import demo_folder
-    from owl2_edge.names import MANIFEST_FILE
     from owl2_edge.owl2 import Owl2
     folder = demo_folder()
     try:
-        if rebuild or not (folder / "model" / MANIFEST_FILE).is_file():
-            build_demo_model(folder)
-        console.print(describe(folder / "model"))
-        owl = Owl2.load(folder / "model")
-        console.print(f"[bold]USER:[/] <sample image> {escape(question)}")
-        console.print("[bold]ASSISTANT:[/] ", end="")
-        for piece in owl.stream(sample_image(), question, max_tokens=32, temperature=0):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        print()
+        model = ensure_demo_model(folder, rebuild)
+        console.print(describe(model))
+        owl = Owl2.load(model)
+        for i in range(1 if question else len(SAMPLES)):
+            picture = folder / f"sample-{i + 1}.png"
+            sample_image(i).save(picture)
+            console.print(f"[bold]picture:[/] {escape(str(picture))}")
+            asked = [(question, None)] if question else sample_questions(i)
+            for q, expected in asked:
+                console.print(f"[bold]USER:[/] {escape(q)}")
+                console.print("[bold]ASSISTANT:[/] ", end="")
+                pieces = []
+                for piece in owl.stream(sample_image(i), q, max_tokens=32, temperature=0):
+                    pieces.append(piece)
+                    _write(piece)
+                answer = "".join(pieces).strip()
+                mark = "" if expected is None else (
+                    "   [green](right)[/]" if answer == expected else f"   [red](expected {expected})[/]")
+                console.print(mark)
     except Owl2Error as e:
         raise _fail(str(e))
     t = owl.stats.rates(owl.load_seconds)
-    err.print(f"vision {t['vision_s']:.2f} s · prefill {t['prefill_tok_per_s']:.0f} tok/s · "
-              f"decode {t['decode_tok_per_s']:.0f} tok/s ({owl.decoder.device})")
-    console.print("[yellow]The demo model has random weights, so its answer is noise: it shows the "
-                  "whole path working. Convert the real release with `owl2 convert` (README).[/]")
+    err.print(f"load {t['load_s']:.2f} s · vision {t['vision_s']:.3f} s · prefill "
+              f"{t['prefill_tok_per_s']:.0f} tok/s · decode {t['decode_tok_per_s']:.0f} tok/s "
+              f"({owl.decoder.device})")
 
 
-def build_demo_model(folder: Path) -> Path:
-    import shutil
-    make_tiny_checkpoint = _converter()[1].make_tiny_checkpoint
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    err.print(f"building the demo model in {folder} ...")
-    make_tiny_checkpoint(folder / "hf", seed=0)
-    _run_convert(folder / "hf", folder / "model", "Q8_0", ["fp32"], force=True)
-    return folder / "model"
+# The demo model's decoder type: its answers at Q8_0 are those of F32 (README, quantization).
+DEMO_QUANT = "Q8_0"
+
+
+def ensure_demo_model(folder: Path, rebuild: bool = False) -> Path:
+    """The demo model folder, converted from the committed checkpoint when it is missing, was
+    converted from another version of the checkpoint, or `rebuild`."""
+    from owl2_edge.names import MANIFEST_FILE
+    _converter()
+    from owl2_edge.convert import DEMO_CHECKPOINT as checkpoint
+    stamp = folder / "checkpoint.sha256"
+    digest = _folder_digest(checkpoint)
+    model = folder / "model"
+    if rebuild or not (model / MANIFEST_FILE).is_file() or not stamp.is_file() \
+            or stamp.read_text().strip() != digest:
+        import shutil
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        err.print(f"building the demo model in {folder} ...")
+        _run_convert(checkpoint, model, DEMO_QUANT, ["fp32"], force=True)
+        stamp.write_text(digest + "\n")
+    return model
+
+
+def _folder_digest(folder: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 def main():

@@ -44,8 +44,7 @@ def _opt(param, type_, default, *flags, help, panel):
 _M = "Model and device"
 MODEL = _opt("model", Optional[Path], None, "-m", "--model", panel=_M,
              help="Model folder (default: $OWL2_MODEL, then the demo model).")
-RUNTIME = Group("runtime", (
-    MODEL,
+_LOAD_OPTIONS = (
     _opt("device", str, "auto", "--device", panel=_M, help=f"{', '.join(names.DEVICES)}."),
     _opt("threads", Optional[int], None, "--threads", "-t", panel=_M,
          help="CPU threads (default: physical cores)."),
@@ -57,7 +56,10 @@ RUNTIME = Group("runtime", (
     _opt("aspect", str, "pad", "--aspect", panel=_M,
          help="Non-square images: pad (upstream CLI), resize, crop."),
     _opt("no_exif", bool, False, "--no-exif", panel=_M, help="Ignore EXIF orientation (upstream's pixels)."),
-))
+)
+RUNTIME = Group("runtime", (MODEL, *_LOAD_OPTIONS))
+# For commands that name their model folders as arguments (compare): the same options but -m.
+RUNTIME_NO_MODEL = Group("runtime", _LOAD_OPTIONS)
 
 _S = "Sampling"
 SAMPLING = Group("sampling", (
@@ -82,7 +84,7 @@ OUTPUT = Group("output", (
 
 def load_kwargs(runtime: dict) -> dict:
     """The RUNTIME group as Owl2.load's keyword arguments."""
-    return dict(path=runtime["model"], device=runtime["device"], n_ctx=runtime["ctx"],
+    return dict(path=runtime.get("model"), device=runtime["device"], n_ctx=runtime["ctx"],
                 n_threads=runtime["threads"], kv_type=runtime["kv_type"],
                 flash_attn=runtime["flash_attn"], repack=not runtime["no_repack"],
                 aspect=runtime["aspect"], exif_transpose=not runtime["no_exif"])

@@ -115,11 +115,13 @@ class Owl2:
         with self._exclusive():
             return self._encode([image])[0][0]
 
-    def logits(self, prompt: str, images: Sequence = ()) -> np.ndarray:
+    def logits(self, prompt: str, images: Sequence = (), continuation: Sequence[int] = ()
+               ) -> np.ndarray:
         """float32 logits [T, n_vocab] for every position of a raw prompt's spliced sequence
-        (T = text tokens + n_visual per image), evaluated from an empty cache."""
+        (T = text tokens + n_visual per image), evaluated from an empty cache. `continuation`:
+        token ids appended after the prompt's (to score a given answer: teacher forcing)."""
         images = _as_list(images)
-        ids = self.tokenize(prompt)
+        ids = self.tokenize(prompt) + [self.tokenizer.check_id(t) for t in continuation]
         check_image_count(ids.count(names.IMAGE_TOKEN_ID), len(images))
         with self._exclusive():
             embeds, keys = self._encode(images)

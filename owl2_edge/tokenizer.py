@@ -130,7 +130,7 @@ class Tokenizer:
 
     # -- ids -> text -----------------------------------------------------------------------------
 
-    def _check_id(self, token: int) -> int:
+    def check_id(self, token: int) -> int:
         # llama.cpp aborts the process on an id outside the vocabulary; refuse it here.
         if not (isinstance(token, int) or hasattr(token, "__index__")) \
                 or not 0 <= int(token) < self.n_vocab:
@@ -141,7 +141,7 @@ class Tokenizer:
         """The bytes a token adds to the text ("▁" as a space, byte tokens as their byte).
         Control tokens (BOS, EOS) give b"" unless `special`."""
         vocab = self._live_vocab()
-        token = self._check_id(token)
+        token = self.check_id(token)
         size = 32
         while True:
             buf = ctypes.create_string_buffer(size)
@@ -155,7 +155,7 @@ class Tokenizer:
         `special`, and the space that the dummy prefix put before the first piece removed.
         Invalid UTF-8 (a byte token cut off) becomes U+FFFD."""
         vocab = self._live_vocab()
-        ids = [self._check_id(t) for t in ids]
+        ids = [self.check_id(t) for t in ids]
         if not special:
             # Leading control tokens render as nothing, but llama.cpp would count one as the first
             # piece and then keep the dummy-prefix space of the first real one.

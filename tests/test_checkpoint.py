@@ -1,5 +1,7 @@
 """The checkpoint reader, the HF name table and the tiny-checkpoint generator."""
 
+import functools
+
 import pytest
 
 # Everything here compares with the converter's output or the PyTorch reference.
@@ -153,7 +155,8 @@ def test_release_plan_for_7b_matches_the_spec():
 def test_7b_layer_shard_is_generated_with_the_release_shapes():
     cfg = Owl2Config()
     names = hf_layout.release_shard_plan(cfg)[0]
-    tensors = tiny._shard_tensors(cfg, names, seed=0, dtype=torch.bfloat16)
+    tensors = tiny._shard_tensors(cfg, names, functools.partial(tiny.random_tensor, seed=0),
+                                  dtype=torch.bfloat16)
     shapes = hf_layout.expected_shapes(cfg)
     assert all(tuple(tensors[n].shape) == shapes[n] for n in names)
     assert tensors[hf_layout.rotary_inv_freq_name(0)].shape == (64,)

@@ -171,17 +171,6 @@ def test_info_defaults_to_the_model_ask_uses(tiny_model_dir):
         assert "decoder-F32.gguf" in r.stdout
 
 
-def test_demo_builds_the_demo_model_once_and_answers(tmp_path):
-    env = {**__import__("os").environ, "XDG_CACHE_HOME": str(tmp_path)}
-    for _ in range(2):  # the second run reuses the model built by the first
-        r = subprocess.run([sys.executable, "-m", "owl2_edge.cli", "demo"], capture_output=True,
-                           text=True, timeout=300, env=env)
-        assert r.returncode == 0, r.stderr
-        assert "ASSISTANT:" in r.stdout and "random weights" in r.stdout
-    assert "building the demo model" not in r.stderr
-    assert (tmp_path / "owl2-edge" / "demo" / "model" / names.MANIFEST_FILE).is_file()
-
-
 def test_ctrl_c_stops_generation_with_exit_130_and_no_traceback(tiny_model_dir, photo):
     import signal
     import time

@@ -109,6 +109,9 @@ def test_the_wheel_holds_the_runtime_the_decoder_and_the_converter(wheel):
     runtime = {f"owl2_edge/{p.name}" for p in (ROOT / "owl2_edge").glob("*.py")}
     assert converter and converter <= files, sorted(converter - files)
     assert runtime <= files, sorted(runtime - files)
+    # The trained demo model's checkpoint, which `owl2 demo` converts.
+    demo = {f"owl2_edge/convert/demo_model/{p.name}" for p in (ROOT / "convert" / "demo_model").iterdir()}
+    assert demo and demo <= files, sorted(demo - files)
     assert any(re.fullmatch(r"owl2_edge/_decoder\..*\.so", f) for f in files), sorted(files)
     # Nothing of the repository's own scaffolding rides along.
     assert not any(f.startswith(("tests/", "convert/", "cpp_ext/", "benchmarks/")) for f in files)

@@ -1,0 +1,147 @@
+"""Exact-match accuracy of a model folder over questions with known answers (`owl2 eval`).
+
+    items = generated_items(200)          # held-out pictures of shapes (owl2_edge/scenes.py)
+    items = read_items("questions.jsonl") # {"image", "question", "answer"[, "type"]} per line
+    report = evaluate(owl, items)         # greedy answers, scored per question type
+    report.accuracy("color")
+
+A JSON line takes the keys upstream's evaluation scripts use: "image" (a path, relative to the
+file's folder), "question" (or "text"), "answer" (or "answers": a list, any of which counts), and
+an optional "type" (or "question_type") to group the score by. An answer matches when it equals
+the expected one after normalize(): case, surrounding spaces and one final period do not count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from owl2_edge import checks, scenes
+from owl2_edge.checks import display_path
+from owl2_edge.errors import ArgumentError
+
+# The picture size generated items are drawn at (the runtime resizes it to the model's).
+GENERATED_DRAW_SIZE = 224
+# An eval file bigger than this is refused (a line is a few hundred bytes).
+MAX_DATA_BYTES = 64 * 2**20
+UNTYPED = "all"
+# Answers in the scenes are a few tokens: a longer answer is already wrong.
+DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class Item:
+    image: object            # a path, bytes or a PIL image; None for a text-only question
+    question: str
+    answers: tuple[str, ...]
+    kind: str = UNTYPED
+
+
+def generated_items(n_per_type: int, seed: int = 0) -> list[Item]:
+    """n_per_type held-out questions of each scene type (layouts never seen in training)."""
+    n = checks.integer("n_per_type", n_per_type, 1, 100_000)
+    return [Item(ex.scene.draw(GENERATED_DRAW_SIZE), ex.question.text, (ex.question.answer,),
+                 ex.question.kind)
+            for ex in scenes.examples(n, checks.integer("seed", seed, 0, 2**32 - 1))]
+
+
+def read_items(path: str | os.PathLike, need_answers: bool = True) -> list[Item]:
+    """The lines of a JSONL file; every problem is an ArgumentError naming the line.
+    need_answers=False (for compare) lets a line go without an answer."""
+    path = Path(checks.path("data", path))
+    try:
+        if path.stat().st_size > MAX_DATA_BYTES:
+            raise ArgumentError(f"{display_path(path)}: larger than {MAX_DATA_BYTES >> 20} MiB")
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ArgumentError(f"{display_path(path)}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ArgumentError(f"{display_path(path)}: cannot read it ({e.__class__.__name__})") from None
+    items = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise ArgumentError(f"{display_path(path)} line {n}: not JSON") from None
+        items.append(_item(row, path, n, need_answers))
+    if not items:
+        raise ArgumentError(f"{display_path(path)}: no questions in it")
+    return items
+
+
+def _item(row, path: Path, n: int, need_answers: bool) -> Item:
+    where = f"{display_path(path)} line {n}"
+    if not isinstance(row, dict):
+        raise ArgumentError(f"{where}: not a JSON object")
+    question = row.get("question", row.get("text"))
+    if not isinstance(question, str) or not question.strip():
+        raise ArgumentError(f"{where}: needs a \"question\" (text)")
+    answers = row.get("answers", row.get("answer"))
+    if isinstance(answers, str):
+        answers = [answers]
+    if answers is None and not need_answers:
+        answers = []
+    elif not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise ArgumentError(f"{where}: needs an \"answer\" (text) or \"answers\" (a list of text)")
+    kind = row.get("type", row.get("question_type", UNTYPED))
+    if not isinstance(kind, str) or not kind:
+        raise ArgumentError(f"{where}: \"type\" must be text")
+    image = row.get("image")
+    if image is not None:
+        if not isinstance(image, str) or not image:
+            raise ArgumentError(f"{where}: \"image\" must be a path")
+        image = path.parent / image
+    return Item(image, question, tuple(answers), kind)
+
+
+def normalize(answer: str) -> str:
+    text = " ".join(answer.split()).lower()
+    return text[:-1] if text.endswith(".") else text
+
+
+def is_correct(answer: str, expected: Sequence[str]) -> bool:
+    return normalize(answer) in {normalize(e) for e in expected}
+
+
+@dataclass
+class Report:
+    """Per question type: how many were right out of how many; and every answer given."""
+    correct: dict[str, int] = field(default_factory=dict)
+    total: dict[str, int] = field(default_factory=dict)
+    answers: list[str] = field(default_factory=list)
+
+    def add(self, kind: str, answer: str, right: bool) -> None:
+        self.total[kind] = self.total.get(kind, 0) + 1
+        self.correct[kind] = self.correct.get(kind, 0) + int(right)
+        self.answers.append(answer)
+
+    def accuracy(self, kind: str | None = None) -> float:
+        """One type's accuracy, or (None) over every question."""
+        if kind is None:
+            total = sum(self.total.values())
+            return sum(self.correct.values()) / total if total else 0.0
+        return self.correct[kind] / self.total[kind]
+
+    def to_dict(self) -> dict:
+        return {"types": {k: {"correct": self.correct[k], "total": self.total[k],
+                              "accuracy": round(self.accuracy(k), 4)} for k in self.total},
+                "accuracy": round(self.accuracy(), 4), "questions": sum(self.total.values())}
+
+
+def evaluate(owl, items: Sequence[Item], max_tokens: int = DEFAULT_MAX_TOKENS,
+             on_progress: Callable[[int, int], None] | None = None) -> Report:
+    """Greedy answers of `owl` (an Owl2) to every item, scored by exact match."""
+    checks.integer("max_tokens", max_tokens, 1, 4096)
+    report = Report()
+    for i, item in enumerate(items):
+        images = [] if item.image is None else [item.image]
+        answer = owl.ask(images, item.question, temperature=0, max_tokens=max_tokens)
+        report.add(item.kind, answer, is_correct(answer, item.answers))
+        if on_progress:
+            on_progress(i + 1, len(items))
+    return report

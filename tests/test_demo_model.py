@@ -1,0 +1,298 @@
+"""The trained demo model (convert/demo_model, docs/design.md §10): it reads the picture, its
+quantizations keep that, and MAM is what lets it.
+
+Accuracies are measured on held-out layouts (owl2_edge/scenes.py) by the runtime (`owl2 eval`'s
+code), on folders converted here from the committed checkpoint.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+
+from owl2_edge import evaluate, names  # noqa: E402
+from owl2_edge.convert import DEMO_CHECKPOINT  # noqa: E402
+from owl2_edge.demo_image import SAMPLES, sample_image, sample_questions  # noqa: E402
+from owl2_edge.owl2 import Owl2  # noqa: E402
+
+N_PER_TYPE = 200
+# Held-out accuracy each type must reach on these 600 questions, per decoder type. Measured
+# (README, "Quality") on them: colour / count / shape-at 1.000 / 0.970 / 0.960 at F32, 1.000 /
+# 0.970 / 0.950 at Q8_0, 1.000 / 0.975 / 0.955 at Q4_K_M; on 1,000 other questions per type
+# at F32, 1.000 / 0.974 / 0.918. Shape-at is bounded at 0.90: the issue's 0.95 is not reached
+# in general by this model (docs/design.md §10), and a bound met only by this sample would hide it.
+BOUNDS = {
+    "F32": {"color": 0.95, "count": 0.95, "shape_at": 0.90},
+    "Q8_0": {"color": 0.95, "count": 0.95, "shape_at": 0.90},
+    "Q4_K_M": {"color": 0.93, "count": 0.93, "shape_at": 0.88},
+}
+
+
+def _convert(src, out, quant):
+    from owl2_edge.convert.converter import convert
+    convert(src, out, quant=quant, vision=("fp32",))
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    return {q: _convert(DEMO_CHECKPOINT, root / q, q) for q in BOUNDS}
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return evaluate.generated_items(N_PER_TYPE, seed=0)
+
+
+def _accuracy(folder, items):
+    with Owl2.load(folder, device="cpu", n_ctx=256) as owl:
+        return evaluate.evaluate(owl, items)
+
+
+@pytest.mark.parametrize("quant", list(BOUNDS))
+def test_heldout_accuracy_per_type_meets_the_bound(demo_dirs, heldout, quant):
+    report = _accuracy(demo_dirs[quant], heldout)
+    assert set(report.total) == {"color", "count", "shape_at"}
+    for kind in report.total:
+        assert report.total[kind] == N_PER_TYPE
+        assert report.accuracy(kind) >= BOUNDS[quant][kind], (quant, kind, report.to_dict())
+
+
+def _swap_routes(src, dst):
+    """The checkpoint with its visual route replaced by a copy of the text route: image positions
+    then take the text norms and K/V projections, as a runtime without MAM would."""
+    from owl2_edge.convert import hf_layout, tiny
+    from owl2_edge.convert.checkpoint import Checkpoint
+    ckpt = Checkpoint.open(src)
+    tensors = ckpt.load(hf_layout.expected_shapes(ckpt.config))
+    swapped = 0
+    for name in list(tensors):
+        if f".multiway.{names.VISUAL_ROUTE}." in name:
+            tensors[name] = tensors[name.replace(f".multiway.{names.VISUAL_ROUTE}.",
+                                                 f".multiway.{names.TEXT_ROUTE}.")].clone()
+            swapped += 1
+    assert swapped == 4 * 4  # 4 layers × (input norm, K, V, post-attention norm)
+    return tiny.make_tiny_checkpoint(dst, config=ckpt.config, tensors=tensors,
+                                     tokenizer_model=(src / hf_layout.TOKENIZER_MODEL).read_bytes())
+
+
+def test_the_text_route_on_image_positions_loses_the_picture(demo_dirs, heldout, tmp_path):
+    """MAM matters on a model that reads the picture: with the text route copied into the visual
+    route, accuracy falls to about chance (colour 1/6, count and shape 1/3)."""
+    swapped = _convert(_swap_routes(DEMO_CHECKPOINT, tmp_path / "hf"), tmp_path / "F32", "F32")
+    right = _accuracy(demo_dirs["F32"], heldout)
+    wrong = _accuracy(swapped, heldout)
+    for kind in right.total:
+        assert wrong.accuracy(kind) < right.accuracy(kind) - 0.3, (kind, wrong.to_dict())
+    assert wrong.accuracy() < 0.6, wrong.to_dict()
+
+
+def test_the_demo_answers_the_sample_questions_greedily(demo_dirs):
+    with Owl2.load(demo_dirs["Q8_0"], device="cpu") as owl:
+        for i in range(len(SAMPLES)):
+            assert SAMPLES[i].split == "heldout"
+            for question, expected in sample_questions(i):
+                assert owl.ask(sample_image(i), question, temperature=0) == expected
+
+
+def test_owl2_demo_builds_once_and_answers_right(tmp_path):
+    env = {**__import__("os").environ, "XDG_CACHE_HOME": str(tmp_path)}
+    for run in range(2):  # the second run reuses the model built by the first
+        r = subprocess.run([sys.executable, "-m", "owl2_edge.cli", "demo"], capture_output=True,
+                           text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        assert ("building the demo model" in r.stderr) == (run == 0)
+        for i in range(len(SAMPLES)):
+            for question, expected in sample_questions(i):
+                assert f"USER: {question}\nASSISTANT: {expected}   (right)" in r.stdout, r.stdout
+        assert "expected" not in r.stdout
+    demo = tmp_path / "owl2-edge" / "demo"
+    assert (demo / "model" / names.MANIFEST_FILE).is_file()
+    assert (demo / "sample-1.png").is_file()
+    # A changed checkpoint (a retrained model) is noticed and converted again.
+    (demo / "checkpoint.sha256").write_text("0" * 64)
+    r = subprocess.run([sys.executable, "-m", "owl2_edge.cli", "demo", "-q", "How many shapes are there?"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and "building the demo model" in r.stderr, r.stderr
+    assert "ASSISTANT: Three." in r.stdout
+
+
+# --- owl2 eval and owl2 compare -------------------------------------------------------------------
+
+def _owl2(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "owl2_edge.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_eval_cli_scores_generated_and_file_questions(demo_dirs, tmp_path):
+    r = _owl2("eval", "-m", demo_dirs["Q8_0"], "--generated", 10, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["questions"] == 30 and set(out["types"]) == {"color", "count", "shape_at"}
+    assert out["accuracy"] >= 0.9
+    # The user's own lines: images relative to the file, "answers" lists, a wrong answer.
+    sample_image(0).save(tmp_path / "one.png")
+    lines = [{"image": "one.png", "question": "How many shapes are there?", "answer": "three"},
+             {"image": "one.png", "question": "What color is the triangle?", "answers": ["Red.", "red"],
+              "type": "colour"},
+             {"image": "one.png", "question": "What shape is on the left?", "answer": "A square."}]
+    data = tmp_path / "q.jsonl"
+    data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    r = _owl2("eval", "-m", demo_dirs["Q8_0"], "--data", data, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["types"] == {"all": {"correct": 1, "total": 2, "accuracy": 0.5},
+                            "colour": {"correct": 1, "total": 1, "accuracy": 1.0}}
+    r = _owl2("eval", "-m", demo_dirs["Q8_0"], "--data", data)  # the table
+    assert r.returncode == 0 and "accuracy" in r.stdout and "colour" in r.stdout
+
+
+@pytest.mark.parametrize("line, message", [
+    ("not json", "line 1: not JSON"),
+    ('{"image": "x.png"}', "line 1: needs a \"question\""),
+    ('{"question": "Hi?"}', "line 1: needs an \"answer\""),
+    ('{"question": "Hi?", "answer": 3}', "line 1: needs an \"answer\""),
+    ('[1, 2]', "line 1: not a JSON object"),
+])
+def test_eval_refuses_a_bad_data_line_in_one_line(demo_dirs, tmp_path, line, message):
+    data = tmp_path / "bad.jsonl"
+    data.write_text(line + "\n")
+    r = _owl2("eval", "-m", demo_dirs["Q8_0"], "--data", data)
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_eval_refuses_data_and_generated_together(demo_dirs, tmp_path):
+    r = _owl2("eval", "-m", demo_dirs["Q8_0"], "--data", tmp_path / "x.jsonl", "--generated", 3)
+    assert r.returncode == 1 and "not both" in r.stderr
+
+
+def test_compare_a_folder_with_itself_is_exact(demo_dirs):
+    from owl2_edge.compare import compare
+    items = evaluate.generated_items(5)
+    result = compare(demo_dirs["F32"], demo_dirs["F32"], items,
+                     lambda p: Owl2.load(p, device="cpu", kv_type="f32")).to_dict()
+    assert result["kl_mean"] < 1e-6 and result["top1_agreement"] == 1.0
+    assert result["same_answer"] == 1.0 and result["image_cosine"] > 0.999999
+    assert abs(result["ppl_ratio"] - 1) < 1e-4
+    assert result["candidate"] == result["reference"]
+
+
+def test_compare_measures_a_quantization_and_a_broken_model(demo_dirs, tmp_path):
+    r = _owl2("compare", demo_dirs["F32"], demo_dirs["Q4_K_M"], "--generated", 10, "--json")
+    assert r.returncode == 0, r.stderr
+    q4 = json.loads(r.stdout)
+    assert 0 < q4["kl_mean"] < 0.05 and q4["top1_agreement"] > 0.95
+    assert q4["questions"] == 30 and q4["positions"] >= 30 * 3  # ≥ 2 answer tokens + eos each
+    swapped = _convert(_swap_routes(DEMO_CHECKPOINT, tmp_path / "hf"), tmp_path / "F32", "F32")
+    r = _owl2("compare", demo_dirs["F32"], swapped, "--generated", 10, "--json")
+    broken = json.loads(r.stdout)
+    assert broken["kl_mean"] > 10 * q4["kl_mean"]
+    assert broken["candidate"]["accuracy"] < broken["reference"]["accuracy"] - 0.3
+    r = _owl2("compare", demo_dirs["F32"], demo_dirs["Q4_K_M"], "--generated", 2)  # the table
+    assert r.returncode == 0 and "KL mean" in r.stdout and "top-1 agreement" in r.stdout
+
+
+# --- The scenes and the training script ----------------------------------------------------------
+
+def test_scenes_ask_the_issue_s_question_forms():
+    from owl2_edge.scenes import Scene, Thing
+    scene = Scene((Thing("circle", "red", "right"), Thing("triangle", "blue", "left")), seed=0)
+    qa = {q.text: (q.kind, q.answer) for q in scene.questions()}
+    assert qa["What color is the circle?"] == ("color", "Red.")
+    assert qa["How many shapes are there?"] == ("count", "Two.")
+    assert qa["What shape is on the left?"] == ("shape_at", "A triangle.")
+    # A shape drawn twice has no single colour to ask about.
+    twice = Scene((Thing("circle", "red", "right"), Thing("circle", "blue", "left")), seed=0)
+    assert not any(q.kind == "color" for q in twice.questions())
+
+
+def test_heldout_layouts_never_appear_in_training():
+    import random
+
+    from owl2_edge import scenes
+    rng = random.Random(0)
+    train = {scenes.random_scene(rng, "train").layout for _ in range(3000)}
+    held = {scenes.random_scene(rng, "heldout").layout for _ in range(1000)}
+    assert train and held and not train & held
+    everything = {scenes.random_scene(rng, s).layout for s in ("train", "heldout") for _ in range(3000)}
+    assert 0.1 < sum(scenes.layout_split(x) == "heldout" for x in everything) / len(everything) < 0.3
+
+
+def test_generated_items_are_fixed_by_the_seed():
+    a, b = evaluate.generated_items(4, seed=3), evaluate.generated_items(4, seed=3)
+    assert [(x.question, x.answers, x.kind) for x in a] == [(x.question, x.answers, x.kind) for x in b]
+    assert a[0].image.tobytes() == b[0].image.tobytes()
+    assert [x.kind for x in a] == ["color"] * 4 + ["count"] * 4 + ["shape_at"] * 4
+
+
+def test_training_dialogues_are_tokenized_as_the_runtime_tokenizes_them(demo_dirs):
+    """The answers are learnt on the ids the runtime will feed the model: each turn's prompt as
+    Owl2.tokenize gives it, then the answer and </s>."""
+    import random
+
+    import sentencepiece as spm
+    from owl2_edge.convert import reference_io, train_demo
+    from owl2_edge.prompt import Turn, render
+    from owl2_edge.scenes import random_scene
+    from owl2_edge.tokenizer import Tokenizer
+    sp = spm.SentencePieceProcessor(model_file=str(DEMO_CHECKPOINT / "tokenizer.model"))
+    rng = random.Random(0)
+    with Tokenizer(demo_dirs["F32"] / "decoder-F32.gguf") as tok:
+        for _ in range(20):
+            qs = rng.sample(random_scene(rng, "train").questions(), 2)
+            d = train_demo.dialogue(sp, qs)
+            prompt = render([Turn(qs[0].text, qs[0].answer), Turn(qs[1].text)], n_images=1)
+            assert d.ids[:d.answer_spans[1][0]] == tok.tokenize(prompt)
+            closed = prompt + " " + qs[1].answer + "</s>"
+            assert d.ids == tok.tokenize(closed) == reference_io.tokenize(sp, closed)
+            a, b = d.answer_spans[1]
+            assert tok.detokenize(d.ids[a:b]).strip() == qs[1].answer
+            assert d.ids[b - 1] == tok.eos_id
+
+
+def test_the_batched_training_forward_is_the_reference_s_math():
+    import sentencepiece as spm
+    from owl2_edge.convert import reference, train_demo
+    cfg = train_demo.demo_config()
+    model = reference.Owl2Reference(cfg)
+    train_demo.init_weights(model, seed=1)
+    sp = spm.SentencePieceProcessor(model_file=str(DEMO_CHECKPOINT / "tokenizer.model"))
+    train_demo.check_batched_math(model, sp, cfg)  # raises when they differ
+    # ... and the check can fail: the visual route ignored in the batched pass.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_demo, "_routed",
+                   lambda pair, x, image: pair.multiway[names.TEXT_ROUTE](x))
+        with pytest.raises(AssertionError, match="differs from the reference"):
+            train_demo.check_batched_math(model, sp, cfg)
+
+
+def test_the_committed_checkpoint_is_the_demo_config_in_bfloat16():
+    import json as _json
+
+    from owl2_edge.convert import train_demo
+    from owl2_edge.convert.config import Owl2Config
+    assert Owl2Config.from_dir(DEMO_CHECKPOINT) == train_demo.demo_config()
+    assert _json.loads((DEMO_CHECKPOINT / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    size = sum(f.stat().st_size for f in DEMO_CHECKPOINT.iterdir())
+    assert size < 12 * 2**20
+
+
+@pytest.mark.slow
+def test_a_short_training_run_gets_past_the_image_blind_plateau(tmp_path):
+    """Five minutes of the two-stage recipe already answers from the picture: every type well
+    above chance (colour 1/6, count and shape 1/3), shape-at included."""
+    r = subprocess.run([sys.executable, "-m", "owl2_edge.convert.train_demo", tmp_path / "hf",
+                        "--stage1-minutes", "1.5", "--stage2-minutes", "3.5", "--eval-per-type", "100"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("held-out accuracy"))
+    acc = dict((k, float(v)) for k, v in (p.split() for p in line.split(": ")[1].split(", ")))
+    assert acc["color"] > 0.5 and acc["count"] > 0.6 and acc["shape_at"] > 0.6, line
+    items = evaluate.generated_items(50)
+    report = _accuracy(_convert(tmp_path / "hf", tmp_path / "F32", "F32"), items)
+    assert report.accuracy() > 0.6, report.to_dict()
