@@ -187,8 +187,8 @@ def picture_batch(rng: random.Random, cfg: Owl2Config, n: int, split: str = "tra
 
 
 def text_batch(sp, rng: random.Random, picked: list[scenes.Scene], turns: int, eos: int):
-    """ids [B, L] (right-padded with eos; one image slot at the same index in every row) and
-    targets [B, T] over the spliced sequence (T = L - 1 + n_visual... filled by the caller)."""
+    """ids [B, L] (right-padded with eos; one image slot at the same index in every row), the
+    answer mask [B, L] (True on each answer's tokens and its </s>) and the slot's index."""
     dialogues = []
     for s in picked:
         qs = s.questions()

@@ -18,6 +18,7 @@ from rich.markup import escape
 from owl2_edge.cli_options import (MODEL, OUTPUT, RUNTIME, RUNTIME_NO_MODEL, SAMPLING,
                                    load_kwargs, with_options)
 from owl2_edge.errors import Owl2Error
+from owl2_edge.evaluate import DEFAULT_MAX_TOKENS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run mPLUG-Owl2 on your own machine.")
@@ -241,7 +242,8 @@ def eval_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help=_DATA_HELP),
     generated: Optional[int] = typer.Option(None, "--generated", help=_GENERATED_HELP),
     seed: int = typer.Option(0, "--seed", help="Which generated questions."),
-    max_tokens: int = typer.Option(16, "--max-tokens", "-n", help="Most tokens per answer."),
+    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", "-n",
+                                   help="Most tokens per answer."),
     as_json: bool = typer.Option(False, "--json", help="The scores as one JSON object."),
     *, runtime: dict,
 ):
@@ -277,7 +279,8 @@ def compare_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help=_DATA_HELP + " answer optional."),
     generated: Optional[int] = typer.Option(None, "--generated", help=_GENERATED_HELP),
     seed: int = typer.Option(0, "--seed", help="Which generated questions."),
-    max_tokens: int = typer.Option(16, "--max-tokens", "-n", help="Most tokens per answer."),
+    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", "-n",
+                                   help="Most tokens per answer."),
     as_json: bool = typer.Option(False, "--json", help="The measures as one JSON object."),
     *, runtime: dict,
 ):
@@ -341,15 +344,16 @@ def demo_cmd(
         console.print(describe(model))
         owl = Owl2.load(model)
         for i in range(1 if question else len(SAMPLES)):
+            image = sample_image(i)  # drawn once, saved and asked about
             picture = folder / f"sample-{i + 1}.png"
-            sample_image(i).save(picture)
+            image.save(picture)
             console.print(f"[bold]picture:[/] {escape(str(picture))}")
             asked = [(question, None)] if question else sample_questions(i)
             for q, expected in asked:
                 console.print(f"[bold]USER:[/] {escape(q)}")
                 console.print("[bold]ASSISTANT:[/] ", end="")
                 pieces = []
-                for piece in owl.stream(sample_image(i), q, max_tokens=32, temperature=0):
+                for piece in owl.stream(image, q, max_tokens=32, temperature=0):
                     pieces.append(piece)
                     _write(piece)
                 answer = "".join(pieces).strip()

@@ -89,7 +89,7 @@ def reference_pass(owl, items: Sequence[Item], max_tokens: int = DEFAULT_MAX_TOK
                    on_progress: Callable[[int, int], None] | None = None) -> list[_Reference]:
     out = []
     for i, item in enumerate(items):
-        prompt, images = _prompt(item)
+        images = [] if item.image is None else [item.image]
         answer = owl.ask(images, item.question, temperature=0, max_tokens=max_tokens)
         continuation = list(owl.stats.tokens)
         if owl.stats.finish_reason == "stop":
@@ -107,12 +107,12 @@ def candidate_pass(owl, items: Sequence[Item], refs: Sequence[_Reference],
                    on_progress: Callable[[int, int], None] | None = None) -> Comparison:
     result = Comparison()
     for i, (item, ref) in enumerate(zip(items, refs)):
-        prompt, images = _prompt(item)
+        images = [] if item.image is None else [item.image]
         answer = owl.ask(images, item.question, temperature=0, max_tokens=max_tokens)
         result.same_answer.append(answer == ref.answer)
         if item.answers:
-            result.reference_accuracy.add(item.kind, ref.answer, is_correct(ref.answer, item.answers))
-            result.candidate_accuracy.add(item.kind, answer, is_correct(answer, item.answers))
+            result.reference_accuracy.add(item.kind, is_correct(ref.answer, item.answers))
+            result.candidate_accuracy.add(item.kind, is_correct(answer, item.answers))
         if ref.continuation:
             p_log = ref.logprobs.astype(np.float64)
             q_log = _answer_logprobs(owl, item, ref.continuation).astype(np.float64)

@@ -110,15 +110,13 @@ def is_correct(answer: str, expected: Sequence[str]) -> bool:
 
 @dataclass
 class Report:
-    """Per question type: how many were right out of how many; and every answer given."""
+    """Per question type: how many were right out of how many."""
     correct: dict[str, int] = field(default_factory=dict)
     total: dict[str, int] = field(default_factory=dict)
-    answers: list[str] = field(default_factory=list)
 
-    def add(self, kind: str, answer: str, right: bool) -> None:
+    def add(self, kind: str, right: bool) -> None:
         self.total[kind] = self.total.get(kind, 0) + 1
         self.correct[kind] = self.correct.get(kind, 0) + int(right)
-        self.answers.append(answer)
 
     def accuracy(self, kind: str | None = None) -> float:
         """One type's accuracy, or (None) over every question."""
@@ -141,7 +139,7 @@ def evaluate(owl, items: Sequence[Item], max_tokens: int = DEFAULT_MAX_TOKENS,
     for i, item in enumerate(items):
         images = [] if item.image is None else [item.image]
         answer = owl.ask(images, item.question, temperature=0, max_tokens=max_tokens)
-        report.add(item.kind, answer, is_correct(answer, item.answers))
+        report.add(item.kind, is_correct(answer, item.answers))
         if on_progress:
             on_progress(i + 1, len(items))
     return report
