@@ -11,7 +11,7 @@ import importlib
 from pathlib import Path
 
 # What the converter imports beyond the runtime (the `convert` extra of pyproject.toml).
-REQUIRED_PACKAGES = ("torch", "onnx", "sentencepiece", "safetensors")
+REQUIRED_PACKAGES = ("torch", "sentencepiece", "safetensors")
 
 # The trained demo model's checkpoint (release layout, bfloat16), written by train_demo.py and
 # committed; `owl2 demo` converts it (docs/design.md §10).

@@ -21,17 +21,20 @@ Progress = Callable[[str, int, int], None]
 
 
 def convert(hf_dir: str | Path, out_dir: str | Path, quant: str = "Q4_K_M",
-            vision: tuple[str, ...] = ("fp32",), force: bool = False,
-            progress: Progress | None = None) -> Manifest:
+            vision: tuple[str, ...] = names.DEFAULT_VISION_VARIANTS, force: bool = False,
+            progress: Progress | None = None, importance=None, pair_id: str | None = None
+            ) -> Manifest:
+    """importance: an owl2_edge.imatrix.ImportanceMatrix for the decoder's quantizers. pair_id:
+    the id tying the two GGUF files together (default: a new random one)."""
     # Imported here so that `import owl2_edge.convert.converter` stays cheap for the CLI's --help.
     from owl2_edge.convert.checkpoint import Checkpoint
     from owl2_edge.convert.gguf_pair import check_quant, write_gguf_pair
-    from owl2_edge.convert.hf_layout import abstractor_shapes, vision_shapes
-    from owl2_edge.convert.reference import Owl2Vision
-    from owl2_edge.convert.vision_onnx import export_vision_onnx
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     quant = check_quant(quant)
+    vision = tuple(dict.fromkeys(vision))  # each file once, in the order asked
+    if not vision:
+        raise ValueError("no vision variant asked for")
     for variant in vision:
         if variant not in names.VISION_VARIANTS:
             raise ValueError(f"unknown vision variant {variant!r}; choose from "
@@ -40,26 +43,21 @@ def convert(hf_dir: str | Path, out_dir: str | Path, quant: str = "Q4_K_M",
         raise FileExistsError(f"{out_dir}: already exists and is not empty (use --force to replace it)")
     report = progress or (lambda stage, done, total: None)
 
-    ckpt = Checkpoint.open(hf_dir)
+    from owl2_edge.convert.hub import is_hub_id, resolve_checkpoint
+    source = str(hf_dir) if is_hub_id(str(hf_dir)) else str(hf_dir.resolve())
+    ckpt = Checkpoint.open(resolve_checkpoint(hf_dir))
     cfg = ckpt.config
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     try:
-        pair_id = uuid.uuid4().hex
+        pair_id = pair_id or uuid.uuid4().hex
         base_path, mam_path = write_gguf_pair(
             ckpt, work, quant, pair_id,
-            progress=lambda done, total: report("decoder", done, total))
+            progress=lambda done, total: report("decoder", done, total), importance=importance)
 
-        report("vision", 0, len(vision))
-        vision_model = Owl2Vision.from_state_dict(cfg, ckpt.load([*vision_shapes(cfg), *abstractor_shapes(cfg)]))
-        vision_files = {}
-        for i, variant in enumerate(vision):
-            vision_files[variant] = names.vision_onnx_file(variant)
-            export_vision_onnx(vision_model, work / vision_files[variant], variant=variant)
-            report("vision", i + 1, len(vision))
-        del vision_model
+        vision_files = _write_vision(ckpt, work, vision, report)
 
         p, t = cfg.preprocess, cfg.text
         manifest = Manifest(
@@ -74,7 +72,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, quant: str = "Q4_K_M",
             decoder=DecoderSpec(n_vocab=t.vocab_size, n_embd=t.hidden_size, n_layer=t.num_layers,
                                 n_ctx_train=t.max_position_embeddings, bos_id=t.bos_token_id,
                                 eos_id=t.eos_token_id),
-            source=str(hf_dir.resolve()),
+            source=source,
         )
         manifest.write(work)
         if out_dir.exists():
@@ -84,6 +82,30 @@ def convert(hf_dir: str | Path, out_dir: str | Path, quant: str = "Q4_K_M",
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+
+
+def _write_vision(ckpt, work: Path, vision: tuple[str, ...], report: Progress) -> dict[str, str]:
+    """The vision files asked for, in `work`: the fp32 graph exported from the reference, every
+    other variant derived from it (owl2_edge/vision_variants.py, as `owl2 quantize` does). The
+    fp32 file is exported under a temporary name when it was not asked for, and removed."""
+    from owl2_edge.convert.reference import Owl2Vision
+    from owl2_edge.convert.vision_onnx import export_vision_onnx
+    from owl2_edge.vision_variants import derive_variant
+
+    report("vision", 0, len(vision))
+    fp32 = work / (names.vision_onnx_file("fp32") if "fp32" in vision else ".vision-fp32.tmp.onnx")
+    vision_model = Owl2Vision.from_checkpoint(ckpt)
+    export_vision_onnx(vision_model, fp32)
+    del vision_model  # ~1.5 GB at the release's size: not held while the variants are made
+    files = {}
+    for i, variant in enumerate(vision):
+        files[variant] = names.vision_onnx_file(variant)
+        if variant != "fp32":
+            derive_variant(fp32, variant, work / files[variant])
+        report("vision", i + 1, len(vision))
+    if "fp32" not in vision:
+        fp32.unlink()
+    return files
 
 
 __all__ = ["convert", "CheckpointError"]

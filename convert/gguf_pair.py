@@ -4,9 +4,8 @@ route, and the MAM sidecar holding what the Modality-Adaptive Module adds (the v
     base_path, mam_path = write_gguf_pair(ckpt, out_dir, "Q4_K_M", pair_id)
 
 F32, F16 and BF16 are written here directly. Every other type is made by llama.cpp's own
-quantizer (llama_model_quantize) from an F16 base written first to a temporary file, so the base
-gets exactly llama.cpp's types and mixes (Q4_K_M raises some tensors to Q6_K...). The sidecar's
-attn_k/attn_v then take, layer by layer, the type the finished base gives its own attn_k/attn_v.
+quantizer from an F16 base written first to a temporary file, and the sidecar mirrors the
+finished base's types (owl2_edge/quant.py, shared with `owl2 quantize`).
 
 Why F16 for the temporary base: every bfloat16 or float16 weight of the release in float16's
 normal range is exactly representable in float16 (bf16 has 8 mantissa bits, f16 has 11), so
@@ -22,8 +21,6 @@ the order the checkpoint's files will be read.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -31,66 +28,20 @@ from typing import Callable, Iterator
 import gguf
 import numpy as np
 
-from owl2_edge import _decoder, gguf_names, names
+from owl2_edge import gguf_names, names
+from owl2_edge import quant as quant_mod
 from owl2_edge.convert import hf_layout
 from owl2_edge.convert.config import Owl2Config
 from owl2_edge.convert.gguf_vocab import GGUFVocab, read_sentencepiece_vocab
-from owl2_edge.errors import CheckpointError, Owl2Error
+from owl2_edge.errors import CheckpointError
+from owl2_edge.quant import QUANT_TYPES, QuantType, check_quant, read_tensor_types  # noqa: F401 (re-exported)
 
 T = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
 
-MODEL_NAME = "mPLUG-Owl2"
-F16_MAX = 65504.0
-
 # progress(done, total): units are checkpoint files read for the base, one for llama.cpp's
 # quantizer when it runs, and one per decoder layer of the sidecar.
 Progress = Callable[[int, int], None]
-
-
-@dataclass(frozen=True)
-class QuantType:
-    name: str
-    file_type: FT
-    # The ggml type of the 2-D tensors when this module writes the file itself; None when
-    # llama.cpp's quantizer makes it (its ftype is file_type, llama_ftype's values are
-    # gguf.LlamaFileType's).
-    direct: T | None = None
-
-
-_QUANT_LIST = (
-    QuantType("F32", FT.ALL_F32, T.F32),
-    QuantType("F16", FT.MOSTLY_F16, T.F16),
-    QuantType("BF16", FT.MOSTLY_BF16, T.BF16),
-    QuantType("Q8_0", FT.MOSTLY_Q8_0),
-    QuantType("Q6_K", FT.MOSTLY_Q6_K),
-    QuantType("Q5_K_M", FT.MOSTLY_Q5_K_M),
-    QuantType("Q5_K_S", FT.MOSTLY_Q5_K_S),
-    QuantType("Q5_1", FT.MOSTLY_Q5_1),
-    QuantType("Q5_0", FT.MOSTLY_Q5_0),
-    QuantType("Q4_K_M", FT.MOSTLY_Q4_K_M),
-    QuantType("Q4_K_S", FT.MOSTLY_Q4_K_S),
-    QuantType("Q4_1", FT.MOSTLY_Q4_1),
-    QuantType("Q4_0", FT.MOSTLY_Q4_0),
-    QuantType("IQ4_NL", FT.MOSTLY_IQ4_NL),
-    QuantType("IQ4_XS", FT.MOSTLY_IQ4_XS),
-    QuantType("Q3_K_L", FT.MOSTLY_Q3_K_L),
-    QuantType("Q3_K_M", FT.MOSTLY_Q3_K_M),
-    QuantType("Q3_K_S", FT.MOSTLY_Q3_K_S),
-    QuantType("Q2_K", FT.MOSTLY_Q2_K),
-)
-# The types accepted by --quant. Left out on purpose: the IQ1/IQ2/IQ3 and Q2_K_S mixes, which
-# llama.cpp refuses or ruins without an importance matrix (owl2-edge does not compute one).
-QUANT_TYPES: dict[str, QuantType] = {q.name: q for q in _QUANT_LIST}
-
-
-def check_quant(name: str) -> str:
-    """The canonical spelling of a quantization name (case-insensitive), or ValueError."""
-    canonical = str(name).strip().upper()
-    if canonical not in QUANT_TYPES:
-        raise ValueError(f"unknown quantization {name!r}; choose one of "
-                         f"{', '.join(QUANT_TYPES)}")
-    return canonical
 
 
 # --- Which checkpoint tensor goes where ---------------------------------------------------------
@@ -154,38 +105,24 @@ def gguf_to_hf_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 # --- Encoding tensors -----------------------------------------------------------------------------
 
-def _byte_shape(shape: tuple[int, ...], ggml_type: int) -> tuple[int, ...]:
-    return (*shape[:-1], _decoder.row_bytes(ggml_type, shape[-1]))
-
-
-def _declare(writer: gguf.GGUFWriter, name: str, shape: tuple[int, ...], ggml_type: int) -> None:
-    byte_shape = _byte_shape(shape, ggml_type)
-    writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
-                           raw_dtype=T(ggml_type))
-
-
-def encode_tensor(values: np.ndarray, target: Target, ggml_type: int) -> np.ndarray:
+def encode_tensor(values: np.ndarray, target: Target, ggml_type: int,
+                  importance: np.ndarray | None = None) -> np.ndarray:
     """float32 checkpoint values -> the bytes GGUF stores for them ([rows, row_bytes] uint8)."""
     values = np.asarray(values, dtype=np.float32)
     if target.rope_heads:
         values = hf_to_gguf_rope_rows(values, target.rope_heads)
-    rows = np.ascontiguousarray(values.reshape(-1, values.shape[-1]))
-    if ggml_type == T.F32:
-        return rows.view(np.uint8)
-    if ggml_type == T.F16:
-        peak = float(np.abs(rows).max(initial=0.0))
-        if not peak <= F16_MAX:  # also catches NaN
-            raise CheckpointError(f"{target.gguf_name}: values up to {peak:g} do not fit float16")
-    return _decoder.quantize(rows, int(ggml_type))
+    return quant_mod.encode(values, target.gguf_name, ggml_type, importance)
 
 
 # --- The pair -------------------------------------------------------------------------------------
 
 def write_gguf_pair(ckpt, out_dir: str | Path, quant: str, pair_id: str,
-                    progress: Progress | None = None) -> tuple[Path, Path]:
+                    progress: Progress | None = None, importance=None) -> tuple[Path, Path]:
     """Write the base and sidecar GGUF files of `ckpt` (a convert.checkpoint.Checkpoint) into
-    out_dir; returns their paths. Files appear under their final names only when complete."""
+    out_dir; returns their paths. Files appear under their final names only when complete.
+    importance: an owl2_edge.imatrix.ImportanceMatrix for the quantizers, or None."""
     qt = QUANT_TYPES[check_quant(quant)]
+    quant_mod.check_imatrix_need(qt.name, importance)
     if not pair_id or not isinstance(pair_id, str):
         raise ValueError("pair_id must be a non-empty string")
     cfg = ckpt.config
@@ -207,25 +144,26 @@ def write_gguf_pair(ckpt, out_dir: str | Path, quant: str, pair_id: str,
         if progress is not None:
             progress(done, total)
 
-    with _written_atomically(base_path) as part:
+    with quant_mod.written_atomically(base_path) as part:
         if qt.direct is not None:
             _write_base(ckpt, base_plan, vocab, part, qt.direct, qt.file_type, pair_id, tick)
         else:
-            with _removed_after(out_dir / f".{base_path.name}.f16.tmp") as f16:
+            # F16 first, then llama.cpp's quantizer: `owl2 quantize` from an F16 folder takes
+            # this very path, so both give the same bytes.
+            with quant_mod.removed_after(out_dir / f".{base_path.name}.f16.tmp") as f16:
                 _write_base(ckpt, base_plan, vocab, f16, T.F16, FT.MOSTLY_F16, pair_id, tick)
-                llama_quantize(f16, part, qt)
+                quant_mod.llama_quantize(f16, part, qt, importance.for_base() if importance else None)
             tick()
 
-    base_types = read_tensor_types(base_path)
-    with _written_atomically(mam_path) as part:
-        _write_mam(ckpt, part, base_types, pair_id, tick)
+    targets = mam_targets(cfg)
+    header = quant_mod.SidecarHeader(cfg.text.num_layers, cfg.text.hidden_size, cfg.text.kv_width,
+                                     pair_id)
+    with quant_mod.written_atomically(mam_path) as part:
+        quant_mod.write_sidecar(
+            part, header, [(tg.gguf_name, tg.shape) for tg in targets.values()],
+            _sidecar_layers(ckpt, targets), quant_mod.read_tensor_types(base_path),
+            importance.for_sidecar() if importance else None, tick)
     return base_path, mam_path
-
-
-def read_tensor_types(path: str | Path) -> dict[str, int]:
-    """GGUF tensor name -> ggml type id, as the file says."""
-    reader = gguf.GGUFReader(path)
-    return {t.name: int(t.tensor_type) for t in reader.tensors}
 
 
 def _check_vocab(vocab: GGUFVocab, cfg: Owl2Config, source: Path) -> None:
@@ -255,7 +193,7 @@ def _shard_plan(ckpt, targets: dict[str, Target]) -> list[tuple[str, list[str]]]
 def _add_base_kv(writer: gguf.GGUFWriter, cfg: Owl2Config, vocab: GGUFVocab,
                  file_type: FT, pair_id: str) -> None:
     t = cfg.text
-    writer.add_name(MODEL_NAME)
+    writer.add_name(quant_mod.MODEL_NAME)
     writer.add_file_type(int(file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_vocab_size(t.vocab_size)
@@ -286,8 +224,8 @@ def _write_base(ckpt, plan, vocab: GGUFVocab, path: Path, matrix_type: int, file
         for _, hf_names in plan:
             for n in hf_names:
                 tg = targets[n]
-                _declare(writer, tg.gguf_name, tg.shape, _tensor_type(tg.shape, matrix_type))
-        _write_preamble(writer)
+                quant_mod.declare(writer, tg.gguf_name, tg.shape, _tensor_type(tg.shape, matrix_type))
+        quant_mod.write_preamble(writer)
         for _, hf_names in plan:
             tensors = ckpt.load(hf_names)  # only what the base needs from this file
             for n in hf_names:
@@ -299,82 +237,15 @@ def _write_base(ckpt, plan, vocab: GGUFVocab, path: Path, matrix_type: int, file
             tick()
 
 
-def _write_mam(ckpt, path: Path, base_types: dict[str, int], pair_id: str,
-               tick: Callable[[], None]) -> None:
-    cfg = ckpt.config
-    t = cfg.text
-    targets = mam_targets(cfg)
-
-    def ggml_type(tg: Target) -> int:
-        # K/V mirror the base's type of the same layer (the runtime mixes both routes' K/V in
-        # one cache and one graph); norms are float32 like the base's.
-        if len(tg.shape) == 1:
-            return T.F32
-        if tg.gguf_name not in base_types:
-            raise Owl2Error(f"the base GGUF has no {tg.gguf_name}")
-        return base_types[tg.gguf_name]
-
-    with contextlib.closing(gguf.GGUFWriter(path, gguf_names.ARCHITECTURE)) as writer:
-        writer.add_name(f"{MODEL_NAME} modality-adaptive module")
-        writer.add_string(gguf_names.KEY_GENERAL_TYPE, gguf_names.ADAPTER_GENERAL_TYPE)
-        writer.add_string(gguf_names.KEY_ADAPTER_TYPE, gguf_names.MAM_ADAPTER_TYPE)
-        writer.add_string(gguf_names.KEY_PAIR_ID, pair_id)
-        writer.add_uint32(gguf_names.KEY_MAM_BLOCK_COUNT, t.num_layers)
-        writer.add_uint32(gguf_names.KEY_MAM_EMBEDDING_LENGTH, t.hidden_size)
-        writer.add_uint32(gguf_names.KEY_MAM_KV_WIDTH, t.kv_width)
-        for tg in targets.values():
-            _declare(writer, tg.gguf_name, tg.shape, ggml_type(tg))
-        _write_preamble(writer)
-        # One layer at a time: a 7B layer's visual K/V are 128 MB of float32, all 32 would be 4 GB.
-        for i in range(t.num_layers):
-            layer = [hf_layout.multiway_name(i, part, names.VISUAL_ROUTE)
-                     for part in gguf_names.ROUTED_LAYER_PARTS]  # the declaration order
-            tensors = ckpt.load(layer)
-            for n in layer:
-                tg = targets[n]
-                writer.write_tensor_data(encode_tensor(tensors.pop(n).numpy(), tg, ggml_type(tg)))
-            tick()
-
-
-def _write_preamble(writer: gguf.GGUFWriter) -> None:
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-
-
-# --- llama.cpp's quantizer ------------------------------------------------------------------------
-
-def llama_quantize(src: Path, dst: Path, qt: QuantType) -> None:
-    """llama.cpp's llama_model_quantize with its default parameters (the llama-quantize tool's)."""
-    import llama_cpp
-
-    from owl2_edge.llama_log import captured_llama_log
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(qt.file_type)
-    params.nthread = _decoder.default_n_threads()
-    with captured_llama_log() as log:
-        rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst),
-                                            ctypes.byref(params))
-    if rc != 0:
-        raise Owl2Error(f"llama.cpp could not quantize the decoder to {qt.name}: "
-                        f"{log.first_error() or f'llama_model_quantize returned {rc}'}")
-
-
-# --- Files ----------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _written_atomically(path: Path) -> Iterator[Path]:
-    """Yield a temporary name beside `path`; rename it to `path` only if the block succeeds."""
-    part = path.with_name(f".{path.name}.part")
-    with _removed_after(part):
-        yield part
-        os.replace(part, path)
-
-
-@contextlib.contextmanager
-def _removed_after(path: Path) -> Iterator[Path]:
-    try:
-        yield path
-    finally:
-        path.unlink(missing_ok=True)
+def _sidecar_layers(ckpt, targets: dict[str, Target]) -> Iterator[list[np.ndarray]]:
+    """The visual route's tensors, one decoder layer at a time, in GGUF's row order."""
+    for i in range(ckpt.config.text.num_layers):
+        layer = [hf_layout.multiway_name(i, part, names.VISUAL_ROUTE)
+                 for part in gguf_names.ROUTED_LAYER_PARTS]  # the declaration order
+        tensors = ckpt.load(layer)
+        out = []
+        for n in layer:
+            values = tensors.pop(n).numpy().astype(np.float32)
+            rope_heads = targets[n].rope_heads
+            out.append(hf_to_gguf_rope_rows(values, rope_heads) if rope_heads else values)
+        yield out

@@ -4,6 +4,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/map.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/vector.h>
@@ -15,6 +16,7 @@
 namespace nb = nanobind;
 
 using FloatMatrix = nb::ndarray<const float, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
+using FloatVector = nb::ndarray<const float, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 using ByteMatrix = nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::device::cpu>;
 using TokenVector = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
@@ -42,22 +44,29 @@ NB_MODULE(_decoder, m) {
 
     m.def(
         "quantize",
-        [](FloatMatrix values, int type, int n_threads) {
+        [](FloatMatrix values, int type, int n_threads, std::optional<FloatVector> importance) {
             const int64_t rows = values.shape(0), cols = values.shape(1);
             const size_t rb = owl2::row_bytes(type, cols);
+            if (importance && (int64_t) importance->shape(0) != cols) {
+                throw std::invalid_argument("importance must hold one weight per column (" +
+                                            std::to_string(cols) + "), not " +
+                                            std::to_string(importance->shape(0)));
+            }
             auto * out = new uint8_t[rows * rb];
             nb::capsule owner(out, [](void * p) noexcept { delete[] static_cast<uint8_t *>(p); });
             {
                 nb::gil_scoped_release release;
                 owl2::quantize_rows(type, values.data(), out, rows, cols,
                                     n_threads > 0 ? n_threads
-                                                  : std::min(owl2::physical_cores(), owl2::max_n_threads()));
+                                                  : std::min(owl2::physical_cores(), owl2::max_n_threads()),
+                                    importance ? importance->data() : nullptr);
             }
             return nb::ndarray<nb::numpy, uint8_t, nb::ndim<2>>(out, {(size_t) rows, rb}, owner);
         },
-        nb::arg("values"), nb::arg("type"), nb::arg("n_threads") = 0,
+        nb::arg("values"), nb::arg("type"), nb::arg("n_threads") = 0, nb::arg("importance") = nb::none(),
         "Quantize a C-contiguous float32 matrix [rows, cols] to ggml type `type`; returns the raw "
-        "blocks as uint8 [rows, row_bytes].");
+        "blocks as uint8 [rows, row_bytes]. importance: None or float32 [cols], the importance "
+        "matrix's weights for these columns.");
 
     m.def(
         "dequantize",
@@ -163,6 +172,26 @@ NB_MODULE(_decoder, m) {
             nb::arg("embeds"), nb::arg("route"), nb::arg("all_logits"))
         .def_prop_ro("n_past", &owl2::decoder::n_past, without_gil)
         .def("rewind", &owl2::decoder::rewind, nb::arg("n"), without_gil)
+        .def("start_importance", &owl2::decoder::start_importance, without_gil)
+        .def(
+            "take_importance",
+            [](owl2::decoder & d) {
+                std::map<std::string, owl2::importance_entry> got;
+                {
+                    nb::gil_scoped_release release;
+                    got = d.take_importance();
+                }
+                nb::dict out;
+                for (auto & [name, e] : got) {
+                    auto * sums = new std::vector<float>(std::move(e.sum_sq));
+                    nb::capsule owner(sums, [](void * p) noexcept { delete static_cast<std::vector<float> *>(p); });
+                    out[nb::str(name.c_str())] = nb::make_tuple(
+                        nb::ndarray<nb::numpy, float, nb::ndim<1>>(sums->data(), {sums->size()}, owner), e.count);
+                }
+                return out;
+            },
+            "What start_importance collected, and stop: {ggml weight name: (sum of squared inputs "
+            "per column float32 [n_per_row], positions)}.")
         .def("save_state", &owl2::decoder::save_state, without_gil)
         .def("restore_state", &owl2::decoder::restore_state, nb::arg("state"), without_gil)
         .def_prop_ro("n_vocab", &owl2::decoder::n_vocab, without_gil)

@@ -30,7 +30,7 @@ def _string_constants() -> dict[str, str]:
             "KEY_HEAD_COUNT", "KEY_HEAD_COUNT_KV", "KEY_RMS_EPS", "KEY_ROPE_DIMENSION_COUNT",
             "KEY_ROPE_FREQ_BASE", "TOKEN_EMBD", "OUTPUT_NORM", "OUTPUT", "LAYER_TENSOR_FORMAT",
             "KEY_TOKENIZER_MODEL", "KEY_TOKENIZER_TOKENS", "KEY_TOKENIZER_SCORES",
-            "KEY_TOKENIZER_TOKEN_TYPE", "SPM_TOKENIZER_MODEL")
+            "KEY_TOKENIZER_TOKEN_TYPE", "SPM_TOKENIZER_MODEL", "VISUAL_WEIGHT_SUFFIX")
     return {k: str(getattr(gguf_names, k)) for k in keys}
 
 

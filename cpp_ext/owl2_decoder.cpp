@@ -162,6 +162,12 @@ struct model {
 
     int n_past = 0;
 
+    // Importance collection (start_importance): the weight matrices by tensor, and what their
+    // inputs added up to so far.
+    bool collecting = false;
+    std::map<const ggml_tensor *, std::string> weight_names;
+    std::map<std::string, importance_entry> importance;
+
     ~model() {
         if (sched) ggml_backend_sched_free(sched);
         for (auto * b : buffers) ggml_backend_buffer_free(b);
@@ -519,7 +525,7 @@ static ggml_tensor * new_weight(pair_weights & w, const model & m, pair_file fil
         }
     }
     ggml_tensor * t = ggml_new_tensor(s->ctx, info.type, info.n_dims, info.ne);
-    ggml_set_name(t, file == pair_file::mam ? (name + ".visual").c_str() : name.c_str());
+    ggml_set_name(t, file == pair_file::mam ? (name + names::VISUAL_WEIGHT_SUFFIX).c_str() : name.c_str());
     s->tensors.emplace_back(t, &info);
     return t;
 }
@@ -1112,6 +1118,52 @@ size_t kv_state::nbytes() const {
     return s;
 }
 
+// --- importance collection -------------------------------------------------------------------------
+// The scheduler asks about every node (ask = true) and then hands over the ones we said yes to,
+// computed: a multiplication by a weight matrix, whose src[1] holds the inputs [n_per_row, n].
+
+static bool observe_node(ggml_tensor * t, bool ask, void * user_data) {
+    model & m = *static_cast<model *>(user_data);
+    if (t->op != GGML_OP_MUL_MAT) return ask ? false : true;
+    auto it = m.weight_names.find(t->src[0]);
+    if (ask) return it != m.weight_names.end();
+    const ggml_tensor * x = t->src[1];
+    if (x->type != GGML_TYPE_F32 || x->ne[2] != 1 || x->ne[3] != 1) return true;  // not a weight's input
+    const int64_t n_per_row = x->ne[0], n = x->ne[1];
+    std::vector<uint8_t> host;
+    const uint8_t * data = static_cast<const uint8_t *>(x->data);
+    if (!ggml_backend_buffer_is_host(x->buffer)) {  // on a GPU: copy it out first
+        host.resize(ggml_nbytes(x));
+        ggml_backend_tensor_get(x, host.data(), 0, host.size());
+        data = host.data();
+    }
+    importance_entry & e = m.importance[it->second];
+    if (e.sum_sq.empty()) e.sum_sq.assign(n_per_row, 0.0f);
+    for (int64_t r = 0; r < n; ++r) {
+        const float * row = reinterpret_cast<const float *>(data + r * x->nb[1]);
+        for (int64_t j = 0; j < n_per_row; ++j) e.sum_sq[j] += row[j] * row[j];
+    }
+    e.count += n;
+    return true;
+}
+
+static void set_collecting(model & m, bool on) {
+    m.collecting = on;
+    m.importance.clear();
+    m.weight_names.clear();
+    if (on) {
+        auto add = [&](const ggml_tensor * w) { m.weight_names[w] = ggml_get_name(w); };
+        for (const layer & L : m.layers) {
+            for (const ggml_tensor * w : {L.wq, L.wk[0], L.wk[1], L.wv[0], L.wv[1], L.wo, L.ffn_gate,
+                                          L.ffn_up, L.ffn_down}) {
+                add(w);
+            }
+        }
+        add(m.output);
+    }
+    ggml_backend_sched_set_eval_callback(m.sched, on ? observe_node : nullptr, on ? &m : nullptr);
+}
+
 decoder::decoder(const std::string & base_path, const std::string & mam_path, const decoder_params & params)
     : m_(std::make_unique<model>()) {
     m_->params = params;
@@ -1204,6 +1256,19 @@ void decoder::restore_state(const kv_state & s) {
         }
     }
     m.n_past = s.n_past;
+}
+
+void decoder::start_importance() {
+    call_lock hold(mutex_);
+    set_collecting(live(), true);
+}
+
+std::map<std::string, importance_entry> decoder::take_importance() {
+    call_lock hold(mutex_);
+    model & m = live();
+    std::map<std::string, importance_entry> out = std::move(m.importance);
+    set_collecting(m, false);
+    return out;
 }
 
 int decoder::n_vocab() const { return read([](const model & m) { return m.hp.n_vocab; }); }

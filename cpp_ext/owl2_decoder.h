@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <stdexcept>
@@ -64,6 +65,14 @@ struct kv_state {
 
 struct model;  // defined in owl2_decoder.cpp
 
+// Importance statistics of one weight matrix (an importance matrix's entry, llama.cpp's
+// imatrix): per input column, the sum over every position that went through the matrix of the
+// squared input value, and how many positions that was.
+struct importance_entry {
+    std::vector<float> sum_sq;  // [n_per_row]
+    int64_t count = 0;
+};
+
 class decoder {
 public:
     decoder(const std::string & base_path, const std::string & mam_path, const decoder_params & params);
@@ -89,6 +98,12 @@ public:
     std::string device_name() const;  // the backend the layers run on, e.g. "CPU" or "CUDA0"
     std::string kv_type() const;
     bool flash_attn() const;
+
+    // While collecting, every run adds the inputs of each weight matrix it multiplies to that
+    // matrix's entry, keyed by the weight's ggml name (the sidecar's end in ".visual"). start
+    // clears what was collected; take returns it and stops. Runs are slower while collecting.
+    void start_importance();
+    std::map<std::string, importance_entry> take_importance();
 
     void close();  // waits for a running call, then frees everything; any later call raises decoder_error
     bool closed() const;

@@ -44,11 +44,11 @@ size_t row_bytes(int type, int64_t n_per_row) {
 }
 
 void quantize_rows(int type, const float * src, uint8_t * dst, int64_t nrows, int64_t n_per_row,
-                   int n_threads) {
+                   int n_threads, const float * importance) {
     row_bytes(type, n_per_row);  // validates the type and the row width
-    if (ggml_quantize_requires_imatrix((ggml_type) type)) {
+    if (importance == nullptr && ggml_quantize_requires_imatrix((ggml_type) type)) {
         throw std::invalid_argument(std::string("ggml type ") + ggml_type_name((ggml_type) type) +
-                                    " needs an importance matrix, which owl2-edge does not produce");
+                                    " needs an importance matrix (owl2 imatrix makes one)");
     }
     // One std::thread each: a mistyped count must not start thousands.
     if (n_threads > max_n_threads()) {
@@ -61,7 +61,7 @@ void quantize_rows(int type, const float * src, uint8_t * dst, int64_t nrows, in
     const int64_t per_thread = (nrows + n_threads - 1) / n_threads;
     auto work = [&](int64_t first, int64_t count) {
         // ggml_quantize_chunk's `start` is an element offset into src/dst of whole rows.
-        ggml_quantize_chunk((ggml_type) type, src, dst, first * n_per_row, count, n_per_row, nullptr);
+        ggml_quantize_chunk((ggml_type) type, src, dst, first * n_per_row, count, n_per_row, importance);
     };
     std::vector<std::thread> threads;
     for (int i = 1; i < n_threads; ++i) {

@@ -20,8 +20,11 @@ std::string ggml_type_to_name(int type);
 size_t row_bytes(int type, int64_t n_per_row);
 
 // Quantize nrows x n_per_row float32 values (row-major) into dst (nrows * row_bytes bytes).
+// importance: null, or n_per_row weights (an importance matrix's mean squared activation per
+// input column), which ggml's k- and i-quants use to spend precision where the inputs are large;
+// the types ggml_quantize_requires_imatrix names are refused without it.
 void quantize_rows(int type, const float * src, uint8_t * dst, int64_t nrows, int64_t n_per_row,
-                   int n_threads);
+                   int n_threads, const float * importance = nullptr);
 
 // The inverse, for tests and inspection: dst gets nrows * n_per_row float32 values.
 void dequantize_rows(int type, const uint8_t * src, float * dst, int64_t nrows, int64_t n_per_row);

@@ -19,6 +19,7 @@ from owl2_edge.cli_options import (MODEL, OUTPUT, RUNTIME, RUNTIME_NO_MODEL, SAM
                                    load_kwargs, with_options)
 from owl2_edge.errors import Owl2Error
 from owl2_edge.evaluate import DEFAULT_MAX_TOKENS
+from owl2_edge.names import DEFAULT_VISION_VARIANTS, VISION_VARIANT_NOTES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Run mPLUG-Owl2 on your own machine.")
@@ -53,33 +54,35 @@ def _converter():
     return converter, tiny
 
 
-def _run_convert(hf_dir: Path, out_dir: Path, quant: str, vision: list[str], force: bool):
+_IMATRIX_HELP = ("Importance matrix from `owl2 imatrix` (the very low-bit types need one; "
+                 "see README, Quantize).")
+_VISION_HELP = ("Vision file(s) to write (repeatable): "
+                + ", ".join(f"{v} ({note})" for v, note in VISION_VARIANT_NOTES.items()) + ".")
+
+
+def _run_convert(hf_dir: Path, out_dir: Path, quant: str, vision: list[str], force: bool,
+                 imatrix: Optional[Path] = None):
     convert = _converter()[0].convert
+    importance = _read_imatrix(imatrix)
     with _progress() as bar:
-        tasks: dict[str, int] = {}
-
-        def report(stage: str, done: int, total: int):
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
         return convert(hf_dir, out_dir, quant=quant, vision=tuple(vision), force=force,
-                       progress=report)
+                       progress=_stage_reporter(bar), importance=importance)
 
 
 @app.command("convert")
 def convert_cmd(
-    hf_dir: Path = typer.Argument(..., help="Hugging Face mPLUG-Owl2 checkpoint folder."),
+    hf_dir: Path = typer.Argument(..., help="Hugging Face mPLUG-Owl2 checkpoint folder, or a Hub "
+                                            "id (MAGAer13/mplug-owl2-llama2-7b) to download."),
     out: Path = typer.Option(..., "-o", "--out", help="Model folder to write."),
     quant: str = typer.Option("Q4_K_M", "--quant", "-q",
                               help="Decoder type: F32, F16, BF16, Q8_0, Q4_0, Q4_K_M, ..."),
-    vision: list[str] = typer.Option(["fp32"], "--vision",
-                                     help="Vision ONNX variant(s) to write: fp32, fp16 (repeatable)."),
+    vision: list[str] = typer.Option(list(DEFAULT_VISION_VARIANTS), "--vision", help=_VISION_HELP),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help=_IMATRIX_HELP),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ):
     """Convert a Hugging Face mPLUG-Owl2 checkpoint into an owl2-edge model folder."""
     try:
-        manifest = _run_convert(hf_dir, out, quant, vision, force)
+        manifest = _run_convert(hf_dir, out, quant, vision, force, imatrix)
     except (Owl2Error, FileExistsError, ValueError) as e:
         raise _fail(str(e))
     size = sum((out / f).stat().st_size for f in manifest.files())
@@ -285,24 +288,32 @@ def compare_cmd(
     *, runtime: dict,
 ):
     """How far CANDIDATE is from REFERENCE: KL, top-1 agreement, same answers, accuracy."""
-    from owl2_edge.compare import compare
-    from owl2_edge.owl2 import Owl2
     try:
         items = _eval_items(data, generated, seed, need_answers=False)
-        kwargs = load_kwargs(runtime)
-        with _progress() as bar:
-            tasks: dict[str, int] = {}
-
-            def report(stage: str, done: int, total: int):
-                if stage not in tasks:
-                    tasks[stage] = bar.add_task(stage, total=total)
-                bar.update(tasks[stage], completed=done)
-
-            result = compare(reference, candidate, items,
-                             lambda path: Owl2.load(**{**kwargs, "path": path}), max_tokens, report)
+        out = _compare(reference, candidate, items, runtime, max_tokens)
     except Owl2Error as e:
         raise _fail(str(e))
-    out = result.to_dict()
+    _print_comparison(out, reference, candidate, as_json)
+
+
+def _compare(reference: Path, candidate: Path, items, runtime: dict, max_tokens: int) -> dict:
+    from owl2_edge.compare import compare
+    from owl2_edge.owl2 import Owl2
+    kwargs = load_kwargs(runtime)
+    with _progress() as bar:
+        tasks: dict[str, int] = {}
+
+        def report(stage: str, done: int, total: int):
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done)
+
+        result = compare(reference, candidate, items,
+                         lambda path: Owl2.load(**{**kwargs, "path": path}), max_tokens, report)
+    return result.to_dict()
+
+
+def _print_comparison(out: dict, reference: Path, candidate: Path, as_json: bool) -> None:
     if as_json:
         print(json.dumps({"reference": str(reference), "candidate": str(candidate), **out}))
         return
@@ -324,6 +335,95 @@ def compare_cmd(
         table.add_row(*row)
     table.caption = f"{out['questions']} questions, {out['positions']} answer positions"
     console.print(table)
+
+
+
+
+@app.command("quantize")
+@with_options(RUNTIME_NO_MODEL)
+def quantize_cmd(
+    src: Path = typer.Argument(..., help="Model folder to quantize (F16, BF16 or F32)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Model folder to write."),
+    quant: str = typer.Option(..., "--quant", "-q", help="Decoder type: Q4_K_M, Q8_0, IQ4_XS, ..."),
+    vision: Optional[list[str]] = typer.Option(
+        None, "--vision", help=_VISION_HELP + " Default: the source folder's."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help=_IMATRIX_HELP),
+    allow_requantize: bool = typer.Option(False, "--allow-requantize",
+                                          help="Quantize a folder that is already quantized."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    report: bool = typer.Option(False, "--report",
+                                help="Then compare the result with SRC (owl2 compare's table)."),
+    report_n: int = typer.Option(20, "--report-n", help="Questions per type for --report."),
+    as_json: bool = typer.Option(False, "--json", help="--report's measures as one JSON object."),
+    *, runtime: dict,
+):
+    """Quantize a model folder to another type: no torch and no checkpoint needed."""
+    from owl2_edge import evaluate
+    from owl2_edge.quantize import quantize_folder
+    try:
+        importance = _read_imatrix(imatrix)
+        with _progress() as bar:
+            manifest = quantize_folder(src, out, quant, vision, importance, allow_requantize,
+                                       force, progress=_stage_reporter(bar))
+        size = sum((out / f).stat().st_size for f in manifest.files())
+        err.print(f"wrote {out} ({size / 2**20:.1f} MiB, decoder {manifest.quant}, vision "
+                  f"{', '.join(manifest.vision_files)})")
+        if report:
+            items = evaluate.generated_items(report_n, 0)
+            _print_comparison(_compare(src, out, items, runtime, DEFAULT_MAX_TOKENS), src, out,
+                              as_json)
+    except (Owl2Error, FileExistsError, ValueError) as e:
+        raise _fail(str(e))
+
+
+def _read_imatrix(path: Optional[Path]):
+    if path is None:
+        return None
+    from owl2_edge.imatrix import ImportanceMatrix
+    return ImportanceMatrix.read(path)
+
+
+def _stage_reporter(bar):
+    """progress(stage, done, total) callbacks as one bar per stage."""
+    tasks: dict[str, int] = {}
+
+    def report(stage: str, done: int, total: int):
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+    return report
+
+
+@app.command("imatrix")
+@with_options(RUNTIME)
+def imatrix_cmd(
+    out: Path = typer.Option(..., "-o", "--out", help="Importance matrix file to write (.gguf)."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="JSONL calibration prompts: image (optional) and prompt (or "
+                             "question), answer optional, per line. Default: built-in pictures."),
+    n_prompts: int = typer.Option(64, "--prompts", help="How many built-in prompts."),
+    seed: int = typer.Option(0, "--seed", help="Which built-in prompts."),
+    *, runtime: dict,
+):
+    """Collect an importance matrix through the MAM decoder, images included (for --imatrix)."""
+    from owl2_edge import evaluate, imatrix
+    try:
+        if data is not None:
+            prompts = imatrix.prompts_from_items(evaluate.read_items(data, need_answers=False))
+            dataset = str(data)
+        else:
+            prompts = imatrix.calibration_prompts(n_prompts, seed)
+            dataset = f"owl2-edge built-in scenes (n={n_prompts}, seed={seed})"
+        with _load(runtime) as owl, _progress() as bar:
+            task = bar.add_task("imatrix", total=len(prompts))
+            result = imatrix.collect(owl, prompts, dataset,
+                                     on_progress=lambda done, total: bar.update(task, completed=done))
+        result.write(out)
+    except Owl2Error as e:
+        raise _fail(str(e))
+    visual = sum(e.count for e in result.mam.values()) // max(len(result.mam), 1)
+    err.print(f"wrote {out}: {len(result.base)} base and {len(result.mam)} visual-route matrices "
+              f"from {result.chunk_count} prompts ({visual} image positions per visual matrix)")
 
 
 @app.command("demo")

@@ -136,6 +136,19 @@ class Decoder:
         with _native_errors():
             self._native.rewind(int(n))
 
+    def start_importance(self) -> None:
+        """Collect, from now on, what each weight matrix's inputs add up to (owl2_edge/imatrix.py);
+        runs are slower meanwhile. Clears anything collected before."""
+        with _native_errors():
+            self._native.start_importance()
+
+    def take_importance(self) -> dict[str, tuple[np.ndarray, int]]:
+        """What was collected since start_importance, and stop: {ggml weight name: (sum of
+        squared inputs per column, float32 [n_per_row]; positions)}. The sidecar's weights are
+        named like the base's with ".visual" added."""
+        with _native_errors():
+            return self._native.take_importance()
+
     def save_state(self) -> KVState:
         """A copy of the cache's first n_past positions, to resume from later (prefix reuse)."""
         with _native_errors():

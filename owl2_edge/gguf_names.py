@@ -57,6 +57,23 @@ KEY_PAIR_ID = names.KEY_PAIR_ID   # the runtime reads it too, so it lives in nam
 KEY_MAM_BLOCK_COUNT = "owl2.block_count"
 KEY_MAM_EMBEDDING_LENGTH = "owl2.embedding_length"
 KEY_MAM_KV_WIDTH = "owl2.kv_width"
+# The decoder names a sidecar weight as the base's weight of the same name plus this, so the two
+# routes' matrices stay apart where one name would mix them (the importance matrix's entries).
+VISUAL_WEIGHT_SUFFIX = ".visual"
+
+# --- Importance matrices (llama.cpp's imatrix GGUF, as its llama-imatrix tool writes it) --------
+
+IMATRIX_GENERAL_TYPE = gguf.GGUFType.IMATRIX                   # "imatrix"
+KEY_IMATRIX_DATASETS = _K.IMatrix.DATASETS
+KEY_IMATRIX_CHUNK_COUNT = _K.IMatrix.CHUNK_COUNT
+KEY_IMATRIX_CHUNK_SIZE = _K.IMatrix.CHUNK_SIZE
+# Per weight matrix <name>: <name>.in_sum2, float32 [n_per_row, 1], the sum of squared inputs
+# per column; <name>.counts, float32 [1, 1], the positions summed.
+IMATRIX_SUM_SUFFIX = ".in_sum2"
+IMATRIX_COUNT_SUFFIX = ".counts"
+# The sidecar's matrices share the base's names; in an imatrix file they carry this prefix, which
+# llama.cpp's tools (looking for the base's names) pass over.
+IMATRIX_MAM_PREFIX = "owl2.mam."
 
 # --- Tensors ---------------------------------------------------------------------------------------
 

@@ -25,8 +25,14 @@ class LlamaLog:
 
     def first_error(self) -> str | None:
         """The first error line: the cause (later ones only say that loading failed)."""
-        errors = [text.strip() for level, text in self.lines if level == _LOG_ERROR and text.strip()]
-        return errors[0] if errors else None
+        for level, text in self.lines:
+            if level != _LOG_ERROR:
+                continue
+            # One message may span lines, some of them rules of "=" (the quantizer's banners).
+            for line in text.splitlines():
+                if line.strip().strip("=-").strip():
+                    return line.strip()
+        return None
 
 
 @contextlib.contextmanager

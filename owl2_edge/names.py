@@ -60,4 +60,12 @@ def vision_onnx_file(variant: str) -> str:
 
 ONNX_INPUT = "pixel_values"    # float32 [N, 3, S, S]
 ONNX_OUTPUT = "image_embeds"   # float32 [N, n_visual, n_embd]
-VISION_VARIANTS = ("fp32", "fp16")
+# Every vision file a model folder may hold (docs/design.md §2.3): "fp32" is exported from the
+# reference by convert/vision_onnx.py; the others are derived from that file without torch by
+# owl2_edge/vision_variants.py.
+VISION_VARIANT_NOTES = {"fp32": "exact", "fp16": "for CUDA", "int8": "fastest on the CPU",
+                        "int4": "smallest, least exact"}
+VISION_VARIANTS = tuple(VISION_VARIANT_NOTES)
+# What `owl2 convert` writes unless told: the CPU's pick and the GPU's (owl2_edge/vision.py's
+# preferences; README, Quantize, has the measurements).
+DEFAULT_VISION_VARIANTS = ("int8", "fp16")

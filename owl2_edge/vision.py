@@ -31,10 +31,19 @@ from owl2_edge.names import DEVICES, ONNX_INPUT, ONNX_OUTPUT
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
-# Which vision file a provider prefers: fp16 weights and math where a GPU runs them natively;
-# fp32 on CPU, where ONNX Runtime has few fp16 kernels and would cast around them.
-_CPU_VARIANTS = ("fp32", "fp16")
-_CUDA_VARIANTS = ("fp16", "fp32")
+# Which vision file a provider prefers when a folder has several (names.VISION_VARIANTS).
+# CPU, measured (benchmarks/bench_vision.py: the 7B-shaped graph at 448 px, 2 AVX2 cores, 2
+# threads; seconds an image, cosine to fp32's embeddings with random / trained weights): int8 is
+# the fastest (3.8 s against fp32's 5.8 s; 0.9956 / 0.99987); fp32 is exact; fp16 is no faster
+# (6.0 s) and holds as much memory (ONNX Runtime's CPU provider widens its weights to float32 at
+# load) but is not exact (0.999998); int4 is no faster either (6.1 s: MatMulNBits unpacks to
+# float32 here) and the least exact (0.904 / 0.998), for a fifth of fp32's memory.
+_CPU_VARIANTS = ("int8", "fp32", "fp16", "int4")
+# CUDA, reasoned (no GPU measured): fp16 weights and math run natively on tensor cores; then
+# fp32. int4's MatMulNBits has CUDA kernels, but in float32; int8's dynamic quantization
+# (DynamicQuantizeLinear, DynamicQuantizeMatMul) has CPU kernels only, so ONNX Runtime would run
+# those nodes on the CPU and copy every activation across.
+_CUDA_VARIANTS = ("fp16", "fp32", "int4", "int8")
 
 
 class VisionEncoder:
@@ -94,7 +103,7 @@ class VisionEncoder:
 
         CUDA runs the fp16 file when the folder has it. "auto" uses CUDA only with the fp16
         file, and when CUDA does not start after all it reopens the CPU's preferred file on
-        the CPU (the fp16 graph would run slower and less exactly there)."""
+        the CPU (where int8 runs faster and fp32 more exactly)."""
         folder = Path(folder)
         manifest = manifest or Manifest.load(folder)
         files = manifest.vision_files

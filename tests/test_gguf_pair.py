@@ -366,13 +366,14 @@ def test_files_are_named_after_the_quant_and_temporaries_are_gone(tiny_pair):
 
 
 def test_failed_quantization_leaves_no_files(tiny_ckpt, tmp_path, monkeypatch):
-    from owl2_edge.convert import gguf_pair
+    from owl2_edge import quant
+    from owl2_edge.errors import Owl2Error
 
-    def fail(src, dst, qt):
-        raise gguf_pair.Owl2Error("llama.cpp could not quantize the decoder")
+    def fail(src, dst, qt, importance=None, allow_requantize=False):
+        raise Owl2Error("llama.cpp could not quantize the decoder")
 
-    monkeypatch.setattr(gguf_pair, "llama_quantize", fail)
-    with pytest.raises(gguf_pair.Owl2Error):
+    monkeypatch.setattr(quant, "llama_quantize", fail)
+    with pytest.raises(Owl2Error):
         write_gguf_pair(tiny_ckpt, tmp_path, "Q4_0", pair_id="x")
     assert list(tmp_path.iterdir()) == []
 

@@ -91,7 +91,8 @@ def _raw(field, literal):
     (_set("image.std", [0.3, -0.2, 0.3]), "image.std[1] must be in (0, 10], not -0.2"),
     (_set("image.pad_color", [122, 300, 104]), "image.pad_color[1] must be between 0 and 255, not 300"),
     (_set("decoder.eos_id", 10**9), "decoder.eos_id must be between 0 and"),
-    (_set("vision_files", {"int4": "vision-fp32.onnx"}), "vision_files variant must be one of fp32, fp16"),
+    (_set("vision_files", {"int3": "vision-fp32.onnx"}),
+     "vision_files variant must be one of " + ", ".join(names.VISION_VARIANTS)),
     (_set("decoder_file", "../decoder-F32.gguf"), "must be a plain name in the folder"),
     (_set("extra", "x"), "extra must be an object, not str"),  # found by the fuzzer
     (lambda text: "[" * 200000 + "]" * 200000, "JSON nested too deeply"),

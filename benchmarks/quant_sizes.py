@@ -1,0 +1,131 @@
+"""Decoder sizes of every quantization type at the release's 7B shape, without 13 GB of weights.
+
+    python benchmarks/quant_sizes.py WORK_DIR [--types Q4_K_M Q8_0 ...]
+
+llama.cpp's quantizer has a dry run: it decides every tensor's type by its mix rules and reports
+the sizes without reading the weights. This writes a base GGUF of the 7B shape (the release's
+config: 32 layers, 4096 wide, 32000 tokens) whose header is real and whose data is a sparse hole,
+asks for a dry run of each type, and adds the sidecar that owl2-edge would write: each layer's
+visual attn_k/attn_v at the type the dry run gave the base's, and two float32 norms. Needs the
+converter's packages (for the release config and tensor table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import re
+import sys
+from pathlib import Path
+
+import gguf
+
+from owl2_edge import _decoder, gguf_names, quant
+from owl2_edge.convert.config import Owl2Config
+from owl2_edge.convert.gguf_pair import base_targets, mam_targets
+from owl2_edge.llama_log import captured_llama_log
+
+T = gguf.GGMLQuantizationType
+# One dry-run log line per tensor: "[  3/291] blk.0.attn_k.weight - [...], type = f16,"
+# followed by "size = 32.00 MiB -> 9.00 MiB (q4_K)".
+_TENSOR = re.compile(r"\]\s+(\S+)\s+- \[")
+_TARGET = re.compile(r"->\s+[\d.]+ MiB \((\w+)\)")
+_QUANT_SIZE = re.compile(r"quant size\s+=\s+([\d.]+) MiB")
+
+
+def write_hollow_base(cfg: Owl2Config, path: Path) -> None:
+    """The base's header (the keys the quantizer reads, every tensor's F16 info) and a sparse hole
+    where the data would be."""
+    t = cfg.text
+    with contextlib.closing(gguf.GGUFWriter(path, gguf_names.ARCHITECTURE)) as w:
+        w.add_name(quant.MODEL_NAME)
+        w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+        w.add_vocab_size(t.vocab_size)
+        w.add_context_length(t.max_position_embeddings)
+        w.add_embedding_length(t.hidden_size)
+        w.add_block_count(t.num_layers)
+        w.add_feed_forward_length(t.intermediate_size)
+        w.add_head_count(t.num_heads)
+        w.add_head_count_kv(t.num_kv_heads)
+        w.add_layer_norm_rms_eps(t.rms_norm_eps)
+        w.add_rope_freq_base(t.rope_theta)
+        w.add_rope_dimension_count(t.head_dim)
+        size = 0
+        for tg in base_targets(cfg).values():
+            kind = T.F16 if len(tg.shape) > 1 else T.F32
+            quant.declare(w, tg.gguf_name, tg.shape, kind)
+            size += _bytes(tg.shape, kind) + 64  # alignment, at most
+        quant.write_preamble(w)
+        w.fout[0].truncate(w.fout[0].tell() + size)
+
+
+def _bytes(shape, kind) -> int:
+    rows = 1
+    for d in shape[:-1]:
+        rows *= d
+    return rows * _decoder.row_bytes(int(kind), shape[-1])
+
+
+def dry_run(base: Path, qt: quant.QuantType) -> tuple[float, dict[str, str]]:
+    """llama.cpp's size for the base (MiB) and each tensor's type name."""
+    import llama_cpp
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(qt.file_type)
+    params.dry_run = True
+    with captured_llama_log() as log:
+        rc = llama_cpp.llama_model_quantize(bytes(base), bytes(base.with_suffix(".out")),
+                                            ctypes.byref(params))
+    text = "".join(t for _, t in log.lines)
+    if rc != 0:
+        raise RuntimeError(f"{qt.name}: {log.first_error()}")
+    types, current = {}, None
+    for line in text.splitlines():
+        if m := _TENSOR.search(line):
+            current = m.group(1)
+        if current and (m := _TARGET.search(line)):
+            types[current] = m.group(1)
+    return float(_QUANT_SIZE.search(text).group(1)), types
+
+
+def sidecar_mib(cfg: Owl2Config, base_types: dict[str, str], qt: quant.QuantType) -> float:
+    total = 0
+    for tg in mam_targets(cfg).values():
+        if len(tg.shape) == 1:
+            total += _bytes(tg.shape, T.F32)
+            continue
+        name = base_types.get(tg.gguf_name)
+        kind = _decoder.ggml_type_from_name(name) if name else T.F16  # kept as it was
+        total += _bytes(tg.shape, kind)
+    return total / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("work", type=Path)
+    ap.add_argument("--types", nargs="*", default=list(quant.QUANT_TYPES))
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    cfg = Owl2Config()
+    base = args.work / "hollow-7b-F16.gguf"
+    write_hollow_base(cfg, base)
+    print("| type | decoder MiB | sidecar MiB | pair GiB | bits/weight |")
+    print("|---|---:|---:|---:|---:|")
+    n_params = sum(_bytes(tg.shape, T.F32) / 4 for tg in [*base_targets(cfg).values(),
+                                                          *mam_targets(cfg).values()])
+    for name in args.types:
+        qt = quant.QUANT_TYPES[quant.check_quant(name)]
+        try:
+            base_mib, types = dry_run(base, qt)
+        except RuntimeError as e:
+            print(f"| {name} | {e} | | | |", flush=True)
+            continue
+        mam = sidecar_mib(cfg, types, qt)
+        pair = base_mib + mam
+        print(f"| {name} | {base_mib:.0f} | {mam:.0f} | {pair / 1024:.2f} | "
+              f"{pair * 2**20 * 8 / n_params:.2f} |", flush=True)
+    base.unlink()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

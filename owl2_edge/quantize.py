@@ -1,0 +1,168 @@
+"""`owl2 quantize`: a model folder -> the same model at another type, without torch or the
+checkpoint (docs/design.md §11).
+
+    quantize_folder("owl2-f16", "owl2-q4km", "Q4_K_M", importance=ImportanceMatrix.read(...))
+
+The base GGUF goes through llama.cpp's own quantizer, exactly as `owl2 convert` sends its F16
+base, so quantizing an F16 folder gives convert's bytes. The sidecar is read back to float32
+and written again with the finished base's types, tensor by tensor (owl2_edge/quant.py). The
+vision variants asked for are copied from the source folder when it has them, else derived from
+its fp32 file (owl2_edge/vision_variants.py).
+
+A folder already quantized is refused unless allow_requantize: its rounding errors would be
+rounded again (llama.cpp's rule). Like convert, everything is written into a hidden folder
+beside the output and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from owl2_edge import gguf_names, names, quant
+from owl2_edge.checks import display_path
+from owl2_edge.errors import ArgumentError, ModelFolderError
+from owl2_edge.model_dir import Manifest
+
+# progress(stage, done, total), as convert's.
+Progress = Callable[[str, int, int], None]
+
+
+def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, quant_type: str,
+                    vision: Sequence[str] | None = None, importance=None,
+                    allow_requantize: bool = False, force: bool = False,
+                    progress: Progress | None = None) -> Manifest:
+    """Write `src` at `quant_type` into `out`; returns the new manifest. vision: the variants to
+    write (None: the ones `src` has). importance: an owl2_edge.imatrix.ImportanceMatrix."""
+    src, out = Path(src), Path(out)
+    qt = quant.QUANT_TYPES[quant.check_quant(quant_type)]
+    quant.check_imatrix_need(qt.name, importance)
+    manifest = Manifest.load(src)
+    if manifest.quant not in quant.FLOAT_TYPES and not allow_requantize:
+        raise ArgumentError(
+            f"{display_path(src)} is already {manifest.quant}: quantizing it again would round "
+            f"its rounding errors once more. Start from an F16, BF16 or F32 folder (owl2 convert "
+            f"--quant F16), or pass --allow-requantize")
+    variants = _vision_plan(manifest, vision)
+    if out.exists() and out.resolve() == src.resolve():
+        raise ArgumentError("the output folder is the source folder; choose another one")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out}: already exists and is not empty (use --force to replace it)")
+    report = progress or (lambda stage, done, total: None)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        base_file, mam_file = _quantize_decoder(src, manifest, work, qt, importance,
+                                                allow_requantize, report)
+        vision_files = _write_vision(src, manifest, work, variants, report)
+        new = replace(manifest, decoder_file=base_file, mam_file=mam_file,
+                      vision_files=vision_files, quant=qt.name, source=str(src.resolve()))
+        new.write(work)
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+        return new
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+# --- The decoder pair -------------------------------------------------------------------------------
+
+def _quantize_decoder(src: Path, manifest: Manifest, work: Path, qt: quant.QuantType, importance,
+                      allow_requantize: bool, report: Progress) -> tuple[str, str]:
+    import gguf
+
+    base_name, mam_name = names.base_gguf_file(qt.name), names.mam_gguf_file(qt.name)
+    mam_reader = gguf.GGUFReader(src / manifest.mam_file)
+    n_layer = manifest.decoder.n_layer
+    total = 1 + n_layer
+    report("decoder", 0, total)
+    with quant.written_atomically(work / base_name) as part:
+        quant.llama_quantize(src / manifest.decoder_file, part, qt,
+                             importance.for_base() if importance else None, allow_requantize)
+    report("decoder", 1, total)
+
+    done = 1
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        report("decoder", done, total)
+
+    tensors = [(t.name, tuple(int(d) for d in reversed(t.shape))) for t in mam_reader.tensors]
+    header = quant.SidecarHeader(
+        n_layer=_uint(mam_reader, gguf_names.KEY_MAM_BLOCK_COUNT, src / manifest.mam_file),
+        n_embd=_uint(mam_reader, gguf_names.KEY_MAM_EMBEDDING_LENGTH, src / manifest.mam_file),
+        kv_width=_uint(mam_reader, gguf_names.KEY_MAM_KV_WIDTH, src / manifest.mam_file),
+        pair_id=_pair_id(mam_reader, src / manifest.mam_file))
+    with quant.written_atomically(work / mam_name) as part:
+        quant.write_sidecar(part, header, tensors, _layers(mam_reader, n_layer),
+                            quant.read_tensor_types(work / base_name),
+                            importance.for_sidecar() if importance else None, tick)
+    return base_name, mam_name
+
+
+def _layers(reader, n_layer: int) -> Iterator[list[np.ndarray]]:
+    """The sidecar's tensors as float32, one decoder layer at a time (its file order)."""
+    per_layer = len(gguf_names.ROUTED_LAYER_PARTS)
+    if len(reader.tensors) != per_layer * n_layer:
+        raise ModelFolderError(f"the MAM GGUF holds {len(reader.tensors)} tensors, not "
+                               f"{per_layer} for each of {n_layer} layers")
+    for i in range(n_layer):
+        yield [quant.decode(t) for t in reader.tensors[i * per_layer:(i + 1) * per_layer]]
+
+
+def _uint(reader, key: str, path: Path) -> int:
+    f = reader.fields.get(key)
+    if f is None:
+        raise ModelFolderError(f"{display_path(path)}: no {key}")
+    return int(f.contents())
+
+
+def _pair_id(reader, path: Path) -> str:
+    # The base keeps its pair id through llama.cpp's quantizer (it copies every key); the new
+    # sidecar takes the same one, so the pair still matches.
+    f = reader.fields.get(gguf_names.KEY_PAIR_ID)
+    if f is None:
+        raise ModelFolderError(f"{display_path(path)}: no {gguf_names.KEY_PAIR_ID}")
+    return str(f.contents())
+
+
+# --- The vision model -------------------------------------------------------------------------------
+
+def _vision_plan(manifest: Manifest, vision: Sequence[str] | None) -> list[str]:
+    variants = list(manifest.vision_files) if vision is None else list(dict.fromkeys(vision))
+    if not variants:
+        raise ArgumentError("no vision variant asked for")
+    for v in variants:
+        if v not in names.VISION_VARIANTS:
+            raise ArgumentError(f"unknown vision variant {v!r}; choose from "
+                                f"{', '.join(names.VISION_VARIANTS)}")
+        if v not in manifest.vision_files and "fp32" not in manifest.vision_files:
+            raise ArgumentError(f"the source folder has no {v} vision model and no fp32 one to "
+                                f"make it from")
+    return variants
+
+
+def _write_vision(src: Path, manifest: Manifest, work: Path, variants: list[str],
+                  report: Progress) -> dict[str, str]:
+    files = {}
+    report("vision", 0, len(variants))
+    for i, variant in enumerate(variants):
+        files[variant] = names.vision_onnx_file(variant)
+        if variant in manifest.vision_files:
+            shutil.copyfile(src / manifest.vision_files[variant], work / files[variant])
+        else:
+            from owl2_edge.vision_variants import derive_variant
+            derive_variant(src / manifest.vision_files["fp32"], variant, work / files[variant])
+        report("vision", i + 1, len(variants))
+    return files
