@@ -1128,7 +1128,9 @@ static bool observe_node(ggml_tensor * t, bool ask, void * user_data) {
     auto it = m.weight_names.find(t->src[0]);
     if (ask) return it != m.weight_names.end();
     const ggml_tensor * x = t->src[1];
-    if (x->type != GGML_TYPE_F32 || x->ne[2] != 1 || x->ne[3] != 1) return true;  // not a weight's input
+    // A weight's input is float32 rows [n_per_row, n], each row contiguous (build_graph makes them
+    // so); anything else is not summed rather than summed wrongly (a missing entry shows).
+    if (x->type != GGML_TYPE_F32 || x->nb[0] != sizeof(float) || x->ne[2] != 1 || x->ne[3] != 1) return true;
     const int64_t n_per_row = x->ne[0], n = x->ne[1];
     std::vector<uint8_t> host;
     const uint8_t * data = static_cast<const uint8_t *>(x->data);
