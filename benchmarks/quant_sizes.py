@@ -20,10 +20,11 @@ import sys
 from pathlib import Path
 
 import gguf
+import numpy as np
 
 from owl2_edge import _decoder, gguf_names, quant
 from owl2_edge.convert.config import Owl2Config
-from owl2_edge.convert.gguf_pair import base_targets, mam_targets
+from owl2_edge.convert.gguf_pair import add_base_kv, base_targets, mam_targets
 from owl2_edge.llama_log import captured_llama_log
 
 T = gguf.GGMLQuantizationType
@@ -37,20 +38,8 @@ _QUANT_SIZE = re.compile(r"quant size\s+=\s+([\d.]+) MiB")
 def write_hollow_base(cfg: Owl2Config, path: Path) -> None:
     """The base's header (the keys the quantizer reads, every tensor's F16 info) and a sparse hole
     where the data would be."""
-    t = cfg.text
     with contextlib.closing(gguf.GGUFWriter(path, gguf_names.ARCHITECTURE)) as w:
-        w.add_name(quant.MODEL_NAME)
-        w.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
-        w.add_vocab_size(t.vocab_size)
-        w.add_context_length(t.max_position_embeddings)
-        w.add_embedding_length(t.hidden_size)
-        w.add_block_count(t.num_layers)
-        w.add_feed_forward_length(t.intermediate_size)
-        w.add_head_count(t.num_heads)
-        w.add_head_count_kv(t.num_kv_heads)
-        w.add_layer_norm_rms_eps(t.rms_norm_eps)
-        w.add_rope_freq_base(t.rope_theta)
-        w.add_rope_dimension_count(t.head_dim)
+        add_base_kv(w, cfg, None, gguf.LlamaFileType.MOSTLY_F16, pair_id="hollow")
         size = 0
         for tg in base_targets(cfg).values():
             kind = T.F16 if len(tg.shape) > 1 else T.F32
@@ -61,10 +50,7 @@ def write_hollow_base(cfg: Owl2Config, path: Path) -> None:
 
 
 def _bytes(shape, kind) -> int:
-    rows = 1
-    for d in shape[:-1]:
-        rows *= d
-    return rows * _decoder.row_bytes(int(kind), shape[-1])
+    return int(np.prod(quant.byte_shape(shape, int(kind)), dtype=np.int64))
 
 
 def dry_run(base: Path, qt: quant.QuantType) -> tuple[float, dict[str, str]]:

@@ -6,15 +6,14 @@ only at the end, so an error or Ctrl-C never leaves a half-written model folder 
 
 from __future__ import annotations
 
-import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Callable
 
 from owl2_edge import names
 from owl2_edge.errors import CheckpointError
-from owl2_edge.model_dir import DecoderSpec, ImageSpec, Manifest
+from owl2_edge.model_dir import (DecoderSpec, ImageSpec, Manifest, check_output_folder,
+                                 staged_folder)
 
 # progress(stage, done, total): one call per unit of work, for a progress bar.
 Progress = Callable[[str, int, int], None]
@@ -39,19 +38,14 @@ def convert(hf_dir: str | Path, out_dir: str | Path, quant: str = "Q4_K_M",
         if variant not in names.VISION_VARIANTS:
             raise ValueError(f"unknown vision variant {variant!r}; choose from "
                              f"{', '.join(names.VISION_VARIANTS)}")
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise FileExistsError(f"{out_dir}: already exists and is not empty (use --force to replace it)")
+    check_output_folder(out_dir, force)
     report = progress or (lambda stage, done, total: None)
 
     from owl2_edge.convert.hub import is_hub_id, resolve_checkpoint
     source = str(hf_dir) if is_hub_id(str(hf_dir)) else str(hf_dir.resolve())
     ckpt = Checkpoint.open(resolve_checkpoint(hf_dir))
     cfg = ckpt.config
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    try:
+    with staged_folder(out_dir) as work:
         pair_id = pair_id or uuid.uuid4().hex
         base_path, mam_path = write_gguf_pair(
             ckpt, work, quant, pair_id,
@@ -75,13 +69,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, quant: str = "Q4_K_M",
             source=source,
         )
         manifest.write(work)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        work.rename(out_dir)
-        return manifest
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    return manifest
 
 
 def _write_vision(ckpt, work: Path, vision: tuple[str, ...], report: Progress) -> dict[str, str]:

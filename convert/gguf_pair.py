@@ -34,7 +34,7 @@ from owl2_edge.convert import hf_layout
 from owl2_edge.convert.config import Owl2Config
 from owl2_edge.convert.gguf_vocab import GGUFVocab, read_sentencepiece_vocab
 from owl2_edge.errors import CheckpointError
-from owl2_edge.quant import QUANT_TYPES, QuantType, check_quant, read_tensor_types  # noqa: F401 (re-exported)
+from owl2_edge.quant import QUANT_TYPES, check_quant  # noqa: F401 (re-exported)
 
 T = gguf.GGMLQuantizationType
 FT = gguf.LlamaFileType
@@ -190,8 +190,10 @@ def _shard_plan(ckpt, targets: dict[str, Target]) -> list[tuple[str, list[str]]]
     return plan
 
 
-def _add_base_kv(writer: gguf.GGUFWriter, cfg: Owl2Config, vocab: GGUFVocab,
-                 file_type: FT, pair_id: str) -> None:
+def add_base_kv(writer: gguf.GGUFWriter, cfg: Owl2Config, vocab: GGUFVocab | None,
+                file_type: FT, pair_id: str) -> None:
+    """The base file's keys. vocab None leaves the tokenizer out (benchmarks/quant_sizes.py's
+    header-only file: llama.cpp's quantizer does not read it)."""
     t = cfg.text
     writer.add_name(quant_mod.MODEL_NAME)
     writer.add_file_type(int(file_type))
@@ -206,7 +208,8 @@ def _add_base_kv(writer: gguf.GGUFWriter, cfg: Owl2Config, vocab: GGUFVocab,
     writer.add_layer_norm_rms_eps(t.rms_norm_eps)
     writer.add_rope_freq_base(t.rope_theta)
     writer.add_rope_dimension_count(t.head_dim)
-    vocab.write_to(writer)
+    if vocab is not None:
+        vocab.write_to(writer)
     writer.add_string(gguf_names.KEY_PAIR_ID, pair_id)
 
 
@@ -220,7 +223,7 @@ def _write_base(ckpt, plan, vocab: GGUFVocab, path: Path, matrix_type: int, file
     cfg = ckpt.config
     targets = base_targets(cfg)
     with contextlib.closing(gguf.GGUFWriter(path, gguf_names.ARCHITECTURE)) as writer:
-        _add_base_kv(writer, cfg, vocab, file_type, pair_id)
+        add_base_kv(writer, cfg, vocab, file_type, pair_id)
         for _, hf_names in plan:
             for n in hf_names:
                 tg = targets[n]

@@ -301,15 +301,9 @@ def _compare(reference: Path, candidate: Path, items, runtime: dict, max_tokens:
     from owl2_edge.owl2 import Owl2
     kwargs = load_kwargs(runtime)
     with _progress() as bar:
-        tasks: dict[str, int] = {}
-
-        def report(stage: str, done: int, total: int):
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done)
-
         result = compare(reference, candidate, items,
-                         lambda path: Owl2.load(**{**kwargs, "path": path}), max_tokens, report)
+                         lambda path: Owl2.load(**{**kwargs, "path": path}), max_tokens,
+                         _stage_reporter(bar))
     return result.to_dict()
 
 

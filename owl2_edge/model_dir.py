@@ -7,10 +7,13 @@ here with one clear line instead of deep inside ggml or ONNX Runtime.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from owl2_edge import checks, names
 from owl2_edge.checks import display_path
@@ -31,6 +34,31 @@ def default_model_path() -> Path:
     if os.environ.get(MODEL_ENV):
         return Path(os.environ[MODEL_ENV])
     return demo_folder() / "model"
+
+
+def check_output_folder(out: Path, force: bool) -> None:
+    """A model folder is written over only when it is empty or with force (`--force`)."""
+    if out.exists() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out}: already exists and is not empty (use --force to replace it)")
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """A hidden work folder beside `out` for `owl2 convert` and `owl2 quantize` to write into: renamed
+    to `out` (replacing it) when the block ends, removed on any exception, Ctrl-C included, so a
+    half-written model folder never appears under the name."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        yield work
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 @dataclass(frozen=True)

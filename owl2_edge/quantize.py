@@ -27,7 +27,7 @@ import numpy as np
 from owl2_edge import gguf_names, names, quant
 from owl2_edge.checks import display_path
 from owl2_edge.errors import ArgumentError, ModelFolderError
-from owl2_edge.model_dir import Manifest
+from owl2_edge.model_dir import Manifest, check_output_folder, staged_folder
 
 # progress(stage, done, total), as convert's.
 Progress = Callable[[str, int, int], None]
@@ -51,28 +51,17 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, quant_type: 
     variants = _vision_plan(manifest, vision)
     if out.exists() and out.resolve() == src.resolve():
         raise ArgumentError("the output folder is the source folder; choose another one")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out}: already exists and is not empty (use --force to replace it)")
+    check_output_folder(out, force)
     report = progress or (lambda stage, done, total: None)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir()
-    try:
+    with staged_folder(out) as work:
         base_file, mam_file = _quantize_decoder(src, manifest, work, qt, importance,
                                                 allow_requantize, report)
         vision_files = _write_vision(src, manifest, work, variants, report)
         new = replace(manifest, decoder_file=base_file, mam_file=mam_file,
                       vision_files=vision_files, quant=qt.name, source=str(src.resolve()))
         new.write(work)
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
-        return new
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
+    return new
 
 
 # --- The decoder pair -------------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from owl2_edge import _decoder, gguf_names, names
 from owl2_edge.convert import hf_layout
 from owl2_edge.convert.checkpoint import Checkpoint
 from owl2_edge.convert.gguf_pair import (QUANT_TYPES, check_quant, gguf_to_hf_rope_rows,
-                                         hf_to_gguf_rope_rows, read_tensor_types,
-                                         write_gguf_pair)
+                                         hf_to_gguf_rope_rows, write_gguf_pair)
+from owl2_edge.quant import read_tensor_types
 from owl2_edge.convert.reference import Owl2Reference
 from owl2_edge.convert.reference_io import tokenize
 from owl2_edge.convert.tiny import make_tiny_checkpoint, tiny_config

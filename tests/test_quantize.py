@@ -21,7 +21,6 @@ from owl2_edge.demo_image import sample_image, sample_questions  # noqa: E402
 from owl2_edge.errors import ArgumentError, Owl2Error  # noqa: E402
 from owl2_edge.model_dir import Manifest  # noqa: E402
 from owl2_edge.owl2 import Owl2  # noqa: E402
-from owl2_edge.prompt import Turn, render  # noqa: E402
 from owl2_edge.quantize import quantize_folder  # noqa: E402
 
 PAIR_ID = "0123456789abcdef"
