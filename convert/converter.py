@@ -13,7 +13,7 @@ from typing import Callable
 from owl2_edge import names
 from owl2_edge.errors import CheckpointError
 from owl2_edge.model_dir import (DecoderSpec, ImageSpec, Manifest, check_output_folder,
-                                 staged_folder)
+                                 staged_folder, vision_data_files)
 
 # progress(stage, done, total): one call per unit of work, for a progress bar.
 Progress = Callable[[str, int, int], None]
@@ -58,6 +58,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, quant: str = "Q4_K_M",
             decoder_file=Path(base_path).name,
             mam_file=Path(mam_path).name,
             vision_files=vision_files,
+            vision_data_files=vision_data_files(work, vision_files),
             quant=quant,
             pair_id=pair_id,
             n_visual=cfg.n_visual,
@@ -93,6 +94,7 @@ def _write_vision(ckpt, work: Path, vision: tuple[str, ...], report: Progress) -
         report("vision", i + 1, len(vision))
     if "fp32" not in vision:
         fp32.unlink()
+        (work / names.vision_data_file(fp32.name)).unlink()
     return files
 
 

@@ -1,7 +1,8 @@
 """Writes a random mPLUG-Owl2 checkpoint in the release's exact layout (docs/architecture.md §5).
 
-Tests and `owl2 demo` use the tiny size; benchmarks use the real 7B shape (Owl2Config()), which is
-generated and written one shard at a time so memory stays bounded (about one shard: ~1.5 GB).
+Tests and `owl2 demo` use the tiny size; benchmarks (`owl2 bench --shape`) use the named shapes
+of SHAPES: the real 7B shape (Owl2Config()) and a ~1B one, generated and written one shard at a
+time so memory stays bounded (about one shard: ~1.5 GB at 7B).
 
 Every tensor is drawn from its own generator, seeded by (seed, tensor name): the result does not
 depend on the order of generation, and the visual route (`multiway.1`) is independent of the text
@@ -13,7 +14,7 @@ English-like corpus. Its vocabulary has 512 pieces; a config with a larger vocab
 both halves to be pieces, and no proper part of `<unused{n}>` containing `<` or `>` is one), so
 every text tokenizes exactly as with the 512-piece model.
 
-    python -m owl2_edge.convert.tiny OUT_DIR [--seed N] [--real-size] [--dtype bfloat16]
+    python -m owl2_edge.convert.tiny OUT_DIR [--seed N] [--shape tiny|1b|7b] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -64,6 +65,34 @@ def tiny_config(*, text: dict | None = None, vision: dict | None = None,
     # Validate through the reader, so an impossible override fails here and not in a test.
     return Owl2Config.from_dicts(cfg.to_config_dict(), cfg.to_preprocessor_dict(),
                                  source="tiny_config")
+
+
+def one_b_config() -> Owl2Config:
+    """A ~1B mPLUG-Owl2 for benchmarks, between the tiny test model and the 7B release.
+
+    Decoder: TinyLlama-1.1B's width, FFN and head size (2048, 5632, 128) with LLaMA-2's full
+    multi-head attention (16 K/V heads, as in the release, so that the MAM sidecar's K/V have
+    the release's form) and 16 layers: ~0.95 B shared and text-route weights plus 0.13 B of
+    visual route. Rows of 2048 and 5632 are multiples of 256, so every K-quant applies as at 7B.
+    Vision: a ViT-B-sized tower (768 wide, 12 layers, 12 heads, MLP 3072; ~86 M) at the
+    release's 448 px and patch 14, so the grid (32 x 32: 1025 positions) and the abstractor's
+    cross-attention length are the release's. Abstractor: 768 wide (it reads the tower's
+    features), the release's 6 layers and 64 queries, FFN 2112 (the release's 2.75 x width): an
+    image still takes 65 decoder positions, so image-prefill figures compare with 7B's. 1.2 B
+    parameters in all, 2.4 GB in bfloat16."""
+    return tiny_config(
+        text={"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
+              "num_layers": 16, "num_heads": 16, "num_kv_heads": 16},
+        vision={"hidden_size": 768, "intermediate_size": 3072, "num_layers": 12, "num_heads": 12,
+                "image_size": 448, "patch_size": 14},
+        abstractor={"num_queries": 64, "hidden_size": 768, "num_layers": 6, "num_heads": 12,
+                    "intermediate_size": 2112})
+
+
+# The named shapes (`--shape` below, `owl2 bench --shape`): "tiny" for tests, "1b", and "7b", the
+# release's own (Owl2Config's defaults).
+SHAPES: dict[str, Callable[[], Owl2Config]] = {
+    "tiny": tiny_config, "1b": one_b_config, "7b": Owl2Config}
 
 
 # --- Weights --------------------------------------------------------------------------------------
@@ -334,12 +363,15 @@ def main(argv: list[str] | None = None) -> None:
         description="Write a random mPLUG-Owl2 checkpoint in the release's layout.")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--real-size", action="store_true",
-                        help="the 7B release's shape (about 16 GB in bfloat16) instead of tiny")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                      help="tiny (tests), 1b (about 2.4 GB in bfloat16) or 7b (the release's "
+                           "shape, about 16 GB)")
+    size.add_argument("--real-size", action="store_true", help="the same as --shape 7b")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     parser.add_argument("--format", choices=WEIGHTS_FORMATS, default="bin")
     args = parser.parse_args(argv)
-    cfg = Owl2Config() if args.real_size else tiny_config()
+    cfg = SHAPES["7b" if args.real_size else args.shape]()
     make_tiny_checkpoint(args.out_dir, config=cfg, seed=args.seed, dtype=args.dtype,
                          weights_format=args.format,
                          on_file=lambda f: print(f"wrote {args.out_dir / f}", flush=True))

@@ -22,12 +22,14 @@ import torch
 
 from owl2_edge.convert.reference import Owl2Vision
 from owl2_edge.names import ONNX_INPUT, ONNX_OUTPUT
+from owl2_edge.onnx_weights import save_mappable
 
 OPSET = 17  # first opset with LayerNormalization as one op
 
 
 def export_vision_onnx(vision: Owl2Vision, path: str | Path) -> Path:
-    """Write the fp32 vision ONNX of `vision` (a float32 Owl2Vision) to `path`; returns the path."""
+    """Write the fp32 vision ONNX of `vision` (a float32 Owl2Vision) to `path` and its weights to
+    the data file beside it (owl2_edge/onnx_weights.py); returns the path."""
     path = Path(path)
     graph = vision.eval().requires_grad_(False)
     s = vision.cfg.vision.image_size
@@ -46,4 +48,6 @@ def export_vision_onnx(vision: Owl2Vision, path: str | Path) -> Path:
     # (on the file, so no second in-memory copy) proves it is n_visual, which readers then see.
     onnx.shape_inference.infer_shapes_path(str(path), str(path))
     onnx.checker.check_model(str(path))
+    # Its weights then move to a data file beside it, which ONNX Runtime maps instead of copying.
+    save_mappable(onnx.load(str(path)), path)
     return path

@@ -125,7 +125,7 @@ NB_MODULE(_decoder, m) {
             "__init__",
             [](owl2::decoder * self, const std::string & base, const std::string & mam, int n_ctx, int n_threads,
                const std::string & device, int n_gpu_layers, const std::string & kv_type, bool flash_attn,
-               int n_ubatch, bool repack) {
+               int n_ubatch, bool repack, bool defer_placing) {
                 owl2::decoder_params p;
                 p.n_ctx = n_ctx;
                 p.n_threads = n_threads;
@@ -135,12 +135,16 @@ NB_MODULE(_decoder, m) {
                 p.flash_attn = flash_attn;
                 p.n_ubatch = n_ubatch;
                 p.repack = repack;
+                p.defer_placing = defer_placing;
                 nb::gil_scoped_release release;
                 new (self) owl2::decoder(base, mam, p);
             },
             nb::arg("base_path"), nb::arg("mam_path"), nb::arg("n_ctx") = 2048, nb::arg("n_threads") = 0,
             nb::arg("device") = "auto", nb::arg("n_gpu_layers") = -1, nb::arg("kv_type") = "f16",
-            nb::arg("flash_attn") = false, nb::arg("n_ubatch") = 512, nb::arg("repack") = true)
+            nb::arg("flash_attn") = false, nb::arg("n_ubatch") = 512, nb::arg("repack") = true,
+            nb::arg("defer_placing") = false)
+        .def("finish_loading", &owl2::decoder::finish_loading, without_gil)
+        .def("cancel_loading", &owl2::decoder::cancel_loading)
         .def(
             "eval_tokens",
             [](owl2::decoder & d, TokenVector ids, int route, bool all_logits) {

@@ -4,6 +4,7 @@
 #include "owl2_decoder.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
@@ -136,6 +137,8 @@ struct layer {
     bool on_gpu = false;
 };
 
+struct pair_weights;
+
 struct model {
     hparams hp;
     decoder_params params;
@@ -162,19 +165,17 @@ struct model {
 
     int n_past = 0;
 
+    // Between open() and place(): the weights' metadata, waiting for their data.
+    std::unique_ptr<pair_weights> pending;
+    bool placed = false;
+
     // Importance collection (start_importance): the weight matrices by tensor, and what their
     // inputs added up to so far.
     bool collecting = false;
     std::map<const ggml_tensor *, std::string> weight_names;
     std::map<std::string, importance_entry> importance;
 
-    ~model() {
-        if (sched) ggml_backend_sched_free(sched);
-        for (auto * b : buffers) ggml_backend_buffer_free(b);
-        for (auto * c : contexts) ggml_free(c);
-        if (backend_gpu) ggml_backend_free(backend_gpu);
-        if (backend_cpu) ggml_backend_free(backend_cpu);
-    }
+    ~model();  // after pair_weights, which it may still hold
 };
 
 // --- load() ------------------------------------------------------------------------------------------
@@ -446,6 +447,15 @@ struct pair_weights {
     file_weights & of(pair_file f) { return f == pair_file::base ? base : mam; }
 };
 
+model::~model() {
+    pending.reset();
+    if (sched) ggml_backend_sched_free(sched);
+    for (auto * b : buffers) ggml_backend_buffer_free(b);
+    for (auto * c : contexts) ggml_free(c);
+    if (backend_gpu) ggml_backend_free(backend_gpu);
+    if (backend_cpu) ggml_backend_free(backend_cpu);
+}
+
 static const gguf_file & file_of(const model & m, pair_file f) { return f == pair_file::base ? *m.base : *m.mam; }
 
 static ggml_context * new_meta_context(size_t n_tensors) {
@@ -587,7 +597,7 @@ static pair_weights create_weights(model & m) {
 // Gives the tensors of one set their data: the mapped set points into the mapping; the others get a
 // buffer of their own and a copy (ggml repacks while the data are set), after which the copied
 // pages of the mapping are given back.
-static void place_set(model & m, const gguf_file & f, weight_set & set) {
+static void place_set(model & m, const gguf_file & f, weight_set & set, const std::atomic<bool> & cancel) {
     if (set.tensors.empty()) return;
     ggml_backend_buffer_t buf;
     if (set.home == weight_home::mapped_cpu) {
@@ -604,22 +614,35 @@ static void place_set(model & m, const gguf_file & f, weight_set & set) {
         buf = ggml_backend_alloc_ctx_tensors_from_buft(set.ctx, gpu ? ggml_backend_dev_buffer_type(m.dev_gpu) : set.repack_buft);
         if (buf == nullptr) f.fail(gpu ? "out of GPU memory for its weights" : "out of memory for its repacked weights");
         m.buffers.push_back(buf);
-        for (auto & [t, info] : set.tensors) {
-            ggml_backend_tensor_set(t, f.data(*info), 0, info->nbytes);
-            f.release(*info);
-        }
+        // Repacking is CPU work (reading the mapped file, interleaving rows): the tensors are
+        // independent, so n_threads workers take them in turn. Uploads to a GPU stay on one thread.
+        std::atomic<size_t> next{0};
+        auto copy_some = [&] {
+            ggml_log_scope quiet(ggml_log_scope::mode::quiet);  // log scopes are per thread
+            for (size_t i; !cancel && (i = next.fetch_add(1)) < set.tensors.size();) {
+                auto & [t, info] = set.tensors[i];
+                ggml_backend_tensor_set(t, f.data(*info), 0, info->nbytes);
+                f.release(*info);
+            }
+        };
+        std::vector<std::thread> workers;
+        const int n_workers = gpu ? 1 : std::min<int>(m.n_threads, (int) set.tensors.size());
+        for (int k = 1; k < n_workers; ++k) workers.emplace_back(copy_some);
+        copy_some();
+        for (auto & w : workers) w.join();
+        if (cancel) throw decoder_error("loading was cancelled");
     }
     // The scheduler runs an op where its weights are.
     ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
 }
 
 // Every set of both files, each into its buffer.
-static void place_weights(model & m, pair_weights & w) {
+static void place_weights(model & m, pair_weights & w, const std::atomic<bool> & cancel) {
     for (pair_file file : {pair_file::base, pair_file::mam}) {
         file_weights & fw = w.of(file);
-        place_set(m, file_of(m, file), fw.mapped_cpu);
-        place_set(m, file_of(m, file), fw.gpu);
-        for (weight_set & s : fw.repacked_cpu) place_set(m, file_of(m, file), s);
+        place_set(m, file_of(m, file), fw.mapped_cpu, cancel);
+        place_set(m, file_of(m, file), fw.gpu, cancel);
+        for (weight_set & s : fw.repacked_cpu) place_set(m, file_of(m, file), s, cancel);
     }
 }
 
@@ -633,8 +656,9 @@ static ggml_type parse_kv_type(const std::string & s) {
     return (ggml_type) ggml_type_from_name(s);
 }
 
-// The KV cache of every layer, on the device of its layer, zeroed.
-static void allocate_kv_cache(model & m) {
+// The run options that do not depend on memory, checked when the pair opens: the context, the
+// cache's type and layout, the CPU threads.
+static void check_run_options(model & m) {
     const hparams & hp = m.hp;
     m.n_ctx = m.params.n_ctx;
     if (m.n_ctx < 1 || m.n_ctx > (1 << 20)) throw decoder_error("n_ctx must be between 1 and 2^20");
@@ -646,6 +670,16 @@ static void allocate_kv_cache(model & m) {
     // A transposed V lets plain attention multiply by it without a copy; flash attention wants
     // rows, and a quantized V cannot be written column-wise (its blocks run along a row).
     m.v_trans = !m.params.flash_attn && !ggml_is_quantized(m.kv_type);
+    m.n_threads = m.params.n_threads > 0 ? m.params.n_threads : std::min(physical_cores(), max_n_threads());
+    if (m.n_threads > max_n_threads()) {
+        throw decoder_error("n_threads = " + std::to_string(m.n_threads) +
+                            " is more than this machine can use (at most " + std::to_string(max_n_threads()) + ")");
+    }
+}
+
+// The KV cache of every layer, on the device of its layer, zeroed.
+static void allocate_kv_cache(model & m) {
+    const hparams & hp = m.hp;
     for (bool on_gpu : {false, true}) {
         ggml_context * ctx = new_meta_context(2 * hp.n_layer);
         m.contexts.push_back(ctx);
@@ -664,9 +698,12 @@ static void allocate_kv_cache(model & m) {
         ggml_backend_buffer_t buf =
             ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_dev_buffer_type(on_gpu ? m.dev_gpu : m.dev_cpu));
         if (buf == nullptr) throw decoder_error("out of memory for the KV cache (n_ctx " + std::to_string(m.n_ctx) + ")");
-        // Positions past n_past are masked, but a masked NaN still poisons the weighted sum of V:
-        // start from zeros, never from whatever the allocator returned.
-        ggml_backend_buffer_clear(buf, 0);
+        // Positions past n_past are masked, but a masked NaN still poisons the weighted sum of V.
+        // On the GPU a run reads keys up to a padded length (eval's kv_pad), past what was ever
+        // written: start from zeros there. On the CPU a run reads only positions it or an earlier
+        // run wrote, so the cache is not cleared: writing 1 GiB of zeros (7B, n_ctx 2048) would
+        // cost seconds of page faults at load for nothing.
+        if (on_gpu) ggml_backend_buffer_clear(buf, 0);
         m.buffers.push_back(buf);
     }
 }
@@ -678,11 +715,6 @@ static void allocate_kv_cache(model & m) {
 static void start_backends(model & m) {
     m.backend_cpu = ggml_backend_dev_init(m.dev_cpu, nullptr);
     if (m.backend_cpu == nullptr) throw decoder_error("cannot start ggml's CPU backend");
-    m.n_threads = m.params.n_threads > 0 ? m.params.n_threads : std::min(physical_cores(), max_n_threads());
-    if (m.n_threads > max_n_threads()) {
-        throw decoder_error("n_threads = " + std::to_string(m.n_threads) +
-                            " is more than this machine can use (at most " + std::to_string(max_n_threads()) + ")");
-    }
     ggml_backend_reg_t cpu_reg = ggml_backend_dev_backend_reg(m.dev_cpu);
     using set_threads_fn = void (*)(ggml_backend_t, int);
     auto set_threads = (set_threads_fn) ggml_backend_reg_get_proc_address(cpu_reg, "ggml_backend_set_n_threads");
@@ -712,20 +744,31 @@ size_t init_backends_quietly() {
     return ggml_backend_dev_count();
 }
 
-// Opens the pair and makes it ready to evaluate. A step that throws leaves a partly built model,
-// which the decoder's unique_ptr frees (~model releases whatever was made).
-static void load(model & m, const std::string & base_path, const std::string & mam_path) {
+// Loading is two calls. open() checks the pair and the options and creates the weights'
+// metadata: fast (no tensor data is read), and every fact of the model is known after it. place()
+// does the slow part (repacks or uploads the weights, allocates the cache, starts the backends),
+// which a caller may run on another thread meanwhile (docs/design.md §12). A step that throws
+// leaves a partly built model, which the decoder's unique_ptr frees (~model releases whatever was made).
+static void open(model & m, const std::string & base_path, const std::string & mam_path) {
     ggml_log_scope quiet(ggml_log_scope::mode::quiet);
     m.base = std::make_unique<gguf_file>(base_path, "decoder GGUF");
     m.hp = read_hparams(*m.base);
     m.mam = std::make_unique<gguf_file>(mam_path, "MAM GGUF");
     check_sidecar(*m.base, *m.mam, m.hp);
     m.hp.n_vocab = check_tensors(*m.base, *m.mam, m.hp);
+    check_run_options(m);
     choose_devices(m);
-    pair_weights weights = create_weights(m);
-    place_weights(m, weights);
+    m.pending = std::make_unique<pair_weights>(create_weights(m));
+}
+
+static void place(model & m, const std::atomic<bool> & cancel) {
+    if (m.placed) return;
+    ggml_log_scope quiet(ggml_log_scope::mode::quiet);
+    place_weights(m, *m.pending, cancel);
+    m.pending.reset();
     allocate_kv_cache(m);
     start_backends(m);
+    m.placed = true;
 }
 
 // --- build_graph(run) --------------------------------------------------------------------------------
@@ -916,7 +959,8 @@ static std::vector<float> eval(model & m, const int32_t * tokens, const float * 
     out.reserve((all_logits ? total : 1) * V);
     const int ubatch = std::max(1, m.params.n_ubatch);
     // GPU flash attention kernels work on blocks of keys: pad what they read (the pad is masked,
-    // as llama.cpp pads its cache). On the CPU the pad would only cost time.
+    // as llama.cpp pads its cache). On the CPU the pad would only cost time, and without it no run
+    // reads a position that was never written (allocate_kv_cache relies on that).
     const int kv_pad = m.params.flash_attn && m.dev_gpu ? 256 : 1;
     for (int start = 0; start < total; start += ubatch) {
         run r;
@@ -1166,22 +1210,44 @@ static void set_collecting(model & m, bool on) {
     ggml_backend_sched_set_eval_callback(m.sched, on ? observe_node : nullptr, on ? &m : nullptr);
 }
 
+// Each public method below takes mutex_ and only then asks live(): a close() on another thread
+// lands wholly before the call (which then raises "closed") or wholly after it.
+using call_lock = std::lock_guard<std::mutex>;
+
 decoder::decoder(const std::string & base_path, const std::string & mam_path, const decoder_params & params)
     : m_(std::make_unique<model>()) {
     m_->params = params;
-    load(*m_, base_path, mam_path);
+    open(*m_, base_path, mam_path);
+    if (!params.defer_placing) place(*m_, cancel_loading_);
 }
 
-decoder::~decoder() = default;
+// Waits for a running call (a finish_loading() on another thread, say) before freeing the model.
+decoder::~decoder() {
+    cancel_loading_ = true;
+    call_lock hold(mutex_);
+    m_.reset();
+}
+
+
 
 model & decoder::live() const {
     if (!m_) throw decoder_error("the decoder is closed");
     return *m_;
 }
 
-// Each public method below takes mutex_ and only then asks live(): a close() on another thread
-// lands wholly before the call (which then raises "closed") or wholly after it.
-using call_lock = std::lock_guard<std::mutex>;
+model & decoder::ready() const {
+    model & m = live();
+    if (!m.placed) throw decoder_error("the decoder's weights are not loaded yet (finish_loading)");
+    return m;
+}
+
+
+void decoder::finish_loading() {
+    call_lock hold(mutex_);
+    place(live(), cancel_loading_);
+}
+
+void decoder::cancel_loading() { cancel_loading_ = true; }
 
 template <typename Fact> auto decoder::read(Fact fact) const {
     call_lock hold(mutex_);
@@ -1190,12 +1256,12 @@ template <typename Fact> auto decoder::read(Fact fact) const {
 
 std::vector<float> decoder::eval_tokens(const std::vector<int32_t> & ids, int route, bool all_logits) {
     call_lock hold(mutex_);
-    return eval(live(), ids.data(), nullptr, (int) std::min<size_t>(ids.size(), INT32_MAX), route, all_logits);
+    return eval(ready(), ids.data(), nullptr, (int) std::min<size_t>(ids.size(), INT32_MAX), route, all_logits);
 }
 
 std::vector<float> decoder::eval_embeddings(const float * embeds, int64_t n, int route, bool all_logits) {
     call_lock hold(mutex_);
-    model & m = live();
+    model & m = ready();
     if (n > INT32_MAX) throw context_full_error("far too many embeddings");
     return eval(m, nullptr, embeds, (int) n, route, all_logits);
 }
@@ -1204,7 +1270,7 @@ int decoder::n_past() const { return read([](const model & m) { return m.n_past;
 
 void decoder::rewind(int n) {
     call_lock hold(mutex_);
-    model & m = live();
+    model & m = ready();
     if (n < 0 || n > m.n_past) {
         throw decoder_error("cannot rewind " + std::to_string(n) + " positions; n_past is " + std::to_string(m.n_past));
     }
@@ -1219,7 +1285,7 @@ static std::string cache_layout(const model & m) {
 
 std::unique_ptr<kv_state> decoder::save_state() const {
     call_lock hold(mutex_);
-    const model & m = live();
+    const model & m = ready();
     auto s = std::make_unique<kv_state>();
     s->n_past = m.n_past;
     s->layout = cache_layout(m);
@@ -1243,7 +1309,7 @@ std::unique_ptr<kv_state> decoder::save_state() const {
 
 void decoder::restore_state(const kv_state & s) {
     call_lock hold(mutex_);
-    model & m = live();
+    model & m = ready();
     if (s.layout != cache_layout(m) || s.n_past > m.n_ctx || s.k.size() != m.layers.size()) {
         throw decoder_error("this state was saved from a decoder with another cache layout or a larger context");
     }
@@ -1262,12 +1328,12 @@ void decoder::restore_state(const kv_state & s) {
 
 void decoder::start_importance() {
     call_lock hold(mutex_);
-    set_collecting(live(), true);
+    set_collecting(ready(), true);
 }
 
 std::map<std::string, importance_entry> decoder::take_importance() {
     call_lock hold(mutex_);
-    model & m = live();
+    model & m = ready();
     std::map<std::string, importance_entry> out = std::move(m.importance);
     set_collecting(m, false);
     return out;
@@ -1289,6 +1355,7 @@ std::string decoder::device_name() const {
 }
 
 void decoder::close() {
+    cancel_loading_ = true;  // a finish_loading() still running stops at its next tensor
     call_lock hold(mutex_);  // waits for a running call; the model is freed before anyone else gets in
     m_.reset();
 }

@@ -6,6 +6,7 @@
 // Q, O, the MLP and the output head are shared (docs/architecture.md §4).
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -53,6 +54,8 @@ struct decoder_params {
     bool repack = true;          // CPU: copy the weights ggml can repack into its faster layouts
                                  // and give their mapped pages back (false: every weight is used
                                  // in place from the mapped files; loads at once, slower matmuls)
+    bool defer_placing = false;  // the constructor only opens and checks the pair; finish_loading()
+                                 // then reads, repacks or uploads the weights (on any thread)
 };
 
 // The K/V rows of the first n_past positions, copied to host memory (prefix reuse).
@@ -78,6 +81,13 @@ public:
     decoder(const std::string & base_path, const std::string & mam_path, const decoder_params & params);
     ~decoder();
     decoder(const decoder &) = delete;
+
+    // With params.defer_placing: the slow half of loading (does nothing when it is done already).
+    // Every call below except the facts raises decoder_error until it has run.
+    void finish_loading();
+    // Makes a running finish_loading() stop at its next tensor (decoder_error "cancelled"); takes
+    // no lock, so it works while that call holds the decoder. close() does it too.
+    void cancel_loading();
     decoder & operator=(const decoder &) = delete;
 
     // One run of one modality, appended after the n_past cached positions. route 0 = text,
@@ -114,8 +124,10 @@ private:
     // time, and close() can never free the model under a running eval. It lives here, not in the
     // model, because close() destroys the model while holding it.
     mutable std::mutex mutex_;
+    std::atomic<bool> cancel_loading_{false};
     std::unique_ptr<model> m_;
-    model & live() const;  // the open model (the caller holds mutex_), or decoder_error "closed"
+    model & live() const;   // the open model (the caller holds mutex_), or decoder_error "closed"
+    model & ready() const;  // the open model with its weights placed, or decoder_error
     // One fact of the open model, read under mutex_: fact(const model &).
     template <typename Fact> auto read(Fact fact) const;
 };

@@ -6,6 +6,7 @@ stderr and a non-zero exit code; nothing below this edge prints or exits.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -91,7 +92,8 @@ def convert_cmd(
 
 def _load(runtime: dict):
     from owl2_edge.owl2 import Owl2
-    return Owl2.load(**load_kwargs(runtime))
+    # The first question encodes its images while the decoder's weights are still loading.
+    return Owl2.load(**load_kwargs(runtime), wait=False)
 
 
 def _check_sampling(sampling: dict) -> None:
@@ -377,6 +379,20 @@ def _read_imatrix(path: Optional[Path]):
     return ImportanceMatrix.read(path)
 
 
+@contextlib.contextmanager
+def _progress_when_needed():
+    """A progress(stage, done, total) callback whose bars appear at its first call: nothing is
+    printed (not even an empty line) when no work was reported."""
+    with contextlib.ExitStack() as stack:
+        report = []
+
+        def progress(stage: str, done: int, total: int):
+            if not report:
+                report.append(_stage_reporter(stack.enter_context(_progress())))
+            report[0](stage, done, total)
+        yield progress
+
+
 def _stage_reporter(bar):
     """progress(stage, done, total) callbacks as one bar per stage."""
     tasks: dict[str, int] = {}
@@ -418,6 +434,65 @@ def imatrix_cmd(
     visual = sum(e.count for e in result.mam.values()) // max(len(result.mam), 1)
     err.print(f"wrote {out}: {len(result.base)} base and {len(result.mam)} visual-route matrices "
               f"from {result.chunk_count} prompts ({visual} image positions per visual matrix)")
+
+
+_SHAPE_HELP = ("Measure a model of this shape with random weights instead, built once and cached "
+               "($OWL2_BENCH_CACHE or ~/.cache/owl2-edge/bench): 7b (the release's) or 1b. "
+               "Needs torch.")
+
+
+@app.command("bench")
+def bench_cmd(
+    model: Optional[Path] = MODEL.info,
+    shape: Optional[str] = typer.Option(None, "--shape", help=_SHAPE_HELP),
+    quant: Optional[str] = typer.Option(None, "--quant", "-q",
+                                        help="With --shape: the decoder's type (default Q4_K_M)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (every engine runs there)."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t",
+                                          help="CPU threads of every engine (default: physical cores)."),
+    rounds: int = typer.Option(3, "--rounds", help="Interleaved rounds; the medians are shown."),
+    only: Optional[str] = typer.Option(None, "--only",
+                                       help="Some of decoder,vision,ask (comma-separated)."),
+    as_json: bool = typer.Option(False, "--json", help="The whole result as one JSON object."),
+):
+    """Speed and memory against stock llama.cpp and the stock pipeline, on the same files."""
+    from owl2_edge.bench import report, runner
+    try:
+        folder, threads, groups = _bench_setting(model, shape, quant, device, threads, rounds, only)
+        with runner.sample_picture() as picture:
+            bench = runner.plan(folder, threads, device, groups, picture)
+            runs = runner.run_rounds(bench, rounds, on_job=lambda r, job, result: err.print(
+                f"round {r}/{rounds} · {job.key} · {result['wall_s']:.1f} s", markup=False))
+        result = report.summary(bench, runs, rounds, shape)
+    except (Owl2Error, ValueError) as e:
+        raise _fail(str(e))
+    if as_json:
+        print(json.dumps(result))
+        return
+    for renderable in report.tables(result):
+        console.print(renderable)
+
+
+def _bench_setting(model, shape, quant, device, threads, rounds, only):
+    """Every option checked before anything is built or run; then the model folder (built
+    once for --shape), the thread count and the groups to run."""
+    from owl2_edge import _decoder, checks
+    from owl2_edge.bench import runner, shapes, workers
+    from owl2_edge.model_dir import default_model_path
+    if model is not None and shape is not None:
+        raise Owl2Error("give -m MODEL_DIR or --shape, not both")
+    if quant is not None and shape is None:
+        raise Owl2Error("--quant goes with --shape (a model folder's decoder type is fixed; "
+                        "owl2 quantize makes another)")
+    checks.choice("--device", device, workers.DEVICES)
+    threads = checks.threads("--threads", threads) or _decoder.default_n_threads()
+    checks.integer("--rounds", rounds, 1, 1000)
+    groups = runner.parse_groups(only)
+    if shape is None:
+        return model or default_model_path(), threads, groups
+    with _progress_when_needed() as report:  # bars only when the shape is built
+        folder = shapes.shape_folder(shape, quant or shapes.DEFAULT_QUANT, progress=report)
+    return folder, threads, groups
 
 
 @app.command("demo")

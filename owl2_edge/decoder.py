@@ -12,8 +12,11 @@ Numpy in, numpy out; the native errors become DecoderError / ContextFullError he
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import threading
+import weakref
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -31,6 +34,20 @@ MAX_CTX = 1 << 20
 
 # A KV cache snapshot (the first n_past positions), from save_state(); opaque to callers.
 KVState = _decoder.KVState
+
+# The model's facts, read once when the pair opens (before its weights are placed).
+_FACTS = ("n_vocab", "n_embd", "n_ctx", "n_layer", "n_threads", "device", "kv_type", "flash_attn")
+
+# Decoders whose weights are being placed on a background thread. At exit each is told to stop
+# and waited for: the thread must not be inside ggml while the interpreter and ggml are torn down.
+_loading: "weakref.WeakSet[Decoder]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_loading() -> None:
+    for decoder in list(_loading):
+        decoder._native.cancel_loading()
+        decoder._loader.join()
 
 
 @contextlib.contextmanager
@@ -75,20 +92,59 @@ class Decoder:
         decode speed of the weights used in place). The mapped pages of each copied weight are
         given back at once, so memory still holds the weights once. False: every weight is used
         in place from the mapped files (loads instantly, slower matmuls).
+    background: return once both files and every option are checked and the facts (n_vocab,
+        n_embd, ...) are known, and place the weights on a thread meanwhile (CPU repacking uses
+        n_threads workers). Every call that needs the weights waits for it (wait() does only
+        that); a failure to place them (out of memory) is raised there as DecoderError.
     """
 
     def __init__(self, decoder_gguf: str | os.PathLike, mam_gguf: str | os.PathLike, n_ctx: int = 2048,
                  n_threads: int | None = None, device: str = "auto", n_gpu_layers: int = -1,
                  kv_type: str = "f16", flash_attn: bool = False, n_ubatch: int = 512,
-                 repack: bool = True):
+                 repack: bool = True, background: bool = False):
         options = check_options(n_ctx=n_ctx, n_threads=n_threads, device=device,
                                 n_gpu_layers=n_gpu_layers, kv_type=kv_type, flash_attn=flash_attn,
                                 n_ubatch=n_ubatch, repack=repack)
         options["n_threads"] = options["n_threads"] or 0  # the native default: physical cores
+        background = checks.flag("background", background)
         base = checks.path("decoder_gguf", decoder_gguf)
         mam = checks.path("mam_gguf", mam_gguf)
+        # Loading is two steps (cpp_ext/owl2_decoder.cpp, open and place): opening checks both
+        # files and every option and is quick; placing reads, repacks or uploads the weights.
         with _native_errors():
-            self._native = _decoder.Decoder(base, mam, **options)
+            self._native = _decoder.Decoder(base, mam, **options, defer_placing=True)
+            self._facts = {name: getattr(self._native, name) for name in _FACTS}
+        self._load_error: DecoderError | None = None
+        self._loader = threading.Thread(target=self._place, name="owl2-decoder-load", daemon=True)
+        if background:
+            _loading.add(self)
+            self._loader.start()
+        else:
+            self._loader.run()
+            self.wait()
+
+    def _place(self) -> None:
+        try:
+            with _native_errors():
+                self._native.finish_loading()
+        except DecoderError as e:
+            self._load_error = e
+            self._native.close()  # what was placed before the failure is freed at once
+        finally:
+            _loading.discard(self)
+
+    def wait(self) -> None:
+        """Return once the weights are placed (at once unless loading in the background); raise
+        the DecoderError that stopped it, on this and every later call."""
+        if self._loader.is_alive():
+            self._loader.join()
+        if self._load_error is not None:
+            raise DecoderError(str(self._load_error))
+
+    @property
+    def ready(self) -> bool:
+        """Whether the weights are placed (a background load has finished without error)."""
+        return not self._loader.is_alive() and self._load_error is None
 
     # -- runs ------------------------------------------------------------------------------------
 
@@ -106,6 +162,7 @@ class Decoder:
         if ids.min() < 0 or ids.max() >= self.n_vocab:
             bad = int(ids[(ids < 0) | (ids >= self.n_vocab)][0])
             raise DecoderError(f"token id {bad} is outside the vocabulary [0, {self.n_vocab})")
+        self.wait()
         with _native_errors():
             return self._native.eval_tokens(np.ascontiguousarray(ids, dtype=np.int32), int(route),
                                             bool(all_logits))
@@ -120,6 +177,7 @@ class Decoder:
                                f"{list(embeds.shape)}")
         if not np.isfinite(embeds).all():
             raise DecoderError("embeddings contain NaN or infinity")
+        self.wait()
         with _native_errors():
             return self._native.eval_embeddings(embeds, int(route), bool(all_logits))
 
@@ -128,17 +186,20 @@ class Decoder:
     @property
     def n_past(self) -> int:
         """Positions in the KV cache (spliced: each image counts n_visual)."""
+        self.wait()
         with _native_errors():
             return self._native.n_past
 
     def rewind(self, n: int) -> None:
         """Forget the last n positions (e.g. a rejected continuation)."""
+        self.wait()
         with _native_errors():
             self._native.rewind(int(n))
 
     def start_importance(self) -> None:
         """Collect, from now on, what each weight matrix's inputs add up to (owl2_edge/imatrix.py);
         runs are slower meanwhile. Clears anything collected before."""
+        self.wait()
         with _native_errors():
             self._native.start_importance()
 
@@ -146,11 +207,13 @@ class Decoder:
         """What was collected since start_importance, and stop: {ggml weight name: (sum of
         squared inputs per column, float32 [n_per_row]; positions)}. The sidecar's weights are
         named like the base's with ".visual" added."""
+        self.wait()
         with _native_errors():
             return self._native.take_importance()
 
     def save_state(self) -> KVState:
         """A copy of the cache's first n_past positions, to resume from later (prefix reuse)."""
+        self.wait()
         with _native_errors():
             return self._native.save_state()
 
@@ -158,14 +221,18 @@ class Decoder:
         """Back to a saved state: n_past and the cache as they were at save_state()."""
         if not isinstance(state, KVState):
             raise DecoderError(f"not a decoder state: {type(state).__name__}")
+        self.wait()
         with _native_errors():
             self._native.restore_state(state)
 
     # -- facts -----------------------------------------------------------------------------------
 
     def _fact(self, name: str):
-        with _native_errors():
-            return getattr(self._native, name)
+        if self._load_error is not None:
+            raise DecoderError(str(self._load_error))
+        if self.closed:
+            raise DecoderError("the decoder is closed")
+        return self._facts[name]
 
     n_vocab = property(lambda self: self._fact("n_vocab"))
     n_embd = property(lambda self: self._fact("n_embd"))
@@ -180,10 +247,15 @@ class Decoder:
 
     @property
     def closed(self) -> bool:
-        return self._native.closed
+        return self._load_error is not None or (not self._loader.is_alive() and self._native.closed)
 
     def close(self) -> None:
-        """Free the weights' mappings, device buffers and the cache; later calls raise."""
+        """Free the weights' mappings, device buffers and the cache; later calls raise. A load
+        still running in the background is stopped first."""
+        self._native.cancel_loading()
+        if self._loader.is_alive():
+            self._loader.join()
+        self._load_error = None  # from now on every call says "closed", not why loading stopped
         self._native.close()
 
     def __enter__(self) -> "Decoder":

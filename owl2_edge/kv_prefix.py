@@ -66,6 +66,20 @@ class KVPrefix:
         first_image = sum(1 for kind, _ in items[:keep] if kind == IMAGE)
         return self.evaluate(items[keep:], embeds, first_image)[-1], reused
 
+    def extend(self, items: list[Item]) -> int:
+        """Make the cache start with `items` (text only), evaluating what it lacks of them and
+        keeping whatever it holds after them when they are all there already: a head start on
+        a prompt that begins with them, while its images are still being encoded. Returns the
+        positions it evaluated."""
+        keep = 0
+        while keep < min(len(items), len(self.cached)) and items[keep] == self.cached[keep]:
+            keep += 1
+        if keep == len(items):
+            return 0
+        self.forget(keep)
+        self.evaluate(items[keep:], [])
+        return len(items) - keep
+
     def evaluate(self, items: list[Item], embeds: Sequence[np.ndarray], first_image: int = 0,
                  all_logits: bool = False) -> list[np.ndarray]:
         """Append items to the cache run by run and return each run's logits. A run is recorded

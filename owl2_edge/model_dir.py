@@ -23,10 +23,15 @@ from owl2_edge.errors import ArgumentError, ModelFolderError
 MODEL_ENV = "OWL2_MODEL"
 
 
+def cache_folder() -> Path:
+    """owl2-edge's folder in the user's cache: $XDG_CACHE_HOME/owl2-edge or ~/.cache/owl2-edge."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "owl2-edge"
+
+
 def demo_folder() -> Path:
     """Where `owl2 demo` keeps its generated checkpoint (hf/) and model folder (model/)."""
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "owl2-edge" / "demo"
+    return cache_folder() / "demo"
 
 
 def default_model_path() -> Path:
@@ -90,6 +95,9 @@ class Manifest:
     n_visual: int                     # embeddings one image puts into the decoder
     image: ImageSpec
     decoder: DecoderSpec
+    # variant -> the data file its weights are in (owl2_edge/onnx_weights.py); a variant not
+    # listed keeps them inside its ONNX (folders written before the data files existed).
+    vision_data_files: dict[str, str] = field(default_factory=dict)
     template: str = names.TEMPLATE_ID
     source: str = ""
     format: str = names.MANIFEST_FORMAT
@@ -97,7 +105,8 @@ class Manifest:
     extra: dict = field(default_factory=dict)
 
     def files(self) -> list[str]:
-        return [self.decoder_file, self.mam_file, *self.vision_files.values()]
+        return [self.decoder_file, self.mam_file, *self.vision_files.values(),
+                *self.vision_data_files.values()]
 
     def write(self, folder: str | Path) -> Path:
         path = Path(folder) / names.MANIFEST_FILE
@@ -194,11 +203,16 @@ def _from_json(raw: dict) -> Manifest:
         raise ArgumentError("vision_files must name at least one vision model")
     for variant in vision_files:
         checks.choice("vision_files variant", variant, names.VISION_VARIANTS)
+    vision_data_files = raw.get("vision_data_files", {})
+    if not isinstance(vision_data_files, dict) or not set(vision_data_files) <= set(vision_files):
+        raise ArgumentError("vision_data_files must map variants of vision_files to file names")
     n_vocab = integer("decoder.n_vocab", decoder["n_vocab"])
     return Manifest(
         decoder_file=string("decoder_file", raw["decoder_file"], 255),
         mam_file=string("mam_file", raw["mam_file"], 255),
         vision_files={v: string(f"vision_files.{v}", f, 255) for v, f in vision_files.items()},
+        vision_data_files={v: string(f"vision_data_files.{v}", f, 255)
+                           for v, f in vision_data_files.items()},
         quant=string("quant", raw["quant"], 32),
         pair_id=string("pair_id", raw["pair_id"], 128),
         n_visual=integer("n_visual", raw["n_visual"]),
@@ -220,6 +234,12 @@ def _from_json(raw: dict) -> Manifest:
         source=string("source", raw.get("source", ""), 4096),
         extra=_extra(raw.get("extra", {})),
     )
+
+
+def vision_data_files(folder: Path, vision_files: dict[str, str]) -> dict[str, str]:
+    """The data files beside a folder's vision ONNX files, for its manifest."""
+    data = {v: names.vision_data_file(f) for v, f in vision_files.items()}
+    return {v: f for v, f in data.items() if (Path(folder) / f).is_file()}
 
 
 def _extra(value) -> dict:

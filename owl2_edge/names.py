@@ -56,6 +56,11 @@ def vision_onnx_file(variant: str) -> str:
     return f"vision-{variant}.onnx"
 
 
+def vision_data_file(onnx_file: str) -> str:
+    """Where a vision ONNX keeps its weights (owl2_edge/onnx_weights.py): beside it."""
+    return f"{onnx_file}.data"
+
+
 # --- Vision ONNX graph (docs/design.md §2.3) ----------------------------------------------------
 
 ONNX_INPUT = "pixel_values"    # float32 [N, 3, S, S]

@@ -15,6 +15,7 @@ import contextlib
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -26,7 +27,7 @@ from owl2_edge.decoder import Decoder, check_options
 from owl2_edge.detok import Utf8Stream
 from owl2_edge.errors import ArgumentError, BusyError, DecoderError, ModelFolderError
 from owl2_edge.image import ASPECT_MODES, content_hash, load_image, preprocess
-from owl2_edge.kv_prefix import KVPrefix, prompt_items
+from owl2_edge.kv_prefix import IMAGE, KVPrefix, prompt_items
 from owl2_edge.model_dir import MODEL_ENV, Manifest, default_model_path
 from owl2_edge.prompt import Turn, check_image_count, render
 from owl2_edge.sampling import Sampler, SamplingParams
@@ -57,14 +58,21 @@ class Owl2:
     def load(cls, path: str | os.PathLike | None = None, device: str = "auto", n_ctx: int = 2048,
              n_threads: int | None = None, kv_type: str = "f16", flash_attn: bool = False,
              n_gpu_layers: int = -1, repack: bool = True, aspect: str = "pad",
-             exif_transpose: bool = True) -> "Owl2":
-        """A model folder (default: $OWL2_MODEL, then the demo model) on `device`."""
+             exif_transpose: bool = True, wait: bool = True) -> "Owl2":
+        """A model folder (default: $OWL2_MODEL, then the demo model) on `device`.
+
+        The decoder's weights are read (and repacked or uploaded) on a thread while the
+        tokenizer and the vision model load. wait=False returns before that thread is done: a
+        first question then encodes its images meanwhile, and waits only when the decoder is
+        needed (docs/design.md §12); a failure to place the weights (out of memory) is raised
+        there. Every file and option is checked before load() returns either way."""
         # Every argument is checked before anything loads.
         decoder_options = check_options(n_ctx=n_ctx, n_threads=n_threads, device=device,
                                         n_gpu_layers=n_gpu_layers, kv_type=kv_type,
                                         flash_attn=flash_attn, repack=repack)
         checks.choice("aspect", aspect, ASPECT_MODES)
         checks.flag("exif_transpose", exif_transpose)
+        checks.flag("wait", wait)
         folder = Path(checks.path("path", path)) if path is not None else default_model_path()
         if path is None and not folder.exists():
             raise ModelFolderError(f"no model given and {folder} does not exist: pass -m MODEL_DIR, "
@@ -75,7 +83,7 @@ class Owl2:
             tokenizer = Tokenizer(folder / manifest.decoder_file)
             on_error.callback(tokenizer.close)
             decoder = Decoder(folder / manifest.decoder_file, folder / manifest.mam_file,
-                              **decoder_options)
+                              **decoder_options, background=True)
             on_error.callback(decoder.close)
             # The decoder is where a GPU matters; the vision model takes ONNX Runtime's CUDA
             # provider when onnxruntime-gpu can start it, else the CPU (owl.vision.provider).
@@ -83,6 +91,8 @@ class Owl2:
                                                device="cpu" if device == "cpu" else "auto",
                                                n_threads=decoder.n_threads)
             _check_files_agree(folder, manifest, tokenizer, decoder, vision)
+            if wait:
+                decoder.wait()
             on_error.pop_all()
         owl = cls(folder, manifest, tokenizer, decoder, vision, aspect, exif_transpose)
         owl.load_seconds = time.perf_counter() - t0
@@ -180,34 +190,37 @@ class Owl2:
         t0 = time.perf_counter()
         ids = self.tokenize(prompt)
         check_image_count(ids.count(names.IMAGE_TOKEN_ID), len(images))
-        with self._exclusive():
-            self.stats = stats
-            embeds, keys = self._encode(images)
-        stats.timings["vision"] = time.perf_counter() - t0
-        return self._answer(ids, embeds, keys, params, stats)
+        pixels = [self.preprocess(image) for image in images]  # a bad image is refused now
+        keys = [content_hash(p) for p in pixels]
+        items = prompt_items(ids, keys)
+        self.kv.check_fits(items)
+        return self._answer(items, pixels, params, stats, t0)
 
-    def _answer(self, ids, embeds, keys, params: SamplingParams, stats: Stats) -> Iterator[str]:
+    def _answer(self, items, pixels, params: SamplingParams, stats: Stats, t0: float
+                ) -> Iterator[str]:
         turn = self._begin_turn()
         try:
-            yield from self._prefill_and_decode(turn, ids, embeds, keys, params, stats)
+            yield from self._prefill_and_decode(turn, items, pixels, params, stats, t0)
         finally:
             self._end_turn(turn)
 
-    def _prefill_and_decode(self, turn, ids, embeds, keys, params, stats) -> Iterator[str]:
-        # Prefill: only what the KV cache lacks of this prompt.
-        t0 = time.perf_counter()
+    def _prefill_and_decode(self, turn, items, pixels, params, stats, t0) -> Iterator[str]:
         self.stats = stats
-        items = prompt_items(ids, keys)
-        logits, stats.reused_positions = self.kv.prefill(items, embeds)
+        embeds, head_start = self._encode_and_prefill_text(items, pixels, stats)
+        # Prefill: only what the KV cache lacks of this prompt.
+        t = time.perf_counter()
+        logits, cached = self.kv.prefill(items, embeds)
+        stats.reused_positions = cached - head_start  # what was there before this call
         _check_finite(logits)
         stats.prompt_positions = sum(self.kv.width(i) for i in items)
         stats.evaluated_positions = stats.prompt_positions - stats.reused_positions
         t1 = time.perf_counter()
-        stats.timings["prefill"] = t1 - t0
+        stats.timings["prefill"] = stats.timings.get("prefill", 0.0) + t1 - t
+        stats.timings["first_token"] = t1 - t0
 
         # Decode: sample, stream whole characters, feed the token back.
         sampler = Sampler(params)
-        history = [t for t in ids if t != names.IMAGE_TOKEN_ID]  # what repeat_penalty looks at
+        history = [value for kind, value in items if kind != IMAGE]  # what repeat_penalty looks at
         text = Utf8Stream(self.tokenizer.token_to_bytes)
         eos = self.tokenizer.eos_id
         started = False
@@ -278,10 +291,42 @@ class Owl2:
     def _encode(self, images: Sequence) -> tuple[list[np.ndarray], list[str]]:
         pixels = [self.preprocess(image) for image in images]
         keys = [content_hash(p) for p in pixels]  # the vision cache's keys and the KV items' too
+        return self._encode_pixels(pixels, keys, self.stats), keys
+
+    def _encode_pixels(self, pixels: list[np.ndarray], keys: list[str], stats: Stats
+                       ) -> list[np.ndarray]:
+        t = time.perf_counter()
         before = self.vision.n_runs
         embeds = self.vision.encode_images(pixels, keys=keys)
-        self.stats.images_encoded = self.vision.n_runs - before
-        return embeds, keys
+        stats.images_encoded = self.vision.n_runs - before
+        stats.timings["vision"] = time.perf_counter() - t
+        return embeds
+
+    def _encode_and_prefill_text(self, items, pixels, stats: Stats
+                                 ) -> tuple[list[np.ndarray], int]:
+        """The images' embeddings, and the positions prefilled meanwhile. While the vision
+        model encodes them (on a thread: ONNX Runtime and the decoder both work without the GIL),
+        the decoder waits for its weights if it must, then evaluates the prompt's text before the
+        first image (docs/design.md §12)."""
+        keys = [value for kind, value in items if kind == IMAGE]
+        with ThreadPoolExecutor(1, thread_name_prefix="owl2-vision") as pool:
+            encoding = pool.submit(self._encode_pixels, pixels, keys, stats) if pixels else None
+            stats.timings["load_wait"] = self._wait_for_decoder()
+            if encoding is None:
+                return [], 0
+            t = time.perf_counter()
+            first_image = next(k for k, (kind, _) in enumerate(items) if kind == IMAGE)
+            evaluated = self.kv.extend(items[:first_image])
+            stats.timings["prefill"] = time.perf_counter() - t
+            return encoding.result(), evaluated
+
+    def _wait_for_decoder(self) -> float:
+        """Seconds spent waiting for the decoder's weights (after a load with wait=False)."""
+        if self.decoder.ready:
+            return 0.0
+        t = time.perf_counter()
+        self.decoder.wait()
+        return time.perf_counter() - t
 
 
 def _check_files_agree(folder: Path, manifest: Manifest, tokenizer: Tokenizer, decoder: Decoder,

@@ -27,7 +27,7 @@ import numpy as np
 from owl2_edge import gguf_names, names, quant
 from owl2_edge.checks import display_path
 from owl2_edge.errors import ArgumentError, ModelFolderError
-from owl2_edge.model_dir import Manifest, check_output_folder, staged_folder
+from owl2_edge.model_dir import Manifest, check_output_folder, staged_folder, vision_data_files
 
 # progress(stage, done, total), as convert's.
 Progress = Callable[[str, int, int], None]
@@ -59,7 +59,8 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, quant_type: 
                                                 allow_requantize, report)
         vision_files = _write_vision(src, manifest, work, variants, report)
         new = replace(manifest, decoder_file=base_file, mam_file=mam_file,
-                      vision_files=vision_files, quant=qt.name, source=str(src.resolve()))
+                      vision_files=vision_files, quant=qt.name, source=str(src.resolve()),
+                      vision_data_files=_vision_data(manifest, work, vision_files))
         new.write(work)
     return new
 
@@ -142,6 +143,14 @@ def _vision_plan(manifest: Manifest, vision: Sequence[str] | None) -> list[str]:
     return variants
 
 
+def _vision_data(manifest: Manifest, work: Path, files: dict[str, str]) -> dict[str, str]:
+    """The new folder's data files: a copied variant's keeps the source's name, a derived one's
+    is named after its ONNX."""
+    derived = vision_data_files(work, files)
+    return {v: manifest.vision_data_files.get(v, derived.get(v)) for v in files
+            if v in manifest.vision_data_files or v in derived}
+
+
 def _write_vision(src: Path, manifest: Manifest, work: Path, variants: list[str],
                   report: Progress) -> dict[str, str]:
     files = {}
@@ -150,6 +159,9 @@ def _write_vision(src: Path, manifest: Manifest, work: Path, variants: list[str]
         files[variant] = names.vision_onnx_file(variant)
         if variant in manifest.vision_files:
             shutil.copyfile(src / manifest.vision_files[variant], work / files[variant])
+            if variant in manifest.vision_data_files:  # under its own name: the graph names it
+                data = manifest.vision_data_files[variant]
+                shutil.copyfile(src / data, work / data)
         else:
             from owl2_edge.vision_variants import derive_variant
             derive_variant(src / manifest.vision_files["fp32"], variant, work / files[variant])

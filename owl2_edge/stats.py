@@ -15,7 +15,10 @@ class Stats:
     tokens: list[int] = field(default_factory=list)  # the generated ids, eos excluded
     images_encoded: int = 0        # vision model runs it took (0: every image came from the cache)
     finish_reason: str = ""        # "stop" (eos), "length" (max_tokens) or "context" (cache full)
-    timings: dict = field(default_factory=dict)      # "vision", "prefill", "decode"
+    # "vision", "prefill", "decode"; "load_wait" (waiting for the decoder's weights after a
+    # load that did not wait) and "first_token" (from the call to the first logits). The vision
+    # model runs while the text before the first image is prefilled: the stages overlap.
+    timings: dict = field(default_factory=dict)
 
     def rates(self, load_seconds: float = 0.0) -> dict:
         """Stage times rounded for people, and prefill / decode speeds (positions or tokens per
@@ -23,6 +26,8 @@ class Stats:
         t = self.timings
         prefill, decode = t.get("prefill", 0.0), t.get("decode", 0.0)
         return {"load_s": round(load_seconds, 3), "vision_s": round(t.get("vision", 0.0), 3),
+                "load_wait_s": round(t.get("load_wait", 0.0), 3),
+                "first_token_s": round(t.get("first_token", 0.0), 3),
                 "prefill_s": round(prefill, 3), "decode_s": round(decode, 3),
                 "prefill_tok_per_s": round(self.evaluated_positions / prefill, 2) if prefill else 0.0,
                 "decode_tok_per_s": round(self.generated_tokens / decode, 2) if decode else 0.0}

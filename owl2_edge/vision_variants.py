@@ -36,6 +36,7 @@ from typing import Callable
 
 from owl2_edge import checks, names
 from owl2_edge.errors import ModelFolderError
+from owl2_edge.onnx_weights import save_mappable
 
 # int4: blocks of 32 weights along K, symmetric (no zero points). Blocks of 128 made a file 13 %
 # smaller but lost accuracy (7B-shaped, random weights: cosine 0.886 against 0.904; trained demo
@@ -60,13 +61,18 @@ def derive_variant(fp32_path: str | Path, variant: str, out_path: str | Path) ->
         raise ModelFolderError(f"{checks.display_path(fp32_path)}: missing fp32 vision model")
     work = out_path.parent / f".{out_path.name}.work-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    for sub in ("source", "made", "final"):
+        (work / sub).mkdir(parents=True)
     try:
-        made = work / out_path.name
+        made = work / "made" / out_path.name
         with _quiet_tools():
-            _MAKERS[variant](_source_in(work, fp32_path), made)
-        _check_loads(made)
-        os.replace(made, out_path)
+            _MAKERS[variant](_source_in(work / "source", fp32_path), made)
+        # Written again with its weights in a data file that ONNX Runtime maps (onnx_weights.py).
+        final = work / "final" / out_path.name
+        final_data = save_mappable(_load_onnx(made), final)
+        _check_loads(final)
+        os.replace(final_data, out_path.parent / final_data.name)
+        os.replace(final, out_path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out_path
@@ -75,7 +81,13 @@ def derive_variant(fp32_path: str | Path, variant: str, out_path: str | Path) ->
 # --- The variants ---------------------------------------------------------------------------------
 
 def _copy(source: Path, out: Path) -> None:
-    shutil.copyfile(source, out)
+    import onnx
+    onnx.save(_load_onnx(source), str(out))
+
+
+def _load_onnx(path: Path):
+    import onnx
+    return onnx.load(str(path))  # with its weights, wherever they are kept
 
 
 def _fp16(source: Path, out: Path) -> None:
@@ -129,13 +141,17 @@ assert set(_MAKERS) == set(names.VISION_VARIANTS), "a vision variant without a m
 
 def _source_in(work: Path, fp32_path: Path) -> Path:
     """The source, seen from `work`: the tools write their temporaries (a shape-inferred copy,
-    1.5 GB at the release's size) beside the file they are given."""
-    link = work / "source-fp32.onnx"
+    1.5 GB at the release's size) beside the file they are given. A source with a data file is
+    written there whole, as one file: onnx refuses to read a data file through a link."""
+    copy = work / "source-fp32.onnx"
+    if (fp32_path.parent / names.vision_data_file(fp32_path.name)).is_file():
+        _copy(fp32_path, copy)
+        return copy
     try:
-        link.symlink_to(fp32_path.resolve())
+        copy.symlink_to(fp32_path.resolve())
     except OSError:  # no symlinks (Windows without the privilege): a copy does it too
-        shutil.copyfile(fp32_path, link)
-    return link
+        shutil.copyfile(fp32_path, copy)
+    return copy
 
 
 def _check_loads(path: Path) -> None:

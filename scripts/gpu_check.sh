@@ -8,7 +8,8 @@
 #
 # Writes OUT_DIR/gpu.txt (the device), build.log, tests.log (the decoder, pipeline and CLI tests,
 # GPU ones included) and, with --bench, bench.log (a 7B-shaped Q4_0 model generated and converted
-# there, then our decoder against stock llama.cpp on the GPU, same file).
+# there, then `owl2 bench --only decoder`: our decoder against stock llama.cpp on the GPU, same
+# file).
 set -uo pipefail
 TARBALL=$1
 OUT=$2
@@ -37,7 +38,7 @@ if [ "$BENCH" = "--bench" ] || [ "$BENCH" = "--bench-only" ]; then
   W=/tmp/owl2-bench
   mkdir -p $W
   (time python3 benchmarks/bench_convert.py $W --quant Q4_0 --vision fp32) > "$OUT/bench.log" 2>&1
-  python3 benchmarks/bench_decoder.py $W/owl2-7b-Q4_0 --device cuda --threads 16 --prompt 512 --gen 128 \
+  python3 -m owl2_edge.cli bench -m $W/owl2-7b-Q4_0 --device cuda --threads 16 --only decoder \
     >> "$OUT/bench.log" 2>&1
-  tail -6 "$OUT/bench.log"
+  tail -12 "$OUT/bench.log"
 fi

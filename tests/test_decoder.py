@@ -340,6 +340,43 @@ def test_close_from_another_thread_during_an_eval_waits_or_refuses_never_crashes
     dec.close()  # closing again is harmless
 
 
+@pytest.mark.parametrize("quant", ["F32", "Q4_0"])
+def test_a_background_load_knows_its_facts_at_once_and_evaluates_the_same(quant, ref, images, pairs):
+    """background=True: the facts come from opening the pair; the first call that needs the
+    weights waits for them, and gives what a decoder loaded in the foreground gives."""
+    ids, embeds = prompt("image_mid_prompt", ref, images)
+    with open_decoder(pairs(quant)) as dec:
+        expected = feed(dec, ids, embeds)
+    base, mam = pairs(quant)
+    with Decoder(base, mam, n_ctx=256, kv_type="f32", device="cpu", background=True) as dec:
+        assert dec.n_vocab == ref.cfg.text.vocab_size and dec.n_layer == ref.cfg.text.num_layers
+        got = feed(dec, ids, embeds)
+        assert dec.ready
+    assert np.array_equal(got, expected)
+
+
+def test_close_during_a_background_load_stops_it(pairs):
+    for _ in range(5):  # closing at once, before or while the weights are placed
+        dec = Decoder(*pairs("Q4_0"), n_ctx=64, device="cpu", background=True)
+        dec.close()
+        assert dec.closed
+        with pytest.raises(DecoderError, match="closed"):
+            dec.eval_tokens([1])
+
+
+def test_exiting_while_the_weights_load_in_the_background_is_clean(pairs):
+    """The interpreter may exit before a background load ends (an error right after load): the
+    load is stopped and waited for at exit, never torn down under ggml."""
+    base, mam = pairs("Q4_0")
+    code = ("import sys; from owl2_edge.decoder import Decoder; "
+            f"d = Decoder({str(base)!r}, {str(mam)!r}, device='cpu', background=True); "
+            "sys.exit(3)")
+    import subprocess
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert done.stderr == ""
+
+
 # --- stock llama.cpp and quantized pairs ---------------------------------------------------------
 
 @pytest.mark.parametrize("quant", ["F32", "Q8_0", "Q4_0"])

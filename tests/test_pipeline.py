@@ -84,6 +84,42 @@ def test_second_question_on_same_image_matches_a_fresh_process(owl, tiny_model_d
         assert fresh.stats.tokens == stats.tokens
 
 
+@pytest.mark.parametrize("prompt", [
+    "A long preface before the picture, with many words in it. <|image|> What is it?",
+    "<|image|> The picture comes first.",
+    "Two of them: <|image|> and then <|image|> compared.",
+])
+def test_a_load_that_does_not_wait_answers_as_the_reference(tiny_model_dir, tiny_ref, sp, prompt):
+    """wait=False: the first question encodes its images while the decoder's weights load, and
+    prefills the text before the first image meanwhile; the answer is still the reference's."""
+    n_images = prompt.count("<|image|>")
+    images = [picture(30 + i) for i in range(n_images)]
+    expected = ref_answer(tiny_ref, sp, prompt, images, n=8)
+    with Owl2.load(tiny_model_dir, device="cpu", kv_type="f32", n_ctx=512, wait=False) as owl:
+        owl.ask(images, prompt, raw=True, temperature=0, max_tokens=8)
+        assert owl.stats.tokens == expected
+        assert owl.stats.images_encoded == 1  # one vision run for all the images
+        assert owl.stats.reused_positions == 0
+        assert owl.decoder.ready
+        timings = owl.stats.timings
+        assert {"load_wait", "vision", "prefill", "first_token", "decode"} <= set(timings)
+        # The same prompt again: everything but its last position comes from the cache.
+        owl.ask(images, prompt, raw=True, temperature=0, max_tokens=8)
+        assert owl.stats.tokens == expected and owl.stats.images_encoded == 0
+        assert owl.stats.evaluated_positions == 1
+
+
+def test_a_new_image_keeps_the_cached_text_before_it(owl):
+    """The text before the first image is prefilled while the image is encoded; a prompt whose
+    text before the image is already cached evaluates none of it again."""
+    owl.ask(picture(40), "Describe it.", temperature=0, max_tokens=2)
+    owl.ask(picture(41), "Describe it.", temperature=0, max_tokens=2)
+    stats = owl.stats
+    n_before_image = owl.tokenize(render([Turn("Describe it.")], 1)).index(names.IMAGE_TOKEN_ID)
+    assert stats.images_encoded == 1
+    assert stats.reused_positions == n_before_image
+
+
 @pytest.mark.parametrize("aspect", ["pad", "resize", "crop"])
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "P"])
 def test_preprocess_equals_reference(owl, tiny_ref, aspect, mode):

@@ -204,6 +204,8 @@ def test_from_folder_runs_the_fp32_file_on_cpu(onnx_path, cfg, tmp_path):
         (tmp_path / name).write_bytes(b"")
     shutil.copy(onnx_path, tmp_path / names.vision_onnx_file("fp16"))
     shutil.copy(onnx_path, tmp_path / names.vision_onnx_file("fp32"))
+    data = names.vision_data_file(onnx_path.name)  # both graphs name the same data file
+    shutil.copy(onnx_path.parent / data, tmp_path / data)
     p = cfg.preprocess
     Manifest(decoder_file="decoder-q4_0.gguf", mam_file="mam-q4_0.gguf",
              vision_files={v: names.vision_onnx_file(v) for v in ("fp16", "fp32")},

@@ -151,21 +151,86 @@ def test_each_variant_is_what_its_name_says(derived):
         assert len(node.input) == 3  # symmetric: no zero points
 
 
+def _onnx_bytes(path: Path) -> int:
+    """A vision ONNX's size with its data file's."""
+    data = path.parent / names.vision_data_file(path.name)
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
 def test_smaller_variants_are_smaller(fp32, derived):
-    size = {v: p.stat().st_size for v, p in derived.items()} | {"fp32": fp32.stat().st_size}
+    size = {v: _onnx_bytes(p) for v, p in derived.items()} | {"fp32": _onnx_bytes(fp32)}
     assert size["int4"] < size["int8"] < size["fp32"]
     assert size["fp16"] < size["fp32"]
 
 
 def test_fp32_is_the_file_itself(fp32, tmp_path):
     made = derive_variant(fp32, "fp32", tmp_path / "copy.onnx")
-    assert made.read_bytes() == fp32.read_bytes()
+    copy, source = onnx.load(str(made)), onnx.load(str(fp32))
+    assert copy.graph.node == source.graph.node
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in source.graph.initializer}
+    assert {t.name for t in copy.graph.initializer} == set(weights)
+    for t in copy.graph.initializer:
+        assert np.array_equal(onnx.numpy_helper.to_array(t), weights[t.name])
+
+
+def _copy_onnx(source: Path, out: Path) -> None:
+    """A vision ONNX and its data file, which keeps its name (the graph names it)."""
+    shutil.copy(source, out)
+    data = source.parent / names.vision_data_file(source.name)
+    shutil.copy(data, out.parent / data.name)
+
+
+def _with_data(paths) -> list[str]:
+    return sorted(name for p in paths for name in (p.name, names.vision_data_file(p.name)))
 
 
 def test_nothing_is_left_beside_the_output_or_the_source(fp32, derived):
     out = derived["int8"].parent
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in derived.values())
-    assert [p.name for p in fp32.parent.iterdir()] == [fp32.name]
+    assert sorted(p.name for p in out.iterdir()) == _with_data(derived.values())
+    assert sorted(p.name for p in fp32.parent.iterdir()) == _with_data([fp32])
+
+
+def test_weights_are_in_an_aligned_data_file(derived):
+    """ONNX Runtime maps a weight of the data file only at an aligned offset (onnx_weights.py)."""
+    from owl2_edge.onnx_weights import ALIGNMENT, MIN_EXTERNAL_BYTES
+    for path in derived.values():
+        model = onnx.load(str(path), load_external_data=False)
+        external = [t for t in model.graph.initializer
+                    if t.data_location == onnx.TensorProto.EXTERNAL]
+        inline = [t for t in model.graph.initializer if t.HasField("raw_data")]
+        assert external, path.name
+        assert all(len(t.raw_data) < MIN_EXTERNAL_BYTES for t in inline)
+        for t in external:
+            info = {e.key: e.value for e in t.external_data}
+            assert info["location"] == names.vision_data_file(path.name)
+            if int(info["length"]) >= ALIGNMENT:
+                assert int(info["offset"]) % ALIGNMENT == 0
+
+
+def test_save_mappable_aligns_large_weights(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from owl2_edge.onnx_weights import ALIGNMENT, save_mappable
+    rng = np.random.default_rng(0)
+    weights = {"big": rng.standard_normal((129, 128)).astype(np.float32),  # > 64 KiB
+               "small": rng.standard_normal((16, 128)).astype(np.float32),  # 8 KiB
+               "big2": rng.standard_normal((128, 128)).astype(np.float32)}
+    nodes = [helper.make_node("MatMul", ["x", "big"], ["a"]),
+             helper.make_node("MatMul", ["x", "big2"], ["b"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 129])],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 128]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 128])],
+        [numpy_helper.from_array(w, n) for n, w in weights.items()])
+    path = tmp_path / "m.onnx"
+    data = save_mappable(helper.make_model(graph), path)
+    assert data == tmp_path / names.vision_data_file("m.onnx")
+    offsets = {t.name: int({e.key: e.value for e in t.external_data}["offset"])
+               for t in onnx.load(str(path), load_external_data=False).graph.initializer}
+    assert offsets["big"] == 0 and offsets["small"] == weights["big"].nbytes
+    assert offsets["big2"] % ALIGNMENT == 0 and offsets["big2"] > offsets["small"]
+    back = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    assert all(np.array_equal(back[n], w) for n, w in weights.items())
 
 
 def test_a_failed_derivation_leaves_no_file(fp32, tmp_path, monkeypatch):
@@ -203,7 +268,7 @@ def test_a_missing_source_is_a_model_folder_error(tmp_path):
 def test_the_cpu_picks_its_preferred_file(derived, fp32, tiny_ckpt, spec, tmp_path, present, chosen):
     files = derived | {"fp32": fp32}
     for variant in present:
-        shutil.copy(files[variant], tmp_path / names.vision_onnx_file(variant))
+        _copy_onnx(files[variant], tmp_path / names.vision_onnx_file(variant))
     for name in ("decoder-F32.gguf", "mam-F32.gguf"):
         (tmp_path / name).write_bytes(b"")
     Manifest(decoder_file="decoder-F32.gguf", mam_file="mam-F32.gguf",
@@ -225,9 +290,11 @@ def test_convert_writes_only_the_variant_asked_and_it_answers(tiny_checkpoint, t
     # The fp32 file it was made from is gone, and nothing else was left behind.
     assert sorted(p.name for p in out.iterdir()) == sorted([*manifest.files(), names.MANIFEST_FILE])
     # The same bytes as `owl2 quantize` derives from an fp32 folder of the same checkpoint.
+    (tmp_path / "again").mkdir()
     again = derive_variant(tiny_model_dir / names.vision_onnx_file("fp32"), "int8",
-                           tmp_path / "again.onnx")
-    assert again.read_bytes() == (out / names.vision_onnx_file("int8")).read_bytes()
+                           tmp_path / "again" / names.vision_onnx_file("int8"))
+    for name in (again.name, names.vision_data_file(again.name)):
+        assert (again.parent / name).read_bytes() == (out / name).read_bytes()
 
     picture = scenes.random_scene(random.Random(5), "heldout").draw(224)
     with Owl2.load(out, device="cpu", kv_type="f32", n_ctx=512) as owl, \
