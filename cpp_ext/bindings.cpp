@@ -5,6 +5,7 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/map.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/vector.h>
@@ -174,6 +175,43 @@ NB_MODULE(_decoder, m) {
                 return to_numpy(std::move(out), embeds.shape(0), all_logits);
             },
             nb::arg("embeds"), nb::arg("route"), nb::arg("all_logits"))
+        .def(
+            "eval_runs",
+            [](owl2::decoder & d, const std::vector<std::pair<nb::object, int>> & runs, bool all_logits) {
+                // Token ids are copied; embeddings are read in place (the caller's list keeps them).
+                std::vector<std::vector<int32_t>> ids(runs.size());
+                std::vector<owl2::run_input> inputs;
+                int64_t total = 0;
+                for (size_t i = 0; i < runs.size(); ++i) {
+                    owl2::run_input in;
+                    in.route = runs[i].second;
+                    TokenVector tokens;
+                    FloatMatrix embeds;
+                    if (nb::try_cast(runs[i].first, tokens)) {
+                        ids[i].assign(tokens.data(), tokens.data() + tokens.shape(0));
+                        in.tokens = ids[i].data();
+                        in.n = (int64_t) ids[i].size();
+                    } else if (nb::try_cast(runs[i].first, embeds)) {
+                        if ((int64_t) embeds.shape(1) != d.n_embd()) {
+                            throw owl2::decoder_error("embeddings must be [n, " + std::to_string(d.n_embd()) +
+                                                      "], got width " + std::to_string(embeds.shape(1)));
+                        }
+                        in.embeds = embeds.data();
+                        in.n = (int64_t) embeds.shape(0);
+                    } else {
+                        throw owl2::decoder_error("a run is int32 ids [n] or float32 embeddings [n, n_embd]");
+                    }
+                    total += in.n;
+                    inputs.push_back(in);
+                }
+                std::vector<float> out;
+                {
+                    nb::gil_scoped_release release;
+                    out = d.eval_runs(inputs, all_logits);
+                }
+                return to_numpy(std::move(out), (size_t) std::max<int64_t>(total, 1), all_logits);
+            },
+            nb::arg("runs"), nb::arg("all_logits"))
         .def_prop_ro("n_past", &owl2::decoder::n_past, without_gil)
         .def("rewind", &owl2::decoder::rewind, nb::arg("n"), without_gil)
         .def("start_importance", &owl2::decoder::start_importance, without_gil)

@@ -774,11 +774,20 @@ static void place(model & m, const std::atomic<bool> & cancel) {
 // --- build_graph(run) --------------------------------------------------------------------------------
 
 // One run of one modality: `n` positions starting at n_past, as token ids or as embeddings.
-struct run {
+// The positions of one graph: consecutive pieces, each of one input kind and one route (a text
+// run, an image's embeddings, the text after it). Q, O and the MLP multiply all of them at once;
+// the routed weights (the norms, K and V) multiply each piece with its route's copy, as the
+// upstream model splits a sequence by modality (docs/architecture.md, MAM).
+struct piece {
     const int32_t * tokens = nullptr;  // [n], or
     const float * embeds = nullptr;    // [n, n_embd]
     int n = 0;
     int route = names::TEXT_ROUTE;
+};
+
+struct run {
+    std::vector<piece> pieces;
+    int n = 0;  // positions, all pieces together
     bool all_logits = false;
     int n_past = 0;
     int n_kv = 0;  // cache positions attention reads (>= n_past + n; the rest is masked)
@@ -787,8 +796,7 @@ struct run {
 struct graph {
     ggml_context * ctx = nullptr;
     ggml_cgraph * gf = nullptr;
-    ggml_tensor * inp_tokens = nullptr;
-    ggml_tensor * inp_embd = nullptr;
+    std::vector<ggml_tensor *> inputs;  // per piece: its tokens (I32 [n]) or embeddings (F32 [n_embd, n])
     ggml_tensor * inp_pos = nullptr;
     ggml_tensor * inp_mask = nullptr;  // [n_kv, n] 0 where a query may look, -inf elsewhere
     ggml_tensor * logits = nullptr;
@@ -862,6 +870,38 @@ static ggml_tensor * attention(ggml_context * ctx, ggml_cgraph * gf, const model
     return ggml_cont_2d(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3), hp.n_embd, n);
 }
 
+// The columns (positions) [start, start + n) of a [width, positions] tensor.
+static ggml_tensor * columns(ggml_context * ctx, ggml_tensor * t, int start, int n) {
+    return ggml_view_2d(ctx, t, t->ne[0], n, t->nb[1], (size_t) start * t->nb[1]);
+}
+
+// f(piece's route, piece's columns of x) for each piece, side by side again. One piece: f(x).
+template <typename F>
+static ggml_tensor * per_piece(ggml_context * ctx, const run & r, ggml_tensor * x, F f) {
+    if (r.pieces.size() == 1) return f(r.pieces[0].route, x);
+    ggml_tensor * out = nullptr;
+    int start = 0;
+    for (const piece & p : r.pieces) {
+        ggml_tensor * part = f(p.route, columns(ctx, x, start, p.n));
+        out = out ? ggml_concat(ctx, out, part, 1) : part;
+        start += p.n;
+    }
+    return out;
+}
+
+// RMS_norm[route](x): the normalisation is the same for every route, the learned scale is routed.
+static ggml_tensor * routed_rms_norm(ggml_context * ctx, const run & r, ggml_tensor * x,
+                                     ggml_tensor * const (&w)[2], float eps) {
+    if (r.pieces.size() == 1) return rms_norm(ctx, x, w[r.pieces[0].route], eps);
+    ggml_tensor * normed = ggml_rms_norm(ctx, x, eps);
+    return per_piece(ctx, r, normed, [&](int route, ggml_tensor * part) { return ggml_mul(ctx, part, w[route]); });
+}
+
+// W[route] @ x, piece by piece.
+static ggml_tensor * routed_mul_mat(ggml_context * ctx, const run & r, ggml_tensor * x, ggml_tensor * const (&w)[2]) {
+    return per_piece(ctx, r, x, [&](int route, ggml_tensor * part) { return ggml_mul_mat(ctx, w[route], part); });
+}
+
 static void build_graph(graph & g, model & m, const run & r) {
     const hparams & hp = m.hp;
     ggml_init_params ip = {m.graph_meta.size(), m.graph_meta.data(), /*no_alloc =*/true};
@@ -870,15 +910,20 @@ static void build_graph(graph & g, model & m, const run & r) {
     g.gf = ggml_new_graph_custom(ctx, m.graph_size, false);
     const int n = r.n, hd = hp.head_dim();
 
-    ggml_tensor * x;
-    if (r.tokens) {
-        g.inp_tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
-        ggml_set_input(g.inp_tokens);
-        x = ggml_get_rows(ctx, m.token_embd, g.inp_tokens);
-    } else {
-        g.inp_embd = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, hp.n_embd, n);
-        ggml_set_input(g.inp_embd);
-        x = g.inp_embd;
+    // The input rows: each piece's token embeddings or given embeddings, side by side.
+    ggml_tensor * x = nullptr;
+    for (const piece & p : r.pieces) {
+        ggml_tensor * in;
+        ggml_tensor * rows;
+        if (p.tokens) {
+            in = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, p.n);
+            rows = ggml_get_rows(ctx, m.token_embd, in);
+        } else {
+            in = rows = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, hp.n_embd, p.n);
+        }
+        ggml_set_input(in);
+        g.inputs.push_back(in);
+        x = x ? ggml_concat(ctx, x, rows, 1) : rows;
     }
     g.inp_pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
     ggml_set_input(g.inp_pos);
@@ -888,20 +933,19 @@ static void build_graph(graph & g, model & m, const run & r) {
     // Flash attention takes its mask in f16; one cast serves every layer.
     ggml_tensor * kq_mask = m.params.flash_attn ? ggml_cast(ctx, g.inp_mask, GGML_TYPE_F16) : g.inp_mask;
 
-    const int R = r.route;
     for (const layer & L : m.layers) {
         // h = x + o_proj(attention(RMS_in[route](x)))
-        ggml_tensor * cur = rms_norm(ctx, x, L.attn_norm[R], hp.rms_eps);
+        ggml_tensor * cur = routed_rms_norm(ctx, r, x, L.attn_norm, hp.rms_eps);
         ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wq, cur), hd, hp.n_head, n);
-        ggml_tensor * k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wk[R], cur), hd, hp.n_head_kv, n);
-        ggml_tensor * v = ggml_mul_mat(ctx, L.wv[R], cur);
+        ggml_tensor * k = ggml_reshape_3d(ctx, routed_mul_mat(ctx, r, cur, L.wk), hd, hp.n_head_kv, n);
+        ggml_tensor * v = routed_mul_mat(ctx, r, cur, L.wv);
         q = rope(ctx, q, g.inp_pos, hp);
         k = rope(ctx, k, g.inp_pos, hp);
         cur = attention(ctx, g.gf, m, L, r, kq_mask, q, k, v);
         ggml_tensor * h = ggml_add(ctx, ggml_mul_mat(ctx, L.wo, cur), x);
 
         // out = h + down(silu(gate(g)) * up(g)), g = RMS_post[route](h)
-        cur = rms_norm(ctx, h, L.ffn_norm[R], hp.rms_eps);
+        cur = routed_rms_norm(ctx, r, h, L.ffn_norm, hp.rms_eps);
         cur = ggml_swiglu_split(ctx, ggml_mul_mat(ctx, L.ffn_gate, cur), ggml_mul_mat(ctx, L.ffn_up, cur));
         x = ggml_add(ctx, ggml_mul_mat(ctx, L.ffn_down, cur), h);
     }
@@ -918,8 +962,11 @@ static void build_graph(graph & g, model & m, const run & r) {
 // --- eval() ------------------------------------------------------------------------------------------
 
 static void set_inputs(const graph & g, const run & r) {
-    if (g.inp_tokens) ggml_backend_tensor_set(g.inp_tokens, r.tokens, 0, ggml_nbytes(g.inp_tokens));
-    if (g.inp_embd) ggml_backend_tensor_set(g.inp_embd, r.embeds, 0, ggml_nbytes(g.inp_embd));
+    for (size_t i = 0; i < r.pieces.size(); ++i) {
+        const piece & p = r.pieces[i];
+        ggml_backend_tensor_set(g.inputs[i], p.tokens ? (const void *) p.tokens : (const void *) p.embeds, 0,
+                                ggml_nbytes(g.inputs[i]));
+    }
     std::vector<int32_t> pos(r.n);
     for (int i = 0; i < r.n; ++i) pos[i] = r.n_past + i;
     ggml_backend_tensor_set(g.inp_pos, pos.data(), 0, ggml_nbytes(g.inp_pos));
@@ -932,27 +979,35 @@ static void set_inputs(const graph & g, const run & r) {
     ggml_backend_tensor_set(g.inp_mask, mask.data(), 0, ggml_nbytes(g.inp_mask));
 }
 
-// Runs `total` positions of one modality through the model in ubatches and returns their logits
-// (all of them, [total, n_vocab] row-major, or only the last one's).
-static std::vector<float> eval(model & m, const int32_t * tokens, const float * embeds, int total, int route,
-                               bool all_logits) {
-    if (total < 1) throw decoder_error("nothing to evaluate (an empty run)");
-    if (route != names::TEXT_ROUTE && route != names::VISUAL_ROUTE) {
-        throw decoder_error("route must be 0 (text) or 1 (visual), not " + std::to_string(route));
+// Runs the pieces' positions through the model in ubatches (a piece may be split between two) and
+// returns their logits (all of them, [total, n_vocab] row-major, or only the last one's).
+static std::vector<float> eval(model & m, const std::vector<piece> & pieces, bool all_logits) {
+    int64_t total64 = 0;
+    for (const piece & p : pieces) {
+        if (p.route != names::TEXT_ROUTE && p.route != names::VISUAL_ROUTE) {
+            throw decoder_error("route must be 0 (text) or 1 (visual), not " + std::to_string(p.route));
+        }
+        if (p.n < 1) throw decoder_error("nothing to evaluate (an empty run)");
+        if ((p.tokens == nullptr) == (p.embeds == nullptr)) {
+            throw decoder_error("each run is token ids or embeddings, one of the two");
+        }
+        if (p.tokens) {
+            for (int i = 0; i < p.n; ++i) {
+                if (p.tokens[i] < 0 || p.tokens[i] >= m.hp.n_vocab) {
+                    throw decoder_error("token id " + std::to_string(p.tokens[i]) + " at index " + std::to_string(i) +
+                                        " is outside the vocabulary [0, " + std::to_string(m.hp.n_vocab) + ")");
+                }
+            }
+        }
+        total64 += p.n;
     }
-    if ((int64_t) m.n_past + total > m.n_ctx) {
-        throw context_full_error("the input needs " + std::to_string(total) + " positions but only " +
+    if (total64 < 1) throw decoder_error("nothing to evaluate (no runs)");
+    if ((int64_t) m.n_past + total64 > m.n_ctx) {
+        throw context_full_error("the input needs " + std::to_string(total64) + " positions but only " +
                                  std::to_string(m.n_ctx - m.n_past) + " of the context's " +
                                  std::to_string(m.n_ctx) + " are free (n_past " + std::to_string(m.n_past) + ")");
     }
-    if (tokens) {
-        for (int i = 0; i < total; ++i) {
-            if (tokens[i] < 0 || tokens[i] >= m.hp.n_vocab) {
-                throw decoder_error("token id " + std::to_string(tokens[i]) + " at index " + std::to_string(i) +
-                                    " is outside the vocabulary [0, " + std::to_string(m.hp.n_vocab) + ")");
-            }
-        }
-    }
+    const int total = (int) total64;
 
     const int64_t V = m.hp.n_vocab;
     std::vector<float> out;
@@ -962,12 +1017,25 @@ static std::vector<float> eval(model & m, const int32_t * tokens, const float * 
     // as llama.cpp pads its cache). On the CPU the pad would only cost time, and without it no run
     // reads a position that was never written (allocate_kv_cache relies on that).
     const int kv_pad = m.params.flash_attn && m.dev_gpu ? 256 : 1;
+    size_t next_piece = 0;
+    int piece_done = 0;  // positions of pieces[next_piece] already evaluated
     for (int start = 0; start < total; start += ubatch) {
         run r;
         r.n = std::min(ubatch, total - start);
-        r.tokens = tokens ? tokens + start : nullptr;
-        r.embeds = embeds ? embeds + (size_t) start * m.hp.n_embd : nullptr;
-        r.route = route;
+        for (int room = r.n; room > 0;) {  // this ubatch's share of the pieces, in order
+            const piece & p = pieces[next_piece];
+            piece part = p;
+            part.n = std::min(room, p.n - piece_done);
+            part.tokens = p.tokens ? p.tokens + piece_done : nullptr;
+            part.embeds = p.embeds ? p.embeds + (size_t) piece_done * m.hp.n_embd : nullptr;
+            r.pieces.push_back(part);
+            room -= part.n;
+            piece_done += part.n;
+            if (piece_done == p.n) {
+                ++next_piece;
+                piece_done = 0;
+            }
+        }
         r.all_logits = all_logits;
         r.n_past = m.n_past;
         r.n_kv = std::min(m.n_ctx, GGML_PAD(r.n_past + r.n, kv_pad));
@@ -1255,15 +1323,23 @@ template <typename Fact> auto decoder::read(Fact fact) const {
 }
 
 std::vector<float> decoder::eval_tokens(const std::vector<int32_t> & ids, int route, bool all_logits) {
+    if (ids.size() > INT32_MAX) throw context_full_error("far too many tokens");
+    return eval_runs({run_input{ids.data(), nullptr, (int64_t) ids.size(), route}}, all_logits);
+}
+
+std::vector<float> decoder::eval_runs(const std::vector<run_input> & runs, bool all_logits) {
     call_lock hold(mutex_);
-    return eval(ready(), ids.data(), nullptr, (int) std::min<size_t>(ids.size(), INT32_MAX), route, all_logits);
+    model & m = ready();
+    std::vector<piece> pieces;
+    for (const run_input & in : runs) {
+        if (in.n > INT32_MAX) throw context_full_error("far too many positions");
+        pieces.push_back(piece{in.tokens, in.embeds, (int) in.n, in.route});
+    }
+    return eval(m, pieces, all_logits);
 }
 
 std::vector<float> decoder::eval_embeddings(const float * embeds, int64_t n, int route, bool all_logits) {
-    call_lock hold(mutex_);
-    model & m = ready();
-    if (n > INT32_MAX) throw context_full_error("far too many embeddings");
-    return eval(m, nullptr, embeds, (int) n, route, all_logits);
+    return eval_runs({run_input{nullptr, embeds, n, route}}, all_logits);
 }
 
 int decoder::n_past() const { return read([](const model & m) { return m.n_past; }); }

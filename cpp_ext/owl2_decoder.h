@@ -68,6 +68,15 @@ struct kv_state {
 
 struct model;  // defined in owl2_decoder.cpp
 
+// One run of decoder::eval_runs: n token ids or n embeddings [n, n_embd] (the caller keeps them
+// alive for the call), through route 0 (text) or 1 (visual).
+struct run_input {
+    const int32_t * tokens = nullptr;
+    const float * embeds = nullptr;
+    int64_t n = 0;
+    int route = 0;
+};
+
 // Importance statistics of one weight matrix (an importance matrix's entry, llama.cpp's
 // imatrix): per input column, the sum over every position that went through the matrix of the
 // squared input value, and how many positions that was.
@@ -94,6 +103,10 @@ public:
     // 1 = visual. Returns logits [n_vocab] of the last position, or [n, n_vocab] row-major.
     std::vector<float> eval_tokens(const std::vector<int32_t> & ids, int route, bool all_logits);
     std::vector<float> eval_embeddings(const float * embeds, int64_t n, int route, bool all_logits);
+    // Consecutive runs of either kind in one pass (one graph per n_ubatch positions): Q, O and the
+    // MLP multiply every position at once, each run's positions take its route's norms and K/V.
+    // Logits as above, over all the runs' positions.
+    std::vector<float> eval_runs(const std::vector<run_input> & runs, bool all_logits);
 
     int n_past() const;
     void rewind(int n);

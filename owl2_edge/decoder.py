@@ -152,34 +152,56 @@ class Decoder:
                     route: int = TEXT_ROUTE) -> np.ndarray:
         """A run of text token ids -> float32 logits [n_vocab] (last position) or [n, n_vocab].
         `route` exists for tests that show what the wrong route does; callers leave it alone."""
+        return self.eval_runs([self._checked_ids(ids)], all_logits, routes=[route])
+
+    def eval_embeddings(self, embeds: np.ndarray, all_logits: bool = False,
+                        route: int = VISUAL_ROUTE) -> np.ndarray:
+        """A run of embeddings [n, n_embd] (an image's, normally) -> logits like eval_tokens.
+        Routed visual unless `route` says otherwise (tests only)."""
+        return self.eval_runs([self._checked_embeds(embeds)], all_logits, routes=[route])
+
+    def eval_runs(self, runs: Sequence, all_logits: bool = False,
+                  routes: Sequence[int] | None = None) -> np.ndarray:
+        """Consecutive runs in one pass: each a list of token ids (text route) or a float array
+        of embeddings [n, n_embd] (visual route), e.g. [ids before the image, its embeddings, ids
+        after]. Q, O and the MLP multiply every position at once; each run's positions take its
+        route's norms and K/V. Logits like eval_tokens, over all the runs' positions. `routes`:
+        one per run instead of by kind (tests only)."""
+        checked = [self._checked_embeds(run) if isinstance(run, np.ndarray)
+                   and np.issubdtype(run.dtype, np.floating) else self._checked_ids(run)
+                   for run in runs]
+        if not checked:
+            raise DecoderError("nothing to evaluate (no runs)")
+        if routes is None:
+            routes = [TEXT_ROUTE if run.dtype == np.int32 else VISUAL_ROUTE for run in checked]
+        if len(routes) != len(checked):
+            raise DecoderError(f"{len(routes)} routes for {len(checked)} runs")
+        self.wait()
+        with _native_errors():
+            return self._native.eval_runs([(run, int(route)) for run, route in zip(checked, routes)],
+                                          bool(all_logits))
+
+    def _checked_ids(self, ids) -> np.ndarray:
         ids = np.asarray(ids)
         if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
             raise DecoderError(f"ids must be a non-empty 1-D list of integers, got shape {ids.shape} "
                                f"of {ids.dtype}")
         if (ids == IMAGE_TOKEN_ID).any():
             raise DecoderError(f"ids contain the image slot id {IMAGE_TOKEN_ID}: splice the prompt "
-                               "into runs and give each image's embeddings to eval_embeddings")
+                               "into runs and give each image's embeddings as a run of its own")
         if ids.min() < 0 or ids.max() >= self.n_vocab:
             bad = int(ids[(ids < 0) | (ids >= self.n_vocab)][0])
             raise DecoderError(f"token id {bad} is outside the vocabulary [0, {self.n_vocab})")
-        self.wait()
-        with _native_errors():
-            return self._native.eval_tokens(np.ascontiguousarray(ids, dtype=np.int32), int(route),
-                                            bool(all_logits))
+        return np.ascontiguousarray(ids, dtype=np.int32)
 
-    def eval_embeddings(self, embeds: np.ndarray, all_logits: bool = False,
-                        route: int = VISUAL_ROUTE) -> np.ndarray:
-        """A run of embeddings [n, n_embd] (an image's, normally) -> logits like eval_tokens.
-        Routed visual unless `route` says otherwise (tests only)."""
+    def _checked_embeds(self, embeds: np.ndarray) -> np.ndarray:
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
         if embeds.ndim != 2 or embeds.shape[0] == 0 or embeds.shape[1] != self.n_embd:
             raise DecoderError(f"embeddings must be [n, {self.n_embd}] with n >= 1, got "
                                f"{list(embeds.shape)}")
         if not np.isfinite(embeds).all():
             raise DecoderError("embeddings contain NaN or infinity")
-        self.wait()
-        with _native_errors():
-            return self._native.eval_embeddings(embeds, int(route), bool(all_logits))
+        return embeds
 
     # -- the cache -------------------------------------------------------------------------------
 

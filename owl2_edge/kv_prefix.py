@@ -3,8 +3,8 @@ differs from the last one (docs/design.md §4.2).
 
 The cache is described as a list of items in position order: ("t", token_id) for a text token,
 ("i", content_hash) for a whole image (n_visual positions). A prompt whose items start like the
-cached ones keeps that prefix; the rest is rewound and evaluated run by run, each run one
-modality (text ids, or one image's embeddings), as the decoder requires.
+cached ones keeps that prefix; the rest is rewound and evaluated in one pass of runs, each run
+one modality (text ids, or one image's embeddings) and route.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class KVPrefix:
         self.forget(keep)
         reused = self.decoder.n_past
         first_image = sum(1 for kind, _ in items[:keep] if kind == IMAGE)
-        return self.evaluate(items[keep:], embeds, first_image)[-1], reused
+        return self.evaluate(items[keep:], embeds, first_image), reused
 
     def extend(self, items: list[Item]) -> int:
         """Make the cache start with `items` (text only), evaluating what it lacks of them and
@@ -81,23 +81,23 @@ class KVPrefix:
         return len(items) - keep
 
     def evaluate(self, items: list[Item], embeds: Sequence[np.ndarray], first_image: int = 0,
-                 all_logits: bool = False) -> list[np.ndarray]:
-        """Append items to the cache run by run and return each run's logits. A run is recorded
-        only once the decoder holds it, so an interruption (Ctrl-C, an error) leaves the cache
-        and its description in agreement."""
-        out, image_index = [], first_image
-        while items:
-            if items[0][0] == IMAGE:
-                run, items = items[:1], items[1:]
-                out.append(self.decoder.eval_embeddings(embeds[image_index], all_logits=all_logits))
-                image_index += 1
+                 all_logits: bool = False) -> np.ndarray:
+        """Append items to the cache in one pass of the decoder (its runs of text and images
+        together: Decoder.eval_runs) and return the last position's logits, or every
+        position's. They are recorded once the decoder holds them; an interruption leaves the
+        decoder ahead of the description, which forget() measures from the decoder's n_past."""
+        runs, image_index, rest = [], first_image, items
+        while rest:
+            if rest[0][0] == IMAGE:
+                runs.append(np.asarray(embeds[image_index], dtype=np.float32))
+                image_index, rest = image_index + 1, rest[1:]
             else:
-                n = next((k for k, item in enumerate(items) if item[0] == IMAGE), len(items))
-                run, items = items[:n], items[n:]
-                out.append(self.decoder.eval_tokens([value for _, value in run],
-                                                    all_logits=all_logits))
-            self.cached.extend(run)
-        return out
+                n = next((k for k, item in enumerate(rest) if item[0] == IMAGE), len(rest))
+                runs.append([value for _, value in rest[:n]])
+                rest = rest[n:]
+        logits = self.decoder.eval_runs(runs, all_logits=all_logits)
+        self.cached.extend(items)
+        return logits
 
     def append_token(self, token: int) -> np.ndarray:
         """One decode step: the token's logits, the token now cached."""

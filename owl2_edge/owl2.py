@@ -138,7 +138,7 @@ class Owl2:
             items = prompt_items(ids, keys)
             self.kv.check_fits(items)
             self.kv.forget(0)
-            logits = np.concatenate(self.kv.evaluate(items, embeds, all_logits=True))
+            logits = self.kv.evaluate(items, embeds, all_logits=True)
         _check_finite(logits)
         return logits
 

@@ -205,6 +205,37 @@ def test_greedy_continuation_matches_reference(name, ref, images, pairs):
     assert got == expected
 
 
+@pytest.mark.parametrize("n_ubatch", [512, 3])
+@pytest.mark.parametrize("name", list(PROMPTS))
+def test_one_pass_of_mixed_runs_matches_reference(name, n_ubatch, ref, images, pairs):
+    """eval_runs: the whole spliced prompt in one pass (graphs of n_ubatch positions, a run split
+    between two when it must), each run's positions on its own route."""
+    ids, embeds = prompt(name, ref, images)
+    expected = ref.logits(ids, embeds).numpy()
+    pieces = [np.asarray(x) if kind == "image" else x for kind, x in runs(ids, embeds)]
+    with open_decoder(pairs("F32"), n_ubatch=n_ubatch) as dec:
+        got = dec.eval_runs(pieces, all_logits=True)
+        assert dec.n_past == expected.shape[0]
+        last = dec.eval_runs([[5]])
+    assert max_diff(got, expected) <= F32_TOL
+    assert last.shape == (ref.cfg.text.vocab_size,)
+
+
+def test_mixed_runs_keep_each_runs_route(ref, images, pairs):
+    """The text route on the image's positions inside a mixed pass changes the logits after it."""
+    ids, embeds = prompt("one_image", ref, images)
+    pieces = [np.asarray(x) if kind == "image" else x for kind, x in runs(ids, embeds)]
+    routes = [names.TEXT_ROUTE if isinstance(x, list) else names.VISUAL_ROUTE for x in pieces]
+    with open_decoder(pairs("F32")) as dec:
+        right = dec.eval_runs(pieces, all_logits=True)
+        dec.rewind(dec.n_past)
+        wrong = dec.eval_runs(pieces, all_logits=True, routes=[names.TEXT_ROUTE] * len(pieces))
+        dec.rewind(dec.n_past)
+        again = dec.eval_runs(pieces, all_logits=True, routes=routes)
+    assert max_diff(right, again) == 0
+    assert max_diff(right, wrong) > 100 * F32_TOL
+
+
 def test_text_route_on_an_image_run_breaks_the_logits(ref, images, pairs):
     """Routing the image run through the text weights is what ignoring MAM does: it must not
     pass for the right answer, and must equal the reference's ignore_mam output."""

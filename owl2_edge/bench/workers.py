@@ -70,7 +70,10 @@ def kv_cache_bytes(manifest: Manifest, n_ctx: int) -> int:
 
 
 def file_bytes(folder: Path, *files: str) -> int:
-    return sum((folder / f).stat().st_size for f in files)
+    """The files' sizes, a vision ONNX's data file included (owl2_edge/onnx_weights.py)."""
+    paths = [folder / f for f in files]
+    paths += [p.parent / names.vision_data_file(p.name) for p in paths if p.suffix == ".onnx"]
+    return sum(p.stat().st_size for p in paths if p.is_file())
 
 
 def prompt_ids(n: int, manifest: Manifest) -> list[int]:
@@ -127,9 +130,8 @@ def decoder_ours(folder: Path, threads: int, device: str, **_) -> dict:
               * 0.02).astype(np.float32)
     question = prompt_ids(IMAGE_TEXT + 1, m)[1:]
 
-    def run_image():
-        dec.eval_embeddings(embeds)
-        return dec.eval_tokens(question)
+    def run_image():  # one pass, as the runtime prefills a prompt (Decoder.eval_runs)
+        return dec.eval_runs([embeds, question])
     rates = decoder_rates(m, dec.eval_tokens, lambda: dec.rewind(dec.n_past), run_image)
     return {"load_s": load_s, **rates, "device": dec.device,
             "files_bytes": file_bytes(folder, m.decoder_file, m.mam_file),
@@ -188,7 +190,7 @@ def vision_onnx(folder: Path, threads: int, device: str, variant: str, **_) -> d
     image_s, _ = timed(encoder.encode, pixels)
     return {"variant": variant, "provider": encoder.provider, "load_s": load_s,
             "image_s": image_s, "images_per_s": 1 / image_s,
-            "files_bytes": path.stat().st_size}
+            "files_bytes": file_bytes(folder, path.name)}
 
 
 def vision_torch(folder: Path, threads: int, **_) -> dict:
