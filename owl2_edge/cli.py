@@ -114,7 +114,8 @@ def _report(owl, output: dict, text: str) -> None:
         err.print("(stopped: the context is full; use --ctx to allow more)")
     if output["verbose"]:
         t = stats.rates(owl.load_seconds)
-        err.print(f"load {t['load_s']:.2f} s · vision {t['vision_s']:.2f} s · prefill "
+        err.print(f"load {t['load_s']:.2f} s (+{t['load_wait_s']:.2f} s waited) · first token "
+                  f"{t['first_token_s']:.2f} s · vision {t['vision_s']:.2f} s · prefill "
                   f"{t['prefill_s']:.2f} s ({t['prefill_tok_per_s']:.1f} tok/s, "
                   f"{stats.evaluated_positions} positions) · decode {t['decode_s']:.2f} s "
                   f"({t['decode_tok_per_s']:.1f} tok/s, {stats.generated_tokens} tokens) · "
