@@ -19,7 +19,7 @@ THREADS = "1"
 def owl2(*args, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "owl2_edge.cli", *map(str, args)],
                           capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+                          env={**runner.child_env(), **(env or {})})
 
 
 def _is_positive_number(value) -> bool:

@@ -403,7 +403,9 @@ def test_exiting_while_the_weights_load_in_the_background_is_clean(pairs):
             f"d = Decoder({str(base)!r}, {str(mam)!r}, device='cpu', background=True); "
             "sys.exit(3)")
     import subprocess
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    import os
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONSAFEPATH": "1"})  # the installed owl2_edge
     assert done.returncode == 3, done.stderr
     assert done.stderr == ""
 

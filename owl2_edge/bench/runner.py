@@ -47,6 +47,13 @@ def ask_cli_row(n_tokens: int) -> str:
     return f"ask/ours-cli-{n_tokens}"
 
 
+def child_env() -> dict:
+    """The environment of a job: `python -m` would put the working directory first on the
+    module path (Python 3.11+: PYTHONSAFEPATH stops it), and run a source checkout's owl2_edge
+    there instead of the installed one."""
+    return {**os.environ, "PYTHONSAFEPATH": "1"}
+
+
 @dataclass(frozen=True)
 class Job:
     key: str                  # the row it fills, e.g. "decoder/ours"
@@ -144,7 +151,8 @@ def run_job(job: Job) -> dict:
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         spawned_at = time.time()
         t = time.perf_counter()
-        child = subprocess.Popen(job.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+        child = subprocess.Popen(job.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                 env=child_env())
         _, status, usage = os.wait4(child.pid, 0)
         wall_s = time.perf_counter() - t
         child.returncode = os.waitstatus_to_exitcode(status)
