@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import time
 import uuid
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from owl2_edge import names
 from owl2_edge.errors import ImageError, PromptError
@@ -18,8 +18,14 @@ from owl2_edge.prompt import Turn, render
 from owl2_edge.stats import Stats
 
 
-def messages_to_prompt(messages: list[dict]) -> tuple[str, list]:
-    """Messages -> (the templated prompt, its images in order)."""
+def messages_to_prompt(messages: list[dict], read_image: Callable | None = None
+                       ) -> tuple[str, list]:
+    """Messages -> (the templated prompt, its images in order).
+
+    read_image: an image_url part's url -> what Owl2 reads (bytes or a path); by default
+    image_from_url. `owl2 serve` passes its own, which reads only what its options allow
+    (owl2_edge/serve/images.py)."""
+    read_image = read_image or image_from_url
     if not isinstance(messages, (list, tuple)) or not messages:
         raise PromptError("messages must be a non-empty list of {'role': ..., 'content': ...}")
     system, turns, images = [], [], []
@@ -29,7 +35,7 @@ def messages_to_prompt(messages: list[dict]) -> tuple[str, list]:
             raise PromptError(f"messages[{i}] must be a dict with 'role' and 'content', "
                               f"not {type(m).__name__}")
         role, content = m.get("role"), m.get("content")
-        text = _content_text(content, images)
+        text = _content_text(content, images, read_image)
         if role == "system":
             system.append(text)
         elif role == "user":
@@ -51,7 +57,7 @@ def messages_to_prompt(messages: list[dict]) -> tuple[str, list]:
     return render(turns, n_images=len(images)), images
 
 
-def _content_text(content, images: list) -> str:
+def _content_text(content, images: list, read_image: Callable) -> str:
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -69,7 +75,7 @@ def _content_text(content, images: list) -> str:
         elif kind == "image_url":
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
-            images.append(image_from_url(url))
+            images.append(read_image(url))
             parts.append(names.IMAGE_PLACEHOLDER)
         else:
             raise PromptError(f"unknown content part type {str(kind)[:40]!r} (text or image_url)")
@@ -103,23 +109,24 @@ class Completion:
         self.created = int(time.time())
         self.model = model
 
-    def response(self, text: str, stats: Stats) -> dict:
+    def response(self, text: str, stats: Stats, finish: str | None = None) -> dict:
+        """`finish`: the finish reason when not the one `stats` gives (a stop string)."""
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish_reason(stats)}],
+                         "finish_reason": finish or finish_reason(stats)}],
             "usage": usage(stats),
         }
 
     def chunks(self, pieces: Iterable[str], stats: Stats) -> Iterator[dict]:
         """chat.completion.chunk dicts: the role, one per piece, then the finish reason (read
         from `stats` once the pieces are spent)."""
-        yield self._chunk({"role": "assistant"})
+        yield self.chunk({"role": "assistant"})
         for piece in pieces:
-            yield self._chunk({"content": piece})
-        yield self._chunk({}, finish_reason(stats))
+            yield self.chunk({"content": piece})
+        yield self.chunk({}, finish_reason(stats))
 
-    def _chunk(self, delta: dict, finish: str | None = None) -> dict:
+    def chunk(self, delta: dict, finish: str | None = None) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
 

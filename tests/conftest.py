@@ -52,3 +52,38 @@ def tiny_model_dir(tiny_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "tiny-F32"
     _converter()[1].convert(tiny_checkpoint, out, quant="F32", vision=("fp32",))
     return out
+
+
+@pytest.fixture(scope="session")
+def start_server(tiny_model_dir):
+    """A function that serves `owl2 serve`'s app on the tiny model (CPU, f32 KV cache, its own
+    Owl2) with uvicorn on a background thread at 127.0.0.1 and a free port:
+
+        with start_server(api_key="k", limits=Limits(max_queue=1)) as served:
+            served.url, served.owl, served.app     # base URL (no slash), the Owl2, the app
+
+    Keyword arguments go to owl2_edge.serve.app.create_app."""
+    import contextlib
+    from types import SimpleNamespace
+
+    @contextlib.contextmanager
+    def start(n_ctx: int = 1024, **options):
+        from owl2_edge.owl2 import Owl2
+        from owl2_edge.serve.app import create_app
+        from owl2_edge.serve.server import running
+        with Owl2.load(tiny_model_dir, device="cpu", kv_type="f32", n_ctx=n_ctx) as owl:
+            app = create_app(owl, **options)
+            try:
+                with running(app) as url:
+                    yield SimpleNamespace(url=url, owl=owl, app=app)
+            finally:
+                app.state.server.queue.close()
+    return start
+
+
+@pytest.fixture(scope="module")
+def tiny_server(start_server):
+    """`owl2 serve` on the tiny model with the default options, one per test module (see
+    start_server): .url, .owl, .app."""
+    with start_server() as served:
+        yield served

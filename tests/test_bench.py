@@ -2,7 +2,6 @@
 then found in the cache, bad input gives one line. A benchmark's figures are never asserted."""
 
 import json
-import os
 import subprocess
 import sys
 

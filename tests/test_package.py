@@ -108,7 +108,9 @@ def wheel(tmp_path_factory) -> Path:
 def test_the_wheel_holds_the_runtime_the_decoder_and_the_converter(wheel):
     files = set(zipfile.ZipFile(wheel).namelist())
     converter = {f"owl2_edge/convert/{p.name}" for p in (ROOT / "convert").glob("*.py")}
-    runtime = {f"owl2_edge/{p.name}" for p in (ROOT / "owl2_edge").glob("*.py")}
+    runtime = {f"owl2_edge/{p.relative_to(ROOT / 'owl2_edge').as_posix()}"
+               for p in (ROOT / "owl2_edge").rglob("*.py")}
+    runtime.add("owl2_edge/serve/static/index.html")  # the chat page `owl2 serve` serves at /
     assert converter and converter <= files, sorted(converter - files)
     assert runtime <= files, sorted(runtime - files)
     # The trained demo model's checkpoint, which `owl2 demo` converts.

@@ -1,0 +1,10 @@
+"""`owl2 serve`: an OpenAI-compatible HTTP server over one Owl2 (docs/design.md §13).
+
+    app.py     the routes; create_app   limits.py  the limits, OpenAI's error shape, the body
+    fields.py  request fields          images.py  image_url parts and `images` items -> bytes
+    queue.py   one request at a time   answer.py  one answer on the model thread
+    shapes.py  response objects, SSE   stop.py    stop strings over a stream
+    metrics.py counters                server.py  uvicorn, in the foreground or on a thread
+
+Nothing is imported here: `owl2_edge.serve.limits` stays free of Starlette for the CLI.
+"""

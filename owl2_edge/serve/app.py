@@ -1,0 +1,327 @@
+"""The routes of `owl2 serve`: an OpenAI-compatible API over one Owl2 (docs/design.md §13).
+
+    POST /v1/chat/completions   messages with text and image_url parts; stream: server-sent events
+    POST /v1/completions        a raw prompt with <|image|> marks and an `images` list
+    GET  /v1/models  /health  /props  /metrics  /   (the chat page)
+
+Each handler parses and checks the request here, on the event loop (cheap), reads its images
+on a worker thread, waits for the model (queue.py), and runs the answer on the model thread
+(answer.py). Every refusal is OpenAI's error object (limits.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import anyio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from owl2_edge import openai_chat
+from owl2_edge.errors import (ArgumentError, ContextFullError, ImageError, Owl2Error,
+                              PromptError)
+from owl2_edge.serve import fields
+from owl2_edge.serve.answer import Answer
+from owl2_edge.serve.images import ImageReader, count_image_parts
+from owl2_edge.serve.limits import ApiError, Limits, bad_request, error_body, read_json
+from owl2_edge.serve.metrics import CountingMiddleware, Metrics
+from owl2_edge.serve.queue import ModelQueue
+from owl2_edge.serve.shapes import DONE, ChatShape, TextShape, event
+
+if TYPE_CHECKING:
+    from owl2_edge.owl2 import Owl2
+
+STATIC = Path(__file__).parent / "static"
+log = logging.getLogger("owl2_edge.serve")
+
+# Errors that the request caused: 400 with their message. Any other Owl2Error (a damaged model
+# file, NaN logits) is the server's own failure: 500.
+_REQUEST_ERRORS = (ArgumentError, ContextFullError, ImageError, PromptError)
+
+
+@dataclass
+class Server:
+    """What the routes share: the one model and everything around it."""
+    owl: Owl2
+    limits: Limits
+    reader: ImageReader
+    queue: ModelQueue
+    metrics: Metrics
+    api_key: str | None
+    started: int
+
+    @property
+    def model_id(self) -> str:
+        return self.owl.folder.name
+
+
+def create_app(owl: Owl2, limits: Limits | None = None, api_key: str | None = None,
+               allow_paths: Sequence[str | Path] = (), allow_remote_images: bool = False
+               ) -> Starlette:
+    """The ASGI app over a loaded Owl2 (app.state.server holds what the routes share)."""
+    limits = limits or Limits()
+    metrics = Metrics()
+    server = Server(owl, limits, ImageReader(limits, tuple(Path(p) for p in allow_paths),
+                                             allow_remote_images),
+                    ModelQueue(limits.max_queue, metrics), metrics, api_key or None,
+                    int(time.time()))
+    routes = [
+        Route("/", page),
+        Route("/health", health),
+        Route("/v1/models", models),
+        Route("/props", props),
+        Route("/metrics", metrics_route),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, middleware=[Middleware(CountingMiddleware, metrics=metrics)],
+                    exception_handlers={HTTPException: _http_error})
+    app.state.server = server
+    return app
+
+
+def api(auth: bool = True):
+    """A route that answers errors in OpenAI's shape and, with an API key set, checks it."""
+    def decorate(handler):
+        @functools.wraps(handler)
+        async def route(request: Request) -> Response:
+            server: Server = request.app.state.server
+            try:
+                if auth and server.api_key is not None:
+                    _check_key(request, server.api_key)
+                return await handler(request, server)
+            except ApiError as e:
+                return _error_response(e)
+            except ClientDisconnect:  # gone while its body was read: nobody reads a reply
+                return Response(status_code=499)
+            except _REQUEST_ERRORS as e:
+                return _error_response(ApiError(400, str(e), code=_code(e)))
+            except Owl2Error as e:
+                log.error("%s", e)
+                return _error_response(ApiError(500, str(e), code=_code(e)))
+            except Exception as e:  # a bug: one line to the client, the traceback to the log
+                log.exception("error in %s", request.url.path)
+                message = " ".join(f"internal error: {type(e).__name__}: {e}".split())
+                return _error_response(ApiError(500, message))
+        return route
+    return decorate
+
+
+def _error_response(e: ApiError) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+
+def _check_key(request: Request, key: str) -> None:
+    given = request.headers.get("authorization", "")
+    scheme, _, token = given.partition(" ")
+    if not given:
+        raise ApiError(401, "this server needs an API key: Authorization: Bearer KEY",
+                       code="missing_api_key")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise ApiError(401, "invalid API key", code="invalid_api_key")
+
+
+def _code(e: Exception) -> str:
+    """ContextFullError -> "context_full_error"."""
+    name = type(e).__name__
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    # Starlette's own 404 and 405, in OpenAI's shape too.
+    message = {404: f"no route {request.url.path}",
+               405: f"{request.method} is not allowed on {request.url.path}"}.get(
+        exc.status_code, str(exc.detail))
+    return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code,
+                        headers=exc.headers)
+
+
+# -- the model's facts and the server's state ------------------------------------------------------
+
+async def page(request: Request) -> Response:
+    """The chat page (owl2_edge/serve/static/index.html); no key needed to load it."""
+    index = STATIC / "index.html"
+    if index.is_file():
+        return FileResponse(index, media_type="text/html")
+    return JSONResponse(error_body(404, "this installation has no chat page"), status_code=404)
+
+
+@api(auth=False)
+async def health(request: Request, server: Server) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+@api()
+async def models(request: Request, server: Server) -> Response:
+    return JSONResponse({"object": "list", "data": [
+        {"id": server.model_id, "object": "model", "created": server.started,
+         "owned_by": "owl2-edge"}]})
+
+
+@api()
+async def props(request: Request, server: Server) -> Response:
+    owl, limits, queue = server.owl, server.limits, server.queue
+    manifest, decoder = owl.manifest, owl.decoder
+    defaults = fields.default_sampling()
+    defaults["max_tokens"] = min(defaults["max_tokens"], limits.max_tokens)
+    return JSONResponse({
+        "model": {
+            "id": server.model_id, "path": str(owl.folder), "quant": manifest.quant,
+            "template": manifest.template, "n_ctx": decoder.n_ctx,
+            "n_ctx_train": manifest.decoder.n_ctx_train, "n_vocab": decoder.n_vocab,
+            "n_embd": decoder.n_embd, "n_layer": decoder.n_layer,
+            "n_visual": manifest.n_visual, "image_size": manifest.image.size,
+            "device": decoder.device, "n_threads": decoder.n_threads, "kv_type": decoder.kv_type,
+            "flash_attn": decoder.flash_attn, "vision_file": owl.vision.path.name,
+            "vision_provider": owl.vision.provider,
+        },
+        "modalities": {"vision": True},
+        "default_generation_settings": defaults,
+        "limits": {**limits.to_dict(), "file_images": bool(server.reader.allow_paths),
+                   "remote_images": server.reader.allow_remote, "api_key": bool(server.api_key)},
+        "concurrency": "one request at a time, queued",
+        "queue": {"busy": queue.busy, "waiting": queue.waiting, "max_waiting": queue.max_waiting},
+        "ignored_fields": fields.IGNORED,
+        "image_forms": "image_url parts and `images` items: data: URLs, raw base64; file:// "
+                       "only under --allow-path folders; http(s) only with --allow-remote-images",
+    })
+
+
+@api()
+async def metrics_route(request: Request, server: Server) -> Response:
+    return JSONResponse(server.metrics.to_dict(server.queue))
+
+
+# -- answering ------------------------------------------------------------------------------------
+
+@api()
+async def chat_completions(request: Request, server: Server) -> Response:
+    body = await read_json(request, server.limits.max_body_bytes)
+    asked = fields.parse(body, server.limits)
+    messages = fields.required(body, "messages", list, "a list of {role, content} messages")
+    _check_image_count(count_image_parts(messages), server.limits, "messages")
+
+    def to_prompt():
+        numbers = itertools.count(1)  # messages_to_prompt reads the images in order
+        def read(url):
+            return server.reader.read(url, "messages", f"image {next(numbers)}")
+        try:
+            return openai_chat.messages_to_prompt(messages, read_image=read)
+        except PromptError as e:
+            raise bad_request(str(e), param="messages") from None
+
+    prompt, images = await anyio.to_thread.run_sync(to_prompt)
+    return await _answer(request, server, ChatShape(server.model_id), prompt, images, asked,
+                         strip=True)
+
+
+@api()
+async def completions(request: Request, server: Server) -> Response:
+    body = await read_json(request, server.limits.max_body_bytes)
+    asked = fields.parse(body, server.limits)
+    prompt = fields.prompt_text(body)
+    sources = fields.image_list(body)
+    _check_image_count(len(sources), server.limits, "images")
+    images = await anyio.to_thread.run_sync(
+        lambda: [server.reader.read(s, "images", f"images[{i}]") for i, s in enumerate(sources)])
+    return await _answer(request, server, TextShape(server.model_id), prompt, images, asked,
+                         strip=False)
+
+
+def _check_image_count(n: int, limits: Limits, param: str) -> None:
+    if n > limits.max_images:
+        raise bad_request(f"{n} images: this server takes at most {limits.max_images} per request "
+                          f"(owl2 serve --max-images)", param=param, code="too_many_images")
+
+
+async def _answer(request: Request, server: Server, shape, prompt: str, images: list,
+                  asked: fields.Request, strip: bool) -> Response:
+    """Wait for the model, start the answer, and reply: all at once, or as events."""
+    turn = await server.queue.turn()
+    answer = Answer(server.owl, turn, server.metrics, len(images), asked.stop)
+    if await request.is_disconnected():  # gone while it waited: no prefill for nobody
+        await answer.close(disconnected=True)
+        return Response(status_code=499)
+    try:
+        await answer.start(prompt, images, asked.params)
+        # The first piece (prefill) before any reply: its errors are still a plain 4xx.
+        first = await answer.next()
+    except BaseException:
+        await answer.close()
+        raise
+    if asked.stream:
+        return EventStream(_events(request, server, shape, answer, first), answer)
+    try:
+        parts = [first or ""]
+        while answer.finish is None:
+            if await request.is_disconnected():
+                await answer.close(disconnected=True)
+                return Response(status_code=499)  # nobody reads it: nginx's "client closed"
+            parts.append(await answer.next() or "")
+    finally:
+        await answer.close()
+    text = "".join(parts)
+    reply = shape.response(text.strip() if strip else text, answer.finish, answer.usage_stats())
+    reply["timings"] = answer.timings()
+    return JSONResponse(reply)
+
+
+async def _events(request: Request, server: Server, shape, answer: Answer, first: str | None):
+    """The answer as server-sent events: the chunks, the last one with usage and timings, then
+    [DONE]. A client gone between two pieces ends the answer (EventStream closes it)."""
+    for chunk in shape.first_chunks():
+        yield event(chunk)
+    text = first
+    try:
+        while True:
+            if text:
+                yield event(shape.chunk(text))
+            if answer.finish is not None:
+                break
+            if await request.is_disconnected():
+                return
+            text = await answer.next()
+    except Owl2Error as e:
+        # The 200 went out with the first event: the error becomes the stream's last event.
+        await answer.close()
+        server.metrics.stream_errors += 1
+        yield event(error_body(400 if isinstance(e, _REQUEST_ERRORS) else 500, str(e),
+                               code=_code(e)))
+        return
+    await answer.close()
+    last = shape.last_chunk(answer.finish)
+    last["usage"] = openai_chat.usage(answer.usage_stats())
+    last["timings"] = answer.timings()
+    yield event(last)
+    yield DONE
+
+
+class EventStream(StreamingResponse):
+    """text/event-stream whose answer is closed however the response ends: at its end, or when
+    the client leaves (Starlette then cancels the stream, possibly between two events, where the
+    body's own `finally` would wait for the garbage collector)."""
+
+    def __init__(self, events, answer: Answer):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.answer = answer
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+                await self.answer.close(disconnected=self.answer.finish is None)

@@ -1,0 +1,136 @@
+"""The fields of an OpenAI request body -> what Owl2 takes: SamplingParams, stop strings, the
+stream flag. A field of the wrong type or out of range is a 400 naming it; fields this server
+does not know are ignored, as OpenAI's clients expect (they send many)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from owl2_edge.errors import ArgumentError
+from owl2_edge.sampling import SamplingParams
+from owl2_edge.serve.limits import Limits, bad_request
+
+# Request field -> SamplingParams field. max_tokens and seed are handled on their own.
+_SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+             "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
+             "ignore_eos": "ignore_eos"}
+MAX_STOPS = 16
+MAX_STOP_CHARS = 500
+
+# What is accepted and deliberately not applied: /props lists it.
+IGNORED = {
+    "frequency_penalty": "accepted and ignored: OpenAI's is additive per occurrence; this "
+                         "runtime's repeat_penalty divides the logits of recent tokens (CTRL, as "
+                         "Hugging Face), and no honest mapping from one to the other exists",
+    "presence_penalty": "accepted and ignored, for the same reason",
+    "logit_bias, logprobs, tools, response_format": "accepted and ignored",
+}
+
+
+def default_sampling() -> dict:
+    """The sampling a request gets for the fields it leaves out: SamplingParams' defaults
+    (upstream's CLI: temperature 0.2, top_k 50), as `owl2 ask`."""
+    return {f.name: f.default for f in fields(SamplingParams)}
+
+
+@dataclass(frozen=True)
+class Request:
+    params: SamplingParams
+    stop: tuple[str, ...]
+    stream: bool
+
+
+def parse(body: dict, limits: Limits) -> Request:
+    """The fields both endpoints share."""
+    _check_n(body)
+    return Request(sampling_params(body, limits), stop_strings(body.get("stop")),
+                   flag(body, "stream"))
+
+
+def sampling_params(body: dict, limits: Limits) -> SamplingParams:
+    chosen = {}
+    for name, field in _SAMPLING.items():
+        if body.get(name) is not None:
+            chosen[field] = body[name]
+    seed = body.get("seed")
+    if seed is not None and seed != -1:  # -1: a random seed, as llama-server
+        chosen["seed"] = seed
+    param, max_tokens = "max_completion_tokens", body.get("max_completion_tokens")
+    if max_tokens is None:
+        param, max_tokens = "max_tokens", body.get("max_tokens")
+    if max_tokens is not None:
+        chosen["max_tokens"] = max_tokens
+    # Each field on its own first, so that the 400 names the field at fault.
+    names = {v: k for k, v in _SAMPLING.items()} | {"seed": "seed", "max_tokens": param}
+    for field, value in chosen.items():
+        try:
+            SamplingParams(**{field: value})
+        except ArgumentError as e:
+            raise bad_request(str(e).replace(field, names[field], 1), param=names[field]) from None
+    params = SamplingParams(**{"max_tokens": min(SamplingParams.max_tokens, limits.max_tokens),
+                               **chosen})
+    if params.max_tokens > limits.max_tokens:
+        raise bad_request(f"{param} is {params.max_tokens}; this server allows at most "
+                          f"{limits.max_tokens} (owl2 serve --max-tokens-limit)", param=param,
+                          code="max_tokens_too_large")
+    return params
+
+
+def stop_strings(stop) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else stop
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise bad_request("stop must be a string or a list of strings", param="stop")
+    if len(items) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in items):
+        raise bad_request(f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} "
+                          f"characters", param="stop")
+    return tuple(s for s in items if s)
+
+
+def flag(body: dict, name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise bad_request(f"{name} must be true or false, not {type(value).__name__}", param=name)
+    return value
+
+
+def _check_n(body: dict) -> None:
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise bad_request("n must be 1: this server gives one answer per request", param="n")
+
+
+def required(body: dict, name: str, kind: type, what: str):
+    value = body.get(name)
+    if value is None:
+        raise bad_request(f"{name} is required ({what})", param=name)
+    if not isinstance(value, kind):
+        raise bad_request(f"{name} must be {what}, not {type(value).__name__}", param=name)
+    return value
+
+
+def prompt_text(body: dict) -> str:
+    """/v1/completions' prompt: a string, or a list holding one string."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if prompt is None:
+        raise bad_request("prompt is required (a string; <|image|> marks each image's place)",
+                          param="prompt")
+    if not isinstance(prompt, str):
+        raise bad_request("prompt must be one string (token ids and batches are not taken)",
+                          param="prompt")
+    return prompt
+
+
+def image_list(body: dict, name: str = "images") -> list:
+    images = body.get(name)
+    if images is None:
+        return []
+    if not isinstance(images, list):
+        raise bad_request(f"{name} must be a list of image urls (data:, base64, file://, "
+                          f"http(s)://)", param=name)
+    return images

@@ -1,0 +1,89 @@
+"""The response objects, as the OpenAI API and llama-server write them: `chat.completion` and its
+chunks (openai_chat.Completion, shared with Owl2.create_chat_completion), `text_completion`
+and its chunks, llama-server's `timings`, and server-sent events."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from owl2_edge.openai_chat import Completion, usage
+from owl2_edge.stats import Stats
+
+
+class ChatShape:
+    """POST /v1/chat/completions: `chat.completion`, or `chat.completion.chunk`s."""
+
+    def __init__(self, model: str):
+        self.completion = Completion(model)
+
+    def response(self, text: str, finish: str, stats: Stats) -> dict:
+        return self.completion.response(text, stats, finish)
+
+    def first_chunks(self) -> list[dict]:
+        return [self.completion.chunk({"role": "assistant"})]
+
+    def chunk(self, text: str) -> dict:
+        return self.completion.chunk({"content": text})
+
+    def last_chunk(self, finish: str) -> dict:
+        return self.completion.chunk({}, finish)
+
+
+class TextShape:
+    """POST /v1/completions: `text_completion`, streamed as `text_completion` objects too."""
+
+    def __init__(self, model: str):
+        self.id = f"cmpl-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.model = model
+
+    def response(self, text: str, finish: str, stats: Stats) -> dict:
+        return {**self._object(text, finish), "usage": usage(stats)}
+
+    def first_chunks(self) -> list[dict]:
+        return []
+
+    def chunk(self, text: str) -> dict:
+        return self._object(text, None)
+
+    def last_chunk(self, finish: str) -> dict:
+        return self._object("", finish)
+
+    def _object(self, text: str, finish: str | None) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.model,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+
+def timings(stats: Stats, decode_seconds: float) -> dict:
+    """llama-server's timings: prompt_n positions evaluated in prompt_ms, predicted_n tokens in
+    predicted_ms, cache_n positions the KV cache already held (not evaluated again)."""
+    prefill = stats.timings.get("prefill", 0.0)
+    evaluated, generated = stats.evaluated_positions, stats.generated_tokens
+    return {
+        "cache_n": stats.reused_positions,
+        "prompt_n": evaluated,
+        "prompt_ms": round(prefill * 1e3, 3),
+        "prompt_per_token_ms": round(prefill * 1e3 / evaluated, 3) if evaluated else 0.0,
+        "prompt_per_second": round(evaluated / prefill, 2) if prefill else 0.0,
+        "predicted_n": generated,
+        "predicted_ms": round(decode_seconds * 1e3, 3),
+        "predicted_per_token_ms": round(decode_seconds * 1e3 / generated, 3) if generated else 0.0,
+        "predicted_per_second": round(generated / decode_seconds, 2) if decode_seconds else 0.0,
+        # owl2-edge's own: the vision model's time and runs, the time to the first token.
+        "vision_ms": round(stats.timings.get("vision", 0.0) * 1e3, 3),
+        "images_encoded": stats.images_encoded,
+        "first_token_ms": round(stats.timings.get("first_token", 0.0) * 1e3, 3),
+    }
+
+
+def event(data: dict | str) -> str:
+    """One server-sent event: a `data:` line and the blank line that ends it."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False,
+                                                          separators=(",", ":"))
+    return f"data: {text}\n\n"
+
+
+DONE = event("[DONE]")
