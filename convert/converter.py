@@ -28,16 +28,11 @@ def convert(hf_dir: str | Path, out_dir: str | Path, quant: str = "Q4_K_M",
     # Imported here so that `import owl2_edge.convert.converter` stays cheap for the CLI's --help.
     from owl2_edge.convert.checkpoint import Checkpoint
     from owl2_edge.convert.gguf_pair import check_quant, write_gguf_pair
+    from owl2_edge.vision_variants import check_variants
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     quant = check_quant(quant)
-    vision = tuple(dict.fromkeys(vision))  # each file once, in the order asked
-    if not vision:
-        raise ValueError("no vision variant asked for")
-    for variant in vision:
-        if variant not in names.VISION_VARIANTS:
-            raise ValueError(f"unknown vision variant {variant!r}; choose from "
-                             f"{', '.join(names.VISION_VARIANTS)}")
+    vision = check_variants(vision)  # each file once, in the order asked
     check_output_folder(out_dir, force)
     report = progress or (lambda stage, done, total: None)
 

@@ -147,35 +147,6 @@ NB_MODULE(_decoder, m) {
         .def("finish_loading", &owl2::decoder::finish_loading, without_gil)
         .def("cancel_loading", &owl2::decoder::cancel_loading)
         .def(
-            "eval_tokens",
-            [](owl2::decoder & d, TokenVector ids, int route, bool all_logits) {
-                std::vector<int32_t> v(ids.data(), ids.data() + ids.shape(0));
-                std::vector<float> out;
-                {
-                    nb::gil_scoped_release release;
-                    out = d.eval_tokens(v, route, all_logits);
-                }
-                return to_numpy(std::move(out), v.size(), all_logits);
-            },
-            nb::arg("ids"), nb::arg("route"), nb::arg("all_logits"))
-        .def(
-            "eval_embeddings",
-            [](owl2::decoder & d, FloatMatrix embeds, int route, bool all_logits) {
-                std::vector<float> out;
-                {
-                    // The array stays alive (and unchanged: it is const here) while the GIL is away.
-                    nb::gil_scoped_release release;
-                    const int n_embd = d.n_embd();
-                    if ((int64_t) embeds.shape(1) != n_embd) {
-                        throw owl2::decoder_error("embeddings must be [n, " + std::to_string(n_embd) + "], got width " +
-                                                  std::to_string(embeds.shape(1)));
-                    }
-                    out = d.eval_embeddings(embeds.data(), (int64_t) embeds.shape(0), route, all_logits);
-                }
-                return to_numpy(std::move(out), embeds.shape(0), all_logits);
-            },
-            nb::arg("embeds"), nb::arg("route"), nb::arg("all_logits"))
-        .def(
             "eval_runs",
             [](owl2::decoder & d, const std::vector<std::pair<nb::object, int>> & runs, bool all_logits) {
                 // Token ids are copied; embeddings are read in place (the caller's list keeps them).

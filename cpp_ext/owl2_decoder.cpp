@@ -1322,11 +1322,6 @@ template <typename Fact> auto decoder::read(Fact fact) const {
     return fact(live());
 }
 
-std::vector<float> decoder::eval_tokens(const std::vector<int32_t> & ids, int route, bool all_logits) {
-    if (ids.size() > INT32_MAX) throw context_full_error("far too many tokens");
-    return eval_runs({run_input{ids.data(), nullptr, (int64_t) ids.size(), route}}, all_logits);
-}
-
 std::vector<float> decoder::eval_runs(const std::vector<run_input> & runs, bool all_logits) {
     call_lock hold(mutex_);
     model & m = ready();
@@ -1336,10 +1331,6 @@ std::vector<float> decoder::eval_runs(const std::vector<run_input> & runs, bool 
         pieces.push_back(piece{in.tokens, in.embeds, (int) in.n, in.route});
     }
     return eval(m, pieces, all_logits);
-}
-
-std::vector<float> decoder::eval_embeddings(const float * embeds, int64_t n, int route, bool all_logits) {
-    return eval_runs({run_input{nullptr, embeds, n, route}}, all_logits);
 }
 
 int decoder::n_past() const { return read([](const model & m) { return m.n_past; }); }

@@ -99,13 +99,10 @@ public:
     void cancel_loading();
     decoder & operator=(const decoder &) = delete;
 
-    // One run of one modality, appended after the n_past cached positions. route 0 = text,
-    // 1 = visual. Returns logits [n_vocab] of the last position, or [n, n_vocab] row-major.
-    std::vector<float> eval_tokens(const std::vector<int32_t> & ids, int route, bool all_logits);
-    std::vector<float> eval_embeddings(const float * embeds, int64_t n, int route, bool all_logits);
-    // Consecutive runs of either kind in one pass (one graph per n_ubatch positions): Q, O and the
-    // MLP multiply every position at once, each run's positions take its route's norms and K/V.
-    // Logits as above, over all the runs' positions.
+    // Consecutive runs of either kind, appended after the n_past cached positions, in one pass
+    // (one graph per n_ubatch positions): Q, O and the MLP multiply every position at once, each
+    // run's positions take its route's norms and K/V (route 0 = text, 1 = visual). Returns the
+    // logits of the last position [n_vocab], or of every position [n, n_vocab] row-major.
     std::vector<float> eval_runs(const std::vector<run_input> & runs, bool all_logits);
 
     int n_past() const;

@@ -190,8 +190,7 @@ class Owl2:
         t0 = time.perf_counter()
         ids = self.tokenize(prompt)
         check_image_count(ids.count(names.IMAGE_TOKEN_ID), len(images))
-        pixels = [self.preprocess(image) for image in images]  # a bad image is refused now
-        keys = [content_hash(p) for p in pixels]
+        pixels, keys = self._pixels(images)  # a bad image is refused now
         items = prompt_items(ids, keys)
         self.kv.check_fits(items)
         return self._answer(items, pixels, params, stats, t0)
@@ -288,9 +287,12 @@ class Owl2:
                             "its KV cache before it finished (read or close one answer before "
                             "starting the next)")
 
-    def _encode(self, images: Sequence) -> tuple[list[np.ndarray], list[str]]:
+    def _pixels(self, images: Sequence) -> tuple[list[np.ndarray], list[str]]:
         pixels = [self.preprocess(image) for image in images]
-        keys = [content_hash(p) for p in pixels]  # the vision cache's keys and the KV items' too
+        return pixels, [content_hash(p) for p in pixels]  # the vision cache's and KV items' keys
+
+    def _encode(self, images: Sequence) -> tuple[list[np.ndarray], list[str]]:
+        pixels, keys = self._pixels(images)
         return self._encode_pixels(pixels, keys, self.stats), keys
 
     def _encode_pixels(self, pixels: list[np.ndarray], keys: list[str], stats: Stats

@@ -130,13 +130,9 @@ def _pair_id(reader, path: Path) -> str:
 # --- The vision model -------------------------------------------------------------------------------
 
 def _vision_plan(manifest: Manifest, vision: Sequence[str] | None) -> list[str]:
-    variants = list(manifest.vision_files) if vision is None else list(dict.fromkeys(vision))
-    if not variants:
-        raise ArgumentError("no vision variant asked for")
+    from owl2_edge.vision_variants import check_variants
+    variants = list(manifest.vision_files) if vision is None else list(check_variants(vision))
     for v in variants:
-        if v not in names.VISION_VARIANTS:
-            raise ArgumentError(f"unknown vision variant {v!r}; choose from "
-                                f"{', '.join(names.VISION_VARIANTS)}")
         if v not in manifest.vision_files and "fp32" not in manifest.vision_files:
             raise ArgumentError(f"the source folder has no {v} vision model and no fp32 one to "
                                 f"make it from")

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from owl2_edge import checks, names
-from owl2_edge.errors import ModelFolderError
+from owl2_edge.errors import ArgumentError, ModelFolderError
 from owl2_edge.onnx_weights import save_mappable
 
 # int4: blocks of 32 weights along K, symmetric (no zero points). Blocks of 128 made a file 13 %
@@ -46,6 +46,19 @@ INT4_BLOCK = 32
 # activations) was no faster on the 2-core AVX2 machine (5.9 s against 5.8 s an image, fp32
 # 5.6 s), loaded slower (1.9 s against 1.4 s: it repacks every weight) and was less exact.
 INT4_ACCURACY_LEVEL = 0
+
+
+def check_variants(variants) -> tuple[str, ...]:
+    """The vision variants asked for (convert's and quantize's --vision), each once, in the order
+    asked; an ArgumentError (a ValueError) for none or an unknown one."""
+    variants = tuple(dict.fromkeys(variants))
+    if not variants:
+        raise ArgumentError("no vision variant asked for")
+    for v in variants:
+        if v not in names.VISION_VARIANTS:
+            raise ArgumentError(f"unknown vision variant {v!r}; choose from "
+                                f"{', '.join(names.VISION_VARIANTS)}")
+    return variants
 
 
 def derive_variant(fp32_path: str | Path, variant: str, out_path: str | Path) -> Path:
