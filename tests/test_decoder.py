@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from owl2_edge import _decoder, gguf_names, names
+from owl2_edge import _decoder, gguf_names, llama_stock, names
 from owl2_edge.convert.checkpoint import Checkpoint
 from owl2_edge.convert.gguf_pair import write_gguf_pair
 from owl2_edge.convert.reference import Owl2Reference
@@ -414,11 +414,11 @@ def test_exiting_while_the_weights_load_in_the_background_is_clean(pairs):
 
 @pytest.mark.parametrize("quant", ["F32", "Q8_0", "Q4_0"])
 def test_text_logits_equal_stock_llama_cpp(quant, ref, pairs):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     base, mam = pairs(quant)
     ids = _ids(PROMPTS["text_only"][0] + [3148, 1001, 29901, 500, 600], ref.cfg.text.vocab_size)
     f32 = 0  # GGML_TYPE_F32
-    llm = llama_cpp.Llama(model_path=str(base), n_ctx=64, n_batch=64, n_ubatch=64, logits_all=True,
+    llm = llama_stock.Llama(model_path=str(base), n_ctx=64, n_batch=64, n_ubatch=64, logits_all=True,
                           type_k=f32, type_v=f32, flash_attn=False, n_threads=2, verbose=False)
     try:
         llm.eval(ids)
@@ -623,13 +623,13 @@ def test_gpu_offload_matches_reference(n_gpu_layers, flash_attn, ref, images, pa
 
 @pytest.mark.parametrize("quant", ["F32", "Q4_0"])
 def test_gpu_text_logits_equal_stock_llama_cpp_on_the_gpu(quant, ref, pairs):
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     base, mam = pairs(quant)
     ids = _ids(PROMPTS["text_only"][0] + [3148, 1001, 29901, 500, 600], ref.cfg.text.vocab_size)
     with _gpu_decoder((base, mam), kv_type="f16") as dec:
         ours = dec.eval_tokens(ids, all_logits=True)
     f16 = 1  # GGML_TYPE_F16: the cache both engines' fused attention kernels read on the GPU
-    llm = llama_cpp.Llama(model_path=str(base), n_ctx=64, n_batch=64, n_ubatch=64, logits_all=True,
+    llm = llama_stock.Llama(model_path=str(base), n_ctx=64, n_batch=64, n_ubatch=64, logits_all=True,
                           type_k=f16, type_v=f16, flash_attn=True, n_gpu_layers=-1, verbose=False)
     try:
         llm.eval(ids)

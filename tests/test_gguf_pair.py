@@ -13,7 +13,7 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from owl2_edge import _decoder, gguf_names, names
+from owl2_edge import _decoder, gguf_names, llama_stock, names
 from owl2_edge.convert import hf_layout
 from owl2_edge.convert.checkpoint import Checkpoint
 from owl2_edge.convert.gguf_pair import (QUANT_TYPES, check_quant, gguf_to_hf_rope_rows,
@@ -105,7 +105,7 @@ def gguf_fields(path) -> dict:
 
 
 def llama_logits(base_path, ids) -> np.ndarray:
-    llm = llama_cpp.Llama(str(base_path), logits_all=True, type_k=GGML_F32, type_v=GGML_F32,
+    llm = llama_stock.Llama(str(base_path), logits_all=True, type_k=GGML_F32, type_v=GGML_F32,
                           n_ctx=256, n_threads=2, verbose=False)
     try:
         llm.eval(ids)

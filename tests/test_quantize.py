@@ -84,7 +84,7 @@ def _mirrors(folder, q):
 
 @pytest.mark.parametrize("q", list(quant.QUANT_TYPES))
 def test_every_type_loads_answers_mirrors_and_loads_in_llama_cpp(q, f16_dir, calibration, root):
-    import llama_cpp
+    from owl2_edge import llama_stock
 
     out = root / f"every-{q}"
     importance = calibration[0] if quant.QUANT_TYPES[q].needs_imatrix else None
@@ -100,7 +100,7 @@ def test_every_type_loads_answers_mirrors_and_loads_in_llama_cpp(q, f16_dir, cal
     assert said
     if q in ANSWER_RIGHT:
         assert said == answer
-    llm = llama_cpp.Llama(model_path=str(out / names.base_gguf_file(q)), n_ctx=32, n_threads=2,
+    llm = llama_stock.Llama(model_path=str(out / names.base_gguf_file(q)), n_ctx=32, n_threads=2,
                           logits_all=True,
                           verbose=False)
     try:

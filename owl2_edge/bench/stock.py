@@ -35,11 +35,12 @@ class StockLlama:
     def __init__(self, path: Path, threads: int, device: str, n_ctx: int):
         import llama_cpp
 
+        from owl2_edge import llama_stock
         from owl2_edge.llama_log import captured_llama_log, init_llama_backend
         self.api = llama_cpp
         init_llama_backend()
         on_gpu = check_llama_cpp_device(device)
-        model_params = llama_cpp.llama_model_default_params()
+        model_params = llama_stock.model_params()
         model_params.n_gpu_layers = -1 if on_gpu else 0
         context_params = llama_cpp.llama_context_default_params()
         context_params.n_ctx = n_ctx

@@ -150,11 +150,13 @@ def check_llama_cpp_device(device: str) -> bool:
 
 def decoder_llama_cpp(folder: Path, threads: int, device: str, **_) -> dict:
     import llama_cpp
+
+    from owl2_edge import llama_stock
     m = Manifest.load(folder)
     n_ctx = decoder_ctx(m)
     on_gpu = check_llama_cpp_device(device)
     # flash_attn as ours: off on the CPU by default, always on a GPU.
-    load_s, llm = timed(lambda: llama_cpp.Llama(
+    load_s, llm = timed(lambda: llama_stock.Llama(
         str(folder / m.decoder_file), n_ctx=n_ctx, n_batch=N_BATCH, n_ubatch=N_BATCH,
         n_threads=threads, n_threads_batch=threads, n_gpu_layers=-1 if on_gpu else 0,
         flash_attn=on_gpu, verbose=False))
