@@ -7,6 +7,7 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/tuple.h>
 #include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/vector.h>
 
@@ -22,16 +23,13 @@ using ByteMatrix = nb::ndarray<const uint8_t, nb::ndim<2>, nb::c_contig, nb::dev
 using TokenVector = nb::ndarray<const int32_t, nb::ndim<1>, nb::c_contig, nb::device::cpu>;
 
 
-// Logits as a numpy array that owns the decoder's vector: [n_vocab], or [n, n_vocab] for the run's
-// n positions. The shape comes from the run, not from asking the decoder again: a close() on another
-// thread right after the eval must not turn its finished result into an error.
-static nb::object to_numpy(std::vector<float> && logits, size_t n, bool all) {
+// Logits as a numpy array [rows, n_vocab] that owns the decoder's vector. The shape comes from the
+// runs, not from asking the decoder again: a close() on another thread right after the eval must
+// not turn its finished result into an error.
+static nb::object to_numpy(std::vector<float> && logits, size_t rows) {
     auto * owned = new std::vector<float>(std::move(logits));
     nb::capsule owner(owned, [](void * p) noexcept { delete static_cast<std::vector<float> *>(p); });
-    if (!all) {
-        return nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<1>>(owned->data(), {owned->size()}, owner));
-    }
-    return nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<2>>(owned->data(), {n, owned->size() / n}, owner));
+    return nb::cast(nb::ndarray<nb::numpy, float, nb::ndim<2>>(owned->data(), {rows, owned->size() / rows}, owner));
 }
 
 NB_MODULE(_decoder, m) {
@@ -94,6 +92,7 @@ NB_MODULE(_decoder, m) {
     auto decoder_error = nb::exception<owl2::decoder_error>(m, "NativeDecoderError");
     nb::exception<owl2::context_full_error>(m, "NativeContextFullError", decoder_error);
 
+    m.attr("MAX_SEQUENCES") = owl2::MAX_SEQUENCES;
     m.def("names_digest", [] { return std::string(owl2::names::DIGEST); },
           "Digest of the names header this extension was built from (see cpp_ext/gen_names_header.py).");
     m.def("default_n_threads", &owl2::physical_cores,
@@ -148,21 +147,24 @@ NB_MODULE(_decoder, m) {
         .def("cancel_loading", &owl2::decoder::cancel_loading)
         .def(
             "eval_runs",
-            [](owl2::decoder & d, const std::vector<std::pair<nb::object, int>> & runs, bool all_logits) {
+            [](owl2::decoder & d, const std::vector<std::tuple<nb::object, int, int>> & runs, bool all_logits) {
                 // Token ids are copied; embeddings are read in place (the caller's list keeps them).
                 std::vector<std::vector<int32_t>> ids(runs.size());
                 std::vector<owl2::run_input> inputs;
-                int64_t total = 0;
+                int64_t total = 0, n_seq = 0;
                 for (size_t i = 0; i < runs.size(); ++i) {
                     owl2::run_input in;
-                    in.route = runs[i].second;
+                    const nb::object & data = std::get<0>(runs[i]);
+                    in.route = std::get<1>(runs[i]);
+                    in.seq = std::get<2>(runs[i]);
+                    n_seq += i == 0 || std::get<2>(runs[i - 1]) != in.seq;
                     TokenVector tokens;
                     FloatMatrix embeds;
-                    if (nb::try_cast(runs[i].first, tokens)) {
+                    if (nb::try_cast(data, tokens)) {
                         ids[i].assign(tokens.data(), tokens.data() + tokens.shape(0));
                         in.tokens = ids[i].data();
                         in.n = (int64_t) ids[i].size();
-                    } else if (nb::try_cast(runs[i].first, embeds)) {
+                    } else if (nb::try_cast(data, embeds)) {
                         if ((int64_t) embeds.shape(1) != d.n_embd()) {
                             throw owl2::decoder_error("embeddings must be [n, " + std::to_string(d.n_embd()) +
                                                       "], got width " + std::to_string(embeds.shape(1)));
@@ -180,11 +182,16 @@ NB_MODULE(_decoder, m) {
                     nb::gil_scoped_release release;
                     out = d.eval_runs(inputs, all_logits);
                 }
-                return to_numpy(std::move(out), (size_t) std::max<int64_t>(total, 1), all_logits);
+                return to_numpy(std::move(out), (size_t) std::max<int64_t>(all_logits ? total : n_seq, 1));
             },
-            nb::arg("runs"), nb::arg("all_logits"))
-        .def_prop_ro("n_past", &owl2::decoder::n_past, without_gil)
-        .def("rewind", &owl2::decoder::rewind, nb::arg("n"), without_gil)
+            nb::arg("runs"), nb::arg("all_logits"),
+            "runs: (int32 ids [n] or float32 embeddings [n, n_embd], route, sequence) each. Logits "
+            "[positions, n_vocab], or [sequences, n_vocab]: each sequence's last position.")
+        .def("n_past", &owl2::decoder::n_past, nb::arg("seq") = 0, without_gil)
+        .def("n_free", &owl2::decoder::n_free, without_gil)
+        .def("rewind", &owl2::decoder::rewind, nb::arg("n"), nb::arg("seq") = 0, without_gil)
+        .def("clear_sequence", &owl2::decoder::clear_sequence, nb::arg("seq"), without_gil)
+        .def("copy_sequence", &owl2::decoder::copy_sequence, nb::arg("src"), nb::arg("dst"), without_gil)
         .def("start_importance", &owl2::decoder::start_importance, without_gil)
         .def(
             "take_importance",
@@ -205,8 +212,8 @@ NB_MODULE(_decoder, m) {
             },
             "What start_importance collected, and stop: {ggml weight name: (sum of squared inputs "
             "per column float32 [n_per_row], positions)}.")
-        .def("save_state", &owl2::decoder::save_state, without_gil)
-        .def("restore_state", &owl2::decoder::restore_state, nb::arg("state"), without_gil)
+        .def("save_state", &owl2::decoder::save_state, nb::arg("seq") = 0, without_gil)
+        .def("restore_state", &owl2::decoder::restore_state, nb::arg("state"), nb::arg("seq") = 0, without_gil)
         .def_prop_ro("n_vocab", &owl2::decoder::n_vocab, without_gil)
         .def_prop_ro("n_embd", &owl2::decoder::n_embd, without_gil)
         .def_prop_ro("n_ctx", &owl2::decoder::n_ctx, without_gil)

@@ -139,6 +139,18 @@ struct layer {
 
 struct pair_weights;
 
+// One row of every layer's K and V cache. The cache is shared by up to MAX_SEQUENCES sequences
+// (docs/design.md §14): a cell holds position `pos` of each sequence in `seqs` (several after
+// copy_sequence, which shares cells instead of copying rows), or nothing when `seqs` is empty.
+// A sequence's positions need not lie in consecutive cells: the attention mask, not the cell
+// index, says which keys a query sees.
+struct kv_cell {
+    int pos = -1;
+    uint64_t seqs = 0;
+    bool has(int seq) const { return (seqs >> seq) & 1; }
+    bool free() const { return seqs == 0; }
+};
+
 struct model {
     hparams hp;
     decoder_params params;
@@ -163,7 +175,8 @@ struct model {
     std::vector<uint8_t> graph_meta;                // room for one graph's tensor metadata
     size_t graph_size = 0;
 
-    int n_past = 0;
+    std::vector<kv_cell> cells;           // [n_ctx]
+    int seq_len[MAX_SEQUENCES] = {};      // positions each sequence holds (its n_past)
 
     // Between open() and place(): the weights' metadata, waiting for their data.
     std::unique_ptr<pair_weights> pending;
@@ -473,7 +486,15 @@ static std::vector<ggml_backend_buffer_type_t> cpu_repack_bufts(ggml_backend_dev
     auto get_extra = (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(
         ggml_backend_dev_backend_reg(cpu), "ggml_backend_dev_get_extra_bufts");
     if (get_extra) {
-        for (ggml_backend_buffer_type_t * b = get_extra(cpu); b && *b; ++b) out.push_back(*b);
+        for (ggml_backend_buffer_type_t * b = get_extra(cpu); b && *b; ++b) {
+            // Not the AMX one (Xeons with AMX, when llama-cpp-python was built for them): its
+            // matmul in this ggml crashes (SIGSEGV) on weights whose rows are not a multiple of
+            // 2048 wide, which its supports_op accepts (found on the tiny test models; stock
+            // llama.cpp crashes the same; later ggml refuses those widths). The interleaved
+            // CPU_REPACK layouts serve those CPUs as they serve every other.
+            if (std::string_view(ggml_backend_buft_name(*b)) == "AMX") continue;
+            out.push_back(*b);
+        }
     }
     return out;
 }
@@ -706,6 +727,7 @@ static void allocate_kv_cache(model & m) {
         if (on_gpu) ggml_backend_buffer_clear(buf, 0);
         m.buffers.push_back(buf);
     }
+    m.cells.assign(m.n_ctx, kv_cell{});
 }
 
 // --- start the backends
@@ -773,24 +795,26 @@ static void place(model & m, const std::atomic<bool> & cancel) {
 
 // --- build_graph(run) --------------------------------------------------------------------------------
 
-// One run of one modality: `n` positions starting at n_past, as token ids or as embeddings.
-// The positions of one graph: consecutive pieces, each of one input kind and one route (a text
-// run, an image's embeddings, the text after it). Q, O and the MLP multiply all of them at once;
-// the routed weights (the norms, K and V) multiply each piece with its route's copy, as the
-// upstream model splits a sequence by modality (docs/architecture.md, MAM).
+// The positions of one graph: consecutive pieces, each of one input kind, one route and one
+// sequence (a text run, an image's embeddings, the text after it; in a decode step, one token of
+// each sequence). Q, O and the MLP multiply all of them at once; the routed weights (the norms,
+// K and V) multiply each piece with its route's copy, as the upstream model splits a sequence by
+// modality (docs/architecture.md, MAM).
 struct piece {
     const int32_t * tokens = nullptr;  // [n], or
     const float * embeds = nullptr;    // [n, n_embd]
     int n = 0;
     int route = names::TEXT_ROUTE;
+    int seq = 0;
+    int pos = 0;  // the position of its first row in its sequence
 };
 
 struct run {
     std::vector<piece> pieces;
     int n = 0;  // positions, all pieces together
-    bool all_logits = false;
-    int n_past = 0;
-    int n_kv = 0;  // cache positions attention reads (>= n_past + n; the rest is masked)
+    int head = 0;  // the cache cells [head, head + n) take this run's K/V rows
+    int n_kv = 0;  // cells attention reads, [0, n_kv) (the ones of other sequences are masked)
+    std::vector<int32_t> outputs;  // the rows (of n) whose logits are wanted, ascending
 };
 
 struct graph {
@@ -799,6 +823,7 @@ struct graph {
     std::vector<ggml_tensor *> inputs;  // per piece: its tokens (I32 [n]) or embeddings (F32 [n_embd, n])
     ggml_tensor * inp_pos = nullptr;
     ggml_tensor * inp_mask = nullptr;  // [n_kv, n] 0 where a query may look, -inf elsewhere
+    ggml_tensor * inp_outputs = nullptr;  // I32 [outputs] when more than the last row is wanted
     ggml_tensor * logits = nullptr;
     ~graph() {
         if (ctx) ggml_free(ctx);
@@ -821,8 +846,9 @@ static ggml_tensor * rope(ggml_context * ctx, ggml_tensor * x, ggml_tensor * pos
                          /*beta_fast =*/0.0f, /*beta_slow =*/0.0f);
 }
 
-// Causal attention of this run's queries over the cache [0, n_kv), after writing the run's K/V
-// into it at n_past. q [head_dim, n_head, n], k [head_dim, n_head_kv, n], v [n_embd_kv, n].
+// Attention of this run's queries over the cache cells [0, n_kv), after writing the run's K/V
+// into cells [head, head + n); the mask leaves each query its own sequence's earlier positions.
+// q [head_dim, n_head, n], k [head_dim, n_head_kv, n], v [n_embd_kv, n].
 static ggml_tensor * attention(ggml_context * ctx, ggml_cgraph * gf, const model & m, const layer & L,
                                const run & r, ggml_tensor * mask, ggml_tensor * q, ggml_tensor * k, ggml_tensor * v) {
     const hparams & hp = m.hp;
@@ -830,13 +856,13 @@ static ggml_tensor * attention(ggml_context * ctx, ggml_cgraph * gf, const model
 
     // Write this run's keys and values into the cache; expanding them first keeps them ahead of
     // the reads below in the graph's order.
-    ggml_tensor * k_dst = ggml_view_2d(ctx, L.k_cache, kv, n, L.k_cache->nb[1], r.n_past * L.k_cache->nb[1]);
+    ggml_tensor * k_dst = ggml_view_2d(ctx, L.k_cache, kv, n, L.k_cache->nb[1], r.head * L.k_cache->nb[1]);
     ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, k, kv, n), k_dst));
     if (m.v_trans) {
-        ggml_tensor * v_dst = ggml_view_2d(ctx, L.v_cache, n, kv, L.v_cache->nb[1], r.n_past * ggml_element_size(L.v_cache));
+        ggml_tensor * v_dst = ggml_view_2d(ctx, L.v_cache, n, kv, L.v_cache->nb[1], r.head * ggml_element_size(L.v_cache));
         ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_transpose(ctx, v), v_dst));
     } else {
-        ggml_tensor * v_dst = ggml_view_2d(ctx, L.v_cache, kv, n, L.v_cache->nb[1], r.n_past * L.v_cache->nb[1]);
+        ggml_tensor * v_dst = ggml_view_2d(ctx, L.v_cache, kv, n, L.v_cache->nb[1], r.head * L.v_cache->nb[1]);
         ggml_build_forward_expand(gf, ggml_cpy(ctx, v, v_dst));
     }
 
@@ -950,8 +976,15 @@ static void build_graph(graph & g, model & m, const run & r) {
         x = ggml_add(ctx, ggml_mul_mat(ctx, L.ffn_down, cur), h);
     }
 
-    if (!r.all_logits && n > 1) {  // only the last position's logits: skip the head for the rest
-        x = ggml_view_2d(ctx, x, hp.n_embd, 1, x->nb[1], (size_t) (n - 1) * x->nb[1]);
+    // The head only for the rows whose logits are wanted: all, the last one, or a few (the last
+    // position of each sequence in a decode step).
+    const int n_out = (int) r.outputs.size();
+    if (n_out == 1 && r.outputs[0] == n - 1) {
+        if (n > 1) x = ggml_view_2d(ctx, x, hp.n_embd, 1, x->nb[1], (size_t) (n - 1) * x->nb[1]);
+    } else if (n_out < n) {
+        g.inp_outputs = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_out);
+        ggml_set_input(g.inp_outputs);
+        x = ggml_get_rows(ctx, x, g.inp_outputs);
     }
     x = rms_norm(ctx, x, m.output_norm, hp.rms_eps);
     g.logits = ggml_mul_mat(ctx, m.output, x);
@@ -959,34 +992,99 @@ static void build_graph(graph & g, model & m, const run & r) {
     ggml_build_forward_expand(g.gf, g.logits);
 }
 
-// --- eval() ------------------------------------------------------------------------------------------
-
-static void set_inputs(const graph & g, const run & r) {
+static void set_inputs(const graph & g, const model & m, const run & r) {
     for (size_t i = 0; i < r.pieces.size(); ++i) {
         const piece & p = r.pieces[i];
         ggml_backend_tensor_set(g.inputs[i], p.tokens ? (const void *) p.tokens : (const void *) p.embeds, 0,
                                 ggml_nbytes(g.inputs[i]));
     }
+    // Each row's position in its sequence, and the mask: causal within the row's own sequence,
+    // image keys included; every other sequence's cells are hidden.
     std::vector<int32_t> pos(r.n);
-    for (int i = 0; i < r.n; ++i) pos[i] = r.n_past + i;
-    ggml_backend_tensor_set(g.inp_pos, pos.data(), 0, ggml_nbytes(g.inp_pos));
-    // Causal over the whole cache: the query at position p sees keys 0..p, image keys included.
     std::vector<float> mask((size_t) r.n_kv * r.n);
-    for (int i = 0; i < r.n; ++i) {
-        const int p = r.n_past + i;
-        for (int j = 0; j < r.n_kv; ++j) mask[(size_t) i * r.n_kv + j] = j <= p ? 0.0f : -INFINITY;
+    int i = 0;
+    for (const piece & p : r.pieces) {
+        for (int k = 0; k < p.n; ++k, ++i) {
+            pos[i] = p.pos + k;
+            float * row = mask.data() + (size_t) i * r.n_kv;
+            for (int j = 0; j < r.n_kv; ++j) {
+                const kv_cell & c = m.cells[j];
+                row[j] = c.has(p.seq) && c.pos <= pos[i] ? 0.0f : -INFINITY;
+            }
+        }
     }
+    ggml_backend_tensor_set(g.inp_pos, pos.data(), 0, ggml_nbytes(g.inp_pos));
     ggml_backend_tensor_set(g.inp_mask, mask.data(), 0, ggml_nbytes(g.inp_mask));
+    if (g.inp_outputs) ggml_backend_tensor_set(g.inp_outputs, r.outputs.data(), 0, ggml_nbytes(g.inp_outputs));
 }
 
-// Runs the pieces' positions through the model in ubatches (a piece may be split between two) and
-// returns their logits (all of them, [total, n_vocab] row-major, or only the last one's).
-static std::vector<float> eval(model & m, const std::vector<piece> & pieces, bool all_logits) {
-    int64_t total64 = 0;
-    for (const piece & p : pieces) {
+// --- the cache's cells ---------------------------------------------------------------------------------
+
+static int count_free(const model & m) {
+    int n = 0;
+    for (const kv_cell & c : m.cells) n += c.free();
+    return n;
+}
+
+// Where the next `want` rows go: the first run of free cells that holds them all, else the
+// longest one (the rows are then split between graphs). Always the start of a free run, so the
+// cells ever written stay a prefix of the cache and attention, which reads up to the last cell in
+// use, never reads one that was not (the CPU cache is not cleared, allocate_kv_cache). Returns {first cell, how many}; {0, 0} when full.
+static std::pair<int, int> find_free_cells(const model & m, int want) {
+    int best_start = 0, best_len = 0;
+    const int n = (int) m.cells.size();
+    for (int i = 0; i < n;) {
+        if (!m.cells[i].free()) {
+            ++i;
+            continue;
+        }
+        int j = i;
+        while (j < n && m.cells[j].free()) ++j;
+        if (j - i >= want) return {i, want};
+        if (j - i > best_len) best_start = i, best_len = j - i;
+        i = j;
+    }
+    return {best_start, best_len};
+}
+
+// One past the last cell some sequence holds: what attention needs to read.
+static int used_end(const model & m) {
+    for (int j = (int) m.cells.size(); j > 0; --j) {
+        if (!m.cells[j - 1].free()) return j;
+    }
+    return 0;
+}
+
+// Drops `seq` from the cells where keep(cell) is false; a cell no sequence holds is free.
+template <typename Keep>
+static void drop_cells(model & m, int seq, Keep keep) {
+    for (kv_cell & c : m.cells) {
+        if (!c.has(seq) || keep(c)) continue;
+        c.seqs &= ~(uint64_t(1) << seq);
+        if (c.free()) c.pos = -1;
+    }
+}
+
+static void check_seq(int seq) {
+    if (seq < 0 || seq >= MAX_SEQUENCES) {
+        throw decoder_error("sequence id " + std::to_string(seq) + " is outside [0, " + std::to_string(MAX_SEQUENCES) + ")");
+    }
+}
+
+// --- eval() ------------------------------------------------------------------------------------------
+
+// Checks the pieces and gives each its position in its sequence; returns how many positions in all.
+static int prepare_pieces(const model & m, std::vector<piece> & pieces) {
+    int64_t total = 0;
+    int next_pos[MAX_SEQUENCES];
+    std::copy(std::begin(m.seq_len), std::end(m.seq_len), next_pos);
+    uint64_t seen = 0;
+    for (size_t k = 0; k < pieces.size(); ++k) {
+        piece & p = pieces[k];
         if (p.route != names::TEXT_ROUTE && p.route != names::VISUAL_ROUTE) {
             throw decoder_error("route must be 0 (text) or 1 (visual), not " + std::to_string(p.route));
         }
+        check_seq(p.seq);
         if (p.n < 1) throw decoder_error("nothing to evaluate (an empty run)");
         if ((p.tokens == nullptr) == (p.embeds == nullptr)) {
             throw decoder_error("each run is token ids or embeddings, one of the two");
@@ -999,33 +1097,63 @@ static std::vector<float> eval(model & m, const std::vector<piece> & pieces, boo
                 }
             }
         }
-        total64 += p.n;
+        const bool continues = k > 0 && pieces[k - 1].seq == p.seq;
+        if (!continues && ((seen >> p.seq) & 1)) {
+            throw decoder_error("the runs of sequence " + std::to_string(p.seq) + " must come one after another");
+        }
+        seen |= uint64_t(1) << p.seq;
+        p.pos = next_pos[p.seq];
+        next_pos[p.seq] += p.n;
+        total += p.n;
     }
-    if (total64 < 1) throw decoder_error("nothing to evaluate (no runs)");
-    if ((int64_t) m.n_past + total64 > m.n_ctx) {
-        throw context_full_error("the input needs " + std::to_string(total64) + " positions but only " +
-                                 std::to_string(m.n_ctx - m.n_past) + " of the context's " +
-                                 std::to_string(m.n_ctx) + " are free (n_past " + std::to_string(m.n_past) + ")");
+    if (total < 1) throw decoder_error("nothing to evaluate (no runs)");
+    const int n_free = count_free(m);
+    if (total > n_free) {
+        const int seq = pieces[0].seq;
+        throw context_full_error("the input needs " + std::to_string(total) + " positions but only " +
+                                 std::to_string(n_free) + " of the context's " + std::to_string(m.n_ctx) +
+                                 " are free (n_past " + std::to_string(m.seq_len[seq]) +
+                                 (seq ? " in sequence " + std::to_string(seq) : std::string()) + ")");
     }
-    const int total = (int) total64;
+    return (int) total;
+}
+
+// Runs the pieces' positions through the model in ubatches (a piece may be split between two, and
+// a ubatch is cut short where the free cells are) and returns the logits of every position
+// [total, n_vocab] row-major, or only of each sequence's last position.
+static std::vector<float> eval(model & m, std::vector<piece> pieces, bool all_logits) {
+    const int total = prepare_pieces(m, pieces);
+
+    // The rows (of all `total`) whose logits are returned.
+    std::vector<char> wanted(total, all_logits);
+    {
+        int end = 0;
+        for (size_t k = 0; k < pieces.size(); ++k) {
+            end += pieces[k].n;
+            if (k + 1 == pieces.size() || pieces[k + 1].seq != pieces[k].seq) wanted[end - 1] = 1;
+        }
+    }
 
     const int64_t V = m.hp.n_vocab;
     std::vector<float> out;
-    out.reserve((all_logits ? total : 1) * V);
+    out.reserve((all_logits ? total : (int) std::count(wanted.begin(), wanted.end(), 1)) * V);
     const int ubatch = std::max(1, m.params.n_ubatch);
     // GPU flash attention kernels work on blocks of keys: pad what they read (the pad is masked,
     // as llama.cpp pads its cache). On the CPU the pad would only cost time, and without it no run
-    // reads a position that was never written (allocate_kv_cache relies on that).
+    // reads a cell that was never written (allocate_kv_cache relies on that).
     const int kv_pad = m.params.flash_attn && m.dev_gpu ? 256 : 1;
     size_t next_piece = 0;
     int piece_done = 0;  // positions of pieces[next_piece] already evaluated
-    for (int start = 0; start < total; start += ubatch) {
+    for (int start = 0; start < total;) {
         run r;
-        r.n = std::min(ubatch, total - start);
+        const auto [head, room_here] = find_free_cells(m, std::min(ubatch, total - start));
+        r.head = head;
+        r.n = room_here;
         for (int room = r.n; room > 0;) {  // this ubatch's share of the pieces, in order
             const piece & p = pieces[next_piece];
             piece part = p;
             part.n = std::min(room, p.n - piece_done);
+            part.pos = p.pos + piece_done;
             part.tokens = p.tokens ? p.tokens + piece_done : nullptr;
             part.embeds = p.embeds ? p.embeds + (size_t) piece_done * m.hp.n_embd : nullptr;
             r.pieces.push_back(part);
@@ -1036,27 +1164,41 @@ static std::vector<float> eval(model & m, const std::vector<piece> & pieces, boo
                 piece_done = 0;
             }
         }
-        r.all_logits = all_logits;
-        r.n_past = m.n_past;
-        r.n_kv = std::min(m.n_ctx, GGML_PAD(r.n_past + r.n, kv_pad));
+        for (int i = 0; i < r.n; ++i) {
+            if (wanted[start + i]) r.outputs.push_back(i);
+        }
+        const bool keep = !r.outputs.empty();
+        if (!keep) r.outputs.push_back(r.n - 1);  // a graph needs an output; this one is dropped
 
-        graph g;
-        ggml_backend_sched_reset(m.sched);
-        build_graph(g, m, r);
-        if (!ggml_backend_sched_alloc_graph(m.sched, g.gf)) {
-            throw decoder_error("cannot allocate the compute graph (out of memory?)");
+        // The run's cells are taken before the mask is made (each row sees its own key) and given
+        // back if the graph fails.
+        int row = 0;
+        for (const piece & p : r.pieces) {
+            for (int k = 0; k < p.n; ++k, ++row) m.cells[head + row] = kv_cell{p.pos + k, uint64_t(1) << p.seq};
         }
-        set_inputs(g, r);
-        if (ggml_backend_sched_graph_compute(m.sched, g.gf) != GGML_STATUS_SUCCESS) {
-            throw decoder_error("ggml failed to compute the graph");
+        r.n_kv = std::min(m.n_ctx, GGML_PAD(used_end(m), kv_pad));
+        try {
+            graph g;
+            ggml_backend_sched_reset(m.sched);
+            build_graph(g, m, r);
+            if (!ggml_backend_sched_alloc_graph(m.sched, g.gf)) {
+                throw decoder_error("cannot allocate the compute graph (out of memory?)");
+            }
+            set_inputs(g, m, r);
+            if (ggml_backend_sched_graph_compute(m.sched, g.gf) != GGML_STATUS_SUCCESS) {
+                throw decoder_error("ggml failed to compute the graph");
+            }
+            if (keep) {
+                const size_t old = out.size();
+                out.resize(old + ggml_nelements(g.logits));
+                ggml_backend_tensor_get(g.logits, out.data() + old, 0, ggml_nbytes(g.logits));
+            }
+        } catch (...) {
+            for (int i = 0; i < r.n; ++i) m.cells[head + i] = kv_cell{};
+            throw;
         }
-        const bool keep = all_logits || start + r.n == total;
-        if (keep) {
-            const size_t old = out.size();
-            out.resize(old + ggml_nelements(g.logits));
-            ggml_backend_tensor_get(g.logits, out.data() + old, 0, ggml_nbytes(g.logits));
-        }
-        m.n_past += r.n;
+        for (const piece & p : r.pieces) m.seq_len[p.seq] = std::max(m.seq_len[p.seq], p.pos + p.n);
+        start += r.n;
     }
     return out;
 }
@@ -1328,21 +1470,53 @@ std::vector<float> decoder::eval_runs(const std::vector<run_input> & runs, bool 
     std::vector<piece> pieces;
     for (const run_input & in : runs) {
         if (in.n > INT32_MAX) throw context_full_error("far too many positions");
-        pieces.push_back(piece{in.tokens, in.embeds, (int) in.n, in.route});
+        pieces.push_back(piece{in.tokens, in.embeds, (int) in.n, in.route, in.seq});
     }
     return eval(m, pieces, all_logits);
 }
 
-int decoder::n_past() const { return read([](const model & m) { return m.n_past; }); }
+int decoder::n_past(int seq) const {
+    check_seq(seq);
+    return read([seq](const model & m) { return m.seq_len[seq]; });
+}
 
-void decoder::rewind(int n) {
+int decoder::n_free() const {
+    call_lock hold(mutex_);
+    return count_free(ready());
+}
+
+void decoder::rewind(int n, int seq) {
+    check_seq(seq);
     call_lock hold(mutex_);
     model & m = ready();
-    if (n < 0 || n > m.n_past) {
-        throw decoder_error("cannot rewind " + std::to_string(n) + " positions; n_past is " + std::to_string(m.n_past));
+    if (n < 0 || n > m.seq_len[seq]) {
+        throw decoder_error("cannot rewind " + std::to_string(n) + " positions; n_past is " + std::to_string(m.seq_len[seq]));
     }
-    // The rows past n_past stay in the cache but are masked out and overwritten by the next run.
-    m.n_past -= n;
+    // The rows stay in the cache until another run takes their cells.
+    const int keep = m.seq_len[seq] - n;
+    drop_cells(m, seq, [keep](const kv_cell & c) { return c.pos < keep; });
+    m.seq_len[seq] = keep;
+}
+
+void decoder::clear_sequence(int seq) {
+    check_seq(seq);
+    call_lock hold(mutex_);
+    model & m = ready();
+    drop_cells(m, seq, [](const kv_cell &) { return false; });
+    m.seq_len[seq] = 0;
+}
+
+void decoder::copy_sequence(int src, int dst) {
+    check_seq(src);
+    check_seq(dst);
+    call_lock hold(mutex_);
+    model & m = ready();
+    if (src == dst) return;
+    drop_cells(m, dst, [](const kv_cell &) { return false; });
+    for (kv_cell & c : m.cells) {
+        if (c.has(src)) c.seqs |= uint64_t(1) << dst;
+    }
+    m.seq_len[dst] = m.seq_len[src];
 }
 
 static std::string cache_layout(const model & m) {
@@ -1350,47 +1524,104 @@ static std::string cache_layout(const model & m) {
            (m.v_trans ? ":vT" : ":v");
 }
 
-std::unique_ptr<kv_state> decoder::save_state() const {
-    call_lock hold(mutex_);
-    const model & m = ready();
-    auto s = std::make_unique<kv_state>();
-    s->n_past = m.n_past;
-    s->layout = cache_layout(m);
-    for (const layer & L : m.layers) {
-        std::vector<uint8_t> k(m.n_past * L.k_cache->nb[1]);
-        if (!k.empty()) ggml_backend_tensor_get(L.k_cache, k.data(), 0, k.size());
-        std::vector<uint8_t> v;
-        if (m.v_trans) {  // column block [0, n_past) of every row
-            const size_t row = m.n_past * ggml_element_size(L.v_cache);
-            v.resize(row * m.hp.n_embd_kv());
-            if (row) ggml_backend_tensor_get_2d(L.v_cache, v.data(), 0, row, m.hp.n_embd_kv(), L.v_cache->nb[1], row);
-        } else {
-            v.resize(m.n_past * L.v_cache->nb[1]);
-            if (!v.empty()) ggml_backend_tensor_get(L.v_cache, v.data(), 0, v.size());
-        }
-        s->k.push_back(std::move(k));
-        s->v.push_back(std::move(v));
+// A sequence's cells as stretches of consecutive cells holding consecutive positions, each
+// {first cell, first position, length}, so that its rows move between the cache and a state in
+// a few copies (one when the sequence lies in one stretch, the usual case).
+struct stretch {
+    int cell, pos, n;
+};
+
+static std::vector<stretch> stretches_of(const model & m, int seq) {
+    std::vector<int> cell_of(m.seq_len[seq], -1);
+    for (int j = 0; j < (int) m.cells.size(); ++j) {
+        const kv_cell & c = m.cells[j];
+        if (c.has(seq) && c.pos < m.seq_len[seq]) cell_of[c.pos] = j;
     }
-    return s;
+    std::vector<stretch> out;
+    for (int p = 0; p < (int) cell_of.size(); ++p) {
+        if (cell_of[p] < 0) throw decoder_error("the cache lost position " + std::to_string(p) + " of a sequence");
+        if (!out.empty() && out.back().cell + out.back().n == cell_of[p]) {
+            ++out.back().n;
+        } else {
+            out.push_back(stretch{cell_of[p], p, 1});
+        }
+    }
+    return out;
 }
 
-void decoder::restore_state(const kv_state & s) {
+// Layer L's rows of one stretch, cache -> a state's buffers (k, v: positions [0, n_pos) of the
+// sequence; a transposed V is stored as n_embd_kv rows of n_pos), and back.
+static void rows_to_state(const model & m, const layer & L, const stretch & s, int n_pos, uint8_t * k, uint8_t * v) {
+    const size_t k_row = L.k_cache->nb[1];
+    ggml_backend_tensor_get(L.k_cache, k + s.pos * k_row, s.cell * k_row, s.n * k_row);
+    if (m.v_trans) {
+        const size_t e = ggml_element_size(L.v_cache);
+        ggml_backend_tensor_get_2d(L.v_cache, v + s.pos * e, s.cell * e, s.n * e, m.hp.n_embd_kv(), L.v_cache->nb[1], n_pos * e);
+    } else {
+        const size_t v_row = L.v_cache->nb[1];
+        ggml_backend_tensor_get(L.v_cache, v + s.pos * v_row, s.cell * v_row, s.n * v_row);
+    }
+}
+
+static void rows_to_cache(const model & m, const layer & L, const stretch & s, int n_pos, const uint8_t * k,
+                          const uint8_t * v) {
+    const size_t k_row = L.k_cache->nb[1];
+    ggml_backend_tensor_set(L.k_cache, k + s.pos * k_row, s.cell * k_row, s.n * k_row);
+    if (m.v_trans) {
+        const size_t e = ggml_element_size(L.v_cache);
+        ggml_backend_tensor_set_2d(L.v_cache, v + s.pos * e, s.cell * e, s.n * e, m.hp.n_embd_kv(), L.v_cache->nb[1], n_pos * e);
+    } else {
+        const size_t v_row = L.v_cache->nb[1];
+        ggml_backend_tensor_set(L.v_cache, v + s.pos * v_row, s.cell * v_row, s.n * v_row);
+    }
+}
+
+std::unique_ptr<kv_state> decoder::save_state(int seq) const {
+    check_seq(seq);
+    call_lock hold(mutex_);
+    const model & m = ready();
+    auto st = std::make_unique<kv_state>();
+    const int n = m.seq_len[seq];
+    st->n_past = n;
+    st->layout = cache_layout(m);
+    const std::vector<stretch> parts = stretches_of(m, seq);
+    for (const layer & L : m.layers) {
+        std::vector<uint8_t> k(n * L.k_cache->nb[1]);
+        std::vector<uint8_t> v(m.v_trans ? n * ggml_element_size(L.v_cache) * m.hp.n_embd_kv() : n * L.v_cache->nb[1]);
+        for (const stretch & s : parts) rows_to_state(m, L, s, n, k.data(), v.data());
+        st->k.push_back(std::move(k));
+        st->v.push_back(std::move(v));
+    }
+    return st;
+}
+
+void decoder::restore_state(const kv_state & st, int seq) {
+    check_seq(seq);
     call_lock hold(mutex_);
     model & m = ready();
-    if (s.layout != cache_layout(m) || s.n_past > m.n_ctx || s.k.size() != m.layers.size()) {
+    if (st.layout != cache_layout(m) || st.n_past > m.n_ctx || st.k.size() != m.layers.size()) {
         throw decoder_error("this state was saved from a decoder with another cache layout or a larger context");
     }
+    drop_cells(m, seq, [](const kv_cell &) { return false; });
+    m.seq_len[seq] = 0;
+    if (st.n_past > count_free(m)) {
+        throw context_full_error("the state holds " + std::to_string(st.n_past) + " positions but only " +
+                                 std::to_string(count_free(m)) + " cells are free");
+    }
+    // Into free cells, in as few stretches as they allow.
+    std::vector<stretch> parts;
+    for (int pos = 0; pos < st.n_past;) {
+        const auto [cell, n] = find_free_cells(m, st.n_past - pos);
+        for (int i = 0; i < n; ++i) m.cells[cell + i] = kv_cell{pos + i, uint64_t(1) << seq};
+        parts.push_back(stretch{cell, pos, n});
+        pos += n;
+    }
     for (size_t i = 0; i < m.layers.size(); ++i) {
-        const layer & L = m.layers[i];
-        if (!s.k[i].empty()) ggml_backend_tensor_set(L.k_cache, s.k[i].data(), 0, s.k[i].size());
-        if (m.v_trans) {
-            const size_t row = s.n_past * ggml_element_size(L.v_cache);
-            if (row) ggml_backend_tensor_set_2d(L.v_cache, s.v[i].data(), 0, row, m.hp.n_embd_kv(), L.v_cache->nb[1], row);
-        } else if (!s.v[i].empty()) {
-            ggml_backend_tensor_set(L.v_cache, s.v[i].data(), 0, s.v[i].size());
+        for (const stretch & s : parts) {
+            rows_to_cache(m, m.layers[i], s, st.n_past, st.k[i].data(), st.v[i].data());
         }
     }
-    m.n_past = s.n_past;
+    m.seq_len[seq] = st.n_past;
 }
 
 void decoder::start_importance() {

@@ -58,7 +58,12 @@ struct decoder_params {
                                  // then reads, repacks or uploads the weights (on any thread)
 };
 
-// The K/V rows of the first n_past positions, copied to host memory (prefix reuse).
+// The most sequences the KV cache can hold at once (each cell records its sequences in a 64-bit
+// mask, docs/design.md §14).
+constexpr int MAX_SEQUENCES = 64;
+
+// The K/V rows of one sequence's n_past positions, in position order, copied to host memory
+// (prefix reuse).
 struct kv_state {
     int n_past = 0;
     std::string layout;                      // restore refuses a state of another cache layout
@@ -69,12 +74,13 @@ struct kv_state {
 struct model;  // defined in owl2_decoder.cpp
 
 // One run of decoder::eval_runs: n token ids or n embeddings [n, n_embd] (the caller keeps them
-// alive for the call), through route 0 (text) or 1 (visual).
+// alive for the call), through route 0 (text) or 1 (visual), appended to sequence `seq`.
 struct run_input {
     const int32_t * tokens = nullptr;
     const float * embeds = nullptr;
     int64_t n = 0;
     int route = 0;
+    int seq = 0;
 };
 
 // Importance statistics of one weight matrix (an importance matrix's entry, llama.cpp's
@@ -99,16 +105,23 @@ public:
     void cancel_loading();
     decoder & operator=(const decoder &) = delete;
 
-    // Consecutive runs of either kind, appended after the n_past cached positions, in one pass
-    // (one graph per n_ubatch positions): Q, O and the MLP multiply every position at once, each
-    // run's positions take its route's norms and K/V (route 0 = text, 1 = visual). Returns the
-    // logits of the last position [n_vocab], or of every position [n, n_vocab] row-major.
+    // Runs of either kind in one pass (one graph per n_ubatch positions): Q, O and the MLP
+    // multiply every position at once, each run's positions take its route's norms and K/V
+    // (route 0 = text, 1 = visual). Each run is appended to its sequence, after that sequence's
+    // n_past positions; a sequence's runs come one after another, and several sequences may share
+    // a call (a decode step: one token of each). A query sees only its own sequence's keys.
+    // Returns the logits of every position [n, n_vocab] row-major, or of the last position of each
+    // sequence in the call [n_seq, n_vocab], in the order the sequences come.
     std::vector<float> eval_runs(const std::vector<run_input> & runs, bool all_logits);
 
-    int n_past() const;
-    void rewind(int n);
-    std::unique_ptr<kv_state> save_state() const;
-    void restore_state(const kv_state & state);
+    // The cache, per sequence (0 unless said otherwise; 0 <= seq < MAX_SEQUENCES).
+    int n_past(int seq = 0) const;               // positions the sequence holds
+    void rewind(int n, int seq = 0);             // forget its last n positions
+    void clear_sequence(int seq);                // forget all of them
+    void copy_sequence(int src, int dst);        // dst becomes src (sharing its cells: no copy of K/V)
+    int n_free() const;                          // cells no sequence holds
+    std::unique_ptr<kv_state> save_state(int seq = 0) const;
+    void restore_state(const kv_state & state, int seq = 0);  // replaces what seq held
 
     int n_vocab() const;
     int n_embd() const;

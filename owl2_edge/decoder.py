@@ -7,7 +7,9 @@
 
 Each call is one run of one modality, appended after the `n_past` positions already in the KV
 cache; it returns the logits of its last position (or of every position with all_logits=True).
-Numpy in, numpy out; the native errors become DecoderError / ContextFullError here.
+The cache may hold several sequences (eval_sequences: one decode step for many answers at
+once); a caller that never names one uses sequence 0. Numpy in, numpy out; the native errors
+become DecoderError / ContextFullError here.
 """
 
 from __future__ import annotations
@@ -32,8 +34,11 @@ _decoder.init_backends()
 # The largest context the native decoder allocates (positions, text and image alike).
 MAX_CTX = 1 << 20
 
-# A KV cache snapshot (the first n_past positions), from save_state(); opaque to callers.
+# A KV cache snapshot (one sequence's positions), from save_state(); opaque to callers.
 KVState = _decoder.KVState
+
+# Sequences the KV cache holds at most (ids 0 .. MAX_SEQUENCES - 1).
+MAX_SEQUENCES = _decoder.MAX_SEQUENCES
 
 # The model's facts, read once when the pair opens (before its weights are placed).
 _FACTS = ("n_vocab", "n_embd", "n_ctx", "n_layer", "n_threads", "device", "kv_type", "flash_attn")
@@ -161,25 +166,49 @@ class Decoder:
         return self.eval_runs([self._checked_embeds(embeds)], all_logits, routes=[route])
 
     def eval_runs(self, runs: Sequence, all_logits: bool = False,
-                  routes: Sequence[int] | None = None) -> np.ndarray:
-        """Consecutive runs in one pass: each a list of token ids (text route) or a float array
-        of embeddings [n, n_embd] (visual route), e.g. [ids before the image, its embeddings, ids
-        after]. Q, O and the MLP multiply every position at once; each run's positions take its
-        route's norms and K/V. Logits like eval_tokens, over all the runs' positions. `routes`:
-        one per run instead of by kind (tests only)."""
-        checked = [self._checked_embeds(run) if isinstance(run, np.ndarray)
-                   and np.issubdtype(run.dtype, np.floating) else self._checked_ids(run)
-                   for run in runs]
-        if not checked:
-            raise DecoderError("nothing to evaluate (no runs)")
-        if routes is None:
-            routes = [TEXT_ROUTE if run.dtype == np.int32 else VISUAL_ROUTE for run in checked]
-        if len(routes) != len(checked):
-            raise DecoderError(f"{len(routes)} routes for {len(checked)} runs")
+                  routes: Sequence[int] | None = None, seq: int = 0) -> np.ndarray:
+        """Consecutive runs of sequence `seq` in one pass: each a list of token ids (text route)
+        or a float array of embeddings [n, n_embd] (visual route), e.g. [ids before the image,
+        its embeddings, ids after]. Q, O and the MLP multiply every position at once; each run's
+        positions take its route's norms and K/V. Logits like eval_tokens, over all the runs'
+        positions. `routes`: one per run instead of by kind (tests only)."""
+        seq = self._checked_seq(seq)
+        logits = self._eval([(seq, runs, routes)], all_logits)
+        return logits if all_logits else logits[0]
+
+    def eval_sequences(self, batch: Sequence[tuple[int, Sequence]], all_logits: bool = False
+                       ) -> np.ndarray:
+        """Several sequences in one pass: (seq, runs) pairs, each sequence at most once, its runs
+        as eval_runs takes them, appended to that sequence. A decode step is one token of each:
+        [(0, [[t0]]), (3, [[t3]])]. Every position sees only its own sequence's keys
+        (docs/design.md §14). Returns float32 logits [len(batch), n_vocab], one row per sequence
+        (its last position) in the order given, or with all_logits [positions, n_vocab]."""
+        seqs = [self._checked_seq(seq) for seq, _ in batch]
+        if len(set(seqs)) != len(seqs):
+            raise DecoderError("each sequence at most once in eval_sequences")
+        return self._eval([(seq, runs, None) for seq, (_, runs) in zip(seqs, batch)], all_logits)
+
+    def _eval(self, batch, all_logits: bool) -> np.ndarray:
+        native_runs = []
+        for seq, runs, routes in batch:
+            checked = [self._checked_embeds(run) if isinstance(run, np.ndarray)
+                       and np.issubdtype(run.dtype, np.floating) else self._checked_ids(run)
+                       for run in runs]
+            if not checked:
+                raise DecoderError("nothing to evaluate (no runs)")
+            if routes is None:
+                routes = [TEXT_ROUTE if run.dtype == np.int32 else VISUAL_ROUTE for run in checked]
+            if len(routes) != len(checked):
+                raise DecoderError(f"{len(routes)} routes for {len(checked)} runs")
+            native_runs += [(run, int(route), seq) for run, route in zip(checked, routes)]
+        if not native_runs:
+            raise DecoderError("nothing to evaluate (no sequences)")
         self.wait()
         with _native_errors():
-            return self._native.eval_runs([(run, int(route)) for run, route in zip(checked, routes)],
-                                          bool(all_logits))
+            return self._native.eval_runs(native_runs, bool(all_logits))
+
+    def _checked_seq(self, seq) -> int:
+        return checks.integer("seq", seq, 0, MAX_SEQUENCES - 1)
 
     def _checked_ids(self, ids) -> np.ndarray:
         ids = np.asarray(ids)
@@ -205,18 +234,49 @@ class Decoder:
 
     # -- the cache -------------------------------------------------------------------------------
 
+    # The cache is shared by up to MAX_SEQUENCES sequences, each its own positions 0, 1, ...
+    # (docs/design.md §14). A caller with one sequence never names one: it is sequence 0.
+
     @property
     def n_past(self) -> int:
-        """Positions in the KV cache (spliced: each image counts n_visual)."""
-        self.wait()
-        with _native_errors():
-            return self._native.n_past
+        """Positions sequence 0 holds in the KV cache (spliced: each image counts n_visual)."""
+        return self.n_past_of(0)
 
-    def rewind(self, n: int) -> None:
-        """Forget the last n positions (e.g. a rejected continuation)."""
+    def n_past_of(self, seq: int) -> int:
+        """Positions sequence `seq` holds."""
+        seq = self._checked_seq(seq)
         self.wait()
         with _native_errors():
-            self._native.rewind(int(n))
+            return self._native.n_past(seq)
+
+    @property
+    def n_free(self) -> int:
+        """Cache cells no sequence holds (what every sequence together may still add)."""
+        self.wait()
+        with _native_errors():
+            return self._native.n_free()
+
+    def rewind(self, n: int, seq: int = 0) -> None:
+        """Forget the last n positions of a sequence (e.g. a rejected continuation)."""
+        seq = self._checked_seq(seq)
+        self.wait()
+        with _native_errors():
+            self._native.rewind(int(n), seq)
+
+    def clear_sequence(self, seq: int) -> None:
+        """Forget every position of a sequence; its cells are free for the others."""
+        seq = self._checked_seq(seq)
+        self.wait()
+        with _native_errors():
+            self._native.clear_sequence(seq)
+
+    def copy_sequence(self, src: int, dst: int) -> None:
+        """Make `dst` hold what `src` holds (a shared prompt, then different continuations).
+        The two share the cells of those positions: nothing is copied, no cell is used."""
+        src, dst = self._checked_seq(src), self._checked_seq(dst)
+        self.wait()
+        with _native_errors():
+            self._native.copy_sequence(src, dst)
 
     def start_importance(self) -> None:
         """Collect, from now on, what each weight matrix's inputs add up to (owl2_edge/imatrix.py);
@@ -233,19 +293,21 @@ class Decoder:
         with _native_errors():
             return self._native.take_importance()
 
-    def save_state(self) -> KVState:
-        """A copy of the cache's first n_past positions, to resume from later (prefix reuse)."""
+    def save_state(self, seq: int = 0) -> KVState:
+        """A copy of a sequence's n_past positions, to resume from later (prefix reuse)."""
+        seq = self._checked_seq(seq)
         self.wait()
         with _native_errors():
-            return self._native.save_state()
+            return self._native.save_state(seq)
 
-    def restore_state(self, state: KVState) -> None:
-        """Back to a saved state: n_past and the cache as they were at save_state()."""
+    def restore_state(self, state: KVState, seq: int = 0) -> None:
+        """Back to a saved state: the sequence holds what it (or another) held at save_state()."""
         if not isinstance(state, KVState):
             raise DecoderError(f"not a decoder state: {type(state).__name__}")
+        seq = self._checked_seq(seq)
         self.wait()
         with _native_errors():
-            self._native.restore_state(state)
+            self._native.restore_state(state, seq)
 
     # -- facts -----------------------------------------------------------------------------------
 

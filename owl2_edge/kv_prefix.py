@@ -33,6 +33,21 @@ def prompt_items(ids: Sequence[int], image_keys: Sequence[str]) -> list[Item]:
     return items
 
 
+def runs_of(items: Sequence[Item], embeds: Sequence[np.ndarray], first_image: int = 0) -> list:
+    """Items -> the decoder's runs: each stretch of text as a list of ids, each image as its
+    embeddings (embeds[first_image] is the first image's among these items)."""
+    runs, image_index, rest = [], first_image, list(items)
+    while rest:
+        if rest[0][0] == IMAGE:
+            runs.append(np.asarray(embeds[image_index], dtype=np.float32))
+            image_index, rest = image_index + 1, rest[1:]
+        else:
+            n = next((k for k, item in enumerate(rest) if item[0] == IMAGE), len(rest))
+            runs.append([value for _, value in rest[:n]])
+            rest = rest[n:]
+    return runs
+
+
 class KVPrefix:
     """The decoder's cache and its description, kept in agreement."""
 
@@ -86,16 +101,7 @@ class KVPrefix:
         together: Decoder.eval_runs) and return the last position's logits, or every
         position's. They are recorded once the decoder holds them; an interruption leaves the
         decoder ahead of the description, which forget() measures from the decoder's n_past."""
-        runs, image_index, rest = [], first_image, items
-        while rest:
-            if rest[0][0] == IMAGE:
-                runs.append(np.asarray(embeds[image_index], dtype=np.float32))
-                image_index, rest = image_index + 1, rest[1:]
-            else:
-                n = next((k for k, item in enumerate(rest) if item[0] == IMAGE), len(rest))
-                runs.append([value for _, value in rest[:n]])
-                rest = rest[n:]
-        logits = self.decoder.eval_runs(runs, all_logits=all_logits)
+        logits = self.decoder.eval_runs(runs_of(items, embeds, first_image), all_logits=all_logits)
         self.cached.extend(items)
         return logits
 

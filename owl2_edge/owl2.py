@@ -17,13 +17,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from owl2_edge import checks, names, openai_chat
+from owl2_edge.batch.engine import BatchResult, answer_all
 from owl2_edge.chat import Chat
-from owl2_edge.decoder import Decoder, check_options
+from owl2_edge.decoder import MAX_SEQUENCES, Decoder, check_options
 from owl2_edge.detok import Utf8Stream
 from owl2_edge.errors import ArgumentError, BusyError, DecoderError, ModelFolderError
 from owl2_edge.image import ASPECT_MODES, content_hash, load_image, preprocess
@@ -161,6 +162,29 @@ class Owl2:
     def ask(self, images, question: str, **kwargs) -> str:
         """The whole answer as one string (upstream's CLI strips it)."""
         return "".join(self.stream(images, question, **kwargs)).strip()
+
+    def batch(self, items: Iterable, parallel: int = 4, **sampling) -> Iterator[BatchResult]:
+        """Answer many questions together: `items` are BatchItem(index, image, question),
+        (image, question) pairs or {"image", "question"} dicts (image None: no image). Yields a
+        BatchResult for each as it finishes, in no fixed order (`index` says which); a bad item
+        gives a result with `error` set and the others go on. `parallel` answers are decoded
+        together, each in its own sequence of the KV cache with n_ctx // parallel positions
+        (load with n_ctx = parallel x what one answer needs). Answers are what ask() gives with
+        that n_ctx (docs/design.md §14). Holds this object's caches until the iterator ends."""
+        parallel = checks.integer("parallel", parallel, 1, MAX_SEQUENCES)
+        params = SamplingParams.of(sampling)
+        if self.decoder.n_ctx // parallel < 1:
+            raise ArgumentError(f"n_ctx {self.decoder.n_ctx} is too small for {parallel} parallel "
+                                "answers")
+        return self._batch(items, parallel, params)
+
+    def _batch(self, items, parallel: int, params: SamplingParams) -> Iterator[BatchResult]:
+        turn = self._begin_turn()
+        try:
+            self.kv.forget(0)  # sequence 0 is one of the batch's now
+            yield from answer_all(self, items, parallel, params, lambda: self._check_turn(turn))
+        finally:
+            self._end_turn(turn)
 
     def chat(self, images=()) -> Chat:
         """A conversation whose history is kept (and whose KV cache is reused turn to turn)."""
