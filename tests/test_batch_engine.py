@@ -125,3 +125,18 @@ def test_images_given_as_bytes_have_no_label(tiny_model_dir, items, asked):
     results, _ = _batch(tiny_model_dir, [BatchItem(0, io.BytesIO(data).getvalue(), items[0].question)],
                         1, max_tokens=12, temperature=0)
     assert results[0].image is None and results[0].answer == asked[0][0]
+
+
+def test_questions_about_one_picture_share_its_prefill(tiny_model_dir, pictures):
+    """Answers running together whose prompts start with the same picture share those cells
+    (copy_sequence); the answers are still ask's."""
+    questions = ["What color is the circle?", "How many shapes are there?", "What is it?",
+                 "What shape is on the left?"]
+    items = [BatchItem(k, pictures[0], q) for k, q in enumerate(questions)]
+    with Owl2.load(tiny_model_dir, device="cpu", kv_type="f32", n_ctx=WINDOW) as owl:
+        alone = {i.index: owl.ask(i.image, i.question, max_tokens=12, temperature=0) for i in items}
+    # Two admitted together: the second waits one step, then shares the first's cells.
+    results, _ = _batch(tiny_model_dir, items, 2, max_tokens=12, temperature=0)
+    assert {r.index: r.answer for r in results} == alone
+    reused = [r.reused_positions for r in results]
+    assert max(reused) > 0 and all(r < r_.prompt_tokens for r, r_ in zip(reused, results))

@@ -57,6 +57,7 @@ class BatchResult:
     answer: str | None      # what Owl2.ask returns for the item; None on error
     error: str | None       # one line, when this item failed (bad image, prompt too long...)
     prompt_tokens: int = 0  # spliced prompt positions (an image counts n_visual)
+    reused_positions: int = 0  # of those, shared with another answer's prompt (not evaluated)
     completion_tokens: int = 0
     finish_reason: str = ""  # "stop", "length", "context"; "" on error
     timings: dict = field(default_factory=dict)  # seconds: vision, prefill, decode, total
@@ -68,7 +69,7 @@ class BatchResult:
             row["error"] = self.error
             return row
         row.update(answer=self.answer, prompt_tokens=self.prompt_tokens,
-                   completion_tokens=self.completion_tokens, finish_reason=self.finish_reason,
+                   reused_positions=self.reused_positions, completion_tokens=self.completion_tokens, finish_reason=self.finish_reason,
                    timings={k: round(v, 4) for k, v in self.timings.items()})
         return row
 
@@ -226,6 +227,7 @@ class _Answer:
         self.token: int | None = None  # the token to feed next step, None when finished
         self.started = self.first_token_at = time.perf_counter()
         self.prefill_seconds = 0.0
+        self.reused_positions = 0
 
     def take(self, logits: np.ndarray, window: int) -> bool:
         """The logits of this sequence's last position -> the next token (self.token); False
@@ -256,10 +258,43 @@ class _Answer:
         r, now = self.ready, time.perf_counter()
         return BatchResult(
             r.item.index, _label(r.item.image), r.item.question, "".join(self.pieces).strip(), None,
-            prompt_tokens=r.positions, completion_tokens=self.n_generated,
+            prompt_tokens=r.positions, reused_positions=self.reused_positions,
+            completion_tokens=self.n_generated,
             finish_reason=self.finish_reason,
             timings={"vision": r.vision_seconds, "prefill": self.prefill_seconds,
                      "decode": now - self.first_token_at, "total": now - self.started})
+
+
+def _shared_items(new: _Answer, other: _Answer) -> int:
+    """How many items at the start of `new`'s prompt `other`'s has too, when they include an
+    image (sharing a few text tokens is not worth a step); never all of them: the last
+    position must run again, its logits start the answer."""
+    items, theirs = new.ready.items, other.ready.items
+    n, limit = 0, min(len(items) - 1, len(theirs))
+    while n < limit and items[n] == theirs[n]:
+        n += 1
+    return n if any(kind == IMAGE for kind, _ in items[:n]) else 0
+
+
+def _prompt_runs(decoder, new: _Answer, running, n_visual: int) -> list:
+    """The runs `new`'s sequence still needs for its prompt. When a running answer's prompt
+    starts with the same image(s) (several questions about one picture), the new sequence takes
+    over those cells (copy_sequence: shared, not copied) and only the rest is evaluated."""
+    items = new.ready.items
+    width = lambda item: n_visual if item[0] == IMAGE else 1  # noqa: E731
+    best, best_items = None, 0
+    for other in running:
+        n = _shared_items(new, other)
+        if n > best_items:
+            best, best_items = other, n
+    if best is None:
+        return runs_of(items, new.ready.embeds)
+    shared = sum(width(item) for item in items[:best_items])
+    decoder.copy_sequence(best.seq, new.seq)
+    decoder.rewind(decoder.n_past_of(new.seq) - shared, seq=new.seq)
+    new.reused_positions = shared
+    images_shared = sum(1 for kind, _ in items[:best_items] if kind == IMAGE)
+    return runs_of(items[best_items:], new.ready.embeds, images_shared)
 
 
 def answer_all(owl: "Owl2", items: Iterable, parallel: int, params: SamplingParams,
@@ -274,11 +309,12 @@ def answer_all(owl: "Owl2", items: Iterable, parallel: int, params: SamplingPara
     free = list(range(parallel - 1, -1, -1))
     active: dict[int, _Answer] = {}
     preparer = _Preparer(owl, as_items(items), group=owl.vision.max_batch, ahead=2 * parallel)
+    waiting: list[_Answer] = []  # admitted, its prompt held back one step (below)
     more = True
     try:
-        while more or active:
+        while more or active or waiting:
             # Admit what is ready into free sequences; wait for one only when nothing else runs.
-            admitted: list[_Answer] = []
+            admitted, waiting = waiting, []
             while more and free:
                 got = preparer.get(block=not active and not admitted)
                 if got is None:
@@ -297,9 +333,17 @@ def answer_all(owl: "Owl2", items: Iterable, parallel: int, params: SamplingPara
                     admitted.append(_Answer(owl, got, free.pop(), params))
             if not active and not admitted:
                 continue
+            # A prompt that starts with the same picture as another admitted now waits one step:
+            # then that one's cells exist, and it shares them instead of evaluating them again.
+            now: list[_Answer] = []
+            for a in admitted:
+                (waiting if any(_shared_items(a, b) for b in now) else now).append(a)
+            admitted = now
 
-            # One step: the new prompts whole, and one token of every answer going on.
-            step = [(a.seq, runs_of(a.ready.items, a.ready.embeds)) for a in admitted]
+            # One step: the new prompts (what another answer's prompt does not share with
+            # them), and one token of every answer going on.
+            step = [(a.seq, _prompt_runs(decoder, a, active.values(), owl.manifest.n_visual))
+                    for a in admitted]
             step += [(seq, [[a.token]]) for seq, a in active.items()]
             t = time.perf_counter()
             logits = decoder.eval_sequences(step)
