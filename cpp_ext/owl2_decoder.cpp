@@ -151,6 +151,11 @@ struct kv_cell {
     bool free() const { return seqs == 0; }
 };
 
+// The most spans (build_graph: positions of one route or one input kind) a graph may have; eval
+// cuts a ubatch short at the next one. A graph's size grows with them (every routed weight is
+// applied per route span), and room for its metadata is allocated once (start_backends).
+static constexpr int MAX_SPANS = 16;
+
 struct model {
     hparams hp;
     decoder_params params;
@@ -748,7 +753,9 @@ static void start_backends(model & m) {
         backends.push_back(m.backend_gpu);
     }
     backends.push_back(m.backend_cpu);
-    m.graph_size = std::max<size_t>(2048, (size_t) m.hp.n_layer * 64 + 256);
+    // Per layer about 40 nodes, and about 12 more per route span (a view, the routed op and a
+    // concat for each of the two norms and K and V); the inputs add a few per span.
+    m.graph_size = std::max<size_t>(2048, (size_t) m.hp.n_layer * (64 + 12 * MAX_SPANS) + 256 + 4 * MAX_SPANS);
     m.graph_meta.resize(ggml_tensor_overhead() * m.graph_size + ggml_graph_overhead_custom(m.graph_size, false));
     m.sched = ggml_backend_sched_new(backends.data(), nullptr, (int) backends.size(), m.graph_size, false,
                                      /*op_offload =*/true);
@@ -809,8 +816,19 @@ struct piece {
     int pos = 0;  // the position of its first row in its sequence
 };
 
+// Consecutive positions of a graph that take one route (for the routed weights) or come as one
+// kind of input (one input tensor): a decode step that carries a token of each of many
+// sequences is one of each, however many sequences there are.
+struct span {
+    int start = 0, n = 0;  // positions
+    int route = names::TEXT_ROUTE;
+    bool tokens = false;
+    size_t first_piece = 0, n_pieces = 0;
+};
+
 struct run {
     std::vector<piece> pieces;
+    std::vector<span> route_spans, input_spans;
     int n = 0;  // positions, all pieces together
     int head = 0;  // the cache cells [head, head + n) take this run's K/V rows
     int n_kv = 0;  // cells attention reads, [0, n_kv) (the ones of other sequences are masked)
@@ -901,16 +919,34 @@ static ggml_tensor * columns(ggml_context * ctx, ggml_tensor * t, int start, int
     return ggml_view_2d(ctx, t, t->ne[0], n, t->nb[1], (size_t) start * t->nb[1]);
 }
 
-// f(piece's route, piece's columns of x) for each piece, side by side again. One piece: f(x).
-template <typename F>
-static ggml_tensor * per_piece(ggml_context * ctx, const run & r, ggml_tensor * x, F f) {
-    if (r.pieces.size() == 1) return f(r.pieces[0].route, x);
-    ggml_tensor * out = nullptr;
+// Groups the run's pieces into spans: a new span wherever same(previous piece, piece) is false.
+template <typename Same>
+static std::vector<span> spans_of(const std::vector<piece> & pieces, Same same) {
+    std::vector<span> out;
     int start = 0;
-    for (const piece & p : r.pieces) {
-        ggml_tensor * part = f(p.route, columns(ctx, x, start, p.n));
-        out = out ? ggml_concat(ctx, out, part, 1) : part;
+    for (size_t i = 0; i < pieces.size(); ++i) {
+        const piece & p = pieces[i];
+        if (i == 0 || !same(pieces[i - 1], p)) out.push_back(span{start, 0, p.route, p.tokens != nullptr, i, 0});
+        out.back().n += p.n;
+        ++out.back().n_pieces;
         start += p.n;
+    }
+    return out;
+}
+
+static void find_spans(run & r) {
+    r.route_spans = spans_of(r.pieces, [](const piece & a, const piece & b) { return a.route == b.route; });
+    r.input_spans = spans_of(r.pieces, [](const piece & a, const piece & b) { return !a.tokens == !b.tokens; });
+}
+
+// f(span's route, span's columns of x) for each route span, side by side again. One span: f(x).
+template <typename F>
+static ggml_tensor * per_route(ggml_context * ctx, const run & r, ggml_tensor * x, F f) {
+    if (r.route_spans.size() == 1) return f(r.route_spans[0].route, x);
+    ggml_tensor * out = nullptr;
+    for (const span & s : r.route_spans) {
+        ggml_tensor * part = f(s.route, columns(ctx, x, s.start, s.n));
+        out = out ? ggml_concat(ctx, out, part, 1) : part;
     }
     return out;
 }
@@ -918,14 +954,14 @@ static ggml_tensor * per_piece(ggml_context * ctx, const run & r, ggml_tensor * 
 // RMS_norm[route](x): the normalisation is the same for every route, the learned scale is routed.
 static ggml_tensor * routed_rms_norm(ggml_context * ctx, const run & r, ggml_tensor * x,
                                      ggml_tensor * const (&w)[2], float eps) {
-    if (r.pieces.size() == 1) return rms_norm(ctx, x, w[r.pieces[0].route], eps);
+    if (r.route_spans.size() == 1) return rms_norm(ctx, x, w[r.route_spans[0].route], eps);
     ggml_tensor * normed = ggml_rms_norm(ctx, x, eps);
-    return per_piece(ctx, r, normed, [&](int route, ggml_tensor * part) { return ggml_mul(ctx, part, w[route]); });
+    return per_route(ctx, r, normed, [&](int route, ggml_tensor * part) { return ggml_mul(ctx, part, w[route]); });
 }
 
-// W[route] @ x, piece by piece.
+// W[route] @ x, span by span.
 static ggml_tensor * routed_mul_mat(ggml_context * ctx, const run & r, ggml_tensor * x, ggml_tensor * const (&w)[2]) {
-    return per_piece(ctx, r, x, [&](int route, ggml_tensor * part) { return ggml_mul_mat(ctx, w[route], part); });
+    return per_route(ctx, r, x, [&](int route, ggml_tensor * part) { return ggml_mul_mat(ctx, w[route], part); });
 }
 
 static void build_graph(graph & g, model & m, const run & r) {
@@ -936,16 +972,16 @@ static void build_graph(graph & g, model & m, const run & r) {
     g.gf = ggml_new_graph_custom(ctx, m.graph_size, false);
     const int n = r.n, hd = hp.head_dim();
 
-    // The input rows: each piece's token embeddings or given embeddings, side by side.
+    // The input rows: each input span's token embeddings or given embeddings, side by side.
     ggml_tensor * x = nullptr;
-    for (const piece & p : r.pieces) {
+    for (const span & s : r.input_spans) {
         ggml_tensor * in;
         ggml_tensor * rows;
-        if (p.tokens) {
-            in = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, p.n);
+        if (s.tokens) {
+            in = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, s.n);
             rows = ggml_get_rows(ctx, m.token_embd, in);
         } else {
-            in = rows = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, hp.n_embd, p.n);
+            in = rows = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, hp.n_embd, s.n);
         }
         ggml_set_input(in);
         g.inputs.push_back(in);
@@ -993,10 +1029,16 @@ static void build_graph(graph & g, model & m, const run & r) {
 }
 
 static void set_inputs(const graph & g, const model & m, const run & r) {
-    for (size_t i = 0; i < r.pieces.size(); ++i) {
-        const piece & p = r.pieces[i];
-        ggml_backend_tensor_set(g.inputs[i], p.tokens ? (const void *) p.tokens : (const void *) p.embeds, 0,
-                                ggml_nbytes(g.inputs[i]));
+    for (size_t k = 0; k < r.input_spans.size(); ++k) {  // each piece at its place in its span's input
+        const span & s = r.input_spans[k];
+        const size_t row_bytes = s.tokens ? sizeof(int32_t) : sizeof(float) * m.hp.n_embd;
+        size_t offset = 0;
+        for (size_t i = s.first_piece; i < s.first_piece + s.n_pieces; ++i) {
+            const piece & p = r.pieces[i];
+            const size_t bytes = row_bytes * p.n;
+            ggml_backend_tensor_set(g.inputs[k], p.tokens ? (const void *) p.tokens : (const void *) p.embeds, offset, bytes);
+            offset += bytes;
+        }
     }
     // Each row's position in its sequence, and the mask: causal within the row's own sequence,
     // image keys included; every other sequence's cells are hidden.
@@ -1148,15 +1190,19 @@ static std::vector<float> eval(model & m, std::vector<piece> pieces, bool all_lo
         run r;
         const auto [head, room_here] = find_free_cells(m, std::min(ubatch, total - start));
         r.head = head;
-        r.n = room_here;
-        for (int room = r.n; room > 0;) {  // this ubatch's share of the pieces, in order
+        int n_spans = 0;
+        for (int room = room_here; room > 0;) {  // this ubatch's share of the pieces, in order
             const piece & p = pieces[next_piece];
+            const bool new_span = r.pieces.empty() || r.pieces.back().route != p.route || !r.pieces.back().tokens != !p.tokens;
+            if (new_span && n_spans == MAX_SPANS) break;  // the rest goes to the next graph
+            n_spans += new_span;
             piece part = p;
             part.n = std::min(room, p.n - piece_done);
             part.pos = p.pos + piece_done;
             part.tokens = p.tokens ? p.tokens + piece_done : nullptr;
             part.embeds = p.embeds ? p.embeds + (size_t) piece_done * m.hp.n_embd : nullptr;
             r.pieces.push_back(part);
+            r.n += part.n;
             room -= part.n;
             piece_done += part.n;
             if (piece_done == p.n) {
@@ -1164,6 +1210,7 @@ static std::vector<float> eval(model & m, std::vector<piece> pieces, bool all_lo
                 piece_done = 0;
             }
         }
+        find_spans(r);
         for (int i = 0; i < r.n; ++i) {
             if (wanted[start + i]) r.outputs.push_back(i);
         }

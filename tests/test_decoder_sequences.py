@@ -196,3 +196,21 @@ def test_bad_sequence_ids_and_calls_are_refused_and_the_decoder_goes_on(pair):
             dec.rewind(1, seq=3)
         assert dec.n_past == 0 and dec.n_free == 256
         assert dec.eval_runs([[3]]).shape == (dec.n_vocab,)
+
+
+def test_a_step_of_many_image_prompts_and_tokens_equals_each_alone(pair):
+    """Twelve image prompts and eight decode tokens in one call: more route changes than one
+    graph takes (the call is cut into several), every sequence's logits still its own."""
+    with _decoder(pair, n_ctx=512) as dec:
+        v = dec.n_vocab
+        prompts = {s: [[3 + (s * 7 + k) % (v - 3) for k in range(2)], _image(dec, 10 + s),
+                       [3 + (s * 5 + k) % (v - 3) for k in range(3)]] for s in range(12)}
+        tokens = {12 + s: [[3 + (s * 11) % (v - 3)]] for s in range(8)}
+        alone = {}
+        for s, runs in {**prompts, **tokens}.items():
+            dec.clear_sequence(0)
+            alone[s] = dec.eval_runs(runs)
+        dec.clear_sequence(0)
+        got = dec.eval_sequences(list({**prompts, **tokens}.items()))
+        for row, s in zip(got, [*prompts, *tokens]):
+            np.testing.assert_allclose(row, alone[s], atol=TOL, rtol=0, err_msg=str(s))
