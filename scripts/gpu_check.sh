@@ -32,7 +32,7 @@ cd "$REPO"
 python3 -m pip install --no-index --no-deps --no-build-isolation --target "$SITE" . > "$OUT/build.log" 2>&1 ||
   { tail -40 "$OUT/build.log"; exit 1; }
 python3 -c "import owl2_edge._decoder, owl2_edge; print(owl2_edge.__file__)" || exit 1
-[ "$BENCH" = "--bench-only" ] || timeout 420 python3 -m pytest -q -p no:cacheprovider -rs tests/test_decoder.py tests/test_pipeline.py \
+[ "$BENCH" = "--bench-only" ] || timeout 420 python3 -m pytest -q -p no:cacheprovider -rs tests/test_decoder.py tests/test_decoder_sequences.py tests/test_pipeline.py \
   tests/test_cli_ask.py tests/test_native_build.py 2>&1 | tee "$OUT/tests.log" | tail -15
 if [ "$BENCH" = "--bench" ] || [ "$BENCH" = "--bench-only" ]; then
   W=/tmp/owl2-bench

@@ -55,8 +55,20 @@ def _alone(dec, runs, continuation):
     return np.stack(out)
 
 
-def test_each_sequence_in_mixed_steps_equals_it_alone(pair):
-    with _decoder(pair) as dec:
+def _on(device: str, pair, **kw) -> Decoder:
+    try:
+        return _decoder(pair, device=device, **kw)
+    except DecoderError as e:
+        if "no GPU device" in str(e):
+            pytest.skip("the installed ggml has no GPU device")
+        raise
+
+
+# On a GPU attention always takes ggml's fused kernel, which reads K/V as f16 (and pads what it
+# reads, masked): each sequence is then equal to itself alone to that kernel's rounding.
+@pytest.mark.parametrize("device,tol", [("cpu", TOL), ("cuda", 1e-2)])
+def test_each_sequence_in_mixed_steps_equals_it_alone(pair, device, tol):
+    with _on(device, pair) as dec:
         prompts = _prompts(dec)
         rng = np.random.default_rng(0)
         cont = {name: [int(t) for t in rng.integers(3, dec.n_vocab, 6)] for name in prompts}
@@ -98,7 +110,7 @@ def test_each_sequence_in_mixed_steps_equals_it_alone(pair):
             rows = np.stack(rows)
             want = expected[name][:len(rows)]
             assert len(rows) >= 3, name
-            np.testing.assert_allclose(rows, want, atol=TOL, rtol=0, err_msg=name)
+            np.testing.assert_allclose(rows, want, atol=tol, rtol=0, err_msg=name)
             assert (rows.argmax(-1) == want.argmax(-1)).all(), name
 
 
