@@ -4,6 +4,7 @@
 #include "owl2_decoder.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -1596,31 +1597,22 @@ static std::vector<stretch> stretches_of(const model & m, int seq) {
     return out;
 }
 
-// Layer L's rows of one stretch, cache -> a state's buffers (k, v: positions [0, n_pos) of the
-// sequence; a transposed V is stored as n_embd_kv rows of n_pos), and back.
-static void rows_to_state(const model & m, const layer & L, const stretch & s, int n_pos, uint8_t * k, uint8_t * v) {
-    const size_t k_row = L.k_cache->nb[1];
-    ggml_backend_tensor_get(L.k_cache, k + s.pos * k_row, s.cell * k_row, s.n * k_row);
-    if (m.v_trans) {
-        const size_t e = ggml_element_size(L.v_cache);
-        ggml_backend_tensor_get_2d(L.v_cache, v + s.pos * e, s.cell * e, s.n * e, m.hp.n_embd_kv(), L.v_cache->nb[1], n_pos * e);
-    } else {
-        const size_t v_row = L.v_cache->nb[1];
-        ggml_backend_tensor_get(L.v_cache, v + s.pos * v_row, s.cell * v_row, s.n * v_row);
-    }
-}
+// The two block copies that move layer L's rows of one stretch between the cache and a state's
+// buffers (k, v: positions [0, n_pos) of the sequence; a transposed V is stored as n_embd_kv rows
+// of n_pos): K's rows, then V's rows or, transposed, a column block of each of its rows.
+struct block_copy {
+    ggml_tensor * tensor;
+    bool is_v;
+    size_t host_offset, tensor_offset, size, n_rows, tensor_stride, host_stride;
+};
 
-static void rows_to_cache(const model & m, const layer & L, const stretch & s, int n_pos, const uint8_t * k,
-                          const uint8_t * v) {
-    const size_t k_row = L.k_cache->nb[1];
-    ggml_backend_tensor_set(L.k_cache, k + s.pos * k_row, s.cell * k_row, s.n * k_row);
-    if (m.v_trans) {
-        const size_t e = ggml_element_size(L.v_cache);
-        ggml_backend_tensor_set_2d(L.v_cache, v + s.pos * e, s.cell * e, s.n * e, m.hp.n_embd_kv(), L.v_cache->nb[1], n_pos * e);
-    } else {
-        const size_t v_row = L.v_cache->nb[1];
-        ggml_backend_tensor_set(L.v_cache, v + s.pos * v_row, s.cell * v_row, s.n * v_row);
-    }
+static std::array<block_copy, 2> stretch_copies(const model & m, const layer & L, const stretch & s, int n_pos) {
+    const size_t k_row = L.k_cache->nb[1], v_row = L.v_cache->nb[1], e = ggml_element_size(L.v_cache);
+    const block_copy k{L.k_cache, false, s.pos * k_row, s.cell * k_row, s.n * k_row, 1, k_row, k_row};
+    const block_copy v = m.v_trans
+        ? block_copy{L.v_cache, true, s.pos * e, s.cell * e, s.n * e, (size_t) m.hp.n_embd_kv(), v_row, n_pos * e}
+        : block_copy{L.v_cache, true, s.pos * v_row, s.cell * v_row, s.n * v_row, 1, v_row, v_row};
+    return {k, v};
 }
 
 std::unique_ptr<kv_state> decoder::save_state(int seq) const {
@@ -1635,7 +1627,12 @@ std::unique_ptr<kv_state> decoder::save_state(int seq) const {
     for (const layer & L : m.layers) {
         std::vector<uint8_t> k(n * L.k_cache->nb[1]);
         std::vector<uint8_t> v(m.v_trans ? n * ggml_element_size(L.v_cache) * m.hp.n_embd_kv() : n * L.v_cache->nb[1]);
-        for (const stretch & s : parts) rows_to_state(m, L, s, n, k.data(), v.data());
+        for (const stretch & s : parts) {
+            for (const block_copy & c : stretch_copies(m, L, s, n)) {
+                ggml_backend_tensor_get_2d(c.tensor, (c.is_v ? v : k).data() + c.host_offset, c.tensor_offset, c.size,
+                                           c.n_rows, c.tensor_stride, c.host_stride);
+            }
+        }
         st->k.push_back(std::move(k));
         st->v.push_back(std::move(v));
     }
@@ -1665,7 +1662,10 @@ void decoder::restore_state(const kv_state & st, int seq) {
     }
     for (size_t i = 0; i < m.layers.size(); ++i) {
         for (const stretch & s : parts) {
-            rows_to_cache(m, m.layers[i], s, st.n_past, st.k[i].data(), st.v[i].data());
+            for (const block_copy & c : stretch_copies(m, m.layers[i], s, st.n_past)) {
+                ggml_backend_tensor_set_2d(c.tensor, (c.is_v ? st.v[i] : st.k[i]).data() + c.host_offset, c.tensor_offset,
+                                           c.size, c.n_rows, c.tensor_stride, c.host_stride);
+            }
         }
     }
     m.seq_len[seq] = st.n_past;

@@ -21,11 +21,11 @@ float arithmetic (a longer attention sum, other kernel shapes).
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
@@ -89,8 +89,9 @@ def as_items(items: Iterable) -> Iterator[BatchItem]:
                             "(image, question) or {'image': ..., 'question': ...}")
 
 
-def _label(image) -> str | None:
-    return str(image) if isinstance(image, (str, Path)) else None
+def image_label(image) -> str | None:
+    """The "image" of an item's result and row: str(path) for a path, None otherwise."""
+    return str(image) if isinstance(image, (str, os.PathLike)) else None
 
 
 # --- preparing: pixels, prompt, embeddings (the worker thread) -------------------------------------
@@ -205,7 +206,7 @@ class _Preparer:
 
 
 def _failed(item: BatchItem, error: BaseException) -> BatchResult:
-    return BatchResult(item.index, _label(item.image), str(item.question), None,
+    return BatchResult(item.index, image_label(item.image), str(item.question), None,
                        str(error).splitlines()[0] if str(error) else type(error).__name__)
 
 
@@ -257,7 +258,7 @@ class _Answer:
     def result(self) -> BatchResult:
         r, now = self.ready, time.perf_counter()
         return BatchResult(
-            r.item.index, _label(r.item.image), r.item.question, "".join(self.pieces).strip(), None,
+            r.item.index, image_label(r.item.image), r.item.question, "".join(self.pieces).strip(), None,
             prompt_tokens=r.positions, reused_positions=self.reused_positions,
             completion_tokens=self.n_generated,
             finish_reason=self.finish_reason,
@@ -373,4 +374,4 @@ def answer_all(owl: "Owl2", items: Iterable, parallel: int, params: SamplingPara
                 decoder.clear_sequence(seq)
 
 
-__all__ = ["BatchItem", "BatchResult", "answer_all", "as_items"]
+__all__ = ["BatchItem", "BatchResult", "answer_all", "as_items", "image_label"]

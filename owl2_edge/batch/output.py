@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from owl2_edge.batch.engine import BatchItem
+from owl2_edge.batch.engine import BatchItem, image_label
 from owl2_edge.checks import display_path
 from owl2_edge.errors import Owl2Error
 
@@ -33,11 +33,6 @@ except ImportError:  # not POSIX: no lock (two runs on one file would interleave
 
 class OutputError(Owl2Error):
     """An output file that cannot be resumed (written for other inputs, not ours, unreadable)."""
-
-
-def image_key(image) -> str | None:
-    """The "image" of an item's row: str(path) for a path, None otherwise (as BatchResult)."""
-    return str(image) if isinstance(image, (str, os.PathLike)) else None
 
 
 class Output:
@@ -125,7 +120,7 @@ def _check_rows(rows, items: Sequence[BatchItem], name: str) -> dict[int, dict]:
     done = {}
     for n, row in rows:
         item = by_index.get(row["index"])
-        if item is None or row.get("image") != image_key(item.image) \
+        if item is None or row.get("image") != image_label(item.image) \
                 or row.get("question") != item.question:
             raise OutputError(f"{name} was written for other inputs (line {n}, index "
                               f"{row['index']}); use another -o or delete it")

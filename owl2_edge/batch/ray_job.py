@@ -24,8 +24,7 @@ import os
 import re
 from typing import Iterator, Sequence
 
-from owl2_edge.batch.engine import BatchItem
-from owl2_edge.batch.output import image_key
+from owl2_edge.batch.engine import BatchItem, image_label
 from owl2_edge.checks import display_path
 from owl2_edge.errors import Owl2Error
 
@@ -102,7 +101,7 @@ def ray_rows(items: Sequence[BatchItem], load_options: dict, sampling: dict, par
 
 def _rows(ray, items, load_options, sampling, parallel, actors) -> Iterator[dict]:
     from owl2_edge.model_dir import default_model_path
-    shown = {item.index: image_key(item.image) for item in items}  # as the inputs name them
+    shown = {item.index: image_label(item.image) for item in items}  # as the inputs name them
     absolute = {i: None if name is None else os.path.abspath(name) for i, name in shown.items()}
     records = [{"index": item.index, "image": absolute[item.index], "question": item.question}
                for item in items]
