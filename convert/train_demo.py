@@ -1,8 +1,8 @@
 """Trains the demo model: a 5.3 M-parameter mPLUG-Owl2 of the real architecture that answers
-questions about generated pictures of shapes (owl2_edge/scenes.py), on a 2-core CPU, in 17 minutes.
+questions about generated pictures of shapes (owl2_edge/scenes.py), on a 2-core CPU.
 
-    python -m owl2_edge.convert.train_demo OUT_DIR [--seed 0] [--stage1-minutes 5]
-                                                   [--stage2-minutes 12]
+    python -m owl2_edge.convert.train_demo OUT_DIR [--seed 0] [--stage1-steps 1700]
+                                                   [--stage2-steps 4000] [--threads N]
 
 OUT_DIR is a checkpoint in the release's layout (tiny.make_tiny_checkpoint writes it, with a
 tokenizer trained here), which `owl2 convert` takes like the real one. The model and the recipe
@@ -19,11 +19,13 @@ colour and shape, or nothing, at each of the five places; query 5: the number of
 stage 2 starts, the image tokens already carry the answers, and the decoder only has to learn to
 read them, which its visual route (MAM, learning rate 3× the rest) does within minutes.
 
-The schedules are cosine over WALL time, so a run takes the minutes it is given; on a busier or
-slower machine it makes fewer steps (and a faster one more), so two runs with the same seed are
-alike, not bit-equal. Train on a quiet machine: on a 2-core AMD EPYC stage 1 makes about 950 steps
-and stage 2 about 1,200; on the 2-core Xeon (AVX-512) that trained the committed model, 1,680
-and 2,121.
+The schedules are cosine over STEPS (they were over wall time, which gave a faster machine a
+better model), so every machine makes the same steps on the same pictures and questions, and
+runs with one seed are alike everywhere (bit-equal only on one CPU at one thread count). The
+default 1,700 + 4,000 steps took 41 minutes (6 + 35) on the 2-core Xeon with AVX-512 that
+trained the committed model, 2 threads; a step takes about 1.75× as long on a 2-core AMD EPYC.
+Why 4,000 in stage 2: at 2,121 (run 6 of docs/design.md §10) held-out shape-at was 0.948, at
+4,000 it is 0.957, with colour and count at 1.000.
 """
 
 from __future__ import annotations
@@ -277,8 +279,8 @@ def check_batched_math(model: reference.Owl2Reference, sp, cfg: Owl2Config) -> N
 
 # --- The schedule ------------------------------------------------------------------------------
 
-def cosine_by_time(elapsed: float, total: float, warmup: float = 0.03) -> float:
-    frac = min(1.0, elapsed / total)
+def cosine(step: int, total: int, warmup: float = 0.03) -> float:
+    frac = min(1.0, step / total)
     if frac < warmup:
         return frac / warmup
     return 0.5 * (1 + math.cos(math.pi * (frac - warmup) / (1 - warmup)))
@@ -291,16 +293,14 @@ def _progress():
                     TimeElapsedColumn())
 
 
-def _run_stage(name: str, minutes: float, step_fn, params_groups, bar) -> int:
+def _run_stage(name: str, steps: int, step_fn, params_groups, bar) -> int:
     opt = torch.optim.AdamW(params_groups, betas=(0.9, 0.98), weight_decay=0.01)
     base = [g["lr"] for g in opt.param_groups]
-    task = bar.add_task(name, total=100, step=0, info="")
-    total = minutes * 60
+    task = bar.add_task(name, total=steps, step=0, info="")
     t0 = time.perf_counter()
-    step = 0
     logged = t0
-    while (elapsed := time.perf_counter() - t0) < total:
-        factor = cosine_by_time(elapsed, total)
+    for step in range(steps):
+        factor = cosine(step, steps)
         for g, lr in zip(opt.param_groups, base):
             g["lr"] = lr * factor
         loss, info = step_fn()
@@ -308,13 +308,12 @@ def _run_stage(name: str, minutes: float, step_fn, params_groups, bar) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
-        step += 1
-        bar.update(task, completed=100 * min(1.0, elapsed / total), step=step, info=info)
+        bar.update(task, completed=step + 1, step=step + 1, info=info)
         if not bar.console.is_terminal and time.perf_counter() - logged > 30:
             logged = time.perf_counter()  # a log file gets a line every 30 s instead of a bar
-            print(f"{name}: {elapsed:.0f} s, step {step}, {info}", flush=True)
-    bar.update(task, completed=100)
-    return step
+            print(f"{name}: {logged - t0:.0f} s, step {step + 1}/{steps}, {info}", flush=True)
+    bar.update(task, completed=steps)
+    return steps
 
 
 def _groups(named, lr: float, visual_lr: float | None = None) -> list[dict]:
@@ -330,8 +329,8 @@ def _groups(named, lr: float, visual_lr: float | None = None) -> list[dict]:
 
 @dataclass
 class Recipe:
-    stage1_minutes: float = 5.0
-    stage2_minutes: float = 12.0
+    stage1_steps: int = 1700
+    stage2_steps: int = 4000
     stage1_batch: int = 64
     stage2_batch: int = 32
     turns: int = 3
@@ -369,12 +368,12 @@ def train(cfg: Owl2Config, sp, recipe: Recipe, seed: int = 0) -> reference.Owl2R
     with _progress() as bar:
         # Stage 1: the vision tower, the abstractor and its projection, with the heads.
         model.decoder.requires_grad_(False)
-        _run_stage("stage 1", recipe.stage1_minutes, stage1,
+        _run_stage("stage 1", recipe.stage1_steps, stage1,
                    _groups(model.vision.named_parameters(), recipe.vision_lr)
                    + _groups(heads.named_parameters(), recipe.heads_lr), bar)
         # Stage 2: everything, on the answers (+ the heads at half weight).
         model.decoder.requires_grad_(True)
-        _run_stage("stage 2", recipe.stage2_minutes, stage2,
+        _run_stage("stage 2", recipe.stage2_steps, stage2,
                    _groups(model.named_parameters(), recipe.lr, recipe.visual_route_lr)
                    + _groups(heads.named_parameters(), recipe.heads_lr), bar)
     return model.eval().requires_grad_(False)  # the heads are not part of the model
@@ -408,18 +407,19 @@ def main(argv: list[str] | None = None) -> None:
                                      description="Train the demo model on generated pictures.")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stage1-minutes", type=float, default=Recipe.stage1_minutes)
-    parser.add_argument("--stage2-minutes", type=float, default=Recipe.stage2_minutes)
+    parser.add_argument("--stage1-steps", type=int, default=Recipe.stage1_steps)
+    parser.add_argument("--stage2-steps", type=int, default=Recipe.stage2_steps)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--eval-per-type", type=int, default=200)
     parser.add_argument("--dtype", choices=sorted(tiny.DTYPES), default="bfloat16")
     args = parser.parse_args(argv)
     import sentencepiece as spm
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     cfg = demo_config()
     sp_bytes = tokenizer_model()
     sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
-    recipe = Recipe(stage1_minutes=args.stage1_minutes, stage2_minutes=args.stage2_minutes)
+    recipe = Recipe(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps)
     model = train(cfg, sp, recipe, args.seed)
     tiny.make_tiny_checkpoint(args.out_dir, config=cfg, dtype=args.dtype, tensors=hf_tensors(model),
                               tokenizer_model=sp_bytes)

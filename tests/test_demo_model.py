@@ -20,14 +20,14 @@ from owl2_edge.owl2 import Owl2  # noqa: E402
 
 N_PER_TYPE = 200
 # Held-out accuracy each type must reach on these 600 questions, per decoder type. Measured
-# (README, "Quality") on them: colour / count / shape-at 1.000 / 1.000 / 0.945 at F32, 1.000 /
-# 1.000 / 0.950 at Q8_0, 1.000 / 1.000 / 0.955 at Q4_K_M; on 1,000 other questions per type
-# at F32, 0.996 / 0.986 / 0.949. Shape-at is bounded at 0.90: the issue's 0.95 is not reached
-# in general by this model (docs/design.md §10), and a bound met only by this sample would hide it.
+# (README, "Quality") on them: colour / count / shape-at 1.000 / 1.000 / 0.970 at F32 and Q8_0,
+# 1.000 / 1.000 / 0.965 at Q4_K_M; on 1,000 other questions per type at F32, 1.000 / 1.000 /
+# 0.963 (docs/design.md §10). The bounds leave a few answers' room for float differences between
+# machines, and Q4_K_M's shape-at a little more.
 BOUNDS = {
-    "F32": {"color": 0.95, "count": 0.95, "shape_at": 0.90},
-    "Q8_0": {"color": 0.95, "count": 0.95, "shape_at": 0.90},
-    "Q4_K_M": {"color": 0.93, "count": 0.93, "shape_at": 0.88},
+    "F32": {"color": 0.95, "count": 0.95, "shape_at": 0.95},
+    "Q8_0": {"color": 0.95, "count": 0.95, "shape_at": 0.95},
+    "Q4_K_M": {"color": 0.95, "count": 0.95, "shape_at": 0.93},
 }
 
 
@@ -284,10 +284,10 @@ def test_the_committed_checkpoint_is_the_demo_config_in_bfloat16():
 
 @pytest.mark.slow
 def test_a_short_training_run_gets_past_the_image_blind_plateau(tmp_path):
-    """Five minutes of the two-stage recipe already answers from the picture: every type well
-    above chance (colour 1/6, count and shape 1/3), shape-at included."""
+    """A sixth of the two-stage recipe's steps (about six minutes here) already answers from the
+    picture: every type well above chance (colour 1/6, count and shape 1/3), shape-at included."""
     r = subprocess.run([sys.executable, "-m", "owl2_edge.convert.train_demo", tmp_path / "hf",
-                        "--stage1-minutes", "1.5", "--stage2-minutes", "3.5", "--eval-per-type", "100"],
+                        "--stage1-steps", "400", "--stage2-steps", "600", "--eval-per-type", "100"],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     line = next(x for x in r.stdout.splitlines() if x.startswith("held-out accuracy"))
