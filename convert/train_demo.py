@@ -289,14 +289,14 @@ def cosine(step: int, total: int, warmup: float = 0.03) -> float:
 def _progress():
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     return Progress(TextColumn("{task.description:<8}"), BarColumn(),
-                    TextColumn("{task.percentage:>3.0f}% · step {task.fields[step]} · {task.fields[info]}"),
+                    TextColumn("{task.percentage:>3.0f}% · step {task.completed:.0f} · {task.fields[info]}"),
                     TimeElapsedColumn())
 
 
-def _run_stage(name: str, steps: int, step_fn, params_groups, bar) -> int:
+def _run_stage(name: str, steps: int, step_fn, params_groups, bar) -> None:
     opt = torch.optim.AdamW(params_groups, betas=(0.9, 0.98), weight_decay=0.01)
     base = [g["lr"] for g in opt.param_groups]
-    task = bar.add_task(name, total=steps, step=0, info="")
+    task = bar.add_task(name, total=steps, info="")
     t0 = time.perf_counter()
     logged = t0
     for step in range(steps):
@@ -308,12 +308,10 @@ def _run_stage(name: str, steps: int, step_fn, params_groups, bar) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
-        bar.update(task, completed=step + 1, step=step + 1, info=info)
+        bar.update(task, completed=step + 1, info=info)
         if not bar.console.is_terminal and time.perf_counter() - logged > 30:
             logged = time.perf_counter()  # a log file gets a line every 30 s instead of a bar
             print(f"{name}: {logged - t0:.0f} s, step {step + 1}/{steps}, {info}", flush=True)
-    bar.update(task, completed=steps)
-    return steps
 
 
 def _groups(named, lr: float, visual_lr: float | None = None) -> list[dict]:
