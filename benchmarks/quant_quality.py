@@ -20,13 +20,14 @@ import argparse
 import json
 from pathlib import Path
 
-from owl2_edge import evaluate, imatrix, quant
-from owl2_edge.compare import candidate_pass, reference_pass
+from owl2_edge import quant
+from owl2_edge.tools import evaluate, imatrix
+from owl2_edge.tools.compare import candidate_pass, reference_pass
 from owl2_edge.convert import DEMO_CHECKPOINT
 from owl2_edge.convert.converter import convert
 from owl2_edge.model_dir import Manifest
 from owl2_edge.owl2 import Owl2
-from owl2_edge.quantize import quantize_folder
+from owl2_edge.tools.quantize import quantize_folder
 
 REFERENCE, SOURCE = "F32", "F16"
 

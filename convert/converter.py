@@ -23,7 +23,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, quant: str = "Q4_K_M",
             vision: tuple[str, ...] = names.DEFAULT_VISION_VARIANTS, force: bool = False,
             progress: Progress | None = None, importance=None, pair_id: str | None = None
             ) -> Manifest:
-    """importance: an owl2_edge.imatrix.ImportanceMatrix for the decoder's quantizers. pair_id:
+    """importance: an owl2_edge.tools.imatrix.ImportanceMatrix for the decoder's quantizers. pair_id:
     the id tying the two GGUF files together (default: a new random one)."""
     # Imported here so that `import owl2_edge.convert.converter` stays cheap for the CLI's --help.
     from owl2_edge.convert.checkpoint import Checkpoint

@@ -120,7 +120,7 @@ def write_gguf_pair(ckpt, out_dir: str | Path, quant: str, pair_id: str,
                     progress: Progress | None = None, importance=None) -> tuple[Path, Path]:
     """Write the base and sidecar GGUF files of `ckpt` (a convert.checkpoint.Checkpoint) into
     out_dir; returns their paths. Files appear under their final names only when complete.
-    importance: an owl2_edge.imatrix.ImportanceMatrix for the quantizers, or None."""
+    importance: an owl2_edge.tools.imatrix.ImportanceMatrix for the quantizers, or None."""
     qt = QUANT_TYPES[check_quant(quant)]
     quant_mod.check_imatrix_need(qt.name, importance)
     if not pair_id or not isinstance(pair_id, str):

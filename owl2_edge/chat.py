@@ -1,12 +1,12 @@
 """A conversation with history: each send() is a turn, images join with add_image().
 
 The prompt of turn n starts with turn n-1's, so Owl2's KV prefix reuse evaluates only the new
-turn (docs/design.md §4.2).
+turn (docs/design.md §4.2). Owl2.chat makes one over its Owl2.generate.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from typing import Callable, Iterator, Sequence
 
 from owl2_edge import names
 from owl2_edge.errors import PromptError
@@ -14,15 +14,15 @@ from owl2_edge.image import load_image
 from owl2_edge.prompt import Turn, render
 from owl2_edge.sampling import SamplingParams
 
-if TYPE_CHECKING:
-    from owl2_edge.owl2 import Owl2
+# What answers a turn: Owl2.generate (a templated prompt, its images, sampling -> text pieces).
+Generate = Callable[[str, Sequence, SamplingParams], Iterator[str]]
 
 
 class Chat:
     """Images added with add_image() are placed in the next question."""
 
-    def __init__(self, owl: "Owl2", images: list):
-        self.owl = owl
+    def __init__(self, generate: Generate, images: list):
+        self.generate = generate
         self.turns: list[Turn] = []
         self.images: list = []
         self._new_images: list = list(images)
@@ -40,7 +40,7 @@ class Chat:
         turn = Turn(names.IMAGE_PLACEHOLDER * len(self._new_images) + question)
         images = self.images + self._new_images
         prompt = render([*self.turns, turn], n_images=len(images))
-        pieces = self.owl.generate(prompt, images, SamplingParams.of(sampling))
+        pieces = self.generate(prompt, images, SamplingParams.of(sampling))
         answer: list[str] = []
         try:
             for piece in pieces:

@@ -24,15 +24,13 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from owl2_edge import _decoder, checks
-from owl2_edge.errors import ContextFullError, DecoderError
-from owl2_edge.names import DEVICES, IMAGE_TOKEN_ID, KV_TYPES, TEXT_ROUTE, VISUAL_ROUTE
+from owl2_edge.errors import ArgumentError, ContextFullError, DecoderError
+from owl2_edge.load_options import DECODER_OPTIONS, DEFAULT_UBATCH, MAX_CTX, LoadOptions
+from owl2_edge.names import IMAGE_TOKEN_ID, TEXT_ROUTE, VISUAL_ROUTE
 
 # The first touch of ggml's device registry makes a CUDA build print its devices; do it here,
 # quietly, before llama_cpp or anything else can.
 _decoder.init_backends()
-
-# The largest context the native decoder allocates (positions, text and image alike).
-MAX_CTX = 1 << 20
 
 # A KV cache snapshot (one sequence's positions), from save_state(); opaque to callers.
 KVState = _decoder.KVState
@@ -66,58 +64,41 @@ def _native_errors() -> Iterator[None]:
         raise DecoderError(str(e)) from None
 
 
-def check_options(n_ctx: int = 2048, n_threads: int | None = None, device: str = "auto",
-                  n_gpu_layers: int = -1, kv_type: str = "f16", flash_attn: bool = False,
-                  n_ubatch: int = 512, repack: bool = True) -> dict:
-    """The decoder's options, checked (ArgumentError) before any file is opened: Decoder's own
-    check, and Owl2.load's before it loads anything."""
-    return dict(n_ctx=checks.integer("n_ctx", n_ctx, 1, MAX_CTX),
-                n_threads=checks.threads("n_threads", n_threads),
-                device=checks.choice("device", device, DEVICES),
-                n_gpu_layers=checks.integer("n_gpu_layers", n_gpu_layers, -1, MAX_CTX),
-                kv_type=checks.choice("kv_type", kv_type, KV_TYPES),
-                flash_attn=checks.flag("flash_attn", flash_attn),
-                n_ubatch=checks.integer("n_ubatch", n_ubatch, 1, MAX_CTX),
-                repack=checks.flag("repack", repack))
-
-
 class Decoder:
     """LLaMA-2 with the Modality-Adaptive Module, from a base GGUF and its MAM sidecar.
 
-    n_ctx: positions the KV cache holds (text tokens plus n_visual per image).
-    n_threads: CPU threads; None = the number of physical cores.
-    device: "auto" (a GPU when the ggml in llama-cpp-python has one), "cpu" or "cuda".
-    n_gpu_layers: with a GPU, how many of the last layers run there (-1: all, and the output head).
-    kv_type: "f16" (default), "f32" or "q8_0" (needs a head size that is a multiple of 32).
-    flash_attn: ggml's fused attention kernel instead of mul_mat + softmax. Always on when a GPU
-        is used (see owl2_decoder.cpp: the unfused path was wrong on CUDA in our measurement).
+    options: a LoadOptions (load_options.py: n_ctx, n_threads, device, n_gpu_layers, kv_type,
+        flash_attn, repack, each with its default and its meaning there), or the same as keyword
+        arguments (the decoder's ones only). Owl2.load passes the object it has checked.
+        flash_attn is always on when a GPU is used (see owl2_decoder.cpp: the unfused path was
+        wrong on CUDA in our measurement). repack: on the CPU, copy the weights that ggml can
+        repack into its interleaved layouts, as stock llama.cpp does (at 7B Q4_0 on 2 cores,
+        1.5x the prefill and decode speed of the weights used in place); the mapped pages of each
+        copied weight are given back at once, so memory still holds the weights once.
     n_ubatch: positions per graph; longer runs are split (memory stays bounded).
-    repack: on the CPU, copy the weights that ggml can repack into its interleaved layouts, as
-        stock llama.cpp does (the default: at 7B Q4_0 on 2 cores, 1.5x the prefill and
-        decode speed of the weights used in place). The mapped pages of each copied weight are
-        given back at once, so memory still holds the weights once. False: every weight is used
-        in place from the mapped files (loads instantly, slower matmuls).
     background: return once both files and every option are checked and the facts (n_vocab,
         n_embd, ...) are known, and place the weights on a thread meanwhile (CPU repacking uses
         n_threads workers). Every call that needs the weights waits for it (wait() does only
         that); a failure to place them (out of memory) is raised there as DecoderError.
     """
 
-    def __init__(self, decoder_gguf: str | os.PathLike, mam_gguf: str | os.PathLike, n_ctx: int = 2048,
-                 n_threads: int | None = None, device: str = "auto", n_gpu_layers: int = -1,
-                 kv_type: str = "f16", flash_attn: bool = False, n_ubatch: int = 512,
-                 repack: bool = True, background: bool = False):
-        options = check_options(n_ctx=n_ctx, n_threads=n_threads, device=device,
-                                n_gpu_layers=n_gpu_layers, kv_type=kv_type, flash_attn=flash_attn,
-                                n_ubatch=n_ubatch, repack=repack)
-        options["n_threads"] = options["n_threads"] or 0  # the native default: physical cores
+    def __init__(self, decoder_gguf: str | os.PathLike, mam_gguf: str | os.PathLike,
+                 options: LoadOptions | None = None, *, n_ubatch: int = DEFAULT_UBATCH,
+                 background: bool = False, **option_kwargs):
+        if options is None:
+            options = LoadOptions.of(option_kwargs, allowed=DECODER_OPTIONS)
+        elif not isinstance(options, LoadOptions) or option_kwargs:
+            raise ArgumentError("give a LoadOptions or keyword options, not both")
+        native_options = options.decoder_args()
+        native_options["n_threads"] = options.n_threads or 0  # the native default rule
+        native_options["n_ubatch"] = checks.integer("n_ubatch", n_ubatch, 1, MAX_CTX)
         background = checks.flag("background", background)
         base = checks.path("decoder_gguf", decoder_gguf)
         mam = checks.path("mam_gguf", mam_gguf)
         # Loading is two steps (cpp_ext/owl2_decoder.cpp, open and place): opening checks both
         # files and every option and is quick; placing reads, repacks or uploads the weights.
         with _native_errors():
-            self._native = _decoder.Decoder(base, mam, **options, defer_placing=True)
+            self._native = _decoder.Decoder(base, mam, **native_options, defer_placing=True)
             self._facts = {name: getattr(self._native, name) for name in _FACTS}
         self._load_error: DecoderError | None = None
         self._loader = threading.Thread(target=self._place, name="owl2-decoder-load", daemon=True)

@@ -12,6 +12,7 @@ missing runs (kv_prefix) -> decoder -> sampler (sampling) -> UTF-8-safe text pie
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -22,16 +23,17 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from owl2_edge import checks, names, openai_chat
+from owl2_edge.answer import Answer, check_finite
 from owl2_edge.batch.engine import BatchResult, answer_all
 from owl2_edge.chat import Chat
-from owl2_edge.decoder import MAX_SEQUENCES, Decoder, check_options
-from owl2_edge.detok import Utf8Stream
-from owl2_edge.errors import ArgumentError, BusyError, DecoderError, ModelFolderError
-from owl2_edge.image import ASPECT_MODES, content_hash, load_image, preprocess
+from owl2_edge.decoder import MAX_SEQUENCES, Decoder
+from owl2_edge.errors import ArgumentError, BusyError, ModelFolderError
+from owl2_edge.image import content_hash, load_image, preprocess
 from owl2_edge.kv_prefix import IMAGE, KVPrefix, prompt_items
+from owl2_edge.load_options import LoadOptions
 from owl2_edge.model_dir import MODEL_ENV, Manifest, default_model_path
 from owl2_edge.prompt import Turn, check_image_count, render
-from owl2_edge.sampling import Sampler, SamplingParams
+from owl2_edge.sampling import SamplingParams
 from owl2_edge.stats import Stats
 from owl2_edge.tokenizer import Tokenizer
 from owl2_edge.vision import VisionEncoder
@@ -39,11 +41,12 @@ from owl2_edge.vision import VisionEncoder
 
 class Owl2:
     def __init__(self, folder: Path, manifest: Manifest, tokenizer: Tokenizer, decoder: Decoder,
-                 vision: VisionEncoder, aspect: str = "pad", exif_transpose: bool = True):
+                 vision: VisionEncoder, options: LoadOptions | None = None):
         self.folder, self.manifest = folder, manifest
         self.tokenizer, self.decoder, self.vision = tokenizer, decoder, vision
-        self.aspect = checks.choice("aspect", aspect, ASPECT_MODES)
-        self.exif_transpose = checks.flag("exif_transpose", exif_transpose)
+        if options is not None and not isinstance(options, LoadOptions):
+            raise ArgumentError(f"options must be a LoadOptions, not {type(options).__name__}")
+        self.options = options or LoadOptions()
         self.kv = KVPrefix(decoder, manifest.n_visual)
         self.stats = Stats()
         self.load_seconds = 0.0
@@ -53,26 +56,45 @@ class Owl2:
         self._owner: tuple[int, int] | None = None
         self._turns = 0
 
+    # The picture options of this object's loading, changeable later (checked as at load).
+    @property
+    def aspect(self) -> str:
+        return self.options.aspect
+
+    @aspect.setter
+    def aspect(self, value: str) -> None:
+        self.options = dataclasses.replace(self.options, aspect=value)
+
+    @property
+    def exif_transpose(self) -> bool:
+        return self.options.exif_transpose
+
+    @exif_transpose.setter
+    def exif_transpose(self, value: bool) -> None:
+        self.options = dataclasses.replace(self.options, exif_transpose=value)
+
     # -- loading -----------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None = None, device: str = "auto", n_ctx: int = 2048,
-             n_threads: int | None = None, kv_type: str = "f16", flash_attn: bool = False,
-             n_gpu_layers: int = -1, repack: bool = True, aspect: str = "pad",
-             exif_transpose: bool = True, wait: bool = True) -> "Owl2":
-        """A model folder (default: $OWL2_MODEL, then the demo model) on `device`.
+    def load(cls, path: str | os.PathLike | None = None, wait: bool = True,
+             **options) -> "Owl2":
+        """A model folder (default: $OWL2_MODEL, then the demo model), loaded with `options`:
+        LoadOptions' fields as keywords (n_ctx, n_threads, device, n_gpu_layers, kv_type,
+        flash_attn, repack, aspect, exif_transpose: load_options.py gives each its default and
+        meaning), or options=LoadOptions(...).
 
         The decoder's weights are read (and repacked or uploaded) on a thread while the
         tokenizer and the vision model load. wait=False returns before that thread is done: a
         first question then encodes its images meanwhile, and waits only when the decoder is
         needed (docs/design.md §12); a failure to place the weights (out of memory) is raised
         there. Every file and option is checked before load() returns either way."""
-        # Every argument is checked before anything loads.
-        decoder_options = check_options(n_ctx=n_ctx, n_threads=n_threads, device=device,
-                                        n_gpu_layers=n_gpu_layers, kv_type=kv_type,
-                                        flash_attn=flash_attn, repack=repack)
-        checks.choice("aspect", aspect, ASPECT_MODES)
-        checks.flag("exif_transpose", exif_transpose)
+        # Every argument is checked, once, before anything loads.
+        if "options" in options:
+            opts = options.pop("options")
+            if not isinstance(opts, LoadOptions) or options:
+                raise ArgumentError("give options=LoadOptions(...) or keyword options, not both")
+        else:
+            opts = LoadOptions.of(options)
         checks.flag("wait", wait)
         folder = Path(checks.path("path", path)) if path is not None else default_model_path()
         if path is None and not folder.exists():
@@ -83,19 +105,16 @@ class Owl2:
         with contextlib.ExitStack() as on_error:  # a failed load frees what it had opened
             tokenizer = Tokenizer(folder / manifest.decoder_file)
             on_error.callback(tokenizer.close)
-            decoder = Decoder(folder / manifest.decoder_file, folder / manifest.mam_file,
-                              **decoder_options, background=True)
+            decoder = Decoder(folder / manifest.decoder_file, folder / manifest.mam_file, opts,
+                              background=True)
             on_error.callback(decoder.close)
-            # The decoder is where a GPU matters; the vision model takes ONNX Runtime's CUDA
-            # provider when onnxruntime-gpu can start it, else the CPU (owl.vision.provider).
-            vision = VisionEncoder.from_folder(folder, manifest,
-                                               device="cpu" if device == "cpu" else "auto",
+            vision = VisionEncoder.from_folder(folder, manifest, device=opts.vision_device,
                                                n_threads=decoder.n_threads)
             _check_files_agree(folder, manifest, tokenizer, decoder, vision)
             if wait:
                 decoder.wait()
             on_error.pop_all()
-        owl = cls(folder, manifest, tokenizer, decoder, vision, aspect, exif_transpose)
+        owl = cls(folder, manifest, tokenizer, decoder, vision, opts)
         owl.load_seconds = time.perf_counter() - t0
         return owl
 
@@ -140,7 +159,7 @@ class Owl2:
             self.kv.check_fits(items)
             self.kv.forget(0)
             logits = self.kv.evaluate(items, embeds, all_logits=True)
-        _check_finite(logits)
+        check_finite(logits)
         return logits
 
     # -- asking ------------------------------------------------------------------------------------
@@ -188,7 +207,7 @@ class Owl2:
 
     def chat(self, images=()) -> Chat:
         """A conversation whose history is kept (and whose KV cache is reused turn to turn)."""
-        return Chat(self, _as_list(images))
+        return Chat(self.generate, _as_list(images))
 
     def create_chat_completion(self, messages: list[dict], stream: bool = False, **sampling):
         """llama-cpp-python's / OpenAI's chat completion: messages with text and image_url parts
@@ -234,7 +253,6 @@ class Owl2:
         t = time.perf_counter()
         logits, cached = self.kv.prefill(items, embeds)
         stats.reused_positions = cached - head_start  # what was there before this call
-        _check_finite(logits)
         stats.prompt_positions = sum(self.kv.width(i) for i in items)
         stats.evaluated_positions = stats.prompt_positions - stats.reused_positions
         t1 = time.perf_counter()
@@ -242,40 +260,17 @@ class Owl2:
         stats.timings["first_token"] = t1 - t0
 
         # Decode: sample, stream whole characters, feed the token back.
-        sampler = Sampler(params)
-        history = [value for kind, value in items if kind != IMAGE]  # what repeat_penalty looks at
-        text = Utf8Stream(self.tokenizer.token_to_bytes)
-        eos = self.tokenizer.eos_id
-        started = False
-        stats.finish_reason = "length"
-        for _ in range(params.max_tokens):
-            if params.ignore_eos:
-                logits = logits.copy()
-                logits[eos] = -np.inf
-            token = sampler(logits, history)
-            if token == eos:
-                stats.finish_reason = "stop"
-                break
-            stats.generated_tokens += 1
-            stats.tokens.append(token)
-            history.append(token)
-            piece = text.push(token)
-            if not started:
-                # The first piece carries sentencepiece's word-start space; upstream strips it.
-                piece = piece.lstrip()
-                started = bool(piece)
+        answer = Answer(params, self.tokenizer,
+                        [value for kind, value in items if kind != IMAGE],
+                        stats.prompt_positions, self.decoder.n_ctx, stats)
+        while True:
+            piece = answer.step(logits)
             if piece:
                 yield piece
                 self._check_turn(turn)  # the reader may have made other calls meanwhile
-            if self.decoder.n_past >= self.decoder.n_ctx:
-                stats.finish_reason = "context"
-                break
-            logits = self.kv.append_token(token)
-            _check_finite(logits)
-        tail = text.flush()
-        if tail:
-            yield tail
-        stats.timings["decode"] = time.perf_counter() - t1
+            if answer.token is None:
+                return
+            logits = self.kv.append_token(answer.token)
 
     # -- turns: one call at a time owns the caches -------------------------------------------------
 
@@ -380,12 +375,6 @@ def _check_files_agree(folder: Path, manifest: Manifest, tokenizer: Tokenizer, d
         if found is not None and found != said:
             raise ModelFolderError(f"{folder / names.MANIFEST_FILE}: {field} is {said} but {path.name} "
                                    f"has {found} (files from different models?)")
-
-
-def _check_finite(logits: np.ndarray) -> None:
-    if not np.isfinite(logits).all():
-        raise DecoderError("the decoder gave NaN or infinite logits: a weight in the model files "
-                           "is damaged (or out of its type's range)")
 
 
 def _as_list(images) -> list:

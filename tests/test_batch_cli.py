@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from owl2_edge.batch.engine import BatchItem
 from owl2_edge.batch.inputs import image_items, question_items, read_items
 from owl2_edge.batch.output import Output, OutputError
-from owl2_edge.bench.runner import child_env
+from owl2_edge.tools.bench.runner import child_env
 from owl2_edge.errors import ArgumentError
 
 QUESTION = "What is in the picture?"

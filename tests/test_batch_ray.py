@@ -17,7 +17,7 @@ from owl2_edge.batch.inputs import question_items  # noqa: E402
 from owl2_edge.batch.output import Output  # noqa: E402
 from owl2_edge.batch.ray_job import ray_rows  # noqa: E402
 from owl2_edge.batch.run import local_rows, write_rows  # noqa: E402
-from owl2_edge.bench.runner import child_env  # noqa: E402
+from owl2_edge.tools.bench.runner import child_env  # noqa: E402
 
 SAMPLING = dict(temperature=0, max_tokens=8)
 PARALLEL = 2

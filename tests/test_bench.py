@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from owl2_edge.bench import report, runner, shapes, workers
+from owl2_edge.tools.bench import report, runner, shapes, workers
 from owl2_edge.errors import Owl2Error
 from owl2_edge.model_dir import Manifest
 

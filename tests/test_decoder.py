@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from owl2_edge import _decoder, gguf_names, llama_stock, names
+from owl2_edge import _decoder, gguf_names, names
+from owl2_edge.tools import llama_stock
 from owl2_edge.convert.checkpoint import Checkpoint
 from owl2_edge.convert.gguf_pair import write_gguf_pair
 from owl2_edge.convert.reference import Owl2Reference

@@ -13,9 +13,10 @@ import pytest
 
 pytest.importorskip("torch")
 
-from owl2_edge import evaluate, names  # noqa: E402
+from owl2_edge import names  # noqa: E402
+from owl2_edge.tools import evaluate  # noqa: E402
 from owl2_edge.convert import DEMO_CHECKPOINT  # noqa: E402
-from owl2_edge.demo_image import SAMPLES, sample_image, sample_questions  # noqa: E402
+from owl2_edge.tools.demo_image import SAMPLES, sample_image, sample_questions  # noqa: E402
 from owl2_edge.owl2 import Owl2  # noqa: E402
 
 N_PER_TYPE = 200
@@ -172,7 +173,7 @@ def test_eval_refuses_data_and_generated_together(demo_dirs, tmp_path):
 
 
 def test_compare_a_folder_with_itself_is_exact(demo_dirs):
-    from owl2_edge.compare import compare
+    from owl2_edge.tools.compare import compare
     items = evaluate.generated_items(5)
     result = compare(demo_dirs["F32"], demo_dirs["F32"], items,
                      lambda p: Owl2.load(p, device="cpu", kv_type="f32")).to_dict()

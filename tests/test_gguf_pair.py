@@ -13,7 +13,8 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
-from owl2_edge import _decoder, gguf_names, llama_stock, names
+from owl2_edge import _decoder, gguf_names, names
+from owl2_edge.tools import llama_stock
 from owl2_edge.convert import hf_layout
 from owl2_edge.convert.checkpoint import Checkpoint
 from owl2_edge.convert.gguf_pair import (QUANT_TYPES, check_quant, gguf_to_hf_rope_rows,

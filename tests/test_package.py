@@ -4,11 +4,14 @@
   folder), and its runtime imports and runs `owl2 --help` with no converter package installed;
 - importing the runtime and the CLI, and answering a question, never loads torch, onnx, gguf-py
   or the converter;
+- the layers: nothing under owl2_edge/ outside tools/ imports torch or the converter (not even
+  lazily), and nothing that owl2.py imports imports it back;
 - every `docs/architecture.md §N` / `docs/design.md §N` a comment cites is a heading there.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -138,6 +141,56 @@ from owl2_edge.cli import app
 assert not app(["--help"], standalone_mode=False)
 """, python_args=("-S",))
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr
+
+
+# --- The layers -------------------------------------------------------------------------------------
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a source file imports, at any depth (a function's lazy import too)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+RUNTIME_SOURCES = {_module_name(p): p for p in sorted((ROOT / "owl2_edge").rglob("*.py"))}
+
+
+def test_only_the_tools_reach_torch_or_the_converter():
+    offending = [f"{name} imports {m}" for name, path in RUNTIME_SOURCES.items()
+                 if not name.startswith("owl2_edge.tools")
+                 for m in sorted(_imports(path))
+                 if m.split(".")[0] == "torch" or m.startswith("owl2_edge.convert")]
+    assert not offending, offending
+
+
+def test_the_answer_path_imports_no_tool_and_nothing_imports_owl2_back():
+    answer_path = [name for name in RUNTIME_SOURCES
+                   if not name.startswith(("owl2_edge.tools", "owl2_edge.cli"))]
+    into_tools = [f"{name} imports {m}" for name in answer_path
+                  for m in sorted(_imports(RUNTIME_SOURCES[name]))
+                  if m.startswith(("owl2_edge.tools", "owl2_edge.cli"))]
+    assert not into_tools, into_tools
+    # What owl2.py stands on, transitively, within the package (the package's face, whose lazy
+    # __getattr__ hands out Owl2, aside).
+    below, todo = set(), ["owl2_edge.owl2"]
+    while todo:
+        for m in _imports(RUNTIME_SOURCES[todo.pop()]):
+            if m in RUNTIME_SOURCES and m not in below and m not in ("owl2_edge.owl2", "owl2_edge"):
+                below.add(m)
+                todo.append(m)
+    assert {"owl2_edge.answer", "owl2_edge.chat", "owl2_edge.batch.engine"} <= below
+    back = [name for name in sorted(below) if "owl2_edge.owl2" in _imports(RUNTIME_SOURCES[name])]
+    assert not back, back
 
 
 # --- The docs the code cites ----------------------------------------------------------------------

@@ -15,13 +15,14 @@ import pytest
 
 pytest.importorskip("torch")
 
-from owl2_edge import compare, evaluate, gguf_names, imatrix, names, quant  # noqa: E402
+from owl2_edge import gguf_names, names, quant  # noqa: E402
+from owl2_edge.tools import compare, evaluate, imatrix  # noqa: E402
 from owl2_edge.convert import DEMO_CHECKPOINT  # noqa: E402
-from owl2_edge.demo_image import sample_image, sample_questions  # noqa: E402
+from owl2_edge.tools.demo_image import sample_image, sample_questions  # noqa: E402
 from owl2_edge.errors import ArgumentError, Owl2Error  # noqa: E402
 from owl2_edge.model_dir import Manifest  # noqa: E402
 from owl2_edge.owl2 import Owl2  # noqa: E402
-from owl2_edge.quantize import quantize_folder  # noqa: E402
+from owl2_edge.tools.quantize import quantize_folder  # noqa: E402
 
 PAIR_ID = "0123456789abcdef"
 # Mean KL (nats) of the answer positions against F32 on 60 held-out questions (generated_items(20,
@@ -87,7 +88,7 @@ def _mirrors(folder, q):
 
 @pytest.mark.parametrize("q", list(quant.QUANT_TYPES))
 def test_every_type_loads_answers_mirrors_and_loads_in_llama_cpp(q, f16_dir, calibration, root):
-    from owl2_edge import llama_stock
+    from owl2_edge.tools import llama_stock
 
     out = root / f"every-{q}"
     importance = calibration[0] if quant.QUANT_TYPES[q].needs_imatrix else None

@@ -67,7 +67,7 @@ def page(browser, server):
 
 @pytest.fixture(scope="module")
 def picture(tmp_path_factory) -> Path:
-    from owl2_edge.demo_image import sample_image
+    from owl2_edge.tools.demo_image import sample_image
     path = tmp_path_factory.mktemp("picture") / "sample-1.png"
     sample_image().save(path)
     return path

@@ -14,9 +14,10 @@ Meanwhile a worker thread reads and preprocesses the next images and runs the vi
 them in batches (ONNX Runtime and the decoder both work without the GIL), so the decoder rarely
 waits for embeddings. Each sequence may use n_ctx // parallel positions of the cache, so the
 admitted answers can never run out of room together; an answer that fills its share stops with
-finish_reason "context", exactly as `ask` does at that n_ctx. The answers are the ones
-Owl2.ask gives (same template, sampler, stopping and text assembly), up to the last bits of
-float arithmetic (a longer attention sum, other kernel shapes).
+finish_reason "context", exactly as `ask` does at that n_ctx. Each answer is stepped by the one
+answer loop (owl2_edge/answer.py) that Owl2.ask steps, so the answers are the ones Owl2.ask gives
+(same template, sampler, stopping and text assembly), up to the last bits of float arithmetic (a
+longer attention sum, other kernel shapes).
 """
 
 from __future__ import annotations
@@ -26,20 +27,30 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 
 from owl2_edge import checks
-from owl2_edge.detok import Utf8Stream
+from owl2_edge.answer import Answer
 from owl2_edge.errors import Owl2Error
 from owl2_edge.image import content_hash
 from owl2_edge.kv_prefix import IMAGE, prompt_items, runs_of
 from owl2_edge.prompt import Turn, render
-from owl2_edge.sampling import Sampler, SamplingParams
+from owl2_edge.sampling import SamplingParams
 
-if TYPE_CHECKING:
-    from owl2_edge.owl2 import Owl2
+
+class Model(Protocol):
+    """What the engine needs of a loaded model (Owl2 is one): its parts, and its tokenize and
+    preprocess with the load's picture settings."""
+    manifest: object
+    tokenizer: object
+    decoder: object
+    vision: object
+
+    def tokenize(self, prompt: str) -> list[int]: ...
+
+    def preprocess(self, image) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -114,7 +125,7 @@ class _Preparer:
     at most `ahead` items ahead of the decoder. Yields _Ready or BatchResult (an item that
     failed here) through get()."""
 
-    def __init__(self, owl: "Owl2", items: Iterator[BatchItem], group: int, ahead: int):
+    def __init__(self, owl: Model, items: Iterator[BatchItem], group: int, ahead: int):
         self.owl, self.items, self.group = owl, items, group
         self.out: queue.Queue = queue.Queue(maxsize=ahead)
         self.stopping = threading.Event()
@@ -212,61 +223,43 @@ def _failed(item: BatchItem, error: BaseException) -> BatchResult:
 
 # --- answering: one sequence of the cache per answer (the caller's thread) ---------------------
 
-class _Answer:
-    """One answer being decoded in sequence `seq`: sampling, stopping and text exactly as
-    Owl2._prefill_and_decode does them for one."""
+class _Sequence:
+    """One question being answered in sequence `seq` of the cache: its prepared prompt, and its
+    Answer (the one answer loop) once the prompt's logits are there."""
 
-    def __init__(self, owl: "Owl2", ready: _Ready, seq: int, params: SamplingParams):
-        self.ready, self.seq, self.params = ready, seq, params
-        self.sampler = Sampler(params)
-        self.history = [value for kind, value in ready.items if kind != IMAGE]
-        self.text = Utf8Stream(owl.tokenizer.token_to_bytes)
+    def __init__(self, ready: _Ready, seq: int):
+        self.ready, self.seq = ready, seq
+        self.answer: Answer | None = None
         self.pieces: list[str] = []
-        self.eos = owl.tokenizer.eos_id
-        self.n_generated = 0
-        self.finish_reason = "length"
-        self.token: int | None = None  # the token to feed next step, None when finished
         self.started = self.first_token_at = time.perf_counter()
         self.prefill_seconds = 0.0
         self.reused_positions = 0
 
-    def take(self, logits: np.ndarray, window: int) -> bool:
-        """The logits of this sequence's last position -> the next token (self.token); False
-        when the answer is finished instead. The sequence then holds prompt + n_generated
-        positions, at most `window`."""
-        if self.params.ignore_eos:
-            logits = logits.copy()
-            logits[self.eos] = -np.inf
-        token = self.sampler(logits, self.history)
-        if token == self.eos:
-            return self._finish("stop")
-        self.n_generated += 1
-        self.history.append(token)
-        self.pieces.append(self.text.push(token))
-        if self.ready.positions + self.n_generated > window:
-            return self._finish("context")
-        if self.n_generated == self.params.max_tokens:
-            return self._finish("length")
-        self.token = token
-        return True
+    def begin(self, owl: Model, params: SamplingParams, window: int, prefill_seconds: float
+              ) -> None:
+        """The prompt is in the cache (its logits come next): start the answer."""
+        self.prefill_seconds = prefill_seconds
+        self.first_token_at = time.perf_counter()
+        prompt_ids = [value for kind, value in self.ready.items if kind != IMAGE]
+        self.answer = Answer(params, owl.tokenizer, prompt_ids, self.ready.positions, window)
 
-    def _finish(self, reason: str) -> bool:
-        self.finish_reason, self.token = reason, None
-        self.pieces.append(self.text.flush())
-        return False
+    def take(self, logits: np.ndarray) -> bool:
+        """The logits of this sequence's last position: the answer's next step. False once the
+        answer is finished."""
+        self.pieces.append(self.answer.step(logits))
+        return self.answer.token is not None
 
     def result(self) -> BatchResult:
-        r, now = self.ready, time.perf_counter()
+        r, now, stats = self.ready, time.perf_counter(), self.answer.stats
         return BatchResult(
-            r.item.index, image_label(r.item.image), r.item.question, "".join(self.pieces).strip(), None,
-            prompt_tokens=r.positions, reused_positions=self.reused_positions,
-            completion_tokens=self.n_generated,
-            finish_reason=self.finish_reason,
+            r.item.index, image_label(r.item.image), r.item.question, "".join(self.pieces).strip(),
+            None, prompt_tokens=r.positions, reused_positions=self.reused_positions,
+            completion_tokens=stats.generated_tokens, finish_reason=stats.finish_reason,
             timings={"vision": r.vision_seconds, "prefill": self.prefill_seconds,
                      "decode": now - self.first_token_at, "total": now - self.started})
 
 
-def _shared_items(new: _Answer, other: _Answer) -> int:
+def _shared_items(new: _Sequence, other: _Sequence) -> int:
     """How many items at the start of `new`'s prompt `other`'s has too, when they include an
     image (sharing a few text tokens is not worth a step); never all of them: the last
     position must run again, its logits start the answer."""
@@ -277,7 +270,7 @@ def _shared_items(new: _Answer, other: _Answer) -> int:
     return n if any(kind == IMAGE for kind, _ in items[:n]) else 0
 
 
-def _prompt_runs(decoder, new: _Answer, running, n_visual: int) -> list:
+def _prompt_runs(decoder, new: _Sequence, running, n_visual: int) -> list:
     """The runs `new`'s sequence still needs for its prompt. When a running answer's prompt
     starts with the same image(s) (several questions about one picture), the new sequence takes
     over those cells (copy_sequence: shared, not copied) and only the rest is evaluated."""
@@ -298,7 +291,7 @@ def _prompt_runs(decoder, new: _Answer, running, n_visual: int) -> list:
     return runs_of(items[best_items:], new.ready.embeds, images_shared)
 
 
-def answer_all(owl: "Owl2", items: Iterable, parallel: int, params: SamplingParams,
+def answer_all(owl: Model, items: Iterable, parallel: int, params: SamplingParams,
                check_turn=lambda: None) -> Iterator[BatchResult]:
     """Every item's result, as each finishes. The caller owns the Owl2's caches meanwhile
     (check_turn raises if it lost them) and has cleared sequence 0's description (KVPrefix)."""
@@ -308,9 +301,9 @@ def answer_all(owl: "Owl2", items: Iterable, parallel: int, params: SamplingPara
     for seq in range(parallel):
         decoder.clear_sequence(seq)
     free = list(range(parallel - 1, -1, -1))
-    active: dict[int, _Answer] = {}
+    active: dict[int, _Sequence] = {}
     preparer = _Preparer(owl, as_items(items), group=owl.vision.max_batch, ahead=2 * parallel)
-    waiting: list[_Answer] = []  # admitted, its prompt held back one step (below)
+    waiting: list[_Sequence] = []  # admitted, its prompt held back one step (below)
     more = True
     try:
         while more or active or waiting:
@@ -331,12 +324,12 @@ def answer_all(owl: "Owl2", items: Iterable, parallel: int, params: SamplingPara
                         f"parallel answers may use {window} (n_ctx {decoder.n_ctx} // parallel)"))
                     check_turn()
                 else:
-                    admitted.append(_Answer(owl, got, free.pop(), params))
+                    admitted.append(_Sequence(got, free.pop()))
             if not active and not admitted:
                 continue
             # A prompt that starts with the same picture as another admitted now waits one step:
             # then that one's cells exist, and it shares them instead of evaluating them again.
-            now: list[_Answer] = []
+            now: list[_Sequence] = []
             for a in admitted:
                 (waiting if any(_shared_items(a, b) for b in now) else now).append(a)
             admitted = now
@@ -345,23 +338,21 @@ def answer_all(owl: "Owl2", items: Iterable, parallel: int, params: SamplingPara
             # them), and one token of every answer going on.
             step = [(a.seq, _prompt_runs(decoder, a, active.values(), owl.manifest.n_visual))
                     for a in admitted]
-            step += [(seq, [[a.token]]) for seq, a in active.items()]
+            step += [(seq, [[a.answer.token]]) for seq, a in active.items()]
             t = time.perf_counter()
             logits = decoder.eval_sequences(step)
             seconds = time.perf_counter() - t
             for a in admitted:
-                a.prefill_seconds = seconds
-                a.first_token_at = time.perf_counter()
+                a.begin(owl, params, window, seconds)
                 active[a.seq] = a
             for (seq, _), row in zip(step, logits):
                 a = active[seq]
-                if not np.isfinite(row).all():
-                    done = _failed(a.ready.item, Owl2Error(
-                        "the decoder gave NaN or infinite logits (a damaged weight?)"))
-                elif a.take(row, window):
-                    continue
-                else:
+                try:
+                    if a.take(row):
+                        continue
                     done = a.result()
+                except Owl2Error as e:  # NaN logits (a damaged weight?): this answer fails
+                    done = _failed(a.ready.item, e)
                 del active[seq]
                 decoder.clear_sequence(seq)
                 free.append(seq)

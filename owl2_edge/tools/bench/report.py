@@ -13,9 +13,9 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from owl2_edge.bench.runner import (ASK_TOKENS, LLAMA_CPP_DECODER, OURS_ASK, OURS_DECODER,
+from owl2_edge.tools.bench.runner import (ASK_TOKENS, LLAMA_CPP_DECODER, OURS_ASK, OURS_DECODER,
                                     STOCK_ASK, Plan, ask_cli_row, vision_row)
-from owl2_edge.bench.workers import DECODE, TEXT_PREFILL
+from owl2_edge.tools.bench.workers import DECODE, TEXT_PREFILL
 from owl2_edge.model_dir import Manifest
 
 

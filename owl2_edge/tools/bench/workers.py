@@ -1,6 +1,6 @@
 """One measurement per process, so that its peak memory is its own:
 
-    python -m owl2_edge.bench.workers KIND MODEL_DIR --threads N [--device cpu|cuda] [--variant V]
+    python -m owl2_edge.tools.bench.workers KIND MODEL_DIR --threads N [--device cpu|cuda] [--variant V]
 
 prints one JSON line (its last line of stdout). KIND is one of WORKERS:
 - decoder-ours, decoder-llama.cpp: the decoder alone, ours (MAM, the pair) and stock llama.cpp
@@ -31,6 +31,7 @@ import numpy as np
 
 from owl2_edge import names
 from owl2_edge.errors import Owl2Error
+from owl2_edge.load_options import LoadOptions
 from owl2_edge.model_dir import Manifest
 
 # What is measured (the sizes issue 13 asks for).
@@ -41,9 +42,9 @@ IMAGE_TEXT = 40        # text tokens after the image in the image prefill
 # The questions about the sample picture: the first a 15-word one, the second a short one.
 QUESTION = "What is in this picture, and what colour is each of the shapes you see?"
 SECOND_QUESTION = "How many shapes are there?"
-# The context of everything that answers questions (`owl2 ask`'s default, written out so that
+# The context of everything that answers questions (`owl2 ask`'s default, named here so that
 # the stock pipeline gets the same cache).
-ASK_N_CTX = 2048
+ASK_N_CTX = LoadOptions.n_ctx
 # Where a benchmark runs: never "auto", so that a row says what it ran on.
 DEVICES = tuple(d for d in names.DEVICES if d != "auto")
 # llama.cpp's batch and micro-batch, as ours (n_ubatch 512).
@@ -151,7 +152,7 @@ def check_llama_cpp_device(device: str) -> bool:
 def decoder_llama_cpp(folder: Path, threads: int, device: str, **_) -> dict:
     import llama_cpp
 
-    from owl2_edge import llama_stock
+    from owl2_edge.tools import llama_stock
     m = Manifest.load(folder)
     n_ctx = decoder_ctx(m)
     on_gpu = check_llama_cpp_device(device)
@@ -177,7 +178,7 @@ def decoder_llama_cpp(folder: Path, threads: int, device: str, **_) -> dict:
 
 def sample_pixels(manifest: Manifest) -> np.ndarray:
     """The built-in sample picture as the vision model takes it: float32 [1, 3, S, S]."""
-    from owl2_edge.demo_image import sample_image
+    from owl2_edge.tools.demo_image import sample_image
     from owl2_edge.image import preprocess
     return preprocess(sample_image(), manifest.image)[None]
 
@@ -200,7 +201,7 @@ def vision_torch(folder: Path, threads: int, **_) -> dict:
     (the speed of a float32 PyTorch forward depends on the shapes only). CPU only."""
     import torch
 
-    from owl2_edge.bench.shapes import shape_config_file
+    from owl2_edge.tools.bench.shapes import shape_config_file
     from owl2_edge.convert import hf_layout
     from owl2_edge.convert.config import Owl2Config
     from owl2_edge.convert.reference import Owl2Vision
@@ -233,7 +234,7 @@ def first_piece_seconds(owl, image, question: str) -> float:
 
 
 def ask_api(folder: Path, threads: int, device: str, **_) -> dict:
-    from owl2_edge.demo_image import sample_image
+    from owl2_edge.tools.demo_image import sample_image
     from owl2_edge.owl2 import Owl2
     load_s, owl = timed(Owl2.load, folder, device=device, n_ctx=ASK_N_CTX, n_threads=threads)
     image = sample_image()
@@ -252,7 +253,7 @@ def ask_api(folder: Path, threads: int, device: str, **_) -> dict:
 
 
 def stock(folder: Path, threads: int, device: str, **_) -> dict:
-    from owl2_edge.bench.stock import stock_pipeline
+    from owl2_edge.tools.bench.stock import stock_pipeline
     return stock_pipeline(folder, threads, device)
 
 
@@ -262,7 +263,7 @@ WORKERS: dict[str, Callable[..., dict]] = {
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m owl2_edge.bench.workers",
+    ap = argparse.ArgumentParser(prog="python -m owl2_edge.tools.bench.workers",
                                  description="One owl2 bench measurement, as one JSON line.")
     ap.add_argument("kind", choices=sorted(WORKERS))
     ap.add_argument("folder", type=Path)

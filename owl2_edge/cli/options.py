@@ -22,6 +22,8 @@ from typing import Optional
 import typer
 
 from owl2_edge import names
+from owl2_edge.load_options import LoadOptions
+from owl2_edge.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -45,17 +47,17 @@ _M = "Model and device"
 MODEL = _opt("model", Optional[Path], None, "-m", "--model", panel=_M,
              help="Model folder (default: $OWL2_MODEL, then the demo model).")
 _LOAD_OPTIONS = (
-    _opt("device", str, "auto", "--device", panel=_M, help=f"{', '.join(names.DEVICES)}."),
-    _opt("threads", Optional[int], None, "--threads", "-t", panel=_M,
+    _opt("device", str, LoadOptions.device, "--device", panel=_M, help=f"{', '.join(names.DEVICES)}."),
+    _opt("threads", Optional[int], LoadOptions.n_threads, "--threads", "-t", panel=_M,
          help="CPU threads (default: physical cores)."),
-    _opt("ctx", int, 2048, "--ctx", panel=_M, help="Context positions (each image takes 65)."),
-    _opt("kv_type", str, "f16", "--kv-type", panel=_M, help=f"KV cache type: {', '.join(names.KV_TYPES)}."),
-    _opt("flash_attn", bool, False, "--flash-attn", panel=_M, help="Use ggml's fused attention."),
-    _opt("no_repack", bool, False, "--no-repack", panel=_M,
+    _opt("ctx", int, LoadOptions.n_ctx, "--ctx", panel=_M, help="Context positions (each image takes 65)."),
+    _opt("kv_type", str, LoadOptions.kv_type, "--kv-type", panel=_M, help=f"KV cache type: {', '.join(names.KV_TYPES)}."),
+    _opt("flash_attn", bool, LoadOptions.flash_attn, "--flash-attn", panel=_M, help="Use ggml's fused attention."),
+    _opt("no_repack", bool, not LoadOptions.repack, "--no-repack", panel=_M,
          help="CPU: use the weights in place from the mapped files (instant load; slower matmuls)."),
-    _opt("aspect", str, "pad", "--aspect", panel=_M,
+    _opt("aspect", str, LoadOptions.aspect, "--aspect", panel=_M,
          help="Non-square images: pad (upstream CLI), resize, crop."),
-    _opt("no_exif", bool, False, "--no-exif", panel=_M, help="Ignore EXIF orientation (upstream's pixels)."),
+    _opt("no_exif", bool, not LoadOptions.exif_transpose, "--no-exif", panel=_M, help="Ignore EXIF orientation (upstream's pixels)."),
 )
 RUNTIME = Group("runtime", (MODEL, *_LOAD_OPTIONS))
 # For commands that name their model folders as arguments (compare): the same options but -m.
@@ -63,14 +65,14 @@ RUNTIME_NO_MODEL = Group("runtime", _LOAD_OPTIONS)
 
 _S = "Sampling"
 SAMPLING = Group("sampling", (
-    _opt("max_tokens", int, 512, "--max-tokens", "-n", panel=_S, help="Most tokens to generate."),
-    _opt("temperature", float, 0.2, "--temperature", panel=_S, help="0 = greedy; the default is upstream CLI's."),
-    _opt("top_k", int, 50, "--top-k", panel=_S, help="Keep the k likeliest tokens (0: all)."),
-    _opt("top_p", float, 1.0, "--top-p", panel=_S, help="Keep the smallest set with this probability."),
-    _opt("min_p", float, 0.0, "--min-p", panel=_S, help="Drop tokens below this share of the likeliest."),
-    _opt("repeat_penalty", float, 1.0, "--repeat-penalty", panel=_S, help="1 = none."),
-    _opt("seed", Optional[int], None, "--seed", panel=_S, help="Sampling seed (default: random)."),
-    _opt("ignore_eos", bool, False, "--ignore-eos", panel=_S, help="Never stop at end-of-text."),
+    _opt("max_tokens", int, SamplingParams.max_tokens, "--max-tokens", "-n", panel=_S, help="Most tokens to generate."),
+    _opt("temperature", float, SamplingParams.temperature, "--temperature", panel=_S, help="0 = greedy; the default is upstream CLI's."),
+    _opt("top_k", int, SamplingParams.top_k, "--top-k", panel=_S, help="Keep the k likeliest tokens (0: all)."),
+    _opt("top_p", float, SamplingParams.top_p, "--top-p", panel=_S, help="Keep the smallest set with this probability."),
+    _opt("min_p", float, SamplingParams.min_p, "--min-p", panel=_S, help="Drop tokens below this share of the likeliest."),
+    _opt("repeat_penalty", float, SamplingParams.repeat_penalty, "--repeat-penalty", panel=_S, help="1 = none."),
+    _opt("seed", Optional[int], SamplingParams.seed, "--seed", panel=_S, help="Sampling seed (default: random)."),
+    _opt("ignore_eos", bool, SamplingParams.ignore_eos, "--ignore-eos", panel=_S, help="Never stop at end-of-text."),
 ))
 
 _O = "Output"
@@ -83,7 +85,7 @@ OUTPUT = Group("output", (
 
 
 def load_kwargs(runtime: dict) -> dict:
-    """The RUNTIME group as Owl2.load's keyword arguments."""
+    """The RUNTIME group as Owl2.load's keyword arguments (LoadOptions' fields and path)."""
     return dict(path=runtime.get("model"), device=runtime["device"], n_ctx=runtime["ctx"],
                 n_threads=runtime["threads"], kv_type=runtime["kv_type"],
                 flash_attn=runtime["flash_attn"], repack=not runtime["no_repack"],

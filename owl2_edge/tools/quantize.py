@@ -38,7 +38,7 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, quant_type: 
                     allow_requantize: bool = False, force: bool = False,
                     progress: Progress | None = None) -> Manifest:
     """Write `src` at `quant_type` into `out`; returns the new manifest. vision: the variants to
-    write (None: the ones `src` has). importance: an owl2_edge.imatrix.ImportanceMatrix."""
+    write (None: the ones `src` has). importance: an owl2_edge.tools.imatrix.ImportanceMatrix."""
     src, out = Path(src), Path(out)
     qt = quant.QUANT_TYPES[quant.check_quant(quant_type)]
     quant.check_imatrix_need(qt.name, importance)

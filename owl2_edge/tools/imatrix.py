@@ -164,7 +164,7 @@ def calibration_prompts(n: int = DEFAULT_PROMPTS, seed: int = 0) -> list[Prompt]
 
 
 def prompts_from_items(items: Sequence) -> list[Prompt]:
-    """owl2_edge.evaluate.Items (a JSONL file's lines) as calibration prompts: the question in the
+    """owl2_edge.tools.evaluate.Items (a JSONL file's lines) as calibration prompts: the question in the
     template, followed by the first answer when the line gives one."""
     out = []
     for item in items:

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from owl2_edge.evaluate import DEFAULT_MAX_TOKENS, Item, Report, is_correct
+from owl2_edge.tools.evaluate import DEFAULT_MAX_TOKENS, Item, Report, is_correct
 from owl2_edge.prompt import Turn, render
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from owl2_edge import names
-from owl2_edge.bench import shapes, workers
+from owl2_edge.tools.bench import shapes, workers
 from owl2_edge.errors import ArgumentError, Owl2Error
 from owl2_edge.model_dir import Manifest
 
@@ -86,7 +86,7 @@ def parse_groups(only: str | None) -> tuple[str, ...]:
 @contextlib.contextmanager
 def sample_picture() -> Iterator[Path]:
     """The built-in sample picture saved as a PNG, for `owl2 ask` to read, while the block runs."""
-    from owl2_edge.demo_image import sample_image
+    from owl2_edge.tools.demo_image import sample_image
     with tempfile.TemporaryDirectory(prefix="owl2-bench-") as folder:
         path = Path(folder) / "sample.png"
         sample_image().save(path)
@@ -101,7 +101,7 @@ def plan(folder: Path, threads: int, device: str, groups: tuple[str, ...], pictu
     skipped: dict[str, str] = {}
 
     def worker(key: str, kind: str, *extra: str) -> Job:
-        return Job(key, (sys.executable, "-m", "owl2_edge.bench.workers", kind, str(folder),
+        return Job(key, (sys.executable, "-m", "owl2_edge.tools.bench.workers", kind, str(folder),
                          "--threads", str(threads), "--device", device, *extra))
 
     if "decoder" in groups:

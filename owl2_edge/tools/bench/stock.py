@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from owl2_edge.bench.workers import (ASK_N_CTX, N_BATCH, QUESTION, SECOND_QUESTION,
+from owl2_edge.tools.bench.workers import (ASK_N_CTX, N_BATCH, QUESTION, SECOND_QUESTION,
                                      check_llama_cpp_device, file_bytes, kv_cache_bytes, timed)
 from owl2_edge.errors import Owl2Error
 from owl2_edge.model_dir import Manifest
@@ -35,7 +35,7 @@ class StockLlama:
     def __init__(self, path: Path, threads: int, device: str, n_ctx: int):
         import llama_cpp
 
-        from owl2_edge import llama_stock
+        from owl2_edge.tools import llama_stock
         from owl2_edge.llama_log import captured_llama_log, init_llama_backend
         self.api = llama_cpp
         init_llama_backend()
@@ -136,7 +136,7 @@ def first_token_seconds(session, llama: StockLlama, tokenizer, spec, image, ques
 
 
 def stock_pipeline(folder: Path, threads: int, device: str) -> dict:
-    from owl2_edge.demo_image import sample_image
+    from owl2_edge.tools.demo_image import sample_image
     from owl2_edge.tokenizer import Tokenizer
     m = Manifest.load(folder)
     variant = next(v for v in STOCK_VISION if v in m.vision_files)

@@ -1,0 +1,25 @@
+"""The `owl2` command: thin typer commands over the Python API.
+
+Every command parses its options, calls the API, and turns an owl2-edge error into one line on
+stderr and a non-zero exit code (cli/app.py); nothing below this edge prints or exits. The
+commands, one module per family, register on the one app when imported here.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from owl2_edge.cli import answer, batch, bench, model, quality, serve  # noqa: F401 (registers)
+from owl2_edge.cli.app import EXIT_INTERRUPTED, app
+
+
+def main():
+    # typer turns Ctrl-C inside a command into exit code 130 without a traceback; this catches
+    # one that lands before a command runs (while Python imports).
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+
+
+__all__ = ["app", "main"]

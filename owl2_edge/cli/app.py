@@ -1,0 +1,79 @@
+"""The `owl2` command's shared edge: the typer app, the consoles, and the one place where an
+owl2-edge error becomes one line on stderr and a non-zero exit code (nothing below the CLI prints
+or exits). The commands live beside this file, one module per family, and register on `app`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from owl2_edge.cli.options import load_kwargs
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Run mPLUG-Owl2 on your own machine.")
+# soft_wrap: a message is one line whatever the terminal width (scripts read stderr by line).
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+console = Console(highlight=False)
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
+    # One line, whatever the terminal width; the message is text, never rich markup.
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def progress():
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    return Progress(TextColumn("{task.description:<8}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TimeElapsedColumn(), console=err, transient=False)
+
+
+def load_owl(runtime: dict):
+    from owl2_edge.owl2 import Owl2
+    # The first question encodes its images while the decoder's weights are still loading.
+    return Owl2.load(**load_kwargs(runtime), wait=False)
+
+
+def check_sampling(sampling: dict) -> None:
+    """Refuse bad sampling options before loading anything."""
+    from owl2_edge.sampling import SamplingParams
+    SamplingParams.of(sampling)
+
+
+def write(piece: str) -> None:
+    sys.stdout.write(piece)
+    sys.stdout.flush()
+
+
+@contextlib.contextmanager
+def progress_when_needed():
+    """A progress(stage, done, total) callback whose bars appear at its first call: nothing is
+    printed (not even an empty line) when no work was reported."""
+    with contextlib.ExitStack() as stack:
+        report = []
+
+        def on_stage(stage: str, done: int, total: int):
+            if not report:
+                report.append(stage_reporter(stack.enter_context(progress())))
+            report[0](stage, done, total)
+        yield on_stage
+
+
+def stage_reporter(bar):
+    """progress(stage, done, total) callbacks as one bar per stage."""
+    tasks: dict[str, int] = {}
+
+    def report(stage: str, done: int, total: int):
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        bar.update(tasks[stage], completed=done, total=total)
+    return report
+

@@ -1,0 +1,185 @@
+"""Commands that make or describe model folders: convert, quantize, imatrix, info, demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.markup import escape
+
+from owl2_edge.cli.app import (app, console, err, fail, load_owl, progress, progress_when_needed,
+                               stage_reporter, write)
+from owl2_edge.cli.options import MODEL, RUNTIME, RUNTIME_NO_MODEL, with_options
+from owl2_edge.cli.quality import compare_folders, print_comparison
+from owl2_edge.errors import Owl2Error
+from owl2_edge.names import DEFAULT_VISION_VARIANTS, VISION_VARIANT_NOTES
+from owl2_edge.tools import converting
+from owl2_edge.tools.evaluate import DEFAULT_MAX_TOKENS
+
+_IMATRIX_HELP = ("Importance matrix from `owl2 imatrix` (the very low-bit types need one; "
+                 "see README, Quantize).")
+_VISION_HELP = ("Vision file(s) to write (repeatable): "
+                + ", ".join(f"{v} ({note})" for v, note in VISION_VARIANT_NOTES.items()) + ".")
+
+
+@app.command("convert")
+def convert_cmd(
+    hf_dir: Path = typer.Argument(..., help="Hugging Face mPLUG-Owl2 checkpoint folder, or a Hub "
+                                            "id (MAGAer13/mplug-owl2-llama2-7b) to download."),
+    out: Path = typer.Option(..., "-o", "--out", help="Model folder to write."),
+    quant: str = typer.Option("Q4_K_M", "--quant", "-q",
+                              help="Decoder type: F32, F16, BF16, Q8_0, Q4_0, Q4_K_M, ..."),
+    vision: list[str] = typer.Option(list(DEFAULT_VISION_VARIANTS), "--vision", help=_VISION_HELP),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help=_IMATRIX_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+):
+    """Convert a Hugging Face mPLUG-Owl2 checkpoint into an owl2-edge model folder."""
+    try:
+        importance = _read_imatrix(imatrix)
+        with progress() as bar:
+            manifest = converting.convert(hf_dir, out, quant, vision, force, importance,
+                                          progress=stage_reporter(bar))
+    except (Owl2Error, FileExistsError, ValueError) as e:
+        raise fail(str(e))
+    size = sum((out / f).stat().st_size for f in manifest.files())
+    console.print(f"wrote {out} ({size / 2**20:.1f} MiB, decoder {manifest.quant})")
+
+
+@app.command("info")
+def info_cmd(
+    folder: Optional[Path] = typer.Argument(None, metavar="MODEL",
+                                            help="Model folder (default: as ask's -m)."),
+    model: Optional[Path] = MODEL.info,
+):
+    """Show what is in a model folder: files, sizes, types, dimensions."""
+    from owl2_edge.tools.info import describe
+    from owl2_edge.model_dir import default_model_path
+    if folder is not None and model is not None and folder != model:
+        raise fail(f"two model folders given ({folder} and -m {model}); give one")
+    try:
+        table = describe(folder or model or default_model_path())
+    except Owl2Error as e:
+        raise fail(str(e))
+    console.print(table)
+
+
+@app.command("quantize")
+@with_options(RUNTIME_NO_MODEL)
+def quantize_cmd(
+    src: Path = typer.Argument(..., help="Model folder to quantize (F16, BF16 or F32)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Model folder to write."),
+    quant: str = typer.Option(..., "--quant", "-q", help="Decoder type: Q4_K_M, Q8_0, IQ4_XS, ..."),
+    vision: Optional[list[str]] = typer.Option(
+        None, "--vision", help=_VISION_HELP + " Default: the source folder's."),
+    imatrix: Optional[Path] = typer.Option(None, "--imatrix", help=_IMATRIX_HELP),
+    allow_requantize: bool = typer.Option(False, "--allow-requantize",
+                                          help="Quantize a folder that is already quantized."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    report: bool = typer.Option(False, "--report",
+                                help="Then compare the result with SRC (owl2 compare's table)."),
+    report_n: int = typer.Option(20, "--report-n", help="Questions per type for --report."),
+    as_json: bool = typer.Option(False, "--json", help="--report's measures as one JSON object."),
+    *, runtime: dict,
+):
+    """Quantize a model folder to another type: no torch and no checkpoint needed."""
+    from owl2_edge.tools import evaluate
+    from owl2_edge.tools.quantize import quantize_folder
+    try:
+        importance = _read_imatrix(imatrix)
+        with progress() as bar:
+            manifest = quantize_folder(src, out, quant, vision, importance, allow_requantize,
+                                       force, progress=stage_reporter(bar))
+        size = sum((out / f).stat().st_size for f in manifest.files())
+        err.print(f"wrote {out} ({size / 2**20:.1f} MiB, decoder {manifest.quant}, vision "
+                  f"{', '.join(manifest.vision_files)})")
+        if report:
+            items = evaluate.generated_items(report_n, 0)
+            print_comparison(compare_folders(src, out, items, runtime, DEFAULT_MAX_TOKENS), src, out,
+                              as_json)
+    except (Owl2Error, FileExistsError, ValueError) as e:
+        raise fail(str(e))
+
+
+def _read_imatrix(path: Optional[Path]):
+    if path is None:
+        return None
+    from owl2_edge.tools.imatrix import ImportanceMatrix
+    return ImportanceMatrix.read(path)
+
+
+@app.command("imatrix")
+@with_options(RUNTIME)
+def imatrix_cmd(
+    out: Path = typer.Option(..., "-o", "--out", help="Importance matrix file to write (.gguf)."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="JSONL calibration prompts: image (optional) and prompt (or "
+                             "question), answer optional, per line. Default: built-in pictures."),
+    n_prompts: int = typer.Option(64, "--prompts", help="How many built-in prompts."),
+    seed: int = typer.Option(0, "--seed", help="Which built-in prompts."),
+    *, runtime: dict,
+):
+    """Collect an importance matrix through the MAM decoder, images included (for --imatrix)."""
+    from owl2_edge.tools import evaluate, imatrix
+    try:
+        if data is not None:
+            prompts = imatrix.prompts_from_items(evaluate.read_items(data, need_answers=False))
+            dataset = str(data)
+        else:
+            prompts = imatrix.calibration_prompts(n_prompts, seed)
+            dataset = f"owl2-edge built-in scenes (n={n_prompts}, seed={seed})"
+        with load_owl(runtime) as owl, progress() as bar:
+            task = bar.add_task("imatrix", total=len(prompts))
+            result = imatrix.collect(owl, prompts, dataset,
+                                     on_progress=lambda done, total: bar.update(task, completed=done))
+        result.write(out)
+    except Owl2Error as e:
+        raise fail(str(e))
+    visual = sum(e.count for e in result.mam.values()) // max(len(result.mam), 1)
+    err.print(f"wrote {out}: {len(result.base)} base and {len(result.mam)} visual-route matrices "
+              f"from {result.chunk_count} prompts ({visual} image positions per visual matrix)")
+
+
+@app.command("demo")
+def demo_cmd(
+    rebuild: bool = typer.Option(False, "--rebuild", help="Convert the demo model again."),
+    question: Optional[str] = typer.Option(None, "--question", "-q",
+                                           help="Ask this about the first sample picture instead."),
+):
+    """Build the demo model once (a tiny mPLUG-Owl2 trained on pictures of shapes; offline) and
+    ask it about the sample pictures."""
+    from owl2_edge.tools.demo_image import SAMPLES, sample_image, sample_questions
+    from owl2_edge.tools.info import describe
+    from owl2_edge.model_dir import demo_folder
+    from owl2_edge.owl2 import Owl2
+    folder = demo_folder()
+    try:
+        with progress_when_needed() as on_stage:  # bars only when the model is built
+            model = converting.ensure_demo_model(
+                folder, rebuild, progress=on_stage,
+                on_build=lambda: err.print(f"building the demo model in {folder} ..."))
+        console.print(describe(model))
+        owl = Owl2.load(model)
+        for i in range(1 if question else len(SAMPLES)):
+            image = sample_image(i)  # drawn once, saved and asked about
+            picture = folder / f"sample-{i + 1}.png"
+            image.save(picture)
+            console.print(f"[bold]picture:[/] {escape(str(picture))}")
+            asked = [(question, None)] if question else sample_questions(i)
+            for q, expected in asked:
+                console.print(f"[bold]USER:[/] {escape(q)}")
+                console.print("[bold]ASSISTANT:[/] ", end="")
+                pieces = []
+                for piece in owl.stream(image, q, max_tokens=32, temperature=0):
+                    pieces.append(piece)
+                    write(piece)
+                answer = "".join(pieces).strip()
+                mark = "" if expected is None else (
+                    "   [green](right)[/]" if answer == expected else f"   [red](expected {expected})[/]")
+                console.print(mark)
+    except Owl2Error as e:
+        raise fail(str(e))
+    t = owl.stats.rates(owl.load_seconds)
+    err.print(f"load {t['load_s']:.2f} s · vision {t['vision_s']:.3f} s · prefill "
+              f"{t['prefill_tok_per_s']:.0f} tok/s · decode {t['decode_tok_per_s']:.0f} tok/s "
+              f"({owl.decoder.device})")

@@ -1,0 +1,94 @@
+"""`owl2 serve`: the options and limits of the OpenAI-compatible server (owl2_edge/serve/)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from owl2_edge.cli.app import EXIT_INTERRUPTED, app, console, fail
+from owl2_edge.cli.options import RUNTIME, load_kwargs, with_options
+from owl2_edge.errors import Owl2Error
+from owl2_edge.serve.limits import Limits as ServeLimits
+
+_SERVE_FLAGS = {"max_queue": "--max-queue", "max_body_bytes": "--max-body-mb",
+                "max_images": "--max-images", "max_tokens": "--max-tokens-limit"}
+
+
+@app.command("serve")
+@with_options(RUNTIME)
+def serve_cmd(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every "
+                                                       "interface; think of --api-key then)."),
+    port: int = typer.Option(8080, "--port", "-p", help="Port to listen on (0: any free one)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="OWL2_API_KEY",
+                                          help="Require Authorization: Bearer KEY (also from "
+                                               "$OWL2_API_KEY, which keeps it out of ps)."),
+    allow_path: list[Path] = typer.Option([], "--allow-path", metavar="DIR",
+                                          help="Read file:// images under DIR (repeatable)."),
+    allow_remote_images: bool = typer.Option(False, "--allow-remote-images",
+                                             help="Download http(s) images (size and time "
+                                                  "limited)."),
+    max_queue: int = typer.Option(ServeLimits.max_queue, "--max-queue",
+                                  help="Requests that may wait behind the one being answered; "
+                                       "more get 429."),
+    max_body_mb: float = typer.Option(ServeLimits.max_body_bytes / 2**20, "--max-body-mb",
+                                      help="Largest request body in MiB (base64 images included)."),
+    max_images: int = typer.Option(ServeLimits.max_images, "--max-images",
+                                   help="Most images per request."),
+    max_tokens_limit: int = typer.Option(ServeLimits.max_tokens, "--max-tokens-limit",
+                                         help="Largest max_tokens a request may ask for."),
+    *, runtime: dict,
+):
+    """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions) and a chat page."""
+    try:
+        limits = _serve_limits(max_queue=max_queue, max_body_bytes=_mib(max_body_mb),
+                               max_images=max_images, max_tokens=max_tokens_limit)
+        for folder in allow_path:
+            if not folder.is_dir():
+                raise Owl2Error(f"--allow-path {folder}: not a folder")
+        from owl2_edge.owl2 import Owl2
+        from owl2_edge.serve import server
+        from owl2_edge.serve.app import create_app
+        with _listen(server, host, port) as sock:  # a port in use fails before the model loads
+            owl = Owl2.load(**load_kwargs(runtime))
+            app = create_app(owl, limits, api_key=api_key, allow_paths=allow_path,
+                             allow_remote_images=allow_remote_images)
+            console.print(f"owl2 serve: {server.url_of(sock)}/ ({owl.folder.name} on "
+                          f"{owl.decoder.device}; one request at a time; Ctrl-C stops)",
+                          markup=False, soft_wrap=True)
+            try:
+                server.serve(app, sock)
+            except KeyboardInterrupt:
+                # uvicorn stops at the first Ctrl-C, then raises it again for us.
+                raise typer.Exit(EXIT_INTERRUPTED)
+            finally:
+                app.state.server.queue.close()
+                owl.close()
+    except Owl2Error as e:
+        raise fail(str(e))
+
+
+def _serve_limits(**values):
+    from owl2_edge.errors import ArgumentError
+    try:
+        return ServeLimits(**values)
+    except ArgumentError as e:
+        name = str(e).split(" ", 1)[0]
+        raise Owl2Error(str(e).replace(name, _SERVE_FLAGS.get(name, name), 1)) from None
+
+
+def _mib(value: float) -> int:
+    from owl2_edge.checks import number
+    return int(number("--max-body-mb", value, 0, 2**20, lo_open=True) * 2**20)
+
+
+def _listen(server, host: str, port: int):
+    from owl2_edge.checks import integer
+    integer("--port", port, 0, 65535)
+    try:
+        return server.bind(host, port)
+    except OSError as e:
+        why = e.strerror or str(e)
+        raise Owl2Error(f"cannot listen on {host}:{port}: {why}") from None
