@@ -1,5 +1,5 @@
-"""What each decoder type costs in quality, on the trained demo model (README, "Quality" and
-"Quantize").
+"""What each decoder type costs in quality, on the trained demo model (docs/quantize.md, "Every
+type" and "The demo model's quality by type").
 
 Converts the committed demo checkpoint to F32 (the reference) and F16 (the source), quantizes
 the F16 folder to every type with `owl2 quantize`'s code, and for each: the decoder pair's size,

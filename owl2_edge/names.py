@@ -72,5 +72,5 @@ VISION_VARIANT_NOTES = {"fp32": "exact", "fp16": "for CUDA", "int8": "fastest on
                         "int4": "smallest, least exact"}
 VISION_VARIANTS = tuple(VISION_VARIANT_NOTES)
 # What `owl2 convert` writes unless told: the CPU's pick and the GPU's (owl2_edge/vision.py's
-# preferences; README, Quantize, has the measurements).
+# preferences; docs/quantize.md has the measurements).
 DEFAULT_VISION_VARIANTS = ("int8", "fp16")

@@ -21,7 +21,8 @@ from owl2_edge.owl2 import Owl2  # noqa: E402
 
 N_PER_TYPE = 200
 # Held-out accuracy each type must reach on these 600 questions, per decoder type. Measured
-# (README, "Quality") on them: colour / count / shape-at 1.000 / 1.000 / 0.970 at F32 and Q8_0,
+# (docs/quantize.md, "The demo model's quality by type") on them: colour / count / shape-at
+# 1.000 / 1.000 / 0.970 at F32 and Q8_0,
 # 1.000 / 1.000 / 0.965 at Q4_K_M; on 1,000 other questions per type at F32, 1.000 / 1.000 /
 # 0.963 (docs/design.md §10). The bounds leave a few answers' room for float differences between
 # machines, and Q4_K_M's shape-at a little more.

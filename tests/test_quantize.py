@@ -27,8 +27,9 @@ from owl2_edge.tools.quantize import quantize_folder  # noqa: E402
 PAIR_ID = "0123456789abcdef"
 # Mean KL (nats) of the answer positions against F32 on 60 held-out questions (generated_items(20,
 # seed=3)). Measured: Q8_0 1.1e-8, Q6_K 2.7e-8, Q4_K_M 1.3e-7, Q2_K 0.17. The demo model (trained
-# 4,000 steps) does not survive 2 bits whole: Q2_K changes 1 answer in 15 (README, "Quality"), and
-# its bound only tells that from a broken decoder (several nats). Bounds for the others are the
+# 4,000 steps) does not survive 2 bits whole: Q2_K changes 1 answer in 15 (docs/quantize.md,
+# "The demo model's quality by type"), and its bound only tells that from a broken decoder
+# (several nats). Bounds for the others are the
 # ones set on earlier demo models, 20-100x above today's.
 KL_BOUNDS = {"Q8_0": 3e-6, "Q6_K": 5e-6, "Q4_K_M": 2e-5, "Q2_K": 0.5}
 # Types whose answer to the sample question must still be right (measured: all of them are; the

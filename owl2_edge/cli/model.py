@@ -18,7 +18,7 @@ from owl2_edge.tools import converting
 from owl2_edge.tools.evaluate import DEFAULT_MAX_TOKENS
 
 _IMATRIX_HELP = ("Importance matrix from `owl2 imatrix` (the very low-bit types need one; "
-                 "see README, Quantize).")
+                 "see docs/quantize.md).")
 _VISION_HELP = ("Vision file(s) to write (repeatable): "
                 + ", ".join(f"{v} ({note})" for v, note in VISION_VARIANT_NOTES.items()) + ".")
 

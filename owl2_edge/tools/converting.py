@@ -11,7 +11,7 @@ from typing import Callable
 from owl2_edge.errors import Owl2Error
 from owl2_edge.names import MANIFEST_FILE
 
-# The demo model's decoder type: its answers at Q8_0 are those of F32 (README, quantization).
+# The demo model's decoder type: its answers at Q8_0 are those of F32 (docs/quantize.md).
 DEMO_QUANT = "Q8_0"
 DEMO_VISION = ("fp32",)
 
