@@ -56,8 +56,7 @@ NB_MODULE(_decoder, m) {
             {
                 nb::gil_scoped_release release;
                 owl2::quantize_rows(type, values.data(), out, rows, cols,
-                                    n_threads > 0 ? n_threads
-                                                  : std::min(owl2::physical_cores(), owl2::max_n_threads()),
+                                    n_threads > 0 ? n_threads : owl2::default_n_threads(),
                                     importance ? importance->data() : nullptr);
             }
             return nb::ndarray<nb::numpy, uint8_t, nb::ndim<2>>(out, {(size_t) rows, rb}, owner);
@@ -95,9 +94,9 @@ NB_MODULE(_decoder, m) {
     m.attr("MAX_SEQUENCES") = owl2::MAX_SEQUENCES;
     m.def("names_digest", [] { return std::string(owl2::names::DIGEST); },
           "Digest of the names header this extension was built from (see cpp_ext/gen_names_header.py).");
-    m.def("default_n_threads", &owl2::physical_cores,
-          "The one default thread count (physical cores) of the decoder, the quantizer, llama.cpp's "
-          "quantizer and ONNX Runtime.");
+    m.def("default_n_threads", &owl2::default_n_threads,
+          "The one default thread count (physical cores, at most max_n_threads()) of the decoder, the "
+          "quantizer, llama.cpp's quantizer and ONNX Runtime.");
     m.def("max_n_threads", &owl2::max_n_threads,
           "The most threads Decoder(n_threads=) and quantize(n_threads=) accept: ggml's GGML_MAX_N_THREADS, "
           "and at most 4 x the hardware threads.");
@@ -139,7 +138,7 @@ NB_MODULE(_decoder, m) {
                 nb::gil_scoped_release release;
                 new (self) owl2::decoder(base, mam, p);
             },
-            nb::arg("base_path"), nb::arg("mam_path"), nb::arg("n_ctx") = 2048, nb::arg("n_threads") = 0,
+            nb::arg("base_path"), nb::arg("mam_path"), nb::arg("n_ctx"), nb::arg("n_threads") = 0,
             nb::arg("device") = "auto", nb::arg("n_gpu_layers") = -1, nb::arg("kv_type") = "f16",
             nb::arg("flash_attn") = false, nb::arg("n_ubatch") = 512, nb::arg("repack") = true,
             nb::arg("defer_placing") = false)

@@ -44,8 +44,8 @@ std::string printable(std::string_view text, size_t max_bytes = 200);
 size_t init_backends_quietly();
 
 struct decoder_params {
-    int n_ctx = 2048;
-    int n_threads = 0;           // <= 0: the number of physical cores
+    int n_ctx = 0;               // positions the KV cache holds, set by the caller (no default here): 0 is refused
+    int n_threads = 0;           // <= 0: default_n_threads()
     std::string device = "auto"; // one of names::DEVICES: "auto" (a GPU when ggml has one), "cpu", "cuda"
     int n_gpu_layers = -1;       // < 0: all; layers >= n_layer - n_gpu_layers go to the GPU
     std::string kv_type = "f16"; // one of names::KV_TYPES: "f16", "f32", "q8_0"
@@ -71,7 +71,7 @@ struct kv_state {
     size_t nbytes() const;
 };
 
-struct model;  // defined in owl2_decoder.cpp
+struct model;  // defined in owl2_model.h
 
 // One run of decoder::eval_runs: n token ids or n embeddings [n, n_embd] (the caller keeps them
 // alive for the call), through route 0 (text) or 1 (visual), appended to sequence `seq`.
@@ -162,6 +162,10 @@ int physical_cores();
 // above it) and 4 x the hardware threads (more only adds contention; a mistyped 100000 must not
 // start 100000 threads).
 int max_n_threads();
+
+// The one default thread count, of the decoder and the quantizer: the physical cores, at most
+// max_n_threads().
+int default_n_threads();
 
 // The base GGUF's vocabulary, checked before llama.cpp's tokenizer loads it (llama.cpp aborts
 // the process on some bad vocabularies, at load or at the first tokenize): the converter's SPM
