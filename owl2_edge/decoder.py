@@ -70,11 +70,11 @@ class Decoder:
     options: a LoadOptions (load_options.py: n_ctx, n_threads, device, n_gpu_layers, kv_type,
         flash_attn, repack, each with its default and its meaning there), or the same as keyword
         arguments (the decoder's ones only). Owl2.load passes the object it has checked.
-        flash_attn is always on when a GPU is used (see owl2_decoder.cpp: the unfused path was
-        wrong on CUDA in our measurement). repack: on the CPU, copy the weights that ggml can
-        repack into its interleaved layouts, as stock llama.cpp does (at 7B Q4_0 on 2 cores,
-        1.5x the prefill and decode speed of the weights used in place); the mapped pages of each
-        copied weight are given back at once, so memory still holds the weights once.
+        flash_attn is always on when a GPU is used (cpp_ext/owl2_load.cpp, choose_devices: the
+        unfused path was wrong on CUDA in our measurement). repack: on the CPU, copy the weights
+        that ggml can repack into its interleaved layouts, as stock llama.cpp does (at 7B Q4_0 on
+        2 cores, 1.5x the prefill and decode speed of the weights used in place); the mapped
+        pages of each copied weight are given back at once, so memory holds the weights once.
     n_ubatch: positions per graph; longer runs are split (memory stays bounded).
     background: return once both files and every option are checked and the facts (n_vocab,
         n_embd, ...) are known, and place the weights on a thread meanwhile (CPU repacking uses
@@ -95,7 +95,7 @@ class Decoder:
         background = checks.flag("background", background)
         base = checks.path("decoder_gguf", decoder_gguf)
         mam = checks.path("mam_gguf", mam_gguf)
-        # Loading is two steps (cpp_ext/owl2_decoder.cpp, open and place): opening checks both
+        # Loading is two steps (cpp_ext/owl2_load.cpp, open and place): opening checks both
         # files and every option and is quick; placing reads, repacks or uploads the weights.
         with _native_errors():
             self._native = _decoder.Decoder(base, mam, **native_options, defer_placing=True)

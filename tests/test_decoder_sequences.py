@@ -1,4 +1,4 @@
-"""Several sequences in one KV cache (cpp_ext/owl2_decoder.cpp, docs/design.md §14): every
+"""Several sequences in one KV cache (cpp_ext/owl2_kv_cache.cpp, docs/design.md §14): every
 sequence's logits, in mixed steps where prompts of both modalities join, answers go on and others
 end, equal that sequence's logits run alone; copy / clear / rewind / save / restore per sequence;
 and the cache's cells are reused after sequences end."""

@@ -3,7 +3,7 @@
 One exception to "stock as it comes": a llama-cpp-python built on a Xeon with AMX holds
 quantized weights in ggml's AMX buffer type, whose matmul in this ggml crashes the process
 (SIGSEGV) on weights whose rows are not a multiple of 2048 wide, the tiny test models' among
-them (our decoder never uses that buffer type: cpp_ext/owl2_decoder.cpp, cpu_repack_bufts).
+them (our decoder never uses that buffer type: cpp_ext/owl2_load.cpp, cpu_repack_bufts).
 llama.cpp has no switch for that buffer type alone, so on such a build stock runs without
 ggml's extra buffer types (use_extra_bufts = false): its weights used in place, not repacked.
 """
