@@ -2,14 +2,15 @@
 
 Every command parses its options, calls the API, and turns an owl2-edge error into one line on
 stderr and a non-zero exit code (cli/app.py); nothing below this edge prints or exits. The
-commands, one module per family, register on the one app when imported here.
+commands, one module per family, register on the one app when imported here, in the order
+`owl2 --help` lists them: answering first (ask, chat, serve, batch), speed last.
 """
 
 from __future__ import annotations
 
 import sys
 
-from owl2_edge.cli import answer, batch, bench, model, quality, serve  # noqa: F401 (registers)
+from owl2_edge.cli import answer, serve, batch, model, quality, bench  # noqa: F401, I001 (registers)
 from owl2_edge.cli.app import EXIT_INTERRUPTED, app
 
 
