@@ -27,7 +27,7 @@ from owl2_edge.answer import Answer, check_finite
 from owl2_edge.batch.engine import BatchResult, answer_all
 from owl2_edge.chat import Chat
 from owl2_edge.decoder import MAX_SEQUENCES, Decoder
-from owl2_edge.errors import ArgumentError, BusyError, ModelFolderError
+from owl2_edge.errors import ArgumentError, BusyError, ContextFullError, ModelFolderError
 from owl2_edge.image import content_hash, load_image, preprocess
 from owl2_edge.kv_prefix import IMAGE, KVPrefix, prompt_items
 from owl2_edge.load_options import LoadOptions
@@ -221,22 +221,63 @@ class Owl2:
             return completion.chunks(pieces, self.stats)
         return completion.response("".join(pieces).strip(), self.stats)
 
-    def generate(self, prompt: str, images: Sequence, params: SamplingParams) -> Iterator[str]:
-        """The engine under stream(): a templated (or raw) prompt and its images -> text pieces.
-        Encodes the images now; prefill and decoding run as the pieces are read, as the turn of
-        this object that owns its caches until the last piece (or until the iterator is closed).
-        """
-        if not isinstance(params, SamplingParams):
-            raise ArgumentError(f"params must be a SamplingParams, not {type(params).__name__}")
+    def prepare(self, prompt: str, images: Sequence = ()) -> "Prepared":
+        """A templated (or raw) prompt and its images, made ready for generate(): its length
+        checked against the context, tokenized, its images decoded and preprocessed. Touches no
+        cache, so it may run on any thread while another call answers (the server prepares a
+        request on a worker thread while the model thread answers another). A prompt that
+        cannot fit is refused from its length alone, before any of that (check_prompt_size)."""
         images = _as_list(images)
-        stats = Stats()
-        t0 = time.perf_counter()
+        self.check_prompt_size(prompt, len(images))
         ids = self.tokenize(prompt)
         check_image_count(ids.count(names.IMAGE_TOKEN_ID), len(images))
+        self.kv.check_fits(prompt_items(ids, [""] * len(images)))  # before decoding any image
         pixels, keys = self._pixels(images)  # a bad image is refused now
-        items = prompt_items(ids, keys)
-        self.kv.check_fits(items)
-        return self._answer(items, pixels, params, stats, t0)
+        return Prepared(prompt_items(ids, keys), pixels)
+
+    def check_prompt_size(self, prompt: str, n_images: int = 0) -> None:
+        """ContextFullError when `prompt` is surely too long for the context, judged from its
+        number of characters alone: no token spans more characters than the vocabulary's longest
+        piece has bytes (Tokenizer.max_token_bytes), so a prompt with more characters than that
+        many times the positions left once its images are placed needs more positions than
+        there are. Cheap whatever the prompt's size, unlike tokenizing it."""
+        checks.text("prompt", prompt)
+        n_ctx, n_visual = self.decoder.n_ctx, self.manifest.n_visual
+        left = n_ctx - n_images * n_visual
+        if left < 1:
+            raise ContextFullError(f"{n_images} image(s) take {n_images * n_visual} positions but "
+                                   f"the context holds {n_ctx}; send fewer or load with a larger "
+                                   f"n_ctx")
+        chars = len(prompt) - prompt.count(names.IMAGE_PLACEHOLDER) * len(names.IMAGE_PLACEHOLDER)
+        most = left * self.tokenizer.max_token_bytes
+        if chars > most:
+            raise ContextFullError(f"the prompt's {chars:,} characters cannot fit the context: "
+                                   f"{left} position(s) left after its {n_images} image(s) hold "
+                                   f"at most {most:,}; shorten it or load with a larger n_ctx")
+
+    def max_prompt_chars(self, n_images: int = 0) -> int:
+        """The longest prompt text (characters, image marks aside) that check_prompt_size lets
+        through with `n_images` images."""
+        left = self.decoder.n_ctx - n_images * self.manifest.n_visual
+        return max(0, left) * self.tokenizer.max_token_bytes
+
+    def generate(self, prompt: "str | Prepared", images: Sequence, params: SamplingParams
+                 ) -> Iterator[str]:
+        """The engine under stream(): a templated (or raw) prompt and its images (or what
+        prepare() made of them, images then ()) -> text pieces. Prepares now; prefill and
+        decoding run as the pieces are read, as the turn of this object that owns its caches
+        until the last piece (or until the iterator is closed)."""
+        if not isinstance(params, SamplingParams):
+            raise ArgumentError(f"params must be a SamplingParams, not {type(params).__name__}")
+        stats = Stats()
+        t0 = time.perf_counter()
+        if isinstance(prompt, Prepared):
+            if _as_list(images):
+                raise ArgumentError("a prepared prompt holds its images already: give images=()")
+            prepared = prompt
+        else:
+            prepared = self.prepare(prompt, images)
+        return self._answer(prepared.items, prepared.pixels, params, stats, t0)
 
     def _answer(self, items, pixels, params: SamplingParams, stats: Stats, t0: float
                 ) -> Iterator[str]:
@@ -375,6 +416,14 @@ def _check_files_agree(folder: Path, manifest: Manifest, tokenizer: Tokenizer, d
         if found is not None and found != said:
             raise ModelFolderError(f"{folder / names.MANIFEST_FILE}: {field} is {said} but {path.name} "
                                    f"has {found} (files from different models?)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A prompt made ready by Owl2.prepare: its KV items (token ids, and images by content key)
+    and each image's preprocessed pixels, in order."""
+    items: list
+    pixels: list[np.ndarray]
 
 
 def _as_list(images) -> list:

@@ -9,6 +9,7 @@ Only the vocabulary is loaded (vocab_only), never the weights.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from pathlib import Path
 from typing import Sequence
@@ -86,6 +87,15 @@ class Tokenizer:
         if not self._vocab:
             raise DecoderError(f"{self.path}: the tokenizer is closed")
         return self._vocab
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The most UTF-8 bytes any one token's piece renders to, special tokens' text ("</s>")
+        included. A token covers at most that many characters of a prompt (a character, the "▁"
+        that stands for a space included, renders to one byte or more), so a prompt of C
+        characters needs at least C / max_token_bytes tokens: Owl2.check_prompt_size refuses one
+        that cannot fit without tokenizing it."""
+        return max(len(self.token_to_bytes(t, special=True)) for t in range(self.n_vocab))
 
     # -- text -> ids -----------------------------------------------------------------------------
 

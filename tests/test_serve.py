@@ -27,6 +27,7 @@ openai = pytest.importorskip("openai", reason="needs the openai client (the dev 
 
 from PIL import Image  # noqa: E402
 
+from owl2_edge.serve.fetch import parse_networks  # noqa: E402
 from owl2_edge.serve.limits import Limits  # noqa: E402
 
 N = 12  # tokens per answer: short, and long enough for the answers to differ
@@ -296,7 +297,8 @@ def test_images_from_allowed_folders_and_remote_urls(start_server, tmp_path, owl
             {"type": "text", "text": QUESTION}]}], **greedy()})
 
     handler = functools.partial(_QuietHandler, directory=str(allowed))
-    with start_server(limits=LIMITS, allow_paths=[allowed], allow_remote_images=True) as s, \
+    with start_server(limits=LIMITS, allow_paths=[allowed], allow_remote_images=True,
+                      allow_networks=parse_networks(["127.0.0.1"])) as s, \
             _QuietServer(("127.0.0.1", 0), handler) as files:
         threading.Thread(target=files.serve_forever, daemon=True).start()
         web = f"http://127.0.0.1:{files.server_address[1]}"
@@ -368,7 +370,7 @@ def _raw_request(url: str, body: dict) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=60)
     data = json.dumps(body).encode()
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
     return sock
 

@@ -13,7 +13,8 @@ from owl2_edge.errors import Owl2Error
 from owl2_edge.serve.limits import Limits as ServeLimits
 
 _SERVE_FLAGS = {"max_queue": "--max-queue", "max_body_bytes": "--max-body-mb",
-                "max_images": "--max-images", "max_tokens": "--max-tokens-limit"}
+                "max_images": "--max-images", "max_tokens": "--max-tokens-limit",
+                "request_timeout_s": "--request-timeout"}
 
 
 @app.command("serve")
@@ -28,8 +29,17 @@ def serve_cmd(
     allow_path: list[Path] = typer.Option([], "--allow-path", metavar="DIR",
                                           help="Read file:// images under DIR (repeatable)."),
     allow_remote_images: bool = typer.Option(False, "--allow-remote-images",
-                                             help="Download http(s) images (size and time "
-                                                  "limited)."),
+                                             help="Download http(s) images from public "
+                                                  "addresses (size and time limited)."),
+    allow_network: list[str] = typer.Option([], "--allow-network", metavar="CIDR",
+                                            help="Also download images from this network "
+                                                 "(192.168.1.0/24, 127.0.0.1; repeatable)."),
+    host_allow: list[str] = typer.Option([], "--host-allow", metavar="NAME",
+                                         help="Answer requests for this Host name too, besides "
+                                              "IP addresses and localhost (repeatable; * any)."),
+    cors_origin: list[str] = typer.Option([], "--cors-origin", metavar="ORIGIN",
+                                          help="Let web pages from this origin call the API "
+                                               "(https://app.example; repeatable; * any)."),
     max_queue: int = typer.Option(ServeLimits.max_queue, "--max-queue",
                                   help="Requests that may wait behind the one being answered; "
                                        "more get 429."),
@@ -39,22 +49,30 @@ def serve_cmd(
                                    help="Most images per request."),
     max_tokens_limit: int = typer.Option(ServeLimits.max_tokens, "--max-tokens-limit",
                                          help="Largest max_tokens a request may ask for."),
+    request_timeout: float = typer.Option(ServeLimits.request_timeout_s, "--request-timeout",
+                                          metavar="SECONDS",
+                                          help="A request's whole time: body, images, queue and "
+                                               "answer (the answer is cut there)."),
     *, runtime: dict,
 ):
     """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions) and a chat page."""
     try:
         limits = _serve_limits(max_queue=max_queue, max_body_bytes=_mib(max_body_mb),
-                               max_images=max_images, max_tokens=max_tokens_limit)
+                               max_images=max_images, max_tokens=max_tokens_limit,
+                               request_timeout_s=request_timeout)
         for folder in allow_path:
             if not folder.is_dir():
                 raise Owl2Error(f"--allow-path {folder}: not a folder")
+        networks = _networks(allow_network, allow_remote_images)
+        _check_names(host_allow, cors_origin)
         from owl2_edge.owl2 import Owl2
         from owl2_edge.serve import server
         from owl2_edge.serve.app import create_app
         with _listen(server, host, port) as sock:  # a port in use fails before the model loads
             owl = Owl2.load(**load_kwargs(runtime))
             app = create_app(owl, limits, api_key=api_key, allow_paths=allow_path,
-                             allow_remote_images=allow_remote_images)
+                             allow_remote_images=allow_remote_images, allow_networks=networks,
+                             host_allow=host_allow, cors_origins=cors_origin)
             console.print(f"owl2 serve: {server.url_of(sock)}/ ({owl.folder.name} on "
                           f"{owl.decoder.device}; one request at a time; Ctrl-C stops)",
                           markup=False, soft_wrap=True)
@@ -77,6 +95,28 @@ def _serve_limits(**values):
     except ArgumentError as e:
         name = str(e).split(" ", 1)[0]
         raise Owl2Error(str(e).replace(name, _SERVE_FLAGS.get(name, name), 1)) from None
+
+
+def _networks(values: list[str], allow_remote_images: bool):
+    from owl2_edge.serve.fetch import parse_networks
+    if values and not allow_remote_images:
+        raise Owl2Error("--allow-network only matters with --allow-remote-images")
+    try:
+        return parse_networks(values)
+    except ValueError as e:
+        raise Owl2Error(f"--allow-network {e}") from None
+
+
+def _check_names(hosts: list[str], origins: list[str]) -> None:
+    for host in hosts:
+        if not host or any(c in host for c in "/:@ ") and not host.startswith("["):
+            raise Owl2Error(f"--host-allow {host!r}: a host name (owl.example), not a URL")
+    for origin in origins:
+        scheme, sep, rest = origin.partition("://")
+        if origin != "*" and (scheme not in ("http", "https") or not sep or not rest
+                              or "/" in rest):
+            raise Owl2Error(f"--cors-origin {origin!r}: an origin is scheme://host[:port] "
+                            f"(https://app.example), or *")
 
 
 def _mib(value: float) -> int:

@@ -1,12 +1,13 @@
 """One answer on the model, for one request: Owl2.generate's pieces read one at a time on the
 model thread (so the event loop can notice a client that left between two), stop strings
-applied, and the answer's generator closed when it ends, stops or is abandoned, which ends the
-Owl2 turn and frees the model for the next request at once (docs/design.md §13)."""
+applied, the request's time limit held (the answer ends where it is once it passes), and the
+answer's generator closed when it ends, stops or is abandoned, which ends the Owl2 turn and frees
+the model for the next request at once (docs/design.md §13)."""
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from owl2_edge.openai_chat import finish_reason
 from owl2_edge.sampling import SamplingParams
@@ -17,14 +18,16 @@ from owl2_edge.serve.stop import StopStrings
 from owl2_edge.stats import Stats
 
 if TYPE_CHECKING:
-    from owl2_edge.owl2 import Owl2
+    from owl2_edge.owl2 import Owl2, Prepared
 
 
 class Answer:
     def __init__(self, owl: Owl2, turn: Turn, metrics: Metrics, n_images: int,
-                 stop: tuple[str, ...]):
+                 stop: tuple[str, ...], deadline: float = float("inf")):
         self.owl, self.turn, self.metrics, self.n_images = owl, turn, metrics, n_images
         self.stops = StopStrings(stop)
+        self.deadline = deadline          # time.monotonic(): the request's time limit
+        self.timed_out = False
         self.stats: Stats | None = None   # set once the model has started this answer
         self.finish: str | None = None    # set once the answer is over
         self.disconnected = False
@@ -33,15 +36,19 @@ class Answer:
         self._decode_seconds = 0.0
         self._closed = False
 
-    async def start(self, prompt: str, images: Sequence, params: SamplingParams) -> None:
-        """Owl2.generate on the model thread: tokenizes, checks the context, reads the images.
-        Its errors (a bad image, a prompt too long) come out here, before any response."""
+    async def start(self, prepared: Prepared, params: SamplingParams) -> None:
+        """Owl2.generate on the model thread, over a prompt that Owl2.prepare made ready on a
+        worker thread (the model thread tokenizes nothing)."""
         self._started_at = time.perf_counter()
-        self._pieces = await self.turn.run(self.owl.generate, prompt, images, params)
+        self._pieces = await self.turn.run(self.owl.generate, prepared, (), params)
 
     async def next(self) -> str | None:
         """The next text to show, or None once the answer is over (then `finish` is set)."""
         while self.finish is None:
+            if time.monotonic() > self.deadline:
+                # Out of time: what came so far is the answer, cut as max_tokens would cut it.
+                self.timed_out, self.finish = True, "length"
+                return self.stops.flush() or None
             piece = await self.turn.run(next, self._pieces, None)
             if self.stats is None:
                 # The answer's generator put its own Stats on the Owl2 as it started.
@@ -73,6 +80,8 @@ class Answer:
             self._decode_seconds = t.get("decode") or max(
                 0.0, time.perf_counter() - self._started_at - t.get("first_token", 0.0))
             self.metrics.add_answer(self.stats, self.n_images)
+        if self.timed_out:
+            self.metrics.timeouts += 1
         if disconnected:
             self.metrics.disconnects += 1
 

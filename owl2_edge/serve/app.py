@@ -4,9 +4,13 @@
     POST /v1/completions        a raw prompt with <|image|> marks and an `images` list
     GET  /v1/models  /health  /props  /metrics  /   (the chat page)
 
-Each handler parses and checks the request here, on the event loop (cheap), reads its images
-on a worker thread, waits for the model (queue.py), and runs the answer on the model thread
-(answer.py). Every refusal is OpenAI's error object (limits.py).
+Before any route, origin.py refuses Host names and web origins the server does not answer
+to. Each handler reads and checks the request here, on the event loop (cheap, and bounded before
+it is parsed); then, on a worker thread, refuses a prompt too long for the context from its
+length alone, reads its images and tokenizes it (Owl2.prepare), so that the model thread never
+spends time on a request it would refuse; then it waits for the model (queue.py) and runs the
+answer on the model thread (answer.py). Everything a request does counts against its time limit.
+Every refusal is OpenAI's error object (limits.py).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import anyio
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask, BackgroundTasks
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
@@ -31,16 +36,18 @@ from starlette.routing import Route
 from owl2_edge import openai_chat
 from owl2_edge.errors import (ArgumentError, ContextFullError, ImageError, Owl2Error,
                               PromptError)
-from owl2_edge.serve import fields
+from owl2_edge.serve import fields, memory
 from owl2_edge.serve.answer import Answer
+from owl2_edge.serve.fetch import Fetcher, IpNetwork
 from owl2_edge.serve.images import ImageReader, count_image_parts
 from owl2_edge.serve.limits import ApiError, Limits, bad_request, error_body, read_json
 from owl2_edge.serve.metrics import CountingMiddleware, Metrics
+from owl2_edge.serve.origin import BrowserGuard
 from owl2_edge.serve.queue import ModelQueue
 from owl2_edge.serve.shapes import DONE, ChatShape, TextShape, event
 
 if TYPE_CHECKING:
-    from owl2_edge.owl2 import Owl2
+    from owl2_edge.owl2 import Owl2, Prepared
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("owl2_edge.serve")
@@ -48,6 +55,9 @@ log = logging.getLogger("owl2_edge.serve")
 # Errors that the request caused: 400 with their message. Any other Owl2Error (a damaged model
 # file, NaN logits) is the server's own failure: 500.
 _REQUEST_ERRORS = (ArgumentError, ContextFullError, ImageError, PromptError)
+# A body may hold this many JSON values beyond the prompt's characters (the structure around
+# them: messages, parts, fields): see limits.json_values.
+_JSON_STRUCTURE_VALUES = 65536
 
 
 @dataclass
@@ -60,22 +70,41 @@ class Server:
     metrics: Metrics
     api_key: str | None
     started: int
+    host_allow: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
 
     @property
     def model_id(self) -> str:
         return self.owl.folder.name
 
+    @property
+    def max_json_values(self) -> int:
+        """The most values a request body may hold: every character of the longest prompt that
+        could fit, as its own value, and the structure around them."""
+        return self.owl.max_prompt_chars() + _JSON_STRUCTURE_VALUES
+
+    def deadline(self) -> float:
+        """A request starting now must be done by this time.monotonic() time."""
+        return time.monotonic() + self.limits.request_timeout_s
+
 
 def create_app(owl: Owl2, limits: Limits | None = None, api_key: str | None = None,
-               allow_paths: Sequence[str | Path] = (), allow_remote_images: bool = False
-               ) -> Starlette:
-    """The ASGI app over a loaded Owl2 (app.state.server holds what the routes share)."""
+               allow_paths: Sequence[str | Path] = (), allow_remote_images: bool = False,
+               allow_networks: Sequence[IpNetwork] = (), host_allow: Sequence[str] = (),
+               cors_origins: Sequence[str] = (), fetcher: Fetcher | None = None) -> Starlette:
+    """The ASGI app over a loaded Owl2 (app.state.server holds what the routes share).
+    allow_networks: networks that remote images may come from besides public addresses;
+    host_allow, cors_origins: see origin.py; fetcher: the remote images' downloader, when not
+    the one these options make (tests give one with a stub name resolver)."""
     limits = limits or Limits()
     metrics = Metrics()
-    server = Server(owl, limits, ImageReader(limits, tuple(Path(p) for p in allow_paths),
-                                             allow_remote_images),
-                    ModelQueue(limits.max_queue, metrics), metrics, api_key or None,
-                    int(time.time()))
+    memory.map_large_blocks()
+    if allow_remote_images and fetcher is None:
+        fetcher = Fetcher(limits.max_image_bytes, limits.remote_timeout_s, allow_networks)
+    reader = ImageReader(limits, tuple(Path(p) for p in allow_paths),
+                         fetcher if allow_remote_images else None)
+    server = Server(owl, limits, reader, ModelQueue(limits.max_queue, metrics), metrics,
+                    api_key or None, int(time.time()), tuple(host_allow), tuple(cors_origins))
     routes = [
         Route("/", page),
         Route("/health", health),
@@ -85,7 +114,10 @@ def create_app(owl: Owl2, limits: Limits | None = None, api_key: str | None = No
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, middleware=[Middleware(CountingMiddleware, metrics=metrics)],
+    app = Starlette(routes=routes,
+                    middleware=[Middleware(CountingMiddleware, metrics=metrics),
+                                Middleware(BrowserGuard, host_allow=server.host_allow,
+                                           cors_origins=server.cors_origins)],
                     exception_handlers={HTTPException: _http_error})
     app.state.server = server
     return app
@@ -96,6 +128,13 @@ def api(auth: bool = True):
     def decorate(handler):
         @functools.wraps(handler)
         async def route(request: Request) -> Response:
+            response = await _handle(request)
+            if getattr(request.state, "body_bytes", 0) >= memory.LARGE_BODY_BYTES:
+                # Once the response is out (an answer's stream too), give the memory back.
+                response.background = _then(response.background, memory.give_back)
+            return response
+
+        async def _handle(request: Request) -> Response:
             server: Server = request.app.state.server
             try:
                 if auth and server.api_key is not None:
@@ -116,6 +155,15 @@ def api(auth: bool = True):
                 return _error_response(ApiError(500, message))
         return route
     return decorate
+
+
+def _then(first: BackgroundTask | None, fn) -> BackgroundTask:
+    if first is None:
+        return BackgroundTask(fn)
+    tasks = BackgroundTasks()
+    tasks.add_task(first.func, *first.args, **first.kwargs)
+    tasks.add_task(fn)
+    return tasks
 
 
 def _error_response(e: ApiError) -> JSONResponse:
@@ -176,9 +224,12 @@ async def props(request: Request, server: Server) -> Response:
     manifest, decoder = owl.manifest, owl.decoder
     defaults = fields.default_sampling()
     defaults["max_tokens"] = min(defaults["max_tokens"], limits.max_tokens)
+    # Where the model lives on disk is the user's business: told only to a client with the key.
+    path = {"path": str(owl.folder)} if server.api_key else {}
+    reader = server.reader
     return JSONResponse({
         "model": {
-            "id": server.model_id, "path": str(owl.folder), "quant": manifest.quant,
+            "id": server.model_id, **path, "quant": manifest.quant,
             "template": manifest.template, "n_ctx": decoder.n_ctx,
             "n_ctx_train": manifest.decoder.n_ctx_train, "n_vocab": decoder.n_vocab,
             "n_embd": decoder.n_embd, "n_layer": decoder.n_layer,
@@ -189,8 +240,13 @@ async def props(request: Request, server: Server) -> Response:
         },
         "modalities": {"vision": True},
         "default_generation_settings": defaults,
-        "limits": {**limits.to_dict(), "file_images": bool(server.reader.allow_paths),
-                   "remote_images": server.reader.allow_remote, "api_key": bool(server.api_key)},
+        "limits": {**limits.to_dict(), "max_prompt_chars": owl.max_prompt_chars(),
+                   "max_json_values": server.max_json_values,
+                   "file_images": bool(reader.allow_paths), "remote_images": reader.allow_remote,
+                   "remote_networks": [str(n) for n in reader.fetcher.allow_networks]
+                   if reader.fetcher else [],
+                   "api_key": bool(server.api_key), "host_allow": list(server.host_allow),
+                   "cors_origins": list(server.cors_origins)},
         "concurrency": "one request at a time, queued",
         "queue": {"busy": queue.busy, "waiting": queue.waiting, "max_waiting": queue.max_waiting},
         "ignored_fields": fields.IGNORED,
@@ -208,36 +264,58 @@ async def metrics_route(request: Request, server: Server) -> Response:
 
 @api()
 async def chat_completions(request: Request, server: Server) -> Response:
-    body = await read_json(request, server.limits.max_body_bytes)
+    deadline = server.deadline()
+    body = await _read_body(request, server, deadline)
     asked = fields.parse(body, server.limits)
     messages = fields.required(body, "messages", list, "a list of {role, content} messages")
     _check_image_count(count_image_parts(messages), server.limits, "messages")
 
-    def to_prompt():
-        numbers = itertools.count(1)  # messages_to_prompt reads the images in order
-        def read(url):
-            return server.reader.read(url, "messages", f"image {next(numbers)}")
-        try:
-            return openai_chat.messages_to_prompt(messages, read_image=read)
+    def prepare():
+        try:  # the prompt first, the images' urls kept as they are: nothing is read yet
+            prompt, urls = openai_chat.messages_to_prompt(messages, read_image=lambda url: url)
         except PromptError as e:
             raise bad_request(str(e), param="messages") from None
+        return _prepare(server, prompt, urls, "messages", lambda i: f"image {i + 1}", deadline)
 
-    prompt, images = await anyio.to_thread.run_sync(to_prompt)
-    return await _answer(request, server, ChatShape(server.model_id), prompt, images, asked,
-                         strip=True)
+    prepared = await anyio.to_thread.run_sync(prepare)
+    return await _answer(request, server, ChatShape(server.model_id), prepared, asked,
+                         strip=True, deadline=deadline)
 
 
 @api()
 async def completions(request: Request, server: Server) -> Response:
-    body = await read_json(request, server.limits.max_body_bytes)
+    deadline = server.deadline()
+    body = await _read_body(request, server, deadline)
     asked = fields.parse(body, server.limits)
     prompt = fields.prompt_text(body)
     sources = fields.image_list(body)
     _check_image_count(len(sources), server.limits, "images")
-    images = await anyio.to_thread.run_sync(
-        lambda: [server.reader.read(s, "images", f"images[{i}]") for i, s in enumerate(sources)])
-    return await _answer(request, server, TextShape(server.model_id), prompt, images, asked,
-                         strip=False)
+    prepared = await anyio.to_thread.run_sync(
+        lambda: _prepare(server, prompt, sources, "images", lambda i: f"images[{i}]", deadline))
+    return await _answer(request, server, TextShape(server.model_id), prepared, asked,
+                         strip=False, deadline=deadline)
+
+
+async def _read_body(request: Request, server: Server, deadline: float) -> dict:
+    """The JSON body, read within the request's time (a client that sends it slowly holds a
+    connection, never the model)."""
+    try:
+        with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+            return await read_json(request, server.limits.max_body_bytes, server.max_json_values)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within the request time limit "
+                            f"({server.limits.request_timeout_s:g} s)",
+                       code="request_timeout") from None
+
+
+def _prepare(server: Server, prompt: str, sources: list, param: str, label, deadline: float
+             ) -> Prepared:
+    """On a worker thread: refuse a prompt that cannot fit from its length (before reading an
+    image or tokenizing), read the images within the limits, tokenize (Owl2.prepare)."""
+    server.owl.check_prompt_size(prompt, len(sources))
+    images = [server.reader.read(source, param, label(i), deadline)
+              for i, source in enumerate(sources)]
+    return server.owl.prepare(prompt, images)
 
 
 def _check_image_count(n: int, limits: Limits, param: str) -> None:
@@ -246,23 +324,24 @@ def _check_image_count(n: int, limits: Limits, param: str) -> None:
                           f"(owl2 serve --max-images)", param=param, code="too_many_images")
 
 
-async def _answer(request: Request, server: Server, shape, prompt: str, images: list,
-                  asked: fields.Request, strip: bool) -> Response:
+async def _answer(request: Request, server: Server, shape, prepared: Prepared,
+                  asked: fields.Request, strip: bool, deadline: float) -> Response:
     """Wait for the model, start the answer, and reply: all at once, or as events."""
-    turn = await server.queue.turn()
-    answer = Answer(server.owl, turn, server.metrics, len(images), asked.stop)
+    turn = await server.queue.turn(deadline)
+    answer = Answer(server.owl, turn, server.metrics, len(prepared.pixels), asked.stop, deadline)
     if await request.is_disconnected():  # gone while it waited: no prefill for nobody
         await answer.close(disconnected=True)
         return Response(status_code=499)
     try:
-        await answer.start(prompt, images, asked.params)
+        await answer.start(prepared, asked.params)
         # The first piece (prefill) before any reply: its errors are still a plain 4xx.
         first = await answer.next()
     except BaseException:
         await answer.close()
         raise
     if asked.stream:
-        return EventStream(_events(request, server, shape, answer, first), answer)
+        return EventStream(_events(request, server, shape, answer, first, asked.include_usage),
+                           answer)
     try:
         parts = [first or ""]
         while answer.finish is None:
@@ -278,16 +357,22 @@ async def _answer(request: Request, server: Server, shape, prompt: str, images: 
     return JSONResponse(reply)
 
 
-async def _events(request: Request, server: Server, shape, answer: Answer, first: str | None):
+async def _events(request: Request, server: Server, shape, answer: Answer, first: str | None,
+                  include_usage: bool):
     """The answer as server-sent events: the chunks, the last one with usage and timings, then
-    [DONE]. A client gone between two pieces ends the answer (EventStream closes it)."""
+    [DONE]. With stream_options.include_usage, as OpenAI: every chunk has "usage": null and an
+    extra last chunk with no choices holds usage and timings. A client gone between two pieces
+    ends the answer (EventStream closes it)."""
+    def sent(chunk: dict) -> str:
+        return event({**chunk, "usage": None} if include_usage else chunk)
+
     for chunk in shape.first_chunks():
-        yield event(chunk)
+        yield sent(chunk)
     text = first
     try:
         while True:
             if text:
-                yield event(shape.chunk(text))
+                yield sent(shape.chunk(text))
             if answer.finish is not None:
                 break
             if await request.is_disconnected():
@@ -302,9 +387,12 @@ async def _events(request: Request, server: Server, shape, answer: Answer, first
         return
     await answer.close()
     last = shape.last_chunk(answer.finish)
-    last["usage"] = openai_chat.usage(answer.usage_stats())
-    last["timings"] = answer.timings()
-    yield event(last)
+    totals = {"usage": openai_chat.usage(answer.usage_stats()), "timings": answer.timings()}
+    if include_usage:
+        yield sent(last)
+        yield event({**shape.usage_chunk(), **totals})
+    else:
+        yield event({**last, **totals})
     yield DONE
 
 

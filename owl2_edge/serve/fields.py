@@ -38,13 +38,29 @@ class Request:
     params: SamplingParams
     stop: tuple[str, ...]
     stream: bool
+    include_usage: bool = False  # stream_options.include_usage
 
 
 def parse(body: dict, limits: Limits) -> Request:
     """The fields both endpoints share."""
     _check_n(body)
-    return Request(sampling_params(body, limits), stop_strings(body.get("stop")),
-                   flag(body, "stream"))
+    stream = flag(body, "stream")
+    return Request(sampling_params(body, limits), stop_strings(body.get("stop")), stream,
+                   include_usage(body, stream))
+
+
+def include_usage(body: dict, stream: bool) -> bool:
+    """stream_options: {"include_usage": bool}, only with stream: true (as OpenAI)."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not stream:
+        raise bad_request("stream_options is only allowed with stream: true",
+                          param="stream_options")
+    if not isinstance(options, dict):
+        raise bad_request(f"stream_options must be an object, not {type(options).__name__}",
+                          param="stream_options")
+    return flag(options, "include_usage", param="stream_options.include_usage")
 
 
 def sampling_params(body: dict, limits: Limits) -> SamplingParams:
@@ -88,12 +104,14 @@ def stop_strings(stop) -> tuple[str, ...]:
     return tuple(s for s in items if s)
 
 
-def flag(body: dict, name: str) -> bool:
+def flag(body: dict, name: str, param: str | None = None) -> bool:
     value = body.get(name)
     if value is None:
         return False
     if not isinstance(value, bool):
-        raise bad_request(f"{name} must be true or false, not {type(value).__name__}", param=name)
+        param = param or name
+        raise bad_request(f"{param} must be true or false, not {type(value).__name__}",
+                          param=param)
     return value
 
 

@@ -1,6 +1,7 @@
 """The images of a request, as bytes: data: URLs and raw base64 always, file:// paths only under
-the folders `--allow-path` names, http(s) URLs only with `--allow-remote-images`. Each is held to
-the byte limit while it is read and to the pixel limit from its header, before Owl2 decodes it.
+the folders `--allow-path` names, http(s) URLs only with `--allow-remote-images` and then from
+public addresses only (fetch.py). Each is held to the byte limit while it is read and to the
+pixel limit from its header, before Owl2 decodes it.
 
 The server never hands Owl2 a path: what a client names is read here, within the limits, and
 Owl2 gets the bytes. Reading runs in a worker thread (a download may take seconds).
@@ -11,35 +12,39 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import logging
 import os
 import stat
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import warnings
 from pathlib import Path
 
 from PIL import Image
 
 from owl2_edge.checks import display_path
+from owl2_edge.serve.fetch import DownloadFailed, Fetcher, TooLarge
 from owl2_edge.serve.limits import MiB, ApiError, Limits, bad_request
 
-_CHUNK = 64 * 1024
+log = logging.getLogger("owl2_edge.serve")
 
 
 class ImageReader:
     def __init__(self, limits: Limits, allow_paths: tuple[Path, ...] = (),
-                 allow_remote: bool = False):
+                 fetcher: Fetcher | None = None):
         self.limits = limits
         # Resolved once: a file:// path must resolve (symlinks followed) inside one of them.
         self.allow_paths = tuple(Path(os.path.realpath(p)) for p in allow_paths)
-        self.allow_remote = allow_remote
+        self.fetcher = fetcher  # None: http(s) images are refused
 
-    def read(self, source, param: str, label: str) -> bytes:
+    @property
+    def allow_remote(self) -> bool:
+        return self.fetcher is not None
+
+    def read(self, source, param: str, label: str, deadline: float | None = None) -> bytes:
         """One image's bytes from a url string (or {"url": ...}), checked against the limits.
         `param`: the request field it came from (for the error object), `label`: which image it
-        is, for messages ("image 2", "images[1]")."""
+        is, for messages ("image 2", "images[1]"); `deadline`: the request's, a monotonic time
+        that a download must not outlast."""
         if isinstance(source, dict):
             source = source.get("url")
         if not isinstance(source, str) or not source:
@@ -51,7 +56,7 @@ class ImageReader:
         elif scheme == "file":
             data = self._file(source, param, label)
         elif scheme in ("http", "https"):
-            data = self._remote(source, param, label)
+            data = self._remote(source, param, label, deadline)
         else:
             data = self._base64(source, param, label,
                                 "neither a data:, file:// or http(s) URL nor base64")
@@ -86,6 +91,9 @@ class ImageReader:
         if parsed.netloc not in ("", "localhost"):
             raise bad_request(f"{label}: file:// URLs name this machine's files only", param=param)
         path = urllib.parse.unquote(parsed.path)
+        if "\x00" in path or not path:
+            raise bad_request(f"{label}: a file:// URL must name a file", param=param,
+                              code="invalid_image")
         real = Path(os.path.realpath(path))
         if not any(real.is_relative_to(folder) for folder in self.allow_paths):
             allowed = "no folder is allowed" if not self.allow_paths else \
@@ -108,34 +116,22 @@ class ImageReader:
                 raise self._too_many_bytes(param, label)
             return f.read(self.limits.max_image_bytes + 1)
 
-    def _remote(self, url: str, param: str, label: str) -> bytes:
-        if not self.allow_remote:
+    def _remote(self, url: str, param: str, label: str, deadline: float | None) -> bytes:
+        if self.fetcher is None:
             raise bad_request(f"{label}: http(s) images are fetched only when the server runs with "
                               f"--allow-remote-images", param=param, code="remote_not_allowed")
-        limit, timeout = self.limits.max_image_bytes, self.limits.remote_timeout_s
-        deadline = time.monotonic() + timeout
-        request = urllib.request.Request(url, headers={"User-Agent": "owl2-edge"})
         try:
-            with _OPENER.open(request, timeout=timeout) as response:
-                declared = response.headers.get("Content-Length", "")
-                if declared.isdigit() and int(declared) > limit:
-                    raise self._too_many_bytes(param, label)
-                data = bytearray()
-                while chunk := response.read(_CHUNK):
-                    data += chunk
-                    if len(data) > limit:
-                        raise self._too_many_bytes(param, label)
-                    if time.monotonic() > deadline:
-                        raise bad_request(f"{label}: {display_path(url)}: took more than "
-                                          f"{timeout:g} s to download", param=param,
-                                          code="image_download_failed")
-                return bytes(data)
-        except ApiError:
-            raise
-        except (OSError, ValueError, urllib.error.URLError) as e:
-            reason = getattr(e, "reason", None) or e
-            raise bad_request(f"{label}: {display_path(url)}: could not download it ({reason})",
-                              param=param, code="image_download_failed") from None
+            return self.fetcher.fetch(url, deadline)
+        except TooLarge:
+            raise self._too_many_bytes(param, label) from None
+        except DownloadFailed as e:
+            # One message whatever happened (refused address, closed port, timeout, HTTP
+            # error), so that the answers map nothing of the network; the log has the reason.
+            log.info("%s: %s: not downloaded: %s", label, url[:200], e)
+            raise bad_request(f"{label}: the image could not be downloaded (this server fetches "
+                              f"from public addresses only, within "
+                              f"{self.limits.remote_timeout_s:g} s)", param=param,
+                              code="image_download_failed") from None
 
     # -- the limits ------------------------------------------------------------------------------
 
@@ -158,18 +154,6 @@ class ImageReader:
         return ApiError(413, f"{label}: the image is larger than this server takes "
                              f"({self.limits.max_image_bytes / MiB:g} MiB)", param=param,
                         code="image_too_large")
-
-
-class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    """urllib follows redirects to ftp:// too; an image URL may lead to http(s) only."""
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
-            raise urllib.error.URLError(f"redirected to a {newurl.split(':', 1)[0]}: URL")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
 
 
 def count_image_parts(messages) -> int:

@@ -27,6 +27,10 @@ class Limits:
     # small file (a PNG of one colour) becomes gigabytes. 50 MP is a large phone photo.
     max_image_pixels: int = 50_000_000
     remote_timeout_s: float = 10.0       # the whole download of one http(s) image
+    # A request's whole time: its body, its images, its wait for the model and its answer. Past
+    # it a request still reading or waiting is refused (408, 503) and an answer ends where it is
+    # (finish_reason "length"). llama-server's --timeout default.
+    request_timeout_s: float = 600.0
 
     def __post_init__(self):
         checks.integer("max_queue", self.max_queue, 0, 1 << 16)
@@ -36,15 +40,18 @@ class Limits:
         checks.integer("max_image_bytes", self.max_image_bytes, 1, 1 << 40)
         checks.integer("max_image_pixels", self.max_image_pixels, 1, 1 << 40)
         checks.number("remote_timeout_s", self.remote_timeout_s, 0, 3600, lo_open=True)
+        checks.number("request_timeout_s", self.request_timeout_s, 0, 7 * 24 * 3600,
+                      lo_open=True)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 # OpenAI's error "type" for each status this server answers with.
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-          500: "server_error"}
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+          413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+          503: "timeout_error"}
 
 
 class ApiError(Exception):
@@ -70,16 +77,23 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ApiError(400, message, param, code)
 
 
-async def read_json(request: Request, max_bytes: int) -> dict:
-    """The body as a JSON object; 413 beyond max_bytes (read no further), 400 if not JSON."""
+async def read_json(request: Request, max_bytes: int, max_values: int) -> dict:
+    """The body as a JSON object; 413 beyond max_bytes (read no further), 400 if not JSON or if
+    it holds more than max_values values (counted before parsing, see json_values)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
+        request.state.body_bytes = len(body)  # memory.py: a large body is followed by a trim
         if len(body) > max_bytes:
             raise _too_large(max_bytes)
+    values = json_values(body)
+    if values > max_values:
+        raise bad_request(f"the body holds about {values:,} JSON values; this server takes at "
+                          f"most {max_values:,} (what the longest prompt that fits the context "
+                          f"needs)", code="too_many_values")
     try:
         data = json.loads(body, parse_constant=_refuse_constant)
     except RecursionError:
@@ -90,6 +104,15 @@ async def read_json(request: Request, max_bytes: int) -> dict:
         raise bad_request(f"the body must be a JSON object, not {type(data).__name__}",
                           code="invalid_json")
     return data
+
+
+def json_values(body: bytes) -> int:
+    """An upper bound on the values a JSON text holds, in three scans at memory speed: each
+    value after the first in an array or an object follows a comma, and each array and object
+    opens with a bracket (commas and brackets inside strings only make it larger). Parsing is
+    where a body of 32 MiB becomes seconds of work and a gigabyte of objects ([1,1,1,...] or
+    [{},{},...]); the count refuses such a body before it is parsed."""
+    return body.count(b",") + body.count(b"[") + body.count(b"{") + 1
 
 
 def _too_large(max_bytes: int) -> ApiError:

@@ -26,6 +26,7 @@ class Metrics:
         self.queue_waits = 0                      # requests that had to wait for the model
         self.queue_wait_seconds = 0.0
         self.queue_rejected = 0                   # 429s
+        self.timeouts = 0                         # requests that ran into their time limit
 
     def waited(self, seconds: float) -> None:
         if seconds > 1e-3:
@@ -51,7 +52,7 @@ class Metrics:
             "responses": {str(k): v for k, v in sorted(self.statuses.items())},
             "errors": {str(k): v for k, v in sorted(self.statuses.items()) if k >= 400},
             "answers": self.answers, "disconnects": self.disconnects,
-            "stream_errors": self.stream_errors,
+            "stream_errors": self.stream_errors, "timeouts": self.timeouts,
             "images": self.images, "vision_runs": self.vision_runs,
             "image_cache_hits": self.image_cache_hits,
             "prompt_positions": self.prompt_positions,

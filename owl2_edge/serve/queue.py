@@ -31,8 +31,9 @@ class ModelQueue:
         # call on the same thread a turn that was not closed is taken over, never waited for.
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="owl2-model")
 
-    async def turn(self) -> "Turn":
-        """Wait for the model (429 at once when max_waiting requests wait already)."""
+    async def turn(self, deadline: float = float("inf")) -> "Turn":
+        """Wait for the model (429 at once when max_waiting requests wait already; 503 when it
+        is not this request's by `deadline`, a time.monotonic() time)."""
         if (self.busy or self.waiting) and self.waiting >= self.max_waiting:
             self.metrics.queue_rejected += 1
             raise ApiError(429, f"the server is busy: {self.waiting} request(s) wait behind the "
@@ -41,7 +42,14 @@ class ModelQueue:
         self.waiting += 1
         start = time.perf_counter()
         try:
-            await self._lock.acquire()
+            with anyio.fail_after(max(0.0, deadline - time.monotonic())
+                                  if deadline != float("inf") else None):
+                await self._lock.acquire()
+        except TimeoutError:
+            self.metrics.timeouts += 1
+            raise ApiError(503, f"the server stayed busy past this request's time limit "
+                                f"({time.perf_counter() - start:.0f} s waited; owl2 serve "
+                                f"--request-timeout)", code="request_timeout") from None
         finally:
             self.waiting -= 1
         self.busy = True

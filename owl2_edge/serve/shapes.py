@@ -30,6 +30,10 @@ class ChatShape:
     def last_chunk(self, finish: str) -> dict:
         return self.completion.chunk({}, finish)
 
+    def usage_chunk(self) -> dict:
+        """stream_options.include_usage's extra last chunk, before its usage is added."""
+        return {**self.completion.chunk({}), "choices": []}
+
 
 class TextShape:
     """POST /v1/completions: `text_completion`, streamed as `text_completion` objects too."""
@@ -50,6 +54,9 @@ class TextShape:
 
     def last_chunk(self, finish: str) -> dict:
         return self._object("", finish)
+
+    def usage_chunk(self) -> dict:
+        return {**self._object("", None), "choices": []}
 
     def _object(self, text: str, finish: str | None) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created,
