@@ -27,7 +27,8 @@ from owl2_edge.answer import Answer, check_finite
 from owl2_edge.batch.engine import BatchResult, answer_all
 from owl2_edge.chat import Chat
 from owl2_edge.decoder import MAX_SEQUENCES, Decoder
-from owl2_edge.errors import ArgumentError, BusyError, ContextFullError, ModelFolderError
+from owl2_edge.errors import (ArgumentError, BusyError, ContextFullError, ModelFolderError,
+                              PromptError)
 from owl2_edge.image import content_hash, load_image, preprocess
 from owl2_edge.kv_prefix import IMAGE, KVPrefix, prompt_items
 from owl2_edge.load_options import LoadOptions
@@ -230,6 +231,8 @@ class Owl2:
         images = _as_list(images)
         self.check_prompt_size(prompt, len(images))
         ids = self.tokenize(prompt)
+        if not ids:
+            raise PromptError("the prompt is empty: there is nothing to answer")
         check_image_count(ids.count(names.IMAGE_TOKEN_ID), len(images))
         self.kv.check_fits(prompt_items(ids, [""] * len(images)))  # before decoding any image
         pixels, keys = self._pixels(images)  # a bad image is refused now

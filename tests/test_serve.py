@@ -93,8 +93,9 @@ def assert_error_shape(body: dict, status: int):
     assert set(error) == {"message", "type", "param", "code"}
     assert isinstance(error["message"], str) and error["message"] and "\n" not in error["message"]
     expected = {400: "invalid_request_error", 413: "invalid_request_error",
-                401: "authentication_error", 404: "not_found_error", 405: "invalid_request_error",
-                429: "rate_limit_error", 500: "server_error"}[status]
+                401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                405: "invalid_request_error", 408: "timeout_error", 429: "rate_limit_error",
+                500: "server_error", 503: "timeout_error"}[status]
     assert error["type"] == expected
 
 

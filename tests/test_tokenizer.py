@@ -172,3 +172,22 @@ def test_runtime_tokenizer_needs_neither_torch_nor_sentencepiece(base_gguf):
             f"t = Tokenizer({str(base_gguf)!r}); t.tokenize('hi <|image|> there'); "
             "bad = {'torch', 'sentencepiece'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_no_token_covers_more_characters_than_max_token_bytes(tok, sp):
+    """The bound behind Owl2.check_prompt_size: a prompt of C characters needs at least
+    C / max_token_bytes tokens, whatever it holds (the longest pieces, special tokens' text,
+    a literal "▁", byte fallback, spaces)."""
+    import random
+    L = tok.max_token_bytes
+    assert L == max(len(tok.token_to_bytes(t, special=True)) for t in range(tok.n_vocab))
+    pieces = [sp.id_to_piece(i).replace("\u2581", " ") for i in range(sp.get_piece_size())]
+    longest = sorted(pieces, key=len)[-20:]
+    rng = random.Random(0)
+    alphabet = [*pieces, *longest * 20, "</s>", "<s>", "<unk>", "\u2581", " ", "  ", "é", "🦉"]
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60)))
+        assert len(tok.tokenize(text)) * L >= len(text), text
+    for prompt in PROMPTS.values():
+        chars = len(prompt) - prompt.count(IMG) * len(IMG)
+        assert len(tok.tokenize(prompt)) * L >= chars
