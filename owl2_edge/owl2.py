@@ -243,8 +243,10 @@ class Owl2:
         number of characters alone: no token spans more characters than the vocabulary's longest
         piece has bytes (Tokenizer.max_token_bytes), so a prompt with more characters than that
         many times the positions left once its images are placed needs more positions than
-        there are. Cheap whatever the prompt's size, unlike tokenizing it."""
-        checks.text("prompt", prompt)
+        there are. Cheap whatever the prompt's size, unlike tokenizing it (which also checks
+        that the text is valid Unicode)."""
+        if not isinstance(prompt, str):
+            raise ArgumentError(f"prompt must be a str, not {type(prompt).__name__}")
         n_ctx, n_visual = self.decoder.n_ctx, self.manifest.n_visual
         left = n_ctx - n_images * n_visual
         if left < 1:
