@@ -208,8 +208,9 @@ def test_stop_strings_end_the_answer_before_them(owl, api):
 
 def test_unknown_fields_and_any_model_name_are_accepted(api):
     reply = api.chat.completions.create(
-        messages=[{"role": "system", "content": "Be brief."}, user(RED)], frequency_penalty=0.5,
-        presence_penalty=0.1, user="someone", seed=3, top_p=0.9, n=1,
+        messages=[{"role": "system", "content": "Be brief."}, user(RED)], frequency_penalty=0,
+        presence_penalty=0.0, logit_bias={}, tools=[], response_format={"type": "text"},
+        user="someone", seed=3, top_p=0.9, n=1,
         extra_body={"min_p": 0.05, "top_k": 20, "repeat_penalty": 1.1, "whatever": {"x": 1}},
         **{**greedy(), "model": "gpt-4o"})
     assert reply.choices[0].message.content is not None
@@ -228,6 +229,15 @@ BAD = {
     "temperature a string": (400, {"messages": [user()], "temperature": "0"}, "temperature"),
     "top_p out of range": (400, {"messages": [user()], "top_p": 2}, "top_p"),
     "n of 2": (400, {"messages": [user()], "n": 2}, "n"),
+    "frequency_penalty": (400, {"messages": [user()], "frequency_penalty": 0.5},
+                          "frequency_penalty"),
+    "presence_penalty": (400, {"messages": [user()], "presence_penalty": -1}, "presence_penalty"),
+    "logit_bias": (400, {"messages": [user()], "logit_bias": {"15": 100}}, "logit_bias"),
+    "logprobs": (400, {"messages": [user()], "logprobs": True}, "logprobs"),
+    "tools": (400, {"messages": [user()], "tools": [{"type": "function", "function": {
+        "name": "f"}}]}, "tools"),
+    "response_format json": (400, {"messages": [user()], "response_format": {
+        "type": "json_object"}}, "response_format"),
     "stream not a flag": (400, {"messages": [user()], "stream": "yes"}, "stream"),
     "stop not strings": (400, {"messages": [user()], "stop": [1]}, "stop"),
     "max_tokens above the limit": (400, {"messages": [user()], "max_tokens": 901}, "max_tokens"),
@@ -490,7 +500,7 @@ def test_models_health_props_and_metrics(tiny_server):
     assert props["limits"]["max_queue"] == Limits().max_queue
     assert props["concurrency"] == "one request at a time, queued"
     assert props["queue"] == {"busy": False, "waiting": 0, "max_waiting": Limits().max_queue}
-    assert "frequency_penalty" in props["ignored_fields"]
+    assert "frequency_penalty" in props["unsupported_fields"]
     m = metrics(url)
     assert {"requests", "errors", "images", "vision_runs", "image_cache_hits",
             "prompt_positions_evaluated", "prompt_positions_reused", "tokens_generated",

@@ -249,7 +249,7 @@ async def props(request: Request, server: Server) -> Response:
                    "cors_origins": list(server.cors_origins)},
         "concurrency": "one request at a time, queued",
         "queue": {"busy": queue.busy, "waiting": queue.waiting, "max_waiting": queue.max_waiting},
-        "ignored_fields": fields.IGNORED,
+        "unsupported_fields": fields.NOT_IMPLEMENTED_TEXT,
         "image_forms": "image_url parts and `images` items: data: URLs, raw base64; file:// "
                        "only under --allow-path folders; http(s) only with --allow-remote-images",
     })

@@ -1,6 +1,7 @@
 """The fields of an OpenAI request body -> what Owl2 takes: SamplingParams, stop strings, the
-stream flag. A field of the wrong type or out of range is a 400 naming it; fields this server
-does not know are ignored, as OpenAI's clients expect (they send many)."""
+stream flag. A field of the wrong type or out of range is a 400 naming it, and so is an OpenAI
+field this server does not implement, unless its value asks for nothing (NOT_IMPLEMENTED); other
+fields it does not know (user, metadata, store...) are ignored, as OpenAI's clients expect."""
 
 from __future__ import annotations
 
@@ -17,14 +18,45 @@ _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "
 MAX_STOPS = 16
 MAX_STOP_CHARS = 500
 
-# What is accepted and deliberately not applied: /props lists it.
-IGNORED = {
-    "frequency_penalty": "accepted and ignored: OpenAI's is additive per occurrence; this "
-                         "runtime's repeat_penalty divides the logits of recent tokens (CTRL, as "
-                         "Hugging Face), and no honest mapping from one to the other exists",
-    "presence_penalty": "accepted and ignored, for the same reason",
-    "logit_bias, logprobs, tools, response_format": "accepted and ignored",
+# OpenAI fields this server does not implement: each is accepted only with a value that asks
+# for nothing (what clients send as a default), and otherwise refused with a 400 naming it, never
+# silently ignored. /props lists them with why.
+def _neutral(*values):
+    return lambda value: value is None or any(value == v and type(value) is type(v)
+                                              for v in values)
+
+
+NOT_IMPLEMENTED = {
+    "frequency_penalty": (_neutral(0, 0.0), "0: OpenAI's penalty is additive per occurrence; "
+                          "this runtime's repeat_penalty divides the logits of recent tokens "
+                          "(CTRL, as Hugging Face) and no honest mapping between them exists"),
+    "presence_penalty": (_neutral(0, 0.0), "0, for the same reason (use repeat_penalty)"),
+    "logit_bias": (_neutral({}), "{}: logit biases are not applied"),
+    "logprobs": (_neutral(False, 0), "false: log probabilities are not returned"),
+    "top_logprobs": (_neutral(0), "0: log probabilities are not returned"),
+    "tools": (_neutral([]), "[]: this model has no tool calling"),
+    "functions": (_neutral([]), "[]: this model has no tool calling"),
+    "tool_choice": (_neutral("none", "auto"), '"none" or "auto" (no tools)'),
+    "function_call": (_neutral("none", "auto"), '"none" or "auto" (no tools)'),
+    "response_format": (_neutral({"type": "text"}), '{"type": "text"}: structured output is '
+                        "not implemented yet"),
+    "echo": (_neutral(False), "false: the prompt is not echoed"),
+    "suffix": (_neutral(""), '"": no insertion after the answer'),
+    "best_of": (_neutral(1), "1: one answer is made per request"),
+    "modalities": (_neutral(["text"]), '["text"]: answers are text'),
+    "audio": (_neutral(), "absent: no audio"),
+    "prediction": (_neutral(), "absent: no predicted outputs"),
 }
+# /props: each field with the one value it accepts and why.
+NOT_IMPLEMENTED_TEXT = {name: "accepted only as " + why for name, (_, why) in
+                        NOT_IMPLEMENTED.items()}
+
+
+def check_not_implemented(body: dict) -> None:
+    for name, (neutral, why) in NOT_IMPLEMENTED.items():
+        if name in body and not neutral(body[name]):
+            raise bad_request(f"{name} is not supported by this server (accepted only as "
+                              f"{why})", param=name, code="unsupported_field")
 
 
 def default_sampling() -> dict:
@@ -44,6 +76,7 @@ class Request:
 def parse(body: dict, limits: Limits) -> Request:
     """The fields both endpoints share."""
     _check_n(body)
+    check_not_implemented(body)
     stream = flag(body, "stream")
     return Request(sampling_params(body, limits), stop_strings(body.get("stop")), stream,
                    include_usage(body, stream))
