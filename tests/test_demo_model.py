@@ -154,7 +154,7 @@ def test_eval_cli_scores_generated_and_file_questions(demo_dirs, tmp_path):
 
 
 @pytest.mark.parametrize("line, message", [
-    ("not json", "line 1: not JSON"),
+    ("not json", "line 1: not valid JSON"),
     ('{"image": "x.png"}', "line 1: needs a \"question\""),
     ('{"question": "Hi?"}', "line 1: needs an \"answer\""),
     ('{"question": "Hi?", "answer": 3}', "line 1: needs an \"answer\""),

@@ -13,18 +13,26 @@ from owl2_edge.cli.options import RUNTIME, RUNTIME_NO_MODEL, load_kwargs, with_o
 from owl2_edge.errors import Owl2Error
 from owl2_edge.tools.evaluate import DEFAULT_MAX_TOKENS
 
+DEFAULT_GENERATED = 200
+
+
 def _eval_items(data: Optional[Path], generated: Optional[int], seed: int, need_answers=True):
+    from owl2_edge import checks
     from owl2_edge.tools import evaluate
     if data is not None and generated is not None:
         raise Owl2Error("give --data or --generated, not both")
     if data is not None:
         return evaluate.read_items(data, need_answers=need_answers)
-    return evaluate.generated_items(generated or 200, seed)
+    # 0 is refused under the option's name, not taken for "the default" (generated_items checks
+    # the upper bound).
+    n = DEFAULT_GENERATED if generated is None else checks.integer("--generated", generated, 1)
+    return evaluate.generated_items(n, seed)
 
 
-_DATA_HELP = "JSONL questions: image, question, answer[, type] per line (upstream's eval keys)."
-_GENERATED_HELP = ("N held-out questions per type about generated pictures of shapes "
-                   "(the default, with N = 200).")
+_DATA_HELP = ("JSONL questions: image, question, answer[, type] per line (upstream's eval keys); "
+              "a regular file of UTF-8 text.")
+_GENERATED_HELP = ("N held-out questions per type about generated pictures of shapes, "
+                   f"N >= 1 (the default, with N = {DEFAULT_GENERATED}).")
 
 
 @app.command("eval")

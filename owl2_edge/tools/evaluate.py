@@ -13,13 +13,12 @@ the expected one after normalize(): case, surrounding spaces and one final perio
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from owl2_edge import checks, scenes
+from owl2_edge import checks, scenes, textfiles
 from owl2_edge.checks import display_path
 from owl2_edge.errors import ArgumentError
 
@@ -51,31 +50,27 @@ def generated_items(n_per_type: int, seed: int = 0) -> list[Item]:
 def read_items(path: str | os.PathLike, need_answers: bool = True) -> list[Item]:
     """The lines of a JSONL file; every problem is an ArgumentError naming the line.
     need_answers=False (for compare) lets a line go without an answer."""
-    path = Path(checks.path("data", path))
-    try:
-        if path.stat().st_size > MAX_DATA_BYTES:
-            raise ArgumentError(f"{display_path(path)}: larger than {MAX_DATA_BYTES >> 20} MiB")
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ArgumentError(f"{display_path(path)}: no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ArgumentError(f"{display_path(path)}: cannot read it ({e.__class__.__name__})") from None
+    lines, path = textfiles.lines("data", path, MAX_DATA_BYTES)
     items = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+    for line in lines:
+        if not line.text.strip():
             continue
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise ArgumentError(f"{display_path(path)} line {n}: not JSON") from None
-        items.append(_item(row, path, n, need_answers))
+        where = f"{display_path(path)} line {line.number}"
+        item = _item(textfiles.json_value(line.text, where), path, where, need_answers)
+        # Text that is not valid Unicode cannot be tokenized: refused here, with its line.
+        problem = textfiles.unicode_problem(line, {"question": item.question,
+                                                   "answers": item.answers, "type": item.kind,
+                                                   "image": None if item.image is None
+                                                   else str(item.image)})
+        if problem is not None:
+            raise ArgumentError(f"{where}: {problem}")
+        items.append(item)
     if not items:
         raise ArgumentError(f"{display_path(path)}: no questions in it")
     return items
 
 
-def _item(row, path: Path, n: int, need_answers: bool) -> Item:
-    where = f"{display_path(path)} line {n}"
+def _item(row, path: Path, where: str, need_answers: bool) -> Item:
     if not isinstance(row, dict):
         raise ArgumentError(f"{where}: not a JSON object")
     question = row.get("question", row.get("text"))
