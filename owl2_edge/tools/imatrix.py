@@ -20,13 +20,14 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from owl2_edge import checks, gguf_names, scenes
+from owl2_edge import checks, gguf_names, outputs, scenes, textfiles
 from owl2_edge.checks import display_path
 from owl2_edge.errors import ArgumentError
 from owl2_edge.prompt import Turn, render
@@ -34,6 +35,8 @@ from owl2_edge.prompt import Turn, render
 # Pictures of the built-in set are drawn at this size (the runtime resizes them to the model's).
 CALIBRATION_DRAW_SIZE = 224
 DEFAULT_PROMPTS = 64
+# A 7B model's imatrix is a few MiB (one float per input column of each matrix, and a count).
+MAX_IMATRIX_BYTES = 2**30
 
 
 @dataclass(frozen=True)
@@ -70,13 +73,13 @@ class ImportanceMatrix:
 
     # -- the file --------------------------------------------------------------------------------
 
-    def write(self, path: str | os.PathLike) -> Path:
-        """Write llama.cpp's imatrix GGUF, under its final name only when complete."""
+    def write(self, path: str | os.PathLike, replace: bool = False) -> Path:
+        """Write llama.cpp's imatrix GGUF, under its final name only when complete
+        (owl2_edge/outputs.py: a folder or a device is refused; an existing file is replaced
+        only with replace=True)."""
         import gguf
 
-        path = Path(path)
-        part = path.with_name(f".{path.name}.part")
-        try:
+        with outputs.replacing(path, replace) as part:
             with contextlib.closing(gguf.GGUFWriter(part, gguf_names.IMATRIX_GENERAL_TYPE)) as w:
                 w.add_type(gguf_names.IMATRIX_GENERAL_TYPE)
                 w.add_array(gguf_names.KEY_IMATRIX_DATASETS, self.datasets or ["owl2-edge"])
@@ -93,33 +96,43 @@ class ImportanceMatrix:
                 w.write_header_to_file()
                 w.write_kv_data_to_file()
                 w.write_tensors_to_file()
-            os.replace(part, path)
-        finally:
-            part.unlink(missing_ok=True)
-        return path
+        return Path(path)
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> "ImportanceMatrix":
         """Read an imatrix GGUF (ours, or llama.cpp's: its entries then all go to the base).
         Anything else is an ArgumentError naming the file."""
+        path = textfiles.regular_file("imatrix", path, MAX_IMATRIX_BYTES,
+                                      "importance matrix file")
+        shown = display_path(path)
+        try:
+            with open(path, "rb") as f:
+                _check_layout(f, shown)
+            return cls._read(path, shown)
+        except ArgumentError:
+            raise
+        except Exception as e:  # gguf-py raises ValueError, struct.error, IndexError...
+            raise ArgumentError(f"{shown}: not a GGUF importance matrix "
+                                f"({e.__class__.__name__})") from None
+
+    @classmethod
+    def _read(cls, path: Path, shown: str) -> "ImportanceMatrix":
         import gguf
 
-        path = Path(checks.path("imatrix", path))
-        shown = display_path(path)
-        if not path.is_file():
-            raise ArgumentError(f"{shown}: no such importance matrix file")
-        try:
-            reader = gguf.GGUFReader(path)
-        except Exception as e:  # gguf-py raises ValueError, struct.error, IndexError...
-            raise ArgumentError(f"{shown}: not a GGUF importance matrix ({e.__class__.__name__})") from None
+        reader = gguf.GGUFReader(path)
         kind = reader.fields.get(gguf_names.KEY_GENERAL_TYPE)
         if kind is None or kind.contents() != gguf_names.IMATRIX_GENERAL_TYPE:
             raise ArgumentError(f"{shown}: not an importance matrix (general.type is not "
                                 f"{gguf_names.IMATRIX_GENERAL_TYPE!r}); make one with `owl2 imatrix`")
         tensors = {t.name: t for t in reader.tensors}
-        out = cls(datasets=_field(reader, gguf_names.KEY_IMATRIX_DATASETS, []),
-                  chunk_count=int(_field(reader, gguf_names.KEY_IMATRIX_CHUNK_COUNT, 0)),
-                  chunk_size=int(_field(reader, gguf_names.KEY_IMATRIX_CHUNK_SIZE, 0)))
+        datasets = _field(reader, gguf_names.KEY_IMATRIX_DATASETS, [])
+        if isinstance(datasets, str):
+            datasets = [datasets]
+        if not isinstance(datasets, list) or not all(isinstance(d, str) for d in datasets):
+            raise ArgumentError(f"{shown}: {gguf_names.KEY_IMATRIX_DATASETS} is not a list of text")
+        out = cls(datasets=datasets,
+                  chunk_count=_count_field(reader, gguf_names.KEY_IMATRIX_CHUNK_COUNT, shown),
+                  chunk_size=_count_field(reader, gguf_names.KEY_IMATRIX_CHUNK_SIZE, shown))
         for name, t in tensors.items():
             if not name.endswith(gguf_names.IMATRIX_SUM_SUFFIX):
                 continue
@@ -129,8 +142,11 @@ class ImportanceMatrix:
             if counts is None or np.asarray(counts.data).size != 1:
                 # Several counts are a mixture-of-experts matrix: not a LLaMA's.
                 raise ArgumentError(f"{shown}: {weight} has no single count")
-            count = float(np.asarray(counts.data).reshape(-1)[0])
-            if not np.isfinite(sums).all() or not np.isfinite(count) or count < 0:
+            count = float(np.asarray(counts.data, dtype=np.float64).reshape(-1)[0])
+            # Sums of squares and counts are never negative: a file that says so is damaged,
+            # and NaN or infinity would reach the quantizer's weighting as they are.
+            if not np.isfinite(sums).all() or (sums < 0).any() or not np.isfinite(count) \
+                    or count < 0:
                 raise ArgumentError(f"{shown}: {weight} holds NaN, infinite or negative values")
             if weight.startswith(gguf_names.IMATRIX_MAM_PREFIX):
                 out.mam[weight[len(gguf_names.IMATRIX_MAM_PREFIX):]] = Entry(sums, int(count))
@@ -139,6 +155,83 @@ class ImportanceMatrix:
         if not out.base:
             raise ArgumentError(f"{shown}: holds no entries")
         return out
+
+
+# What an imatrix GGUF declares, bounded before gguf-py reads it: its reader loops in Python over
+# every key, array element and tensor declared, so one damaged count (2**62) would never end.
+# An imatrix has a handful of keys, a short list of dataset names, and two tensors per matrix.
+_MAX_KEYS = 256
+_MAX_ARRAY_ITEMS = 65_536     # all arrays together
+_MAX_TENSORS = 65_536
+_MAX_STRING = 2**20
+_MAX_DIMS = 4                 # GGML_MAX_DIMS
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _check_layout(f, shown: str) -> None:
+    """Walk a GGUF's header, keys and tensor list (little-endian, versions 2 and 3) and refuse
+    counts beyond the bounds above, before gguf-py's reader runs."""
+    def take(n: int) -> bytes:
+        b = f.read(n)
+        if len(b) < n:
+            raise ArgumentError(f"{shown}: not a GGUF importance matrix (truncated)")
+        return b
+
+    def number(fmt: str) -> int:
+        return struct.unpack("<" + fmt, take(struct.calcsize(fmt)))[0]
+
+    def too_many(what: str) -> ArgumentError:
+        return ArgumentError(f"{shown}: not an importance matrix ({what})")
+
+    def string() -> None:
+        n = number("Q")
+        if n > _MAX_STRING:
+            raise too_many(f"a {n}-byte string")
+        take(n)
+
+    items = 0
+
+    def value(kind: int, nested: bool) -> None:
+        nonlocal items
+        if kind == _GGUF_STRING:
+            string()
+        elif kind == _GGUF_ARRAY and not nested:
+            inner, count = number("I"), number("Q")
+            items += count
+            if items > _MAX_ARRAY_ITEMS:
+                raise too_many(f"arrays of more than {_MAX_ARRAY_ITEMS} items")
+            for _ in range(count):
+                value(inner, True)
+        elif kind in _GGUF_SCALAR_SIZES:
+            take(_GGUF_SCALAR_SIZES[kind])
+        else:
+            raise ArgumentError(f"{shown}: not a GGUF importance matrix (value type {kind})")
+
+    if take(4) != b"GGUF":
+        raise ArgumentError(f"{shown}: not a GGUF importance matrix (no GGUF magic)")
+    version = number("I")
+    if version not in (2, 3):
+        raise ArgumentError(f"{shown}: not a GGUF importance matrix (version {version})")
+    n_tensors, n_keys = number("Q"), number("Q")
+    if n_keys > _MAX_KEYS or n_tensors > _MAX_TENSORS:
+        raise too_many(f"{n_keys} keys, {n_tensors} tensors")
+    for _ in range(n_keys):
+        string()
+        value(number("I"), False)
+    for _ in range(n_tensors):
+        string()
+        n_dims = number("I")
+        if n_dims > _MAX_DIMS:
+            raise too_many(f"a tensor of {n_dims} dimensions")
+        take(8 * n_dims + 4 + 8)  # dimensions, type, offset
+
+
+def _count_field(reader, key: str, shown: str) -> int:
+    value = _field(reader, key, 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 2**63:
+        raise ArgumentError(f"{shown}: {key} is not a count")
+    return int(value)
 
 
 def _field(reader, key: str, default):
