@@ -8,25 +8,35 @@ Two forms, exactly one per run:
     question_items(FILE.jsonl)             {"image": PATH or null, "question": TEXT} per line
         relative paths against the file's folder; other keys ignored
 
-Every problem is an ArgumentError naming the file (and line) before any model loads. Whether a
-listed image exists or reads is not checked here: a missing or broken picture becomes that item's
-error row, and the run goes on.
+Every problem with a file or a line's form is an ArgumentError naming the file (and line)
+before any model loads (the file is read as owl2_edge/textfiles.py reads: a regular file, its
+size, its lines' lengths and JSON nesting bounded). A line whose text is not valid Unicode (bytes
+that are not UTF-8, or a "\\ud800" escape) is a RefusedItem instead: it becomes an error row
+naming its line, and the run goes on, as for a missing or broken picture, which is not checked
+here either.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from owl2_edge import checks
+from owl2_edge import checks, textfiles
 from owl2_edge.batch.engine import BatchItem
 from owl2_edge.checks import display_path
 from owl2_edge.errors import ArgumentError
 
 # The largest list or JSONL read (a line is a path or a question: millions of items fit).
 MAX_LIST_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class RefusedItem(BatchItem):
+    """An input that cannot be asked (its text is not valid Unicode): never given to a model,
+    it is written as an error row saying why (batch/run.py)."""
+    error: str = ""
 
 
 @functools.cache
@@ -55,15 +65,20 @@ def read_items(images: str | os.PathLike | None, question: str | None,
 
 def image_items(source: str | os.PathLike, question: str) -> list[BatchItem]:
     source = Path(checks.path("images", source))
-    if not question.strip():
+    if not checks.text("--question", question).strip():
         raise ArgumentError("--question is empty")
     paths = _folder_images(source) if source.is_dir() else _listed_paths(source)
     if not paths:
         raise ArgumentError(f"{display_path(source)}: no images in it")
-    return [BatchItem(i, path, question) for i, path in enumerate(paths)]
+    items = []
+    for i, (path, where, line) in enumerate(paths):
+        problem = textfiles.unicode_problem(line, {"image": str(path)})
+        items.append(BatchItem(i, path, question) if problem is None
+                     else RefusedItem(i, path, question, f"{where}: {problem}"))
+    return items
 
 
-def _folder_images(folder: Path) -> list[Path]:
+def _folder_images(folder: Path) -> list[tuple[Path, str, None]]:
     extensions = image_extensions()
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -71,33 +86,33 @@ def _folder_images(folder: Path) -> list[Path]:
         raise ArgumentError(f"{display_path(folder)}: cannot list it ({e.strerror or e})") from None
     # A name with a picture's suffix is listed even when it is not a regular file or not really
     # a picture: it then gets an error row, which says more than silently leaving it out.
-    return [folder / e.name for e in entries
+    return [(folder / e.name, display_path(folder / e.name), None) for e in entries
             if Path(e.name).suffix.lower() in extensions and not e.is_dir()]
 
 
-def _listed_paths(path: Path) -> list[Path]:
+def _listed_paths(path: Path) -> list[tuple[Path, str, textfiles.Line]]:
+    """(path, where it was listed, its line) per line."""
     if path.suffix.lower() in image_extensions():
         raise ArgumentError(f"--images {display_path(path)}: give a folder of images or a .txt "
                             f"list of paths, not one image")
     paths = []
-    for _, line in _lines(path):
-        line = line.strip()
-        if line and not line.startswith("#"):
-            paths.append(path.parent / line)  # an absolute line stays absolute
+    lines, path = textfiles.lines("images", path, MAX_LIST_BYTES)
+    for line in lines:
+        text = line.text.strip()
+        if text and not text.startswith("#"):
+            # An absolute line stays absolute.
+            paths.append((path.parent / text, f"{display_path(path)}:{line.number}", line))
     return paths
 
 
 def question_items(path: str | os.PathLike) -> list[BatchItem]:
-    path = Path(checks.path("questions", path))
+    lines, path = textfiles.lines("questions", path, MAX_LIST_BYTES)
     items = []
-    for n, line in _lines(path):
-        if not line.strip():
+    for line in lines:
+        if not line.text.strip():
             continue
-        where = f"{display_path(path)}:{n}"
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise ArgumentError(f"{where}: not valid JSON") from None
+        where = f"{display_path(path)}:{line.number}"
+        row = textfiles.json_value(line.text, where)
         if not isinstance(row, dict):
             raise ArgumentError(f"{where}: not a JSON object")
         question = row.get("question")
@@ -108,22 +123,9 @@ def question_items(path: str | os.PathLike) -> list[BatchItem]:
             if not isinstance(image, str) or not image:
                 raise ArgumentError(f"{where}: \"image\" must be a path (text) or null")
             image = path.parent / image
-        items.append(BatchItem(len(items), image, question))
+        problem = textfiles.unicode_problem(line, {"question": question, "image": row.get("image")})
+        items.append(BatchItem(len(items), image, question) if problem is None
+                     else RefusedItem(len(items), image, question, f"{where}: {problem}"))
     if not items:
         raise ArgumentError(f"{display_path(path)}: no questions in it")
     return items
-
-
-def _lines(path: Path):
-    """(line number, text) of a UTF-8 text file, with a one-line error for what cannot be read."""
-    try:
-        if path.stat().st_size > MAX_LIST_BYTES:
-            raise ArgumentError(f"{display_path(path)}: larger than {MAX_LIST_BYTES >> 20} MiB")
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ArgumentError(f"{display_path(path)}: no such file or folder") from None
-    except UnicodeDecodeError:
-        raise ArgumentError(f"{display_path(path)}: not UTF-8 text") from None
-    except OSError as e:
-        raise ArgumentError(f"{display_path(path)}: cannot read it ({e.strerror or e})") from None
-    return enumerate(text.splitlines(), start=1)

@@ -9,74 +9,89 @@ then flushed and fsync'd, so a run killed at any moment loses only the rows it h
 Such a kill can leave a torn last line (no newline): opening the file again drops it, and that
 item is answered again. Rows already there, answers and error rows alike, are skipped by index,
 after checking that each row's image and question are the input's at that index: a file written
-for other inputs is refused rather than silently mixed. retry_errors=True first removes the
-error rows (rewriting the file atomically) so that those items are tried again.
+for other inputs is refused rather than silently mixed. An input with two rows there keeps one
+(an answer before an error row), the file rewritten atomically. retry_errors=True first removes
+the error rows (rewriting the file atomically) so that those items are tried again.
+
+The path must be a regular file or absent (owl2_edge/outputs.py): a folder, /dev/null or another
+device is refused; a full disk or a failed fsync is an OutputError, one line.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
 from typing import Sequence
 
+from owl2_edge import outputs
 from owl2_edge.batch.engine import BatchItem, image_label
 from owl2_edge.checks import display_path
-from owl2_edge.errors import Owl2Error
+from owl2_edge.outputs import OutputError
+from owl2_edge.textfiles import MAX_JSON_DEPTH, json_depth
 
 try:
     import fcntl
 except ImportError:  # not POSIX: no lock (two runs on one file would interleave their rows)
     fcntl = None
 
+__all__ = ["Output", "OutputError", "encode_row"]
 
-class OutputError(Owl2Error):
-    """An output file that cannot be resumed (written for other inputs, not ours, unreadable)."""
+# The largest output resumed (read back whole): rows for the largest input list, with answers.
+MAX_OUTPUT_BYTES = 4 * 2**30
+
+
+def encode_row(row: dict) -> bytes:
+    """A row as one line of UTF-8. Text that is not valid Unicode (a lone surrogate from an input
+    row, which is written as an error row) is kept as a \\udXXX JSON escape, which reads back to
+    the same text, so resuming finds the row; anything else stays readable (ensure_ascii=False)."""
+    try:
+        return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(row, ensure_ascii=True) + "\n").encode("ascii")
 
 
 class Output:
-    def __init__(self, path: Path, file, done: dict[int, dict]):
-        self.path, self._file = path, file
+    def __init__(self, path: Path, fd: int, done: dict[int, dict]):
+        self.path, self._fd = path, fd
         self.done = done                 # index -> the row already in the file
         self.errors_before = sum("error" in row for row in done.values())
 
     @classmethod
     def open(cls, path: str | os.PathLike, items: Sequence[BatchItem],
              retry_errors: bool = False) -> "Output":
+        fd = outputs.open_append(path)  # a folder, a device or a FIFO is refused here
         path = Path(path)
         name = display_path(path)
-        if path.is_dir():
-            raise OutputError(f"{name}: is a folder; -o takes a .jsonl file to write")
         try:
-            file = open(path, "a+b")  # created if missing; every write goes to the end
-        except OSError as e:
-            raise OutputError(f"{name}: cannot write it ({e.strerror or e})") from None
-        try:
-            _lock(file, name)
-            file.seek(0)
-            data = file.read()
+            _lock(fd, name)
+            data = _read_all(fd, name)
             kept = data[:data.rfind(b"\n") + 1]      # a torn last line is everything after
-            done = _check_rows(_rows(kept, name), items, name)
-            if retry_errors and any("error" in row for row in done.values()):
+            done, duplicated = _check_rows(_rows(kept, name), items, name)
+            retry = retry_errors and any("error" in row for row in done.values())
+            if retry:
                 done = {i: row for i, row in done.items() if "error" not in row}
-                file = _rewrite(path, file, [done[i] for i in sorted(done)])
+            if retry or duplicated:
+                fd = _rewrite(path, fd, [done[i] for i in sorted(done)])
             elif len(kept) < len(data):
-                file.truncate(len(kept))
-                os.fsync(file.fileno())
+                os.ftruncate(fd, len(kept))
+                os.fsync(fd)
+        except OSError as e:
+            os.close(fd)
+            raise OutputError(f"cannot resume {name} ({outputs.reason(e)})") from None
         except BaseException:
-            file.close()
+            os.close(fd)
             raise
-        return cls(path, file, done)
+        return cls(path, fd, done)
 
     def write(self, row: dict) -> None:
-        self._file.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        outputs.write_all(self._fd, encode_row(row), display_path(self.path))
         self.done[row["index"]] = row
 
     def close(self) -> None:
-        self._file.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self) -> "Output":
         return self
@@ -85,74 +100,83 @@ class Output:
         self.close()
 
 
-def _lock(file, name: str) -> None:
+def _lock(fd: int, name: str) -> None:
     if fcntl is None:
         return
     try:
-        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise OutputError(f"{name}: another owl2 batch is writing it") from None
 
 
+def _read_all(fd: int, name: str) -> bytes:
+    size = os.fstat(fd).st_size
+    if size > MAX_OUTPUT_BYTES:
+        raise OutputError(f"{name}: larger than {MAX_OUTPUT_BYTES >> 30} GiB, so not resumed; "
+                          f"use another -o")
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks, total = [], 0
+    while total <= size:  # what was there when opened: a file growing meanwhile is not followed
+        chunk = os.read(fd, min(2**20, size + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)[:size]
+
+
 def _rows(data: bytes, name: str) -> list[tuple[int, dict]]:
     """(line number, row) of each whole line."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise OutputError(f"{name}: not UTF-8 text, so not rows of owl2 batch; use another -o "
-                          f"or delete it") from None
     rows = []
-    for n, line in enumerate(text.splitlines(), start=1):
+    for n, line in enumerate(data.splitlines(), start=1):
         if not line.strip():
             continue
+        row = None
         try:
-            row = json.loads(line)
-        except ValueError:
-            row = None
+            text = line.decode("utf-8")
+            if json_depth(text) <= MAX_JSON_DEPTH:
+                row = json.loads(text)
+        except ValueError:  # UnicodeDecodeError included
+            pass
         if not isinstance(row, dict) or type(row.get("index")) is not int:
             raise OutputError(f"{name}:{n}: not a row of owl2 batch; use another -o or delete it")
         rows.append((n, row))
     return rows
 
 
-def _check_rows(rows, items: Sequence[BatchItem], name: str) -> dict[int, dict]:
+def _check_rows(rows, items: Sequence[BatchItem], name: str) -> tuple[dict[int, dict], bool]:
+    """index -> row, and whether an input had more than one row (two runs' rows interleaved, or
+    a copy): one is kept, an answer before an error row, else the first."""
     by_index = {item.index: item for item in items}
-    done = {}
+    done, duplicated = {}, False
     for n, row in rows:
         item = by_index.get(row["index"])
         if item is None or row.get("image") != image_label(item.image) \
                 or row.get("question") != item.question:
             raise OutputError(f"{name} was written for other inputs (line {n}, index "
                               f"{row['index']}); use another -o or delete it")
+        if item.index in done:
+            duplicated = True
+            if "error" not in done[item.index]:
+                continue
         done[item.index] = row
-    return done
+    return done, duplicated
 
 
-def _rewrite(path: Path, file, rows: list[dict]):
+def _rewrite(path: Path, fd: int, rows: list[dict]) -> int:
     """The file holding only `rows`, replaced atomically (a kill leaves the old or the new one);
-    returns the new file, open for appending and locked."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as new:
-        for row in rows:
-            new.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
-        new.flush()
-        os.fsync(new.fileno())
-    replacement = open(tmp, "a+b")
+    returns the new file's descriptor, open for appending and locked."""
+    name = display_path(path)
+    tmp_fd, tmp = outputs.temporary_beside(path)
     try:
-        _lock(replacement, display_path(path))
+        outputs.write_all(tmp_fd, b"".join(encode_row(row) for row in rows), name)
+        _lock(tmp_fd, name)
+        outputs.check_target(path, replace=True)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
     except BaseException:
-        replacement.close()
+        os.close(tmp_fd)
+        Path(tmp).unlink(missing_ok=True)
         raise
-    file.close()
-    return replacement
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # some file systems cannot sync a folder
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    outputs.sync_folder(path.parent)
+    os.close(fd)
+    return tmp_fd

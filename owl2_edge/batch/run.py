@@ -2,8 +2,8 @@
 the resumable output as they arrive, and a summary at the end.
 
     with Output.open(out_path, items) as out:
-        todo = pending(items, out)
-        rows = local_rows(owl, todo, parallel=4, temperature=0)
+        todo, refused = split_refused(pending(items, out))
+        rows = itertools.chain(refused, local_rows(owl, todo, parallel=4, temperature=0))
         summary = write_rows(rows, out, total=len(items), on_row=...)
 
 Nothing here prints: the CLI passes on_row to draw its progress bar and prints the summary.
@@ -15,13 +15,28 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
-from owl2_edge.batch.engine import BatchItem
+from owl2_edge.batch.engine import BatchItem, BatchResult, image_label
+from owl2_edge.batch.inputs import RefusedItem
 from owl2_edge.batch.output import Output
 
 
 def pending(items: Sequence[BatchItem], out: Output) -> list[BatchItem]:
     """The items whose row is not in the output yet, in input order."""
     return [item for item in items if item.index not in out.done]
+
+
+def split_refused(items: Sequence[BatchItem]) -> tuple[list[BatchItem], list[dict]]:
+    """The items a model is given, and the error rows of those refused while reading the inputs
+    (inputs.RefusedItem): written like any error row, so a rerun skips them instead of stopping
+    at the same input again."""
+    todo, refused = [], []
+    for item in items:
+        if isinstance(item, RefusedItem):
+            refused.append(BatchResult(item.index, image_label(item.image), item.question,
+                                       None, item.error).to_row())
+        else:
+            todo.append(item)
+    return todo, refused
 
 
 def local_rows(owl, items: Sequence[BatchItem], parallel: int, **sampling) -> Iterator[dict]:

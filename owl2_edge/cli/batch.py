@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import time
 from pathlib import Path
@@ -14,10 +15,11 @@ from owl2_edge.cli.app import EXIT_INTERRUPTED, app, check_sampling, err, fail
 from owl2_edge.cli.options import RUNTIME, SAMPLING, load_kwargs, with_options
 from owl2_edge.errors import Owl2Error
 
-_BATCH_OUT_HELP = ("JSONL to write: one row per input (index, image, question, answer, token counts, "
-                   "finish_reason, timings; or error), flushed as each finishes. Run the same "
-                   "command again to resume: rows already there, error rows included, are "
-                   "skipped (--retry-errors redoes the error rows).")
+_BATCH_OUT_HELP = ("JSONL to write (a regular file, not a folder or a device): one row per input "
+                   "(index, image, question, answer, token counts, finish_reason, timings; or "
+                   "error), written as each finishes. Run the same command again to resume: rows "
+                   "already there, error rows included, are skipped (--retry-errors redoes the "
+                   "error rows); an input's duplicate rows are dropped.")
 # \\[ray]: help text is rich markup, where [ray] would vanish as a tag.
 _RAY_HELP = ("Run on Ray Data (pip install 'owl2-edge\\[ray]'), one Owl2 per Ray actor. Every "
              "node must see the model folder and the images at the same paths.")
@@ -37,7 +39,8 @@ def batch_cmd(
     questions: Optional[Path] = typer.Option(
         None, "--questions", metavar="FILE.jsonl",
         help='{"image": PATH or null, "question": TEXT} per line (paths relative to the file\'s '
-             "folder; other keys ignored). Instead of --images and --question."),
+             "folder; other keys ignored; a line that is not valid Unicode gets an error row). "
+             "Instead of --images and --question."),
     out: Path = typer.Option(..., "-o", "--out", metavar="OUT.jsonl", help=_BATCH_OUT_HELP),
     parallel: int = typer.Option(4, "--parallel",
                                  help="Answers decoded together; each gets --ctx positions "
@@ -64,14 +67,15 @@ def batch_cmd(
         items, load = _batch_setting(images, question, questions, parallel, ray, ray_actors,
                                      runtime, sampling)
         with Output.open(out, items, retry_errors) as output:
-            todo = run.pending(items, output)
+            todo, refused = run.split_refused(run.pending(items, output))
             with _batch_progress(len(items), len(output.done)) as on_row:
                 if ray:
                     from owl2_edge.batch.ray_job import ray_rows
                     rows = ray_rows(todo, load, sampling, parallel, ray_actors, ray_address)
                 else:
                     rows = _local_rows(load, todo, parallel, sampling)
-                summary = run.write_rows(rows, output, len(items), started, on_row)
+                summary = run.write_rows(itertools.chain(refused, rows), output, len(items),
+                                         started, on_row)
     except Owl2Error as e:
         raise fail(str(e))
     except KeyboardInterrupt:
