@@ -205,6 +205,15 @@ def test_an_image_list_line_that_is_not_utf8_is_a_refused_item(tmp_path):
         image_items(listing, "What\ud800?")
 
 
+def test_a_folder_picture_whose_name_is_not_utf8_is_a_refused_item(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / os.fsdecode(b"b\xff.png")).write_bytes(b"")
+    items = image_items(tmp_path, "What?")
+    assert [isinstance(i, RefusedItem) for i in items] == [False, True]
+    assert items[1].error.endswith("b\\xdcff.png: \"image\" is not valid Unicode (a lone "
+                                   "surrogate U+DCFF at character %d)" % (len(str(tmp_path)) + 3))
+
+
 # -- imatrix files ---------------------------------------------------------------------------------
 
 def small_imatrix() -> ImportanceMatrix:
