@@ -63,7 +63,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, quant: str = "Q4_K_M",
                                 n_ctx_train=t.max_position_embeddings, bos_id=t.bos_token_id,
                                 eos_id=t.eos_token_id),
             source=source,
-        )
+        ).recorded(work)  # each file's size and digests, checked at every load
         manifest.write(work)
     return manifest
 

@@ -8,10 +8,11 @@ here with one clear line instead of deep inside ggml or ONNX Runtime.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -103,10 +104,28 @@ class Manifest:
     format: str = names.MANIFEST_FORMAT
     version: int = names.MANIFEST_VERSION
     extra: dict = field(default_factory=dict)
+    # file name -> what it must be (file_record): every file of files(), or none in folders
+    # written before the records existed (nothing to check them against).
+    file_records: dict[str, dict] = field(default_factory=dict)
 
     def files(self) -> list[str]:
         return [self.decoder_file, self.mam_file, *self.vision_files.values(),
                 *self.vision_data_files.values()]
+
+    def recorded(self, folder: str | Path) -> "Manifest":
+        """This manifest with the records of its files as they are now in `folder` (what convert
+        and quantize write, once every file is finished)."""
+        return replace(self, file_records={name: file_record(Path(folder) / name)
+                                           for name in self.files()})
+
+    def verify(self, folder: str | Path) -> dict[str, bool | None]:
+        """Each file -> whether its whole content has the recorded sha256 (None: no record).
+        Reads every byte (`owl2 info --verify`); a load checks only the sampled digests."""
+        folder = Path(folder)
+        return {name: (None if name not in self.file_records else
+                       _read_digest(folder / name, full_digest)
+                       == self.file_records[name]["sha256"])
+                for name in self.files()}
 
     def write(self, folder: str | Path) -> Path:
         path = Path(folder) / names.MANIFEST_FILE
@@ -161,7 +180,74 @@ class Manifest:
             if not (folder / name).is_file():
                 raise ModelFolderError(f"{display_path(folder / name)}: missing or not a regular "
                                        f"file (named in {names.MANIFEST_FILE})")
+        if manifest.file_records and set(manifest.file_records) != set(manifest.files()):
+            raise ModelFolderError(f"{where}: file_records must record every file of the folder "
+                                   f"and no other")
+        for name, record in manifest.file_records.items():
+            _check_record(folder / name, record)
         return manifest
+
+
+# --- What each file must be -------------------------------------------------------------------------
+# A swapped, truncated or altered file often still opens and answers, wrongly (an int8 graph
+# reading another variant's data file, zeroed weights, a few flipped bytes in a graph), so the
+# manifest records each file's size and sha256. A load cannot hash gigabytes every time: it
+# compares the size and a "sampled" digest of SAMPLE_BLOCKS blocks at fixed, evenly spaced
+# offsets (a few hundred KiB read), or of the whole file when it is at most WHOLE_FILE_BYTES
+# (a graph whose weights are in a data file, the tiny models). `owl2 info --verify` compares
+# the full sha256.
+
+WHOLE_FILE_BYTES = 16 << 20
+SAMPLE_BLOCKS = 64
+SAMPLE_BLOCK_BYTES = 4096
+_CHUNK = 1 << 20
+MAX_FILE_BYTES = 1 << 50  # what a record's size may say
+
+
+def file_record(path: Path) -> dict:
+    """The manifest's record of one file: {"size", "sha256", "sampled_sha256"}."""
+    return {"size": Path(path).stat().st_size, "sha256": _read_digest(path, full_digest),
+            "sampled_sha256": _read_digest(path, sampled_digest)}
+
+
+def full_digest(f, size: int) -> str:
+    h = hashlib.sha256()
+    while chunk := f.read(_CHUNK):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def sampled_digest(f, size: int) -> str:
+    """sha256 of the size and SAMPLE_BLOCKS blocks spread over the file, first and last
+    included; of the whole file (as full_digest) when it is at most WHOLE_FILE_BYTES."""
+    if size <= WHOLE_FILE_BYTES:
+        return full_digest(f, size)
+    h = hashlib.sha256(size.to_bytes(8, "little"))
+    last = size - SAMPLE_BLOCK_BYTES
+    for i in range(SAMPLE_BLOCKS):
+        f.seek(last * i // (SAMPLE_BLOCKS - 1))
+        h.update(f.read(SAMPLE_BLOCK_BYTES))
+    return h.hexdigest()
+
+
+def _read_digest(path: Path, digest) -> str:
+    try:
+        with open(path, "rb") as f:
+            return digest(f, os.fstat(f.fileno()).st_size)
+    except OSError as e:
+        raise ModelFolderError(f"{display_path(path)}: cannot read it "
+                               f"({e.strerror or e})") from None
+
+
+def _check_record(path: Path, record: dict) -> None:
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise ModelFolderError(f"{display_path(path)}: cannot read it ({e.strerror or e})") from None
+    if size != record["size"] or _read_digest(path, sampled_digest) != record["sampled_sha256"]:
+        raise ModelFolderError(f"{display_path(path)}: does not match the manifest: swapped, "
+                               f"truncated or altered (size {size:,}, recorded "
+                               f"{record['size']:,}); copy or convert the model folder again")
 
 
 # What a manifest may say: the bounds of any model of this architecture (a ViT image of at most
@@ -233,6 +319,7 @@ def _from_json(raw: dict) -> Manifest:
         template=string("template", raw.get("template", names.TEMPLATE_ID), 64),
         source=string("source", raw.get("source", ""), 4096),
         extra=_extra(raw.get("extra", {})),
+        file_records=_records(raw.get("file_records", {})),
     )
 
 
@@ -240,6 +327,28 @@ def vision_data_files(folder: Path, vision_files: dict[str, str]) -> dict[str, s
     """The data files beside a folder's vision ONNX files, for its manifest."""
     data = {v: names.vision_data_file(f) for v, f in vision_files.items()}
     return {v: f for v, f in data.items() if (Path(folder) / f).is_file()}
+
+
+def _records(value) -> dict[str, dict]:
+    if not isinstance(value, dict):
+        raise ArgumentError(f"file_records must be an object, not {type(value).__name__}")
+    records = {}
+    for name, record in value.items():
+        if not isinstance(record, dict) or set(record) != {"size", "sha256", "sampled_sha256"}:
+            raise ArgumentError(f"file_records[{name[:100]!r}] must hold size, sha256 and "
+                                f"sampled_sha256")
+        records[name] = {
+            "size": checks.integer(f"file_records[{name[:100]!r}].size", record["size"], 0,
+                                   MAX_FILE_BYTES),
+            **{key: _hex_digest(f"file_records[{name[:100]!r}].{key}", record[key])
+               for key in ("sha256", "sampled_sha256")}}
+    return records
+
+
+def _hex_digest(name: str, value) -> str:
+    if not isinstance(value, str) or len(value) != 64 or value.strip("0123456789abcdef"):
+        raise ArgumentError(f"{name} must be 64 lowercase hexadecimal digits")
+    return value
 
 
 def _extra(value) -> dict:

@@ -40,6 +40,10 @@ from owl2_edge.tokenizer import Tokenizer
 from owl2_edge.vision import VisionEncoder
 
 
+# check_folder's context: the least a decoder is opened with (no question is asked).
+CHECK_N_CTX = 16
+
+
 class Owl2:
     def __init__(self, folder: Path, manifest: Manifest, tokenizer: Tokenizer, decoder: Decoder,
                  vision: VisionEncoder, options: LoadOptions | None = None):
@@ -118,6 +122,21 @@ class Owl2:
         owl = cls(folder, manifest, tokenizer, decoder, vision, opts)
         owl.load_seconds = time.perf_counter() - t0
         return owl
+
+    @classmethod
+    def check_folder(cls, path: str | os.PathLike) -> Manifest:
+        """Check a model folder as load() does, and every vision variant it has besides the one
+        load() opens; return its manifest. Any refusal is load()'s ModelFolderError or
+        DecoderError. For commands that read a folder without answering (`owl2 quantize`,
+        `owl2 info`): they refuse in the same line as `owl2 ask`, before another reader (gguf-py,
+        llama.cpp's quantizer) sees a file. Loads at the least cost: the CPU, the GGUF files
+        mapped in place (no repacking), the smallest context, then closes."""
+        with cls.load(path, device="cpu", repack=False, n_ctx=CHECK_N_CTX, n_threads=1) as owl:
+            for name in owl.manifest.vision_files.values():
+                if owl.folder / name != owl.vision.path:
+                    vision = VisionEncoder(owl.folder / name, "cpu", n_threads=1, cache_size=0)
+                    _check_vision_agrees(owl.folder, owl.manifest, vision)
+            return owl.manifest
 
     def close(self) -> None:
         with self._exclusive():
@@ -404,19 +423,29 @@ def _check_files_agree(folder: Path, manifest: Manifest, tokenizer: Tokenizer, d
         raise ModelFolderError(f"{folder / names.MANIFEST_FILE}: template {manifest.template!r} is not "
                                f"one this owl2-edge knows ({names.TEMPLATE_ID!r})")
     d = manifest.decoder
-    facts = [
+    _check_vision_agrees(folder, manifest, vision)
+    _check_facts(folder, [
         ("pair_id", manifest.pair_id, tokenizer.metadata(names.KEY_PAIR_ID),
          folder / manifest.decoder_file),
-        ("n_visual", manifest.n_visual, vision.n_visual, vision.path),
-        ("image.size", manifest.image.size, vision.image_size, vision.path),
-        ("decoder.n_embd", d.n_embd, vision.n_embd, vision.path),
         ("decoder.n_embd", d.n_embd, decoder.n_embd, folder / manifest.decoder_file),
         ("decoder.n_vocab", d.n_vocab, decoder.n_vocab, folder / manifest.decoder_file),
         ("decoder.n_layer", d.n_layer, decoder.n_layer, folder / manifest.decoder_file),
         ("decoder.n_vocab", d.n_vocab, tokenizer.n_vocab, folder / manifest.decoder_file),
         ("decoder.bos_id", d.bos_id, tokenizer.bos_id, folder / manifest.decoder_file),
         ("decoder.eos_id", d.eos_id, tokenizer.eos_id, folder / manifest.decoder_file),
-    ]
+    ])
+
+
+def _check_vision_agrees(folder: Path, manifest: Manifest, vision: VisionEncoder) -> None:
+    _check_facts(folder, [
+        ("n_visual", manifest.n_visual, vision.n_visual, vision.path),
+        ("image.size", manifest.image.size, vision.image_size, vision.path),
+        ("decoder.n_embd", manifest.decoder.n_embd, vision.n_embd, vision.path),
+    ])
+
+
+def _check_facts(folder: Path, facts: list) -> None:
+    """facts: (manifest field, what the manifest says, what a file has or None, the file)."""
     for field, said, found, path in facts:
         if found is not None and found != said:
             raise ModelFolderError(f"{folder / names.MANIFEST_FILE}: {field} is {said} but {path.name} "
