@@ -1,4 +1,9 @@
-"""`owl2 info`: what a model folder holds, read from its manifest and the files themselves."""
+"""`owl2 info`: what a model folder holds, read from its manifest and the files themselves.
+
+The folder is first checked as `owl2 ask` checks it (Owl2.check_folder), so info refuses what
+ask refuses, in the same line; `--verify` then reads every byte of every file against the
+sha256 its manifest records.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,10 @@ from pathlib import Path
 from rich.table import Table
 
 from owl2_edge import gguf_names
+from owl2_edge.checks import display_path
 from owl2_edge.errors import ModelFolderError
 from owl2_edge.model_dir import Manifest
+from owl2_edge.owl2 import Owl2
 
 
 def gguf_summary(path: Path) -> tuple[str, Counter]:
@@ -17,17 +24,26 @@ def gguf_summary(path: Path) -> tuple[str, Counter]:
     import gguf
     try:
         reader = gguf.GGUFReader(path)
+        field = reader.get_field(gguf_names.KEY_PAIR_ID)
+        # The value's raw bytes: contents() would decode them, raising on a pair id that is not
+        # UTF-8.
+        raw = bytes(field.parts[field.data[0]]) if field is not None else b""
+        types = Counter(t.tensor_type.name for t in reader.tensors)
     except Exception as e:  # gguf-py raises bare ValueError/struct errors on bad files
-        raise ModelFolderError(f"{path}: not a readable GGUF file ({e})") from None
-    field = reader.get_field(gguf_names.KEY_PAIR_ID)
-    pair_id = field.contents() if field is not None else ""
-    types = Counter(t.tensor_type.name for t in reader.tensors)
+        raise ModelFolderError(f"{display_path(path)}: not a readable GGUF file "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''})"
+                               ) from None
+    try:
+        pair_id = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ModelFolderError(f"{display_path(path)}: {gguf_names.KEY_PAIR_ID} is not UTF-8 "
+                               f"text ({raw[:40]!r})") from None
     return pair_id, types
 
 
 def describe(folder: str | Path) -> Table:
     folder = Path(folder)
-    manifest = Manifest.load(folder)
+    manifest = Owl2.check_folder(folder)
     table = Table(title=f"{folder}", show_header=True, header_style="bold")
     table.add_column("file")
     table.add_column("size", justify="right")
@@ -35,17 +51,27 @@ def describe(folder: str | Path) -> Table:
     for role, name in (("decoder", manifest.decoder_file), ("mam", manifest.mam_file)):
         pair_id, types = gguf_summary(folder / name)
         if pair_id != manifest.pair_id:
-            raise ModelFolderError(f"{folder / name}: pair id {pair_id!r} does not match the "
+            raise ModelFolderError(f"{folder / name}: pair id {pair_id[:100]!r} does not match the "
                                    f"manifest's {manifest.pair_id!r} (files from different conversions)")
         kinds = ", ".join(f"{n}×{t}" for t, n in sorted(types.items()))
         table.add_row(name, _size(folder / name), f"{role}: {kinds}")
     for variant, name in manifest.vision_files.items():
         table.add_row(name, _size(folder / name), f"vision tower + abstractor, {variant}")
+        if variant in manifest.vision_data_files:
+            data = manifest.vision_data_files[variant]
+            table.add_row(data, _size(folder / data), f"weights of {name}")
     d = manifest.decoder
     table.caption = (f"quant {manifest.quant} · {d.n_layer} layers · n_embd {d.n_embd} · "
                      f"vocab {d.n_vocab} · context {d.n_ctx_train} · {manifest.n_visual} "
                      f"embeddings per {manifest.image.size}px image")
     return table
+
+
+def verify(folder: str | Path) -> dict[str, bool | None]:
+    """Each file of a folder -> whether all its bytes match the manifest's sha256; None where
+    the manifest records none (a folder written before the records were)."""
+    folder = Path(folder)
+    return Manifest.load(folder).verify(folder)
 
 
 def _size(path: Path) -> str:

@@ -12,12 +12,18 @@ its fp32 file (owl2_edge/vision_variants.py).
 A folder already quantized is refused unless allow_requantize: its rounding errors would be
 rounded again (llama.cpp's rule). Like convert, everything is written into a hidden folder
 beside the output and renamed into place at the end.
+
+Both folders are checked as `Owl2.load` checks them (Owl2.check_folder): the source before any
+of its files is read here, the finished output before it is renamed into place, so quantize
+refuses what `owl2 ask` refuses, in the same line, and never writes a folder that cannot load.
+The new manifest records each file's size and digests (model_dir.file_record).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import struct
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -26,8 +32,9 @@ import numpy as np
 
 from owl2_edge import gguf_names, names, quant
 from owl2_edge.checks import display_path
-from owl2_edge.errors import ArgumentError, ModelFolderError
+from owl2_edge.errors import ArgumentError, ModelFolderError, Owl2Error
 from owl2_edge.model_dir import Manifest, check_output_folder, staged_folder, vision_data_files
+from owl2_edge.owl2 import Owl2
 
 # progress(stage, done, total), as convert's.
 Progress = Callable[[str, int, int], None]
@@ -42,7 +49,9 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, quant_type: 
     src, out = Path(src), Path(out)
     qt = quant.QUANT_TYPES[quant.check_quant(quant_type)]
     quant.check_imatrix_need(qt.name, importance)
-    manifest = Manifest.load(src)
+    # The folder is checked as `owl2 ask` checks it before gguf-py or llama.cpp's quantizer
+    # reads a byte: neither is made to refuse damaged files (IndexError, SIGFPE, abort).
+    manifest = Owl2.check_folder(src)
     if manifest.quant not in quant.FLOAT_TYPES and not allow_requantize:
         raise ArgumentError(
             f"{display_path(src)} is already {manifest.quant}: quantizing it again would round "
@@ -60,8 +69,14 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, quant_type: 
         vision_files = _write_vision(src, manifest, work, variants, report)
         new = replace(manifest, decoder_file=base_file, mam_file=mam_file,
                       vision_files=vision_files, quant=qt.name, source=str(src.resolve()),
-                      vision_data_files=_vision_data(manifest, work, vision_files))
+                      vision_data_files=_vision_data(manifest, work, vision_files)
+                      ).recorded(work)
         new.write(work)
+        try:  # never a folder that load() refuses under the output's name
+            Owl2.check_folder(work)
+        except Owl2Error as e:
+            raise ModelFolderError(f"the quantized folder does not load, so {display_path(out)} "
+                                   f"was not written: {e}") from None
     return new
 
 
@@ -72,7 +87,11 @@ def _quantize_decoder(src: Path, manifest: Manifest, work: Path, qt: quant.Quant
     import gguf
 
     base_name, mam_name = names.base_gguf_file(qt.name), names.mam_gguf_file(qt.name)
-    mam_reader = gguf.GGUFReader(src / manifest.mam_file)
+    mam_path = src / manifest.mam_file
+    try:
+        mam_reader = gguf.GGUFReader(mam_path)
+    except _GGUF_PY_ERRORS as e:
+        raise _unreadable(mam_path, e) from None
     n_layer = manifest.decoder.n_layer
     total = 1 + n_layer
     report("decoder", 0, total)
@@ -88,17 +107,34 @@ def _quantize_decoder(src: Path, manifest: Manifest, work: Path, qt: quant.Quant
         done += 1
         report("decoder", done, total)
 
-    tensors = [(t.name, tuple(int(d) for d in reversed(t.shape))) for t in mam_reader.tensors]
-    header = quant.SidecarHeader(
-        n_layer=_uint(mam_reader, gguf_names.KEY_MAM_BLOCK_COUNT, src / manifest.mam_file),
-        n_embd=_uint(mam_reader, gguf_names.KEY_MAM_EMBEDDING_LENGTH, src / manifest.mam_file),
-        kv_width=_uint(mam_reader, gguf_names.KEY_MAM_KV_WIDTH, src / manifest.mam_file),
-        pair_id=_pair_id(mam_reader, src / manifest.mam_file))
-    with quant.written_atomically(work / mam_name) as part:
-        quant.write_sidecar(part, header, tensors, _layers(mam_reader, n_layer),
-                            quant.read_tensor_types(work / base_name),
-                            importance.for_sidecar() if importance else None, tick)
+    try:
+        tensors = [(t.name, tuple(int(d) for d in reversed(t.shape))) for t in mam_reader.tensors]
+        header = quant.SidecarHeader(
+            n_layer=_uint(mam_reader, gguf_names.KEY_MAM_BLOCK_COUNT, mam_path),
+            n_embd=_uint(mam_reader, gguf_names.KEY_MAM_EMBEDDING_LENGTH, mam_path),
+            kv_width=_uint(mam_reader, gguf_names.KEY_MAM_KV_WIDTH, mam_path),
+            pair_id=_pair_id(mam_reader, mam_path))
+        with quant.written_atomically(work / mam_name) as part:
+            quant.write_sidecar(part, header, tensors, _layers(mam_reader, n_layer),
+                                quant.read_tensor_types(work / base_name),
+                                importance.for_sidecar() if importance else None, tick)
+    except Owl2Error:
+        raise
+    except _GGUF_PY_ERRORS as e:
+        raise _unreadable(mam_path, e) from None
     return base_name, mam_name
+
+
+# What gguf-py raises on a file it cannot follow (it checks little itself). The native loader
+# has refused such files before this point (Owl2.check_folder); these stay a backstop should the
+# two readers ever disagree, so no traceback reaches the user.
+_GGUF_PY_ERRORS = (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeDecodeError,
+                   struct.error)
+
+
+def _unreadable(path: Path, e: Exception) -> ModelFolderError:
+    return ModelFolderError(f"{display_path(path)}: gguf-py cannot read it "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''})")
 
 
 def _layers(reader, n_layer: int) -> Iterator[list[np.ndarray]]:
