@@ -223,6 +223,17 @@ def test_duplicated_rows_are_kept_once_an_answer_before_an_error(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
 
 
+@pytest.mark.parametrize("content", [b"x" * (17 * 2**20),                 # one endless line
+                                     b'{"index": 0, "image": null, "question": "Hi?", "error": "e"}\n' + b"[" * 100_000 + b"\n",   # deep
+                                     b"not a row\n" + b"y\n" * 2**20])
+def test_an_output_that_is_not_ours_is_refused_at_its_first_bad_line(content, tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(content)
+    with deadline(20), pytest.raises(OutputError, match="not a row of owl2 batch"):
+        Output.open(out, [BatchItem(0, None, "Hi?")])
+    assert out.read_bytes() == content
+
+
 def test_cli_batch_writes_bad_rows_as_errors_and_a_rerun_goes_past_them(tiny_model_dir, tmp_path):
     data = questions(tmp_path, [b'{"question": "What is it?"}', *BAD_LINES,
                                 b'{"question": "And now?"}'])

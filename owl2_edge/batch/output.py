@@ -37,8 +37,9 @@ except ImportError:  # not POSIX: no lock (two runs on one file would interleave
 
 __all__ = ["Output", "OutputError", "encode_row"]
 
-# The largest output resumed (read back whole): rows for the largest input list, with answers.
-MAX_OUTPUT_BYTES = 4 * 2**30
+# The longest row read back: a question (an input line, textfiles.MAX_LINE_BYTES) with its
+# answer, every character of it a JSON escape at worst (encode_row).
+MAX_ROW_BYTES = 16 * 2**20
 
 
 def encode_row(row: dict) -> bytes:
@@ -65,16 +66,14 @@ class Output:
         name = display_path(path)
         try:
             _lock(fd, name)
-            data = _read_all(fd, name)
-            kept = data[:data.rfind(b"\n") + 1]      # a torn last line is everything after
-            done, duplicated = _check_rows(_rows(kept, name), items, name)
+            done, duplicated, kept, size = _read_rows(fd, items, name)
             retry = retry_errors and any("error" in row for row in done.values())
             if retry:
                 done = {i: row for i, row in done.items() if "error" not in row}
             if retry or duplicated:
                 fd = _rewrite(path, fd, [done[i] for i in sorted(done)])
-            elif len(kept) < len(data):
-                os.ftruncate(fd, len(kept))
+            elif kept < size:                      # a torn last line is everything after
+                os.ftruncate(fd, kept)
                 os.fsync(fd)
         except OSError as e:
             os.close(fd)
@@ -109,58 +108,50 @@ def _lock(fd: int, name: str) -> None:
         raise OutputError(f"{name}: another owl2 batch is writing it") from None
 
 
-def _read_all(fd: int, name: str) -> bytes:
-    size = os.fstat(fd).st_size
-    if size > MAX_OUTPUT_BYTES:
-        raise OutputError(f"{name}: larger than {MAX_OUTPUT_BYTES >> 30} GiB, so not resumed; "
-                          f"use another -o")
-    os.lseek(fd, 0, os.SEEK_SET)
-    chunks, total = [], 0
-    while total <= size:  # what was there when opened: a file growing meanwhile is not followed
-        chunk = os.read(fd, min(2**20, size + 1 - total))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    return b"".join(chunks)[:size]
+def _read_rows(fd: int, items: Sequence[BatchItem], name: str
+               ) -> tuple[dict[int, dict], bool, int, int]:
+    """The rows already in the file, read line by line (a file that is not ours fails at its
+    first line, however large; memory holds one row per input): index -> row, whether an input
+    had more than one row, the length of its whole lines, and its size."""
+    by_index = {item.index: item for item in items}
+    done, duplicated, kept = {}, False, 0
+    with os.fdopen(os.dup(fd), "rb") as f:  # a duplicate: closing it leaves fd open
+        f.seek(0)
+        for n, line in enumerate(iter(lambda: f.readline(MAX_ROW_BYTES + 1), b""), start=1):
+            if not line.endswith(b"\n") and len(line) <= MAX_ROW_BYTES:
+                break                               # the torn last line of a killed run
+            if line.strip():
+                row = _row(line, f"{name}:{n}")
+                item = by_index.get(row["index"])
+                if item is None or row.get("image") != image_label(item.image) \
+                        or row.get("question") != item.question:
+                    raise OutputError(f"{name} was written for other inputs (line {n}, index "
+                                      f"{row['index']}); use another -o or delete it")
+                # Rows twice for one input (two outputs joined, a copy): one is kept, an answer
+                # before an error row, else the first.
+                if item.index in done:
+                    duplicated = True
+                    if "error" not in done[item.index]:
+                        kept += len(line)
+                        continue
+                done[item.index] = row
+            kept += len(line)
+        size = f.seek(0, os.SEEK_END)
+    return done, duplicated, kept, size
 
 
-def _rows(data: bytes, name: str) -> list[tuple[int, dict]]:
-    """(line number, row) of each whole line."""
-    rows = []
-    for n, line in enumerate(data.splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = None
+def _row(line: bytes, where: str) -> dict:
+    row = None
+    if len(line) <= MAX_ROW_BYTES:
         try:
             text = line.decode("utf-8")
             if json_depth(text) <= MAX_JSON_DEPTH:
                 row = json.loads(text)
         except ValueError:  # UnicodeDecodeError included
             pass
-        if not isinstance(row, dict) or type(row.get("index")) is not int:
-            raise OutputError(f"{name}:{n}: not a row of owl2 batch; use another -o or delete it")
-        rows.append((n, row))
-    return rows
-
-
-def _check_rows(rows, items: Sequence[BatchItem], name: str) -> tuple[dict[int, dict], bool]:
-    """index -> row, and whether an input had more than one row (two runs' rows interleaved, or
-    a copy): one is kept, an answer before an error row, else the first."""
-    by_index = {item.index: item for item in items}
-    done, duplicated = {}, False
-    for n, row in rows:
-        item = by_index.get(row["index"])
-        if item is None or row.get("image") != image_label(item.image) \
-                or row.get("question") != item.question:
-            raise OutputError(f"{name} was written for other inputs (line {n}, index "
-                              f"{row['index']}); use another -o or delete it")
-        if item.index in done:
-            duplicated = True
-            if "error" not in done[item.index]:
-                continue
-        done[item.index] = row
-    return done, duplicated
+    if not isinstance(row, dict) or type(row.get("index")) is not int:
+        raise OutputError(f"{where}: not a row of owl2 batch; use another -o or delete it")
+    return row
 
 
 def _rewrite(path: Path, fd: int, rows: list[dict]) -> int:
