@@ -1,8 +1,9 @@
 """The model folder's manifest, owl2.json: what `owl2 convert` writes and the runtime reads.
 
 The converter fills a Manifest and calls write(); the runtime calls Manifest.load(folder), which
-checks the format and version and that every file it names is there, so a broken folder fails
-here with one clear line instead of deep inside ggml or ONNX Runtime.
+checks the format and version, that every file it names is there and, where the manifest records
+them, each file's size and sampled digest, so a broken folder fails here with one clear line
+instead of deep inside ggml or ONNX Runtime, or answering wrongly.
 """
 
 from __future__ import annotations

@@ -168,16 +168,49 @@ def worker(conn, folder: str, image_path: str) -> None:
             conn.send(("bug", traceback.format_exc(limit=8)))
 
 
+def quantize_worker(conn, folder: str, out: str) -> None:
+    """Answers (source folder, None) requests by quantizing it to Q8_0 into `out`, then checking
+    that what was written loads: ("ok"|"owl2error"|"bug", detail). A folder written that load
+    refuses is a bug too."""
+    import os
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from owl2_edge.errors import Owl2Error
+    from owl2_edge.owl2 import Owl2
+    from owl2_edge.tools.quantize import quantize_folder
+    while True:
+        request = conn.recv()
+        if request is None:
+            return
+        model, _ = request
+        try:
+            quantize_folder(model, out, QUANTIZE_TO, force=True)
+        except Owl2Error as e:
+            conn.send(("owl2error", f"{type(e).__name__}: {e}"))
+            continue
+        except BaseException:  # noqa: BLE001
+            conn.send(("bug", traceback.format_exc(limit=8)))
+            continue
+        try:
+            Owl2.check_folder(out)
+            conn.send(("ok", ""))
+        except BaseException as e:  # noqa: BLE001
+            conn.send(("bug", f"quantize wrote a folder that load refuses: {type(e).__name__}: {e}"))
+
+
+QUANTIZE_TO = "Q8_0"
+
+
 class Worker:
-    def __init__(self, folder: Path, image: Path):
+    def __init__(self, folder: Path, image: Path, target=worker):
         self.args = (str(folder), str(image))
+        self.target = target
         self.proc = None
 
     def run(self, model: Path, image: bytes | None) -> tuple[str, str]:
         if self.proc is None or not self.proc.is_alive():
             ctx = mp.get_context("spawn")
             self.conn, child = ctx.Pipe()
-            self.proc = ctx.Process(target=worker, args=(child, *self.args), daemon=True)
+            self.proc = ctx.Process(target=self.target, args=(child, *self.args), daemon=True)
             self.proc.start()
         self.conn.send((str(model), image))
         if self.conn.poll(TIME_LIMIT):
@@ -263,6 +296,62 @@ def fuzz(model_dir: Path, seconds: float, seed: int, out: Path, log=print) -> di
         finally:
             runner.stop()
     return {"iterations": iterations, "outcomes": outcomes, "findings": findings}
+
+
+def fuzz_quantize(model_dir: Path, iterations: int, seed: int, out: Path, seconds: float = 300,
+                  log=print) -> dict:
+    """`owl2 quantize` (quantize_folder) on `iterations` copies of `model_dir` with one file
+    mutated, as fuzz() mutates them; the manifest keeps its file records in a quarter of them
+    (where the digests refuse any change) and loses them in the rest (a folder written before
+    the records, where every other check must hold). The outcomes: a written folder that loads,
+    or an Owl2Error; anything else is a finding. Stops early at `seconds`."""
+    rng = random.Random(seed)
+    manifest = json.loads((model_dir / "owl2.json").read_text())
+    unrecorded = dict(manifest)
+    unrecorded.pop("file_records", None)
+    files = {"decoder": manifest["decoder_file"], "mam": manifest["mam_file"],
+             "manifest": "owl2.json",
+             **{f"vision-{v}": f for v, f in manifest["vision_files"].items()},
+             **{f"data-{v}": f for v, f in manifest.get("vision_data_files", {}).items()}}
+    originals = {k: (model_dir / f).read_bytes() for k, f in files.items()}
+    manifests = {True: originals["manifest"], False: json.dumps(unrecorded).encode()}
+    spans = {k: gguf_fields(model_dir / files[k]) for k in ("decoder", "mam")}
+    # The sidecar is the file quantize itself reads: it gets half the mutations.
+    targets = ["mam"] * (len(files) - 1) + [t for t in files if t != "mam"]
+    outcomes: Counter = Counter()
+    findings = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work, written = Path(tmp) / "model", Path(tmp) / "quantized"
+        shutil.copytree(model_dir, work)
+        runner = Worker(work, written, target=quantize_worker)
+        deadline = time.monotonic() + seconds
+        done = 0
+        try:
+            while done < iterations and time.monotonic() < deadline:
+                target = rng.choice(targets)
+                recorded = rng.random() < 0.25
+                (work / "owl2.json").write_bytes(manifests[recorded])
+                original = manifests[recorded] if target == "manifest" else originals[target]
+                if target in spans:
+                    mutated = mutate_gguf(original, spans[target], rng)
+                elif target == "manifest":
+                    mutated = mutate_manifest(original, rng)
+                else:
+                    mutated = mutate_bytes(original, rng)
+                (work / files[target]).write_bytes(mutated)
+                outcome, detail = runner.run(work, None)
+                (work / files[target]).write_bytes(original)
+                done += 1
+                outcomes[(target, outcome)] += 1
+                if outcome not in ("ok", "owl2error"):
+                    out.mkdir(parents=True, exist_ok=True)
+                    saved = out / f"quantize-{len(findings):03d}-{target}-{outcome}.bin"
+                    saved.write_bytes(mutated)
+                    findings.append((target, outcome, detail.strip().splitlines()[-1][:300], saved))
+                    log(f"FINDING {target} {outcome}: {findings[-1][2]} -> {saved}")
+        finally:
+            runner.stop()
+    return {"iterations": done, "outcomes": outcomes, "findings": findings}
 
 
 def main(argv=None) -> int:
