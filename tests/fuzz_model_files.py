@@ -144,6 +144,18 @@ def mutate_manifest(text: bytes, rng: random.Random) -> bytes:
     return json.dumps(manifest).encode()
 
 
+# A manifest's file records (model_dir.file_record) refuse any change to a file before its own
+# checks run: most inputs go without them (a folder written before the records), so that those
+# checks are what the fuzzer reaches; the rest keep them.
+RECORDED_SHARE = 0.25
+
+
+def _with_and_without_records(manifest: bytes) -> dict[bool, bytes]:
+    unrecorded = json.loads(manifest)
+    unrecorded.pop("file_records", None)
+    return {True: manifest, False: json.dumps(unrecorded, indent=2).encode()}
+
+
 # --- The worker: load, ask, report ----------------------------------------------------------------
 
 def worker(conn, folder: str, image_path: str) -> None:
@@ -253,6 +265,7 @@ def fuzz(model_dir: Path, seconds: float, seed: int, out: Path, log=print) -> di
     files = {"decoder": manifest["decoder_file"], "mam": manifest["mam_file"],
              "manifest": "owl2.json", **{f"vision-{v}": f for v, f in manifest["vision_files"].items()}}
     originals = {k: (model_dir / f).read_bytes() for k, f in files.items()}
+    manifests = _with_and_without_records(originals["manifest"])
     spans = {k: gguf_fields(model_dir / files[k]) for k in ("decoder", "mam")}
     images = sample_images()
     targets = [*files, *(f"image-{fmt}" for fmt in images)]
@@ -270,11 +283,13 @@ def fuzz(model_dir: Path, seconds: float, seed: int, out: Path, log=print) -> di
             while time.monotonic() < deadline:
                 target = rng.choice(targets)
                 image = None
+                recorded = rng.random() < RECORDED_SHARE
+                (work / "owl2.json").write_bytes(manifests[recorded])
                 if target.startswith("image-"):
                     image = mutate_bytes(images[target[6:]], rng)
                     mutated = image
                 else:
-                    original = originals[target]
+                    original = manifests[recorded] if target == "manifest" else originals[target]
                     if target in spans:
                         mutated = mutate_gguf(original, spans[target], rng)
                     elif target == "manifest":
@@ -284,7 +299,7 @@ def fuzz(model_dir: Path, seconds: float, seed: int, out: Path, log=print) -> di
                     (work / files[target]).write_bytes(mutated)
                 outcome, detail = runner.run(work, image)
                 if not target.startswith("image-"):
-                    (work / files[target]).write_bytes(originals[target])
+                    (work / files[target]).write_bytes(original)
                 iterations += 1
                 outcomes[(target, outcome)] += 1
                 if outcome not in ("ok", "owl2error"):
@@ -301,20 +316,16 @@ def fuzz(model_dir: Path, seconds: float, seed: int, out: Path, log=print) -> di
 def fuzz_quantize(model_dir: Path, iterations: int, seed: int, out: Path, seconds: float = 300,
                   log=print) -> dict:
     """`owl2 quantize` (quantize_folder) on `iterations` copies of `model_dir` with one file
-    mutated, as fuzz() mutates them; the manifest keeps its file records in a quarter of them
-    (where the digests refuse any change) and loses them in the rest (a folder written before
-    the records, where every other check must hold). The outcomes: a written folder that loads,
+    mutated, as fuzz() mutates them (with and without the manifest's file records). The outcomes: a written folder that loads,
     or an Owl2Error; anything else is a finding. Stops early at `seconds`."""
     rng = random.Random(seed)
     manifest = json.loads((model_dir / "owl2.json").read_text())
-    unrecorded = dict(manifest)
-    unrecorded.pop("file_records", None)
     files = {"decoder": manifest["decoder_file"], "mam": manifest["mam_file"],
              "manifest": "owl2.json",
              **{f"vision-{v}": f for v, f in manifest["vision_files"].items()},
              **{f"data-{v}": f for v, f in manifest.get("vision_data_files", {}).items()}}
     originals = {k: (model_dir / f).read_bytes() for k, f in files.items()}
-    manifests = {True: originals["manifest"], False: json.dumps(unrecorded).encode()}
+    manifests = _with_and_without_records(originals["manifest"])
     spans = {k: gguf_fields(model_dir / files[k]) for k in ("decoder", "mam")}
     # The sidecar is the file quantize itself reads: it gets half the mutations.
     targets = ["mam"] * (len(files) - 1) + [t for t in files if t != "mam"]
@@ -329,7 +340,7 @@ def fuzz_quantize(model_dir: Path, iterations: int, seed: int, out: Path, second
         try:
             while done < iterations and time.monotonic() < deadline:
                 target = rng.choice(targets)
-                recorded = rng.random() < 0.25
+                recorded = rng.random() < RECORDED_SHARE
                 (work / "owl2.json").write_bytes(manifests[recorded])
                 original = manifests[recorded] if target == "manifest" else originals[target]
                 if target in spans:

@@ -53,7 +53,7 @@ def test_info_reads_the_folder_and_checks_the_pair(converted_f32, tmp_path):
     (other / names.MANIFEST_FILE).write_text(json.dumps(m))
     r = owl2("info", other)
     assert r.returncode == 1
-    assert "pair id" in r.stderr and "Traceback" not in r.stderr
+    assert "pair_id" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_convert_refuses_an_existing_folder_without_force(converted_f32, tiny_checkpoint):

@@ -560,8 +560,15 @@ def test_the_cli_refuses_a_vocabulary_that_would_abort_in_one_line(case, command
     import sys
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
-    base = folder / json.loads((folder / names.MANIFEST_FILE).read_text())["decoder_file"]
+    manifest = json.loads((folder / names.MANIFEST_FILE).read_text())
+    base = folder / manifest["decoder_file"]
     rewrite(base, tmp_path / "bad.gguf", VOCAB_CASES[case][0]).replace(base)
+    # Recorded as it is now (as if converted so): the manifest's file records would otherwise
+    # refuse the changed file before the vocabulary check ran.
+    from owl2_edge.model_dir import Manifest
+    del manifest["file_records"]
+    (folder / names.MANIFEST_FILE).write_text(json.dumps(manifest))
+    Manifest.load(folder).recorded(folder).write(folder)
     args = ["ask", "Hi?"] if command == "ask" else ["chat"]
     r = subprocess.run([sys.executable, "-m", "owl2_edge.cli", *args, "-m", str(folder), "-n", "2"],
                        input="Hi\n/exit\n", capture_output=True, text=True, timeout=120)
