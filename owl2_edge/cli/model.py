@@ -51,17 +51,32 @@ def info_cmd(
     folder: Optional[Path] = typer.Argument(None, metavar="MODEL",
                                             help="Model folder (default: as ask's -m)."),
     model: Optional[Path] = MODEL.info,
+    verify: bool = typer.Option(False, "--verify",
+                                help="Also read every file whole and compare it with the sha256 "
+                                     "the manifest records (a load samples them)."),
 ):
     """Show what is in a model folder: files, sizes, types, dimensions."""
-    from owl2_edge.tools.info import describe
+    from owl2_edge.tools.info import describe, verify as verify_files
     from owl2_edge.model_dir import default_model_path
     if folder is not None and model is not None and folder != model:
         raise fail(f"two model folders given ({folder} and -m {model}); give one")
+    path = folder or model or default_model_path()
     try:
-        table = describe(folder or model or default_model_path())
+        console.print(describe(path))
+        if not verify:
+            return
+        found = verify_files(path)
     except Owl2Error as e:
         raise fail(str(e))
-    console.print(table)
+    for name, same in found.items():
+        console.print(f"{escape(name)}: " + ("matches the manifest's sha256" if same else
+                                             "no sha256 recorded (a folder written before "
+                                             "owl2-edge recorded them)" if same is None else
+                                             "[red]DOES NOT MATCH the manifest's sha256[/]"))
+    changed = [name for name, same in found.items() if same is False]
+    if changed:
+        raise fail(f"{', '.join(changed)}: not the file the manifest records (altered or "
+                   f"swapped); copy or convert the model folder again")
 
 
 @app.command("quantize")
@@ -111,28 +126,34 @@ def _read_imatrix(path: Optional[Path]):
 @app.command("imatrix")
 @with_options(RUNTIME)
 def imatrix_cmd(
-    out: Path = typer.Option(..., "-o", "--out", help="Importance matrix file to write (.gguf)."),
+    out: Path = typer.Option(..., "-o", "--out",
+                             help="Importance matrix file to write (.gguf); not a folder or a "
+                                  "device. Written beside it, then renamed into place."),
     data: Optional[Path] = typer.Option(
-        None, "--data", help="JSONL calibration prompts: image (optional) and prompt (or "
-                             "question), answer optional, per line. Default: built-in pictures."),
+        None, "--data", help="JSONL calibration prompts: image (optional) and question (or "
+                             "text), answer optional, per line; a regular file of UTF-8 text. "
+                             "Default: built-in pictures."),
     n_prompts: int = typer.Option(64, "--prompts", help="How many built-in prompts."),
     seed: int = typer.Option(0, "--seed", help="Which built-in prompts."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
     *, runtime: dict,
 ):
     """Collect an importance matrix through the MAM decoder, images included (for --imatrix)."""
+    from owl2_edge import checks, outputs
     from owl2_edge.tools import evaluate, imatrix
     try:
+        outputs.check_target(out, force)  # now, not after the model has run every prompt
         if data is not None:
             prompts = imatrix.prompts_from_items(evaluate.read_items(data, need_answers=False))
             dataset = str(data)
         else:
-            prompts = imatrix.calibration_prompts(n_prompts, seed)
+            prompts = imatrix.calibration_prompts(checks.integer("--prompts", n_prompts, 1), seed)
             dataset = f"owl2-edge built-in scenes (n={n_prompts}, seed={seed})"
         with load_owl(runtime) as owl, progress() as bar:
             task = bar.add_task("imatrix", total=len(prompts))
             result = imatrix.collect(owl, prompts, dataset,
                                      on_progress=lambda done, total: bar.update(task, completed=done))
-        result.write(out)
+        result.write(out, replace=force)
     except Owl2Error as e:
         raise fail(str(e))
     visual = sum(e.count for e in result.mam.values()) // max(len(result.mam), 1)
