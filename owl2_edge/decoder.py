@@ -24,7 +24,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from owl2_edge import _decoder, checks
-from owl2_edge.errors import ArgumentError, ContextFullError, DecoderError
+from owl2_edge.errors import ContextFullError, DecoderError
 from owl2_edge.load_options import DECODER_OPTIONS, DEFAULT_UBATCH, MAX_CTX, LoadOptions
 from owl2_edge.names import IMAGE_TOKEN_ID, TEXT_ROUTE, VISUAL_ROUTE
 
@@ -85,10 +85,7 @@ class Decoder:
     def __init__(self, decoder_gguf: str | os.PathLike, mam_gguf: str | os.PathLike,
                  options: LoadOptions | None = None, *, n_ubatch: int = DEFAULT_UBATCH,
                  background: bool = False, **option_kwargs):
-        if options is None:
-            options = LoadOptions.of(option_kwargs, allowed=DECODER_OPTIONS)
-        elif not isinstance(options, LoadOptions) or option_kwargs:
-            raise ArgumentError("give a LoadOptions or keyword options, not both")
+        options = LoadOptions.given(options, option_kwargs, allowed=DECODER_OPTIONS)
         native_options = options.decoder_args()
         native_options["n_threads"] = options.n_threads or 0  # the native default rule
         native_options["n_ubatch"] = checks.integer("n_ubatch", n_ubatch, 1, MAX_CTX)

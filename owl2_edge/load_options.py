@@ -59,6 +59,17 @@ class LoadOptions:
             raise ArgumentError(f"unknown option {unknown[0]!r}; known: {', '.join(known)}")
         return cls(**options)
 
+    @classmethod
+    def given(cls, options: "LoadOptions | None", keywords: dict,
+              allowed: tuple[str, ...] | None = None) -> "LoadOptions":
+        """The options of a call that takes either options=LoadOptions(...) or the same options
+        as keywords (Owl2.load, Decoder), never both."""
+        if options is None:
+            return cls.of(keywords, allowed)
+        if not isinstance(options, LoadOptions) or keywords:
+            raise ArgumentError("give options=LoadOptions(...) or keyword options, not both")
+        return options
+
     def decoder_args(self) -> dict:
         """The native decoder's share of the options."""
         return {name: getattr(self, name) for name in DECODER_OPTIONS}

@@ -94,12 +94,7 @@ class Owl2:
         needed (docs/design.md §12); a failure to place the weights (out of memory) is raised
         there. Every file and option is checked before load() returns either way."""
         # Every argument is checked, once, before anything loads.
-        if "options" in options:
-            opts = options.pop("options")
-            if not isinstance(opts, LoadOptions) or options:
-                raise ArgumentError("give options=LoadOptions(...) or keyword options, not both")
-        else:
-            opts = LoadOptions.of(options)
+        opts = LoadOptions.given(options.pop("options", None), options)
         checks.flag("wait", wait)
         folder = Path(checks.path("path", path)) if path is not None else default_model_path()
         if path is None and not folder.exists():

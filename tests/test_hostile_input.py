@@ -22,6 +22,7 @@ from PIL import Image
 from owl2_edge import names
 from owl2_edge.errors import (ArgumentError, BusyError, DecoderError, ImageError,
                               ModelFolderError, PromptError)
+from owl2_edge.load_options import LoadOptions
 from owl2_edge.owl2 import Owl2
 from owl2_edge.sampling import SamplingParams
 
@@ -201,11 +202,27 @@ def test_a_long_thin_picture_is_refused_before_a_huge_square_canvas(owl, photo):
     (dict(aspect="letterbox"), "aspect must be one of pad, resize, crop"),
     (dict(flash_attn="no"), "flash_attn must be True or False"),
     (dict(path=42), "path must be a path, not int"),
+    (dict(n_ktx=512), "unknown option 'n_ktx'"),
+    (dict(options={"n_ctx": 512}), "give options=LoadOptions(...) or keyword options, not both"),
+    (dict(options=LoadOptions(n_ctx=512), n_ctx=256), "not both"),
 ])
 def test_bad_load_arguments_raise_argument_error_before_loading(kwargs, message, tiny_model_dir):
     kwargs.setdefault("path", tiny_model_dir)
     with pytest.raises(ArgumentError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Owl2.load(**kwargs)
+
+
+def test_the_decoder_takes_options_or_keywords_not_both(tiny_model_dir):
+    from owl2_edge.decoder import Decoder
+    from owl2_edge.model_dir import Manifest
+    m = Manifest.load(tiny_model_dir)
+    files = (tiny_model_dir / m.decoder_file, tiny_model_dir / m.mam_file)
+    with pytest.raises(ArgumentError, match="not both"):
+        Decoder(*files, LoadOptions(n_ctx=64), n_ctx=32)
+    with pytest.raises(ArgumentError, match="unknown option 'aspect'"):
+        Decoder(*files, aspect="pad")  # a picture option, not the decoder's
+    with Decoder(*files, LoadOptions(n_ctx=64, device="cpu")) as dec:
+        assert dec.n_ctx == 64
 
 
 @pytest.mark.parametrize("kwargs,message", [
