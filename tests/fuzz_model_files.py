@@ -290,12 +290,7 @@ def fuzz(model_dir: Path, seconds: float, seed: int, out: Path, log=print) -> di
                     mutated = image
                 else:
                     original = manifests[recorded] if target == "manifest" else originals[target]
-                    if target in spans:
-                        mutated = mutate_gguf(original, spans[target], rng)
-                    elif target == "manifest":
-                        mutated = mutate_manifest(original, rng)
-                    else:
-                        mutated = mutate_bytes(original, rng)
+                    mutated = _mutated(target, original, spans, rng)
                     (work / files[target]).write_bytes(mutated)
                 outcome, detail = runner.run(work, image)
                 if not target.startswith("image-"):
@@ -303,11 +298,7 @@ def fuzz(model_dir: Path, seconds: float, seed: int, out: Path, log=print) -> di
                 iterations += 1
                 outcomes[(target, outcome)] += 1
                 if outcome not in ("ok", "owl2error"):
-                    out.mkdir(parents=True, exist_ok=True)
-                    saved = out / f"{len(findings):03d}-{target}-{outcome}.bin"
-                    saved.write_bytes(mutated)
-                    findings.append((target, outcome, detail.strip().splitlines()[-1][:300], saved))
-                    log(f"FINDING {target} {outcome}: {findings[-1][2]} -> {saved}")
+                    _keep_finding(findings, out, "", target, outcome, detail, mutated, log)
         finally:
             runner.stop()
     return {"iterations": iterations, "outcomes": outcomes, "findings": findings}
@@ -343,26 +334,37 @@ def fuzz_quantize(model_dir: Path, iterations: int, seed: int, out: Path, second
                 recorded = rng.random() < RECORDED_SHARE
                 (work / "owl2.json").write_bytes(manifests[recorded])
                 original = manifests[recorded] if target == "manifest" else originals[target]
-                if target in spans:
-                    mutated = mutate_gguf(original, spans[target], rng)
-                elif target == "manifest":
-                    mutated = mutate_manifest(original, rng)
-                else:
-                    mutated = mutate_bytes(original, rng)
+                mutated = _mutated(target, original, spans, rng)
                 (work / files[target]).write_bytes(mutated)
                 outcome, detail = runner.run(work, None)
                 (work / files[target]).write_bytes(original)
                 done += 1
                 outcomes[(target, outcome)] += 1
                 if outcome not in ("ok", "owl2error"):
-                    out.mkdir(parents=True, exist_ok=True)
-                    saved = out / f"quantize-{len(findings):03d}-{target}-{outcome}.bin"
-                    saved.write_bytes(mutated)
-                    findings.append((target, outcome, detail.strip().splitlines()[-1][:300], saved))
-                    log(f"FINDING {target} {outcome}: {findings[-1][2]} -> {saved}")
+                    _keep_finding(findings, out, "quantize-", target, outcome, detail, mutated,
+                                  log)
         finally:
             runner.stop()
     return {"iterations": done, "outcomes": outcomes, "findings": findings}
+
+
+def _mutated(target: str, original: bytes, spans: dict, rng: random.Random) -> bytes:
+    """One mutation of a file: field-aware for the GGUFs, JSON-aware for the manifest."""
+    if target in spans:
+        return mutate_gguf(original, spans[target], rng)
+    if target == "manifest":
+        return mutate_manifest(original, rng)
+    return mutate_bytes(original, rng)
+
+
+def _keep_finding(findings: list, out: Path, prefix: str, target: str, outcome: str,
+                  detail: str, mutated: bytes, log) -> None:
+    """Save the input that gave a finding beside the others, and note it."""
+    out.mkdir(parents=True, exist_ok=True)
+    saved = out / f"{prefix}{len(findings):03d}-{target}-{outcome}.bin"
+    saved.write_bytes(mutated)
+    findings.append((target, outcome, detail.strip().splitlines()[-1][:300], saved))
+    log(f"FINDING {target} {outcome}: {findings[-1][2]} -> {saved}")
 
 
 def main(argv=None) -> int:
