@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 
 from owl2_edge import checks
 from owl2_edge.errors import ArgumentError
+from owl2_edge._decoder import MAX_SEQUENCES
 from owl2_edge.image import ASPECT_MODES
 from owl2_edge.names import DEVICES, KV_TYPES
 
@@ -34,6 +35,7 @@ class LoadOptions:
     repack: bool = True           # CPU: ggml's interleaved weight layouts (docs/design.md §5)
     aspect: str = "pad"           # how a non-square picture becomes square (image.py)
     exif_transpose: bool = True   # turn pictures upright by their EXIF orientation
+    parallel: int = 1             # answers decoded together; each may hold n_ctx // parallel
 
     def __post_init__(self):
         # Frozen: the checked (and normalised) values are written through object.__setattr__.
@@ -48,6 +50,10 @@ class LoadOptions:
         put("repack", checks.flag("repack", self.repack))
         put("aspect", checks.choice("aspect", self.aspect, ASPECT_MODES))
         put("exif_transpose", checks.flag("exif_transpose", self.exif_transpose))
+        put("parallel", checks.integer("parallel", self.parallel, 1, MAX_SEQUENCES))
+        if self.n_ctx // self.parallel < 1:
+            raise ArgumentError(f"n_ctx {self.n_ctx} is too small for {self.parallel} parallel "
+                                "answers")
 
     @classmethod
     def of(cls, options: dict, allowed: tuple[str, ...] | None = None) -> "LoadOptions":
@@ -73,6 +79,11 @@ class LoadOptions:
     def decoder_args(self) -> dict:
         """The native decoder's share of the options."""
         return {name: getattr(self, name) for name in DECODER_OPTIONS}
+
+    @property
+    def window(self) -> int:
+        """The positions one answer may hold: the cache is shared by `parallel` answers."""
+        return self.n_ctx // self.parallel
 
     @property
     def vision_device(self) -> str:

@@ -16,19 +16,18 @@ import dataclasses
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from owl2_edge import checks, names, openai_chat
-from owl2_edge.answer import Answer, check_finite
+from owl2_edge.answer import check_finite
 from owl2_edge.batch.engine import BatchResult, answer_all
 from owl2_edge.chat import Chat
 from owl2_edge.decoder import MAX_SEQUENCES, Decoder
-from owl2_edge.errors import (ArgumentError, BusyError, ContextFullError, ModelFolderError,
-                              PromptError)
+from owl2_edge.engine import Engine, Job
+from owl2_edge.errors import ArgumentError, ContextFullError, ModelFolderError, PromptError
 from owl2_edge.image import content_hash, load_image, preprocess
 from owl2_edge.kv_prefix import IMAGE, KVPrefix, prompt_items
 from owl2_edge.load_options import LoadOptions
@@ -52,14 +51,32 @@ class Owl2:
         if options is not None and not isinstance(options, LoadOptions):
             raise ArgumentError(f"options must be a LoadOptions, not {type(options).__name__}")
         self.options = options or LoadOptions()
+        # Every answer goes through the engine, whichever thread asks (docs/design.md §14);
+        # kv describes sequence 0 for the calls that borrow the decoder whole (logits).
+        self.engine = Engine(decoder, tokenizer, vision, manifest.n_visual, MAX_SEQUENCES)
         self.kv = KVPrefix(decoder, manifest.n_visual)
-        self.stats = Stats()
+        self._last = threading.local()  # each thread's last answer's Stats (the stats property)
         self.load_seconds = 0.0
-        # One call at a time owns the decoder's KV cache and the vision cache: the turn number
-        # and thread id of the owner, or None (docs/design.md §4.4).
-        self._turn_change = threading.Condition()
-        self._owner: tuple[int, int] | None = None
-        self._turns = 0
+
+    @property
+    def stats(self) -> Stats:
+        """The counts and timings of the last answer this thread started (each thread sees its
+        own: answers of other threads run meanwhile)."""
+        return getattr(self._last, "stats", None) or Stats()
+
+    @stats.setter
+    def stats(self, value: Stats) -> None:
+        self._last.stats = value
+
+    @property
+    def parallel(self) -> int:
+        """Answers decoded together at most (load option), each in `window` positions."""
+        return self.options.parallel
+
+    @property
+    def window(self) -> int:
+        """The positions one answer may hold (prompt and answer): n_ctx // parallel."""
+        return self.decoder.n_ctx // self.options.parallel
 
     # The picture options of this object's loading, changeable later (checked as at load).
     @property
@@ -85,8 +102,8 @@ class Owl2:
              **options) -> "Owl2":
         """A model folder (default: $OWL2_MODEL, then the demo model), loaded with `options`:
         LoadOptions' fields as keywords (n_ctx, n_threads, device, n_gpu_layers, kv_type,
-        flash_attn, repack, aspect, exif_transpose: load_options.py gives each its default and
-        meaning), or options=LoadOptions(...).
+        flash_attn, repack, aspect, exif_transpose, parallel: load_options.py gives each its
+        default and meaning), or options=LoadOptions(...).
 
         The decoder's weights are read (and repacked or uploaded) on a thread while the
         tokenizer and the vision model load. wait=False returns before that thread is done: a
@@ -134,9 +151,10 @@ class Owl2:
             return owl.manifest
 
     def close(self) -> None:
-        with self._exclusive():
-            self.decoder.close()
-            self.tokenizer.close()
+        """End every answer still running (they raise Owl2Error), free the model."""
+        self.engine.close()
+        self.decoder.close()
+        self.tokenizer.close()
 
     def __enter__(self) -> "Owl2":
         return self
@@ -157,8 +175,7 @@ class Owl2:
 
     def encode_image(self, image) -> np.ndarray:
         """An image -> its float32 embeddings [n_visual, n_embd] (cached by content)."""
-        with self._exclusive():
-            return self._encode([image])[0][0]
+        return self._encode([image])[0][0]
 
     def logits(self, prompt: str, images: Sequence = (), continuation: Sequence[int] = ()
                ) -> np.ndarray:
@@ -168,12 +185,13 @@ class Owl2:
         images = _as_list(images)
         ids = self.tokenize(prompt) + [self.tokenizer.check_id(t) for t in continuation]
         check_image_count(ids.count(names.IMAGE_TOKEN_ID), len(images))
-        with self._exclusive():
-            embeds, keys = self._encode(images)
-            items = prompt_items(ids, keys)
-            self.kv.check_fits(items)
-            self.kv.forget(0)
+        embeds, keys = self._encode(images)
+        items = prompt_items(ids, keys)
+        self.kv.check_fits(items)
+        with self.engine.exclusive():  # the whole cache, emptied: answers wait meanwhile
+            self.kv.cached = []
             logits = self.kv.evaluate(items, embeds, all_logits=True)
+            self.kv.forget(0)
         check_finite(logits)
         return logits
 
@@ -201,24 +219,17 @@ class Owl2:
         """Answer many questions together: `items` are BatchItem(index, image, question),
         (image, question) pairs or {"image", "question"} dicts (image None: no image). Yields a
         BatchResult for each as it finishes, in no fixed order (`index` says which); a bad item
-        gives a result with `error` set and the others go on. `parallel` answers are decoded
-        together, each in its own sequence of the KV cache with n_ctx // parallel positions
-        (load with n_ctx = parallel x what one answer needs). Answers are what ask() gives with
-        that n_ctx (docs/design.md §14). Holds this object's caches until the iterator ends."""
+        gives a result with `error` set and the others go on. Up to `parallel` of them are
+        answered at once by the engine (beside any other caller's answers), each with
+        n_ctx // parallel positions (load with n_ctx = parallel x what one answer needs).
+        Answers are what ask() gives with that n_ctx (docs/design.md §14). Closing the iterator
+        early cancels the items still being answered."""
         parallel = checks.integer("parallel", parallel, 1, MAX_SEQUENCES)
         params = SamplingParams.of(sampling)
         if self.decoder.n_ctx // parallel < 1:
             raise ArgumentError(f"n_ctx {self.decoder.n_ctx} is too small for {parallel} parallel "
                                 "answers")
-        return self._batch(items, parallel, params)
-
-    def _batch(self, items, parallel: int, params: SamplingParams) -> Iterator[BatchResult]:
-        turn = self._begin_turn()
-        try:
-            self.kv.forget(0)  # sequence 0 is one of the batch's now
-            yield from answer_all(self, items, parallel, params, lambda: self._check_turn(turn))
-        finally:
-            self._end_turn(turn)
+        return answer_all(self, items, parallel, params)
 
     def chat(self, images=()) -> Chat:
         """A conversation whose history is kept (and whose KV cache is reused turn to turn)."""
@@ -236,37 +247,57 @@ class Owl2:
             return completion.chunks(pieces, self.stats)
         return completion.response("".join(pieces).strip(), self.stats)
 
-    def prepare(self, prompt: str, images: Sequence = ()) -> "Prepared":
-        """A templated (or raw) prompt and its images, made ready for generate(): its length
-        checked against the context, tokenized, its images decoded and preprocessed. Touches no
-        cache, so it may run on any thread while another call answers (the server prepares a
-        request on a worker thread while the model thread answers another). A prompt that
-        cannot fit is refused from its length alone, before any of that (check_prompt_size)."""
+    def prepare(self, prompt: str, images: Sequence = (), window: int | None = None
+                ) -> "Prepared":
+        """A templated (or raw) prompt and its images, made ready for generate() or submit():
+        its length checked against an answer's window, tokenized, its images decoded and
+        preprocessed. Touches no cache: any thread may run it at any time (the server prepares a
+        request on a worker thread while the engine answers others). A prompt that cannot fit is
+        refused from its length alone, before any of that (check_prompt_size). window: the
+        positions the answer will have, when not self.window (Owl2.batch's share)."""
         images = _as_list(images)
-        self.check_prompt_size(prompt, len(images))
+        window = self._window(window)
+        self.check_prompt_size(prompt, len(images), window)
         ids = self.tokenize(prompt)
         if not ids:
             raise PromptError("the prompt is empty: there is nothing to answer")
         check_image_count(ids.count(names.IMAGE_TOKEN_ID), len(images))
-        self.kv.check_fits(prompt_items(ids, [""] * len(images)))  # before decoding any image
+        self._check_fits(prompt_items(ids, [""] * len(images)), window)  # before any image
         pixels, keys = self._pixels(images)  # a bad image is refused now
         return Prepared(prompt_items(ids, keys), pixels)
 
-    def check_prompt_size(self, prompt: str, n_images: int = 0) -> None:
-        """ContextFullError when `prompt` is surely too long for the context, judged from its
-        number of characters alone: no token spans more characters than the vocabulary's longest
-        piece has bytes (Tokenizer.max_token_bytes), so a prompt with more characters than that
-        many times the positions left once its images are placed needs more positions than
-        there are. Cheap whatever the prompt's size, unlike tokenizing it (which also checks
-        that the text is valid Unicode)."""
+    def _window(self, window: int | None) -> int:
+        if window is None:
+            return self.window
+        return checks.integer("window", window, 1, self.decoder.n_ctx)
+
+    def _check_fits(self, items, window: int) -> None:
+        positions = sum(self.kv.width(i) for i in items)
+        if positions > window:
+            n_images = sum(1 for kind, _ in items if kind == IMAGE)
+            shared = (f" (n_ctx {self.decoder.n_ctx} shared by parallel answers)"
+                      if window < self.decoder.n_ctx else "")
+            raise ContextFullError(
+                f"the prompt needs {positions} positions ({len(items) - n_images} tokens + "
+                f"{n_images} image(s) x {self.manifest.n_visual}) but an answer may hold "
+                f"{window}{shared}; shorten it or load with a larger n_ctx")
+
+    def check_prompt_size(self, prompt: str, n_images: int = 0, window: int | None = None
+                          ) -> None:
+        """ContextFullError when `prompt` is surely too long for an answer's window, judged from
+        its number of characters alone: no token spans more characters than the vocabulary's
+        longest piece has bytes (Tokenizer.max_token_bytes), so a prompt with more characters
+        than that many times the positions left once its images are placed needs more positions
+        than there are. Cheap whatever the prompt's size, unlike tokenizing it (which also
+        checks that the text is valid Unicode)."""
         if not isinstance(prompt, str):
             raise ArgumentError(f"prompt must be a str, not {type(prompt).__name__}")
-        n_ctx, n_visual = self.decoder.n_ctx, self.manifest.n_visual
-        left = n_ctx - n_images * n_visual
+        window, n_visual = self._window(window), self.manifest.n_visual
+        left = window - n_images * n_visual
         if left < 1:
             raise ContextFullError(f"{n_images} image(s) take {n_images * n_visual} positions but "
-                                   f"the context holds {n_ctx}; send fewer or load with a larger "
-                                   f"n_ctx")
+                                   f"an answer may hold {window}; send fewer or load with a "
+                                   f"larger n_ctx")
         chars = len(prompt) - prompt.count(names.IMAGE_PLACEHOLDER) * len(names.IMAGE_PLACEHOLDER)
         most = left * self.tokenizer.max_token_bytes
         if chars > most:
@@ -277,18 +308,17 @@ class Owl2:
     def max_prompt_chars(self, n_images: int = 0) -> int:
         """The longest prompt text (characters, image marks aside) that check_prompt_size lets
         through with `n_images` images."""
-        left = self.decoder.n_ctx - n_images * self.manifest.n_visual
+        left = self.window - n_images * self.manifest.n_visual
         return max(0, left) * self.tokenizer.max_token_bytes
 
     def generate(self, prompt: "str | Prepared", images: Sequence, params: SamplingParams
                  ) -> Iterator[str]:
         """The engine under stream(): a templated (or raw) prompt and its images (or what
-        prepare() made of them, images then ()) -> text pieces. Prepares now; prefill and
-        decoding run as the pieces are read, as the turn of this object that owns its caches
-        until the last piece (or until the iterator is closed)."""
+        prepare() made of them, images then ()) -> text pieces. Prepares now; the answer is
+        queued for the engine when the first piece is asked for, and cancelled when the
+        iterator is closed before its end."""
         if not isinstance(params, SamplingParams):
             raise ArgumentError(f"params must be a SamplingParams, not {type(params).__name__}")
-        stats = Stats()
         t0 = time.perf_counter()
         if isinstance(prompt, Prepared):
             if _as_list(images):
@@ -296,118 +326,47 @@ class Owl2:
             prepared = prompt
         else:
             prepared = self.prepare(prompt, images)
-        return self._answer(prepared.items, prepared.pixels, params, stats, t0)
+        return self._pieces(prepared, params, t0)
 
-    def _answer(self, items, pixels, params: SamplingParams, stats: Stats, t0: float
-                ) -> Iterator[str]:
-        turn = self._begin_turn()
+    def _pieces(self, prepared: "Prepared", params: SamplingParams, t0: float) -> Iterator[str]:
+        job = self.submit(prepared, params, started=t0)
         try:
-            yield from self._prefill_and_decode(turn, items, pixels, params, stats, t0)
+            yield from job
         finally:
-            self._end_turn(turn)
+            job.cancel()
 
-    def _prefill_and_decode(self, turn, items, pixels, params, stats, t0) -> Iterator[str]:
-        self.stats = stats
-        embeds, head_start = self._encode_and_prefill_text(items, pixels, stats)
-        # Prefill: only what the KV cache lacks of this prompt.
-        t = time.perf_counter()
-        logits, cached = self.kv.prefill(items, embeds)
-        stats.reused_positions = cached - head_start  # what was there before this call
-        stats.prompt_positions = sum(self.kv.width(i) for i in items)
-        stats.evaluated_positions = stats.prompt_positions - stats.reused_positions
-        t1 = time.perf_counter()
-        stats.timings["prefill"] = stats.timings.get("prefill", 0.0) + t1 - t
-        stats.timings["first_token"] = t1 - t0
-
-        # Decode: sample, stream whole characters, feed the token back.
-        answer = Answer(params, self.tokenizer,
-                        [value for kind, value in items if kind != IMAGE],
-                        stats.prompt_positions, self.decoder.n_ctx, stats)
-        while True:
-            piece = answer.step(logits)
-            if piece:
-                yield piece
-                self._check_turn(turn)  # the reader may have made other calls meanwhile
-            if answer.token is None:
-                return
-            logits = self.kv.append_token(answer.token)
-
-    # -- turns: one call at a time owns the caches -------------------------------------------------
-
-    @contextlib.contextmanager
-    def _exclusive(self) -> Iterator[int]:
-        turn = self._begin_turn()
-        try:
-            yield turn
-        finally:
-            self._end_turn(turn)
-
-    def _begin_turn(self) -> int:
-        """Wait while another thread's call owns the caches; in the same thread, take them over
-        (an answer still being read there then raises BusyError at its next piece)."""
-        me = threading.get_ident()
-        with self._turn_change:
-            while self._owner is not None and self._owner[1] != me:
-                self._turn_change.wait()
-            self._turns += 1
-            self._owner = (self._turns, me)
-            return self._turns
-
-    def _end_turn(self, turn: int) -> None:
-        with self._turn_change:
-            if self._owner is not None and self._owner[0] == turn:
-                self._owner = None
-                self._turn_change.notify_all()
-
-    def _check_turn(self, turn: int) -> None:
-        owner = self._owner
-        if owner is None or owner[0] != turn:
-            raise BusyError("this answer was interrupted: a later call on the same Owl2 took over "
-                            "its KV cache before it finished (read or close one answer before "
-                            "starting the next)")
+    def submit(self, prepared: "Prepared", params: SamplingParams, window: int | None = None,
+               started: float | None = None) -> Job:
+        """Queue an answer for the engine and return at once: the Job gives its text pieces
+        (next(), poll() with set_waker(), iteration), its Stats, and cancel(). Safe from any
+        thread; answers are decoded together, first come first served, `parallel` at a time
+        (docs/api.md, threading). window: the positions it may hold (default: self.window)."""
+        if not isinstance(prepared, Prepared):
+            raise ArgumentError(f"submit takes what prepare() returns, not "
+                                f"{type(prepared).__name__}")
+        if not isinstance(params, SamplingParams):
+            raise ArgumentError(f"params must be a SamplingParams, not {type(params).__name__}")
+        window = self._window(window)
+        positions = sum(self.kv.width(i) for i in prepared.items)
+        job = Job(prepared.items, prepared.pixels, params, window, positions, started)
+        self.stats = job.stats
+        return self.engine.submit(job)
 
     def _pixels(self, images: Sequence) -> tuple[list[np.ndarray], list[str]]:
         pixels = [self.preprocess(image) for image in images]
         return pixels, [content_hash(p) for p in pixels]  # the vision cache's and KV items' keys
 
     def _encode(self, images: Sequence) -> tuple[list[np.ndarray], list[str]]:
+        """Images -> embeddings, through the engine's vision worker (the one caller of the
+        vision model)."""
         pixels, keys = self._pixels(images)
-        return self._encode_pixels(pixels, keys, self.stats), keys
-
-    def _encode_pixels(self, pixels: list[np.ndarray], keys: list[str], stats: Stats
-                       ) -> list[np.ndarray]:
         t = time.perf_counter()
-        before = self.vision.n_runs
-        embeds = self.vision.encode_images(pixels, keys=keys)
-        stats.images_encoded = self.vision.n_runs - before
+        futures = self.engine.vision.encode(pixels, keys) if pixels else []
+        encoded = [future.result() for future, _ in futures]
+        stats = Stats(images_encoded=len({e.run for e in encoded if e.run is not None}))
         stats.timings["vision"] = time.perf_counter() - t
-        return embeds
-
-    def _encode_and_prefill_text(self, items, pixels, stats: Stats
-                                 ) -> tuple[list[np.ndarray], int]:
-        """The images' embeddings, and the positions prefilled meanwhile. While the vision
-        model encodes them (on a thread: ONNX Runtime and the decoder both work without the GIL),
-        the decoder waits for its weights if it must, then evaluates the prompt's text before the
-        first image (docs/design.md §12)."""
-        keys = [value for kind, value in items if kind == IMAGE]
-        with ThreadPoolExecutor(1, thread_name_prefix="owl2-vision") as pool:
-            encoding = pool.submit(self._encode_pixels, pixels, keys, stats) if pixels else None
-            stats.timings["load_wait"] = self._wait_for_decoder()
-            if encoding is None:
-                return [], 0
-            t = time.perf_counter()
-            first_image = next(k for k, (kind, _) in enumerate(items) if kind == IMAGE)
-            evaluated = self.kv.extend(items[:first_image])
-            stats.timings["prefill"] = time.perf_counter() - t
-            return encoding.result(), evaluated
-
-    def _wait_for_decoder(self) -> float:
-        """Seconds spent waiting for the decoder's weights (after a load with wait=False)."""
-        if self.decoder.ready:
-            return 0.0
-        t = time.perf_counter()
-        self.decoder.wait()
-        return time.perf_counter() - t
+        self.stats = stats
+        return [e.embeds for e in encoded], keys
 
 
 def _check_files_agree(folder: Path, manifest: Manifest, tokenizer: Tokenizer, decoder: Decoder,

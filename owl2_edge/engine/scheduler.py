@@ -1,0 +1,424 @@
+"""The engine: every answer of an Owl2 goes through it, whichever thread asks (docs/design.md §14).
+
+A decode step reads every weight once whatever the number of positions it carries, so N answers
+stepped together cost little more per step than one. The decoder's KV cache holds up to
+MAX_SEQUENCES sequences; each answer being decided owns one. One thread runs this loop:
+
+  1. admit waiting answers, first come first served, while the cache has room: each answer
+     reserves its window (the positions it may hold), and the windows of the answers running
+     plus the cells kept by idle sequences never exceed n_ctx. A new answer starts from the
+     sequence whose cached items share the longest start with its prompt: an idle one is taken
+     over in place (the next chat turn), a running one is shared (copy_sequence: its cells, not
+     a copy) — so a question about a picture that another answer has prefilled evaluates only
+     its own words. A prompt whose picture another answer is about to prefill waits a step for
+     those cells rather than computing them twice;
+  2. plan one decoder pass: the last token of every answer decoding, and the next chunk of each
+     prompt still being prefilled (at most prefill_chunk positions in all while others decode,
+     so their tokens keep flowing; the whole prompt when nothing else runs). A chunk stops
+     before an image whose embeddings are not ready: the vision worker computes them meanwhile,
+     and the text before it is evaluated already;
+  3. evaluate it (Decoder.eval_sequences) and step each answer's Answer (the one answer loop,
+     owl2_edge/answer.py) with its row of logits; hand the text to its Job.
+
+An answer that ends or is cancelled leaves its sequence idle with its cells kept (for the next
+request that shares its start) until the room is needed. Callers never touch the decoder while
+answers run; Engine.exclusive() waits until none does and lends it whole (Owl2.logits).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator
+
+from owl2_edge.answer import Answer
+from owl2_edge.errors import BusyError, ContextFullError, Owl2Error
+from owl2_edge.engine.job import DECODE, PREFILL, WAITING, Job
+from owl2_edge.engine.vision_worker import VisionWorker
+from owl2_edge.kv_prefix import IMAGE, TEXT, runs_of
+
+# Prompt positions evaluated per step while other answers decode: each step then takes about as
+# long as prefilling this many positions, which bounds the pause a new prompt puts in their
+# streams (docs/measurements.md); a prompt alone is evaluated whole.
+PREFILL_CHUNK = 256
+
+_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_engines() -> None:
+    # The loop must not be inside the decoder while the interpreter and ggml are torn down.
+    for engine in list(_engines):
+        engine.close()
+
+
+@dataclass
+class _Sequence:
+    """A sequence of the cache and what it holds: `cached`, its KV items in position order;
+    `job` and `answer` while an answer uses it, None while it is idle (its cells kept)."""
+    seq: int
+    cached: list
+    job: Job | None = None
+    answer: Answer | None = None
+    last_used: float = 0.0
+
+
+class Engine:
+    def __init__(self, decoder, tokenizer, vision, n_visual: int, max_sequences: int,
+                 prefill_chunk: int = PREFILL_CHUNK):
+        self.decoder, self.tokenizer, self.n_visual = decoder, tokenizer, n_visual
+        self.max_sequences, self.prefill_chunk = max_sequences, prefill_chunk
+        self.vision = VisionWorker(vision)
+        self.steps = 0                           # decoder passes so far
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._seqs: dict[int, _Sequence] = {}    # every sequence holding cells
+        self._running: list[_Sequence] = []      # those with an answer, in admission order
+        self._exclusive_wanted = 0
+        self._exclusive_held = False
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        _engines.add(self)
+
+    # -- the callers' side ------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> Job:
+        """Queue an answer; its images start encoding now. ContextFullError when its prompt
+        cannot fit its window."""
+        if job.positions > job.window:
+            raise ContextFullError(
+                f"the prompt needs {job.positions} positions but an answer may use "
+                f"{job.window} here (n_ctx {self.decoder.n_ctx} shared by parallel answers); "
+                f"shorten it, or load with a larger n_ctx or a smaller parallel")
+        with self._cond:
+            if self._closing:
+                raise Owl2Error("the model is closed")
+        if job.pixels:
+            job.embeds = self.vision.encode(job.pixels, job.image_keys)
+            for future, _ in job.embeds:
+                future.add_done_callback(lambda f, job=job: self._vision_done(job))
+        job._wake_engine = self._wake
+        with self._cond:
+            if self._closing:
+                raise Owl2Error("the model is closed")
+            self._waiting.append(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="owl2-engine",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        return job
+
+    @property
+    def waiting(self) -> int:
+        """Answers queued for room in the cache."""
+        return len(self._waiting)
+
+    @property
+    def busy(self) -> int:
+        """Answers holding a sequence (prefilling or decoding)."""
+        return len(self._running)
+
+    def slots(self) -> list[dict]:
+        """Every sequence holding cells: its id, what it does, its positions."""
+        with self._cond:
+            return [{"seq": s.seq, "state": s.job.state if s.job else "idle",
+                     "positions": self._positions(s.cached),
+                     "window": s.job.window if s.job else None,
+                     "generated": s.job.stats.generated_tokens if s.job else None}
+                    for s in sorted(self._seqs.values(), key=lambda s: s.seq)]
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """The decoder for the calling thread alone, with an empty cache: waits for the answers
+        running to end (new ones wait meanwhile). BusyError when the caller has an answer of its
+        own not yet read to its end (it would wait for itself)."""
+        me = threading.get_ident()
+        with self._cond:
+            jobs = [*self._waiting, *(s.job for s in self._running)]
+            if any(j.thread == me and not j.cancelled for j in jobs):
+                raise BusyError("an answer this thread started is still being read: read it to "
+                                "its end or close it before this call")
+            self._exclusive_wanted += 1
+            try:
+                self._cond.wait_for(lambda: self._closing or (not self._exclusive_held
+                                                              and not self._running))
+            finally:
+                self._exclusive_wanted -= 1
+            if self._closing:
+                raise Owl2Error("the model is closed")
+            self._exclusive_held = True
+            for s in list(self._seqs.values()):
+                self._forget(s)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive_held = False
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop the loop (after its step), ending every answer with an error."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        closed = Owl2Error("the model was closed before this answer ended")
+        with self._cond:
+            jobs = [*self._waiting, *(s.job for s in self._running)]
+            self._waiting.clear()
+            self._running.clear()
+            self._seqs.clear()
+        for job in jobs:
+            job.finish(closed)
+        self.vision.close()
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _vision_done(self, job: Job) -> None:
+        job.stats.timings["vision"] = time.perf_counter() - job.submitted_at
+        self._wake()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._closing:
+                        return
+                    self._drop_cancelled()
+                    if not self._exclusive_held:
+                        self._admit()
+                        decode, prefill = self._plan()
+                        if decode or prefill:
+                            break
+                    self._cond.wait()
+            try:
+                self._step(decode, prefill)
+            except BaseException as e:  # a bug: fail the answers of this step, keep serving
+                self._fail([s for s in decode] + [s for s, _, _ in prefill], e)
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self._waiting if j.cancelled]:
+            self._waiting.remove(job)
+            job.finish()
+        for s in [s for s in self._running if s.job.cancelled]:
+            job = s.job
+            if job.first_token_at is not None:
+                job.stats.timings.setdefault("decode", time.perf_counter() - job.first_token_at)
+            self._release(s)
+            job.finish()
+
+    # -- admission --------------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        while self._waiting and not self._exclusive_wanted and self._place(self._waiting[0]):
+            self._waiting.popleft()
+
+    def _place(self, job: Job) -> bool:
+        """Give `job` a sequence if there is room (evicting idle ones, oldest first); False to
+        leave it waiting."""
+        items = job.items
+        best, shared = None, 0
+        for s in self._seqs.values():
+            n = _common(items, s.cached)
+            if s.job is not None and s.job.state == PREFILL:
+                planned = _common(items, s.job.items)
+                if planned > n and any(kind == IMAGE for kind, _ in items[n:planned]):
+                    return False  # its picture's cells are being made: share them next step
+            if n > shared or (n == shared and n and s.job is None and best.job is not None):
+                best, shared = s, n
+        in_place = best is not None and best.job is None
+        others = sum(self._reserved(s) for s in self._seqs.values() if not (in_place and s is best))
+        idle = sorted((s for s in self._seqs.values() if s.job is None and s is not best),
+                      key=lambda s: s.last_used)
+
+        def fits() -> bool:
+            return (others + job.window <= self.decoder.n_ctx
+                    and (in_place or len(self._seqs) < self.max_sequences))
+
+        while not fits() and idle:
+            victim = idle.pop(0)
+            others -= self._reserved(victim)
+            self._forget(victim)
+        if not fits():
+            return False
+
+        decoder = self.decoder
+        keep = self._positions(items[:shared])
+        if in_place:
+            s = best
+            decoder.rewind(decoder.n_past_of(s.seq) - keep, seq=s.seq)
+        else:
+            # A sequence no one holds is empty (_forget cleared it): no decoder call here, which
+            # would wait for a decoder still loading (wait=False) while holding the engine.
+            s = _Sequence(min(set(range(self.max_sequences)) - set(self._seqs)), [])
+            if best is not None:
+                decoder.copy_sequence(best.seq, s.seq)
+                decoder.rewind(decoder.n_past_of(s.seq) - keep, seq=s.seq)
+            self._seqs[s.seq] = s
+        s.cached, s.job = list(items[:shared]), job
+        self._running.append(s)
+        job.seq, job.state, job.admitted_at = s.seq, PREFILL, time.perf_counter()
+        stats = job.stats
+        stats.prompt_positions = job.positions
+        stats.reused_positions = keep
+        stats.evaluated_positions = job.positions - keep
+        stats.timings["queue"] = job.admitted_at - job.submitted_at
+        stats.timings["load_wait"] = 0.0
+        return True
+
+    def _reserved(self, s: _Sequence) -> int:
+        return s.job.window if s.job is not None else self._positions(s.cached)
+
+    def _positions(self, items) -> int:
+        return sum(self.n_visual if kind == IMAGE else 1 for kind, _ in items)
+
+    def _forget(self, s: _Sequence) -> None:
+        self.decoder.clear_sequence(s.seq)
+        del self._seqs[s.seq]
+
+    def _release(self, s: _Sequence) -> None:
+        """The answer in `s` is over: the sequence goes idle, its cells kept."""
+        self._running.remove(s)
+        s.job, s.answer, s.last_used = None, None, time.perf_counter()
+        self._cond.notify_all()
+
+    # -- stepping ---------------------------------------------------------------------------------
+
+    def _plan(self):
+        """This step's work: the sequences decoding, and (sequence, items, runs) of the
+        prompts being prefilled."""
+        decode = [s for s in self._running if s.job.state == DECODE]
+        budget = self.prefill_chunk if decode else None
+        prefill = []
+        for s in [s for s in self._running if s.job.state == PREFILL]:
+            if budget is not None and budget <= 0:
+                break
+            chunk = self._chunk(s, budget)
+            if chunk is None:
+                continue
+            prefill.append(chunk)
+            if budget is not None:
+                budget -= self._positions(chunk[1])
+        return decode, prefill
+
+    def _chunk(self, s: _Sequence, budget: int | None):
+        """The next items of s's prompt that can be evaluated now, as runs; None when its next
+        item is an image still being encoded (or whose encoding failed: the answer ends)."""
+        job, start = s.job, len(s.cached)
+        first_image = sum(1 for kind, _ in job.items[:start] if kind == IMAGE)
+        end, image, used, embeds = start, first_image, 0, {}
+        while end < len(job.items):
+            kind, _ = job.items[end]
+            width = self.n_visual if kind == IMAGE else 1
+            if end > start and budget is not None and used + width > budget:
+                break
+            if kind == IMAGE:
+                future, _ = job.embeds[image]
+                if not future.done():
+                    break
+                if future.exception() is not None:
+                    self._release(s)
+                    job.finish(future.exception())
+                    return None
+                embeds[image] = future.result().embeds
+                image += 1
+            used += width
+            end += 1
+        if end == start:
+            return None
+        taken = job.items[start:end]
+        return s, taken, runs_of(taken, embeds, first_image)
+
+    def _step(self, decode: list[_Sequence], prefill: list) -> None:
+        batch = [(s.seq, runs) for s, _, runs in prefill]
+        batch += [(s.seq, [[s.answer.token]]) for s in decode]
+        t = time.perf_counter()
+        try:
+            if not self.decoder.ready:  # loaded with wait=False: the first step waits for it
+                self.decoder.wait()
+                for s in [*decode, *(s for s, _, _ in prefill)]:
+                    s.job.stats.timings["load_wait"] = time.perf_counter() - t
+            logits = self.decoder.eval_sequences(batch)
+        except Owl2Error as e:  # the step failed whole (a damaged file?): its answers end
+            self._fail([*decode, *(s for s, _, _ in prefill)], e)
+            return
+        now = time.perf_counter()
+        self.steps += 1
+        with self._cond:
+            for (s, taken, _), row in zip(prefill, logits):
+                s.cached.extend(taken)
+                job = s.job
+                job.stats.timings["prefill"] = job.stats.timings.get("prefill", 0.0) + now - t
+                if len(s.cached) == len(job.items):
+                    self._begin(s, now)
+                    self._advance(s, row, now)
+            for s, row in zip(decode, logits[len(prefill):]):
+                s.cached.append((TEXT, s.answer.token))
+                self._advance(s, row, now)
+
+    def _begin(self, s: _Sequence, now: float) -> None:
+        job = s.job
+        job.state, job.first_token_at = DECODE, now
+        job.stats.timings["first_token"] = now - job.started
+        job.stats.images_encoded = len({f.result().run for f, mine in job.embeds
+                                        if mine and f.result().run is not None})
+        prompt_ids = [value for kind, value in job.items if kind != IMAGE]
+        s.answer = Answer(job.params, self.tokenizer, prompt_ids, job.positions, job.window,
+                          job.stats)
+
+    def _advance(self, s: _Sequence, logits, now: float) -> None:
+        job, answer = s.job, s.answer
+        try:
+            piece = answer.step(logits)
+        except Owl2Error as e:  # NaN logits: this answer fails, its cells are suspect
+            self._running.remove(s)
+            self._forget(s)
+            self._cond.notify_all()
+            job.finish(e)
+            return
+        if answer.stats.generated_tokens > len(job.token_times):
+            job.token_times.append(now)
+        job.put(piece)
+        if answer.token is None:
+            self._release(s)
+            job.finish()
+
+    def _fail(self, seqs: list[_Sequence], error: BaseException) -> None:
+        with self._cond:
+            for s in seqs:
+                job = s.job
+                if s in self._running:
+                    self._running.remove(s)
+                if s.seq in self._seqs:
+                    del self._seqs[s.seq]
+                    try:
+                        self.decoder.clear_sequence(s.seq)
+                    except Owl2Error:
+                        pass
+                if job is not None:
+                    job.finish(error)
+            self._cond.notify_all()
+
+
+def _common(items: list, cached: list) -> int:
+    """How many items at the start of `items` `cached` has too; never all of them: the last
+    position must run again, its logits start the answer."""
+    n, limit = 0, min(len(items) - 1, len(cached))
+    while n < limit and items[n] == cached[n]:
+        n += 1
+    return n
+
+
+__all__ = ["Engine", "PREFILL_CHUNK"]
