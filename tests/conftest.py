@@ -7,6 +7,7 @@ runtime-only lane (tests that need no converter) still runs: `pytest` in an envi
 installed without the `convert` extra.
 """
 
+import time
 from pathlib import Path
 
 import pytest
@@ -62,22 +63,22 @@ def start_server(tiny_model_dir):
         with start_server(api_key="k", limits=Limits(max_queue=1)) as served:
             served.url, served.owl, served.app     # base URL (no slash), the Owl2, the app
 
+    n_ctx and parallel are the Owl2's load options (one slot by default).
+
     Keyword arguments go to owl2_edge.serve.app.create_app."""
     import contextlib
     from types import SimpleNamespace
 
     @contextlib.contextmanager
-    def start(n_ctx: int = 1024, **options):
+    def start(n_ctx: int = 1024, parallel: int = 1, **options):
         from owl2_edge.owl2 import Owl2
         from owl2_edge.serve.app import create_app
         from owl2_edge.serve.server import running
-        with Owl2.load(tiny_model_dir, device="cpu", kv_type="f32", n_ctx=n_ctx) as owl:
+        with Owl2.load(tiny_model_dir, device="cpu", kv_type="f32", n_ctx=n_ctx,
+                       parallel=parallel) as owl:
             app = create_app(owl, **options)
-            try:
-                with running(app) as url:
-                    yield SimpleNamespace(url=url, owl=owl, app=app)
-            finally:
-                app.state.server.queue.close()
+            with running(app) as url:
+                yield SimpleNamespace(url=url, owl=owl, app=app)
     return start
 
 
@@ -87,3 +88,59 @@ def tiny_server(start_server):
     start_server): .url, .owl, .app."""
     with start_server() as served:
         yield served
+
+
+# -- holding the engine still (serve and concurrency tests) ----------------------------------------
+
+def hold_slot(owl, timeout: float = 60.0):
+    """A context in which one answer holds one of `owl`'s slots and makes no progress: its
+    picture (noise no other test sends) is kept from the vision model until the block ends, so
+    the engine has admitted it and waits for its embeddings, as for any slow picture. Yields its
+    Job; on leaving, the picture is let through, the answer cancelled and waited for."""
+    import contextlib
+    import threading
+
+    import numpy as np
+    from PIL import Image
+
+    from owl2_edge.sampling import SamplingParams
+
+    @contextlib.contextmanager
+    def held():
+        release, real = threading.Event(), owl.vision.encode_images
+        noise = Image.fromarray(np.random.default_rng(12345).integers(0, 256, (40, 40, 3),
+                                                                      dtype=np.uint8))
+        prepared = owl.prepare("<|image|> Hold on.", [noise])
+        key = prepared.items[0][1]
+
+        def encode_images(images, keys=None):
+            if keys and key in keys:
+                release.wait(timeout)
+            return real(images, keys=keys)
+
+        owl.vision.encode_images = encode_images
+        job = owl.submit(prepared, SamplingParams(temperature=0, max_tokens=1))
+        try:
+            deadline = time.monotonic() + timeout
+            while job.seq is None and time.monotonic() < deadline:  # admitted: it holds a slot
+                time.sleep(0.01)
+            yield job
+        finally:
+            job.cancel()
+            release.set()
+            ended = threading.Event()
+            job.add_done_callback(lambda _: ended.set())
+            ended.wait(timeout)
+            del owl.vision.encode_images  # the class's own again
+    return held()
+
+
+def slow_steps(monkeypatch, owl, seconds: float) -> None:
+    """Every decoder pass of `owl` takes `seconds` longer (answers that last, for tests of time
+    limits and clients that leave)."""
+    real = owl.decoder.eval_sequences
+
+    def eval_sequences(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(owl.decoder, "eval_sequences", eval_sequences)

@@ -300,3 +300,115 @@ def test_a_short_training_run_gets_past_the_image_blind_plateau(tmp_path):
     items = evaluate.generated_items(50)
     report = _accuracy(_convert(tmp_path / "hf", tmp_path / "F32", "F32"), items)
     assert report.accuracy() > 0.6, report.to_dict()
+
+
+# -- many at once: every answer as it is alone -------------------------------------------------------
+
+def _mixed_requests():
+    """Eight requests of every kind: questions about three pictures (two about the same one,
+    which share its cells), a follow-up turn, and text-only ones; half of them streamed."""
+    asks = [(0, "What color is the circle?"), (0, "How many shapes are there?"),
+            (1, "What shape is on the left?"), (2, "What color is the square?"),
+            (None, "Say hello."), (None, "Write one word about owls."),
+            (1, "How many shapes are there?")]
+    requests = [{"image": i, "question": q, "history": (), "stream": k % 2 == 1}
+                for k, (i, q) in enumerate(asks)]
+    first_q, first_a = sample_questions(0)[0]
+    requests.append({"image": 0, "question": "And the other shapes?", "stream": True,
+                     "history": ((first_q, first_a),)})
+    return requests
+
+
+def _picture(index: int):
+    """The two samples, then held-out scenes."""
+    import random
+
+    from owl2_edge import scenes
+    if index < len(SAMPLES):
+        return sample_image(index)
+    return scenes.random_scene(random.Random(index), "heldout").draw(224)
+
+
+def _ask(owl, request) -> str:
+    images = [] if request["image"] is None else [_picture(request["image"])]
+    kwargs = dict(history=request["history"], temperature=0, max_tokens=24)
+    if request["stream"]:
+        return "".join(owl.stream(images, request["question"], **kwargs)).strip()
+    return owl.ask(images, request["question"], **kwargs)
+
+
+def test_eight_concurrent_mixed_answers_equal_each_alone(demo_dirs):
+    """From eight threads through the engine (4 slots, the others queued), and from eight
+    clients through the server: each answer is the one it gets alone, one at a time."""
+    import threading
+
+    requests = _mixed_requests()
+    with Owl2.load(demo_dirs["Q8_0"], device="cpu") as owl:
+        alone = [_ask(owl, r) for r in requests]
+    assert len(set(alone)) >= 6  # different questions: a mix-up would show
+    with Owl2.load(demo_dirs["Q8_0"], device="cpu", n_ctx=2048, parallel=4) as owl:
+        together = [None] * len(requests)
+        start = threading.Barrier(len(requests))
+
+        def answer(k):
+            start.wait()
+            together[k] = _ask(owl, requests[k])
+
+        threads = [threading.Thread(target=answer, args=(k,)) for k in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert together == alone
+        assert owl.engine.steps < sum(len(a) for a in alone)  # answers shared decoder passes
+        assert _served(owl, requests) == alone
+
+
+def _served(owl, requests) -> list[str]:
+    """The requests sent at once to `owl2 serve` over `owl`: each answer's text."""
+    import base64
+    import io
+    import json
+    import threading
+    import urllib.request
+
+    from owl2_edge.serve.app import create_app
+    from owl2_edge.serve.server import running
+
+    def body(request) -> dict:
+        content = [{"type": "text", "text": request["question"]}]
+        if request["image"] is not None:
+            png = io.BytesIO()
+            _picture(request["image"]).save(png, format="PNG")
+            url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+            content.insert(0, {"type": "image_url", "image_url": {"url": url}})
+        turns = []
+        for q, a in request["history"]:
+            turns += [{"role": "user", "content": content[:-1] + [{"type": "text", "text": q}]},
+                      {"role": "assistant", "content": a}]
+            content = [{"type": "text", "text": request["question"]}]
+        return {"messages": [*turns, {"role": "user", "content": content}], "temperature": 0,
+                "max_tokens": 24, "stream": request["stream"]}
+
+    texts = [None] * len(requests)
+    with running(create_app(owl)) as url:
+        def send(k):
+            data = json.dumps(body(requests[k])).encode()
+            req = urllib.request.Request(url + "/v1/chat/completions", data,
+                                         {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                raw = r.read().decode()
+            if not requests[k]["stream"]:
+                texts[k] = json.loads(raw)["choices"][0]["message"]["content"]
+                return
+            events = [json.loads(line[6:]) for line in raw.splitlines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+            texts[k] = "".join(e["choices"][0]["delta"].get("content") or ""
+                               for e in events if e.get("choices")).strip()
+
+        threads = [threading.Thread(target=send, args=(k,)) for k in range(len(requests))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    return texts

@@ -25,6 +25,8 @@ import pytest
 
 openai = pytest.importorskip("openai", reason="needs the openai client (the dev extra)")
 
+import numpy as np  # noqa: E402
+from conftest import hold_slot, slow_steps  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from owl2_edge.serve.fetch import parse_networks  # noqa: E402
@@ -81,7 +83,7 @@ def get(url: str, path: str, headers: dict | None = None) -> tuple[int, dict]:
 
 
 def metrics(url: str) -> dict:
-    return get(url, "/metrics")[1]
+    return get(url, "/metrics?format=json")[1]
 
 
 def greedy(**kw) -> dict:
@@ -341,24 +343,15 @@ class _QuietServer(http.server.ThreadingHTTPServer):
 
 def test_an_error_after_a_streams_200_is_its_last_event_and_the_model_is_freed(
         start_server, monkeypatch):
-    from owl2_edge.errors import DecoderError
     with start_server() as s:
-        real = s.owl.generate
+        real, passes = s.owl.decoder.eval_sequences, []
 
-        def failing(prompt, images, params):
-            pieces = real(prompt, images, params)
+        def nan_at_the_third(batch, *args, **kwargs):  # a damaged weight, as the engine sees it
+            logits = real(batch, *args, **kwargs)
+            passes.append(1)
+            return logits * np.nan if len(passes) == 3 else logits
 
-            def fail_at_the_third():
-                try:
-                    for i, piece in enumerate(pieces):
-                        if i == 2:
-                            raise DecoderError("the decoder gave NaN or infinite logits")
-                        yield piece
-                finally:
-                    pieces.close()
-            return fail_at_the_third()
-
-        monkeypatch.setattr(s.owl, "generate", failing)
+        monkeypatch.setattr(s.owl.decoder, "eval_sequences", nan_at_the_third)
         body = {"messages": [user()], "stream": True, **greedy(), "ignore_eos": True}
         request = urllib.request.Request(s.url + "/v1/chat/completions", json.dumps(body).encode(),
                                          {"Content-Type": "application/json"})
@@ -420,50 +413,53 @@ def test_a_client_that_leaves_mid_stream_stops_its_answer_and_frees_the_model(se
     assert metrics(served.url)["tokens_generated"] == after["tokens_generated"]
 
 
-def test_a_client_that_leaves_a_plain_request_stops_its_answer_too(served):
-    before = metrics(served.url)
-    many = LIMITS.max_tokens
-    # The test holds the model (an answer of its own, half read), so the request is surely
-    # waiting for it when the client leaves.
-    held = served.owl.stream([], "Hold on.", temperature=0, max_tokens=5)
-    next(held)
-    sock = _raw_request(served.url, {"messages": [user(RED)], **greedy(), "max_tokens": many,
-                                     "ignore_eos": True})
-    _wait_for(served.url, lambda m: m["queue"]["busy"], "the request has the model")
-    sock.close()
-    held.close()
-    after = _wait_for(served.url, lambda m: m["disconnects"] > before["disconnects"]
-                      and not m["queue"]["busy"], "the request was dropped")
-    assert after["disconnects"] - before["disconnects"] == 1
-    assert after["tokens_generated"] - before["tokens_generated"] < many
+def test_a_client_that_leaves_a_plain_request_stops_its_answer_too(start_server, monkeypatch):
+    with start_server() as s:
+        slow_steps(monkeypatch, s.owl, 0.02)  # an answer that lasts while the client leaves
+        before = metrics(s.url)
+        many = LIMITS.max_tokens
+        sock = _raw_request(s.url, {"messages": [user(RED)], **greedy(), "max_tokens": many,
+                                    "ignore_eos": True})
+        _wait_for(s.url, lambda m: m["queue"]["busy"], "the request has a slot")
+        sock.close()
+        after = _wait_for(s.url, lambda m: m["disconnects"] > before["disconnects"]
+                          and not m["queue"]["busy"], "the request was dropped")
+        assert after["disconnects"] - before["disconnects"] == 1
+        assert after["tokens_generated"] - before["tokens_generated"] < many
 
 
-def test_a_full_queue_answers_429_and_the_queued_requests_are_then_served(start_server):
+def test_a_client_that_leaves_while_queued_gives_up_its_place(start_server):
+    with start_server() as s, hold_slot(s.owl):
+        before = metrics(s.url)
+        sock = _raw_request(s.url, {"messages": [user()], **greedy()})
+        _wait_for(s.url, lambda m: m["queue"]["waiting"] == 1, "the request waits for a slot")
+        sock.close()
+        after = _wait_for(s.url, lambda m: m["queue"]["waiting"] == 0, "the request left")
+        assert after["disconnects"] - before["disconnects"] == 1
+        assert after["tokens_generated"] == before["tokens_generated"]
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_the_queued_request_is_then_served(
+        start_server):
     with start_server(limits=Limits(max_queue=1)) as s:
-        held = s.owl.stream([], "Hold on.", temperature=0, max_tokens=5)
-        next(held)  # the model is busy with the test's own answer until it closes it
         results = {}
 
         def ask(name):
             results[name] = post(s.url, "/v1/chat/completions", {"messages": [user()], **greedy()})
 
-        first = threading.Thread(target=ask, args=("first",))
-        first.start()
-        _wait_for(s.url, lambda m: m["queue"]["busy"], "the first request has the model")
-        second = threading.Thread(target=ask, args=("second",))
-        second.start()
-        _wait_for(s.url, lambda m: m["queue"]["waiting"] == 1, "the second request waits")
-
-        with pytest.raises(openai.RateLimitError) as e:
-            client(s.url).chat.completions.create(messages=[user()], **greedy())
-        assert e.value.status_code == 429
-        assert_error_shape(e.value.response.json(), 429)
-        assert e.value.body["code"] == "queue_full"
-
-        held.close()
+        with hold_slot(s.owl):  # the one slot is busy until the block ends
+            first = threading.Thread(target=ask, args=("first",))
+            first.start()
+            _wait_for(s.url, lambda m: m["queue"]["waiting"] == 1, "the first request waits")
+            with pytest.raises(openai.RateLimitError) as e:
+                client(s.url).with_options(max_retries=0).chat.completions.create(
+                    messages=[user()], **greedy())
+            assert e.value.status_code == 429
+            assert_error_shape(e.value.response.json(), 429)
+            assert e.value.body["code"] == "queue_full"
+            assert 1 <= int(e.value.response.headers["retry-after"]) <= 60
         first.join(60)
-        second.join(60)
-        assert results["first"][0] == results["second"][0] == 200
+        assert results["first"][0] == 200
         m = metrics(s.url)
         assert m["queue"]["rejected"] == 1 and m["queue"]["waits"] >= 1
         assert m["errors"] == {"429": 1}
@@ -477,10 +473,10 @@ def test_the_api_key_is_required_except_for_health_and_the_page(start_server):
         status, body = post(s.url, "/v1/chat/completions", {"messages": [user()]})
         assert status == 401 and body["error"]["code"] == "missing_api_key"
         assert_error_shape(body, 401)
-        assert get(s.url, "/metrics")[0] == 401
+        assert get(s.url, "/metrics?format=json")[0] == 401
         reply = client(s.url, "sekret").chat.completions.create(messages=[user()], **greedy())
         assert reply.choices[0].message.content is not None
-        assert get(s.url, "/metrics", {"Authorization": "Bearer sekret"})[0] == 200
+        assert get(s.url, "/metrics?format=json", {"Authorization": "Bearer sekret"})[0] == 200
         assert get(s.url, "/health") == (200, {"status": "ok"})
         with urllib.request.urlopen(s.url + "/", timeout=60) as r:
             assert r.status == 200 and r.headers["Content-Type"].startswith("text/html")
@@ -498,8 +494,9 @@ def test_models_health_props_and_metrics(tiny_server):
     assert props["model"]["n_visual"] == tiny_server.owl.manifest.n_visual
     assert props["model"]["n_ctx"] == 1024 and props["modalities"]["vision"]
     assert props["limits"]["max_queue"] == Limits().max_queue
-    assert props["concurrency"] == "one request at a time, queued"
-    assert props["queue"] == {"busy": False, "waiting": 0, "max_waiting": Limits().max_queue}
+    assert props["concurrency"]["parallel"] == 1 and props["concurrency"]["window"] == 1024
+    assert props["queue"] == {"busy": 0, "waiting": 0, "max_waiting": Limits().max_queue,
+                              "parallel": 1}
     assert "frequency_penalty" in props["unsupported_fields"]
     m = metrics(url)
     assert {"requests", "errors", "images", "vision_runs", "image_cache_hits",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +16,19 @@ from owl2_edge.serve.limits import Limits as ServeLimits
 _SERVE_FLAGS = {"max_queue": "--max-queue", "max_body_bytes": "--max-body-mb",
                 "max_images": "--max-images", "max_tokens": "--max-tokens-limit",
                 "request_timeout_s": "--request-timeout"}
+
+
+# The fewest positions the default gives a slot: a picture and a long answer's room.
+SLOT_POSITIONS = 512
+# The most slots the default opens (more only when asked: each slot's share of --ctx shrinks).
+DEFAULT_MAX_PARALLEL = 4
+
+
+def default_parallel(n_ctx: int) -> int:
+    """--parallel's default: up to 4 slots, no more than the CPU has cores (a decode step of
+    more sequences then waits on the cores, not on memory), each with >= SLOT_POSITIONS."""
+    return max(1, min(DEFAULT_MAX_PARALLEL, os.cpu_count() or 1, n_ctx // SLOT_POSITIONS))
+
 
 
 @app.command("serve")
@@ -40,9 +54,13 @@ def serve_cmd(
     cors_origin: list[str] = typer.Option([], "--cors-origin", metavar="ORIGIN",
                                           help="Let web pages from this origin call the API "
                                                "(https://app.example; repeatable; * any)."),
+    parallel: Optional[int] = typer.Option(None, "--parallel", "-np",
+                                           help="Requests answered at once, sharing the --ctx "
+                                                "positions (default: up to 4, as the cores and "
+                                                f"--ctx allow, >= {SLOT_POSITIONS} each)."),
     max_queue: int = typer.Option(ServeLimits.max_queue, "--max-queue",
-                                  help="Requests that may wait behind the one being answered; "
-                                       "more get 429."),
+                                  help="Requests that may wait for a slot while all are busy; "
+                                       "more get 429 with Retry-After."),
     max_body_mb: float = typer.Option(ServeLimits.max_body_bytes / 2**20, "--max-body-mb",
                                       help="Largest request body in MiB (base64 images included)."),
     max_images: int = typer.Option(ServeLimits.max_images, "--max-images",
@@ -55,7 +73,8 @@ def serve_cmd(
                                                "answer (the answer is cut there)."),
     *, runtime: dict,
 ):
-    """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions) and a chat page."""
+    """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions) and a chat page;
+    --parallel requests are answered at once (continuous batching), the rest queue."""
     try:
         limits = _serve_limits(max_queue=max_queue, max_body_bytes=_mib(max_body_mb),
                                max_images=max_images, max_tokens=max_tokens_limit,
@@ -68,13 +87,16 @@ def serve_cmd(
         from owl2_edge.owl2 import Owl2
         from owl2_edge.serve import server
         from owl2_edge.serve.app import create_app
+        load = load_kwargs(runtime)
+        load["parallel"] = default_parallel(load["n_ctx"]) if parallel is None else parallel
         with _listen(server, host, port) as sock:  # a port in use fails before the model loads
-            owl = Owl2.load(**load_kwargs(runtime))
+            owl = Owl2.load(**load)
             app = create_app(owl, limits, api_key=api_key, allow_paths=allow_path,
                              allow_remote_images=allow_remote_images, allow_networks=networks,
                              host_allow=host_allow, cors_origins=cors_origin)
             console.print(f"owl2 serve: {server.url_of(sock)}/ ({owl.folder.name} on "
-                          f"{owl.decoder.device}; one request at a time; Ctrl-C stops)",
+                          f"{owl.decoder.device}; {owl.parallel} at once, {owl.window} "
+                          f"positions each; Ctrl-C stops)",
                           markup=False, soft_wrap=True)
             try:
                 server.serve(app, sock)
@@ -82,7 +104,6 @@ def serve_cmd(
                 # uvicorn stops at the first Ctrl-C, then raises it again for us.
                 raise typer.Exit(EXIT_INTERRUPTED)
             finally:
-                app.state.server.queue.close()
                 owl.close()
     except Owl2Error as e:
         raise fail(str(e))

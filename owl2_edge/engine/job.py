@@ -78,6 +78,11 @@ class Job:
                 return PENDING
             return self._take()
 
+    def poll_ready(self) -> bool:
+        """Whether poll() would return something now."""
+        with self._lock:
+            return bool(self._pieces) or self._finished
+
     def _take(self) -> str | None:
         if self._pieces:
             return self._pieces.popleft()

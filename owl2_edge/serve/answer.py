@@ -1,18 +1,27 @@
-"""One answer on the model, for one request: Owl2.generate's pieces read one at a time on the
-model thread (so the event loop can notice a client that left between two), stop strings
-applied, the request's time limit held (the answer ends where it is once it passes), and the
-answer's generator closed when it ends, stops or is abandoned, which ends the Owl2 turn and frees
-the model for the next request at once (docs/design.md §13)."""
+"""One answer for one request: a Job of the engine read from the event loop (docs/design.md §13).
+
+The engine decides the answer on its own thread beside the other requests' answers; its waker
+tells the event loop when a piece has arrived, so no thread is held per request. Here stop
+strings are applied, the request's time limit is held (still queued at the limit: 503; answering:
+the answer ends where it is, as max_tokens would end it), a client that left is noticed while
+the answer waits for its first piece, and closing cancels the job: its sequence is free at the
+engine's next step.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
+import anyio
+
+from owl2_edge.engine import PENDING, Job
+from owl2_edge.engine.job import WAITING
 from owl2_edge.openai_chat import finish_reason
 from owl2_edge.sampling import SamplingParams
+from owl2_edge.serve.limits import ApiError
 from owl2_edge.serve.metrics import Metrics
-from owl2_edge.serve.queue import Turn
 from owl2_edge.serve.shapes import timings
 from owl2_edge.serve.stop import StopStrings
 from owl2_edge.stats import Stats
@@ -20,41 +29,55 @@ from owl2_edge.stats import Stats
 if TYPE_CHECKING:
     from owl2_edge.owl2 import Owl2, Prepared
 
+# How often an answer waiting for its first piece checks that its client is still there.
+_PRESENCE_CHECK_S = 0.5
+
+
+class ClientGone(Exception):
+    """The client left before the answer's first piece."""
+
 
 class Answer:
-    def __init__(self, owl: Owl2, turn: Turn, metrics: Metrics, n_images: int,
-                 stop: tuple[str, ...], deadline: float = float("inf")):
-        self.owl, self.turn, self.metrics, self.n_images = owl, turn, metrics, n_images
+    def __init__(self, owl: Owl2, metrics: Metrics, n_images: int, stop: tuple[str, ...],
+                 deadline: float = float("inf"), started: float | None = None):
+        self.owl, self.metrics, self.n_images = owl, metrics, n_images
         self.stops = StopStrings(stop)
         self.deadline = deadline          # time.monotonic(): the request's time limit
+        self.started = started if started is not None else time.perf_counter()
         self.timed_out = False
-        self.stats: Stats | None = None   # set once the model has started this answer
+        self.job: Job | None = None
         self.finish: str | None = None    # set once the answer is over
         self.disconnected = False
-        self._pieces = None
-        self._started_at = 0.0
-        self._decode_seconds = 0.0
+        self._arrived = asyncio.Event()
         self._closed = False
 
-    async def start(self, prepared: Prepared, params: SamplingParams) -> None:
-        """Owl2.generate on the model thread, over a prompt that Owl2.prepare made ready on a
-        worker thread (the model thread tokenizes nothing)."""
-        self._started_at = time.perf_counter()
-        self._pieces = await self.turn.run(self.owl.generate, prepared, (), params)
+    @property
+    def stats(self) -> Stats:
+        return self.job.stats if self.job is not None else Stats()
 
-    async def next(self) -> str | None:
-        """The next text to show, or None once the answer is over (then `finish` is set)."""
+    def start(self, prepared: Prepared, params: SamplingParams) -> None:
+        """Queue the answer for the engine (ContextFullError when it cannot fit a slot)."""
+        loop = asyncio.get_running_loop()
+        self.job = self.owl.submit(prepared, params, started=self.started)
+
+        def wake() -> None:  # on the engine's thread
+            try:
+                loop.call_soon_threadsafe(self._arrived.set)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+        self.job.set_waker(wake)
+
+    async def next(self, request=None) -> str | None:
+        """The next text to show, or None once the answer is over (then `finish` is set).
+        request: while the answer has not begun, ClientGone when it disconnects."""
         while self.finish is None:
-            if time.monotonic() > self.deadline:
-                # Out of time: what came so far is the answer, cut as max_tokens would cut it.
-                self.timed_out, self.finish = True, "length"
-                return self.stops.flush() or None
-            piece = await self.turn.run(next, self._pieces, None)
-            if self.stats is None:
-                # The answer's generator put its own Stats on the Owl2 as it started.
-                self.stats = self.owl.stats
+            piece = self.job.poll()
+            if piece is PENDING:
+                await self._wait(request)
+                continue
             if piece is None:
-                self.finish = finish_reason(self.stats)
+                self.finish = finish_reason(self.job.stats)
                 text = self.stops.flush()
             else:
                 text = self.stops.push(piece)
@@ -64,30 +87,53 @@ class Answer:
                 return text
         return None
 
+    async def _wait(self, request) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            if self.job.state == WAITING:
+                self.metrics.timeouts += 1
+                raise ApiError(503, f"every slot stayed busy past this request's time limit "
+                                    f"({time.perf_counter() - self.started:.0f} s; owl2 serve "
+                                    f"--request-timeout)", code="request_timeout")
+            # Out of time: what came so far is the answer, cut as max_tokens would cut it.
+            self.timed_out, self.finish = True, "length"
+            return
+        self._arrived.clear()
+        if self.job.poll_ready():
+            return
+        begun = self.job.stats.generated_tokens > 0 or self.job.finished
+        wait = left if (request is None or begun) else min(left, _PRESENCE_CHECK_S)
+        with anyio.move_on_after(wait):
+            await self._arrived.wait()
+        if not self._arrived.is_set() and request is not None and not begun:
+            if await request.is_disconnected():
+                raise ClientGone()
+
     async def close(self, disconnected: bool = False) -> None:
-        """End the answer (closing its generator on the model thread ends the Owl2 turn), give
-        the model to the next request and count what the answer did. Safe to call twice."""
+        """End the answer (cancelling the job frees its slot at the engine's next step) and
+        count what it did. Safe to call twice."""
         if self._closed:
             return
         self._closed = True
         self.disconnected = disconnected
-        pieces = self._pieces
-        await self.turn.release(pieces.close if pieces is not None else None)
-        if self.stats is not None:
-            # Owl2 times the decode only when the answer runs to its end; an answer cut short
-            # (a stop string, a client gone) is timed here.
-            t = self.stats.timings
-            self._decode_seconds = t.get("decode") or max(
-                0.0, time.perf_counter() - self._started_at - t.get("first_token", 0.0))
-            self.metrics.add_answer(self.stats, self.n_images)
+        job = self.job
+        if job is not None:
+            job.cancel()
+            stats = job.stats
+            if "decode" not in stats.timings and job.first_token_at is not None:
+                # An answer cut short (a stop string, a client gone) is timed here.
+                stats.timings["decode"] = time.perf_counter() - job.first_token_at
+            self.metrics.add_answer(job, self.n_images)
         if self.timed_out:
             self.metrics.timeouts += 1
         if disconnected:
             self.metrics.disconnects += 1
 
     def timings(self) -> dict:
-        return {**timings(self.stats or Stats(), self._decode_seconds),
-                "queue_ms": round(self.turn.waited_seconds * 1e3, 3)}
+        job = self.job
+        queued = job.stats.timings.get("queue", 0.0) if job is not None else 0.0
+        return {**timings(self.stats, self.stats.timings.get("decode", 0.0)),
+                "queue_ms": round(queued * 1e3, 3)}
 
     def usage_stats(self) -> Stats:
-        return self.stats or Stats()
+        return self.stats

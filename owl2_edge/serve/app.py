@@ -8,8 +8,9 @@ Before any route, origin.py refuses Host names and web origins the server does n
 to. Each handler reads and checks the request here, on the event loop (cheap, and bounded before
 it is parsed); then, on a worker thread, refuses a prompt too long for the context from its
 length alone, reads its images and tokenizes it (Owl2.prepare), so that the model thread never
-spends time on a request it would refuse; then it waits for the model (queue.py) and runs the
-answer on the model thread (answer.py). Everything a request does counts against its time limit.
+spends time on a request it would refuse; then its answer joins the engine's (queue.py bounds
+the requests waiting for a slot, answer.py reads the answer). Everything a request does counts
+against its time limit.
 Every refusal is OpenAI's error object (limits.py).
 """
 
@@ -22,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import anyio
 from starlette.applications import Starlette
@@ -37,13 +38,14 @@ from owl2_edge import openai_chat
 from owl2_edge.errors import (ArgumentError, ContextFullError, ImageError, Owl2Error,
                               PromptError)
 from owl2_edge.serve import fields, memory
-from owl2_edge.serve.answer import Answer
+from owl2_edge.serve.answer import Answer, ClientGone
 from owl2_edge.serve.fetch import Fetcher, IpNetwork
 from owl2_edge.serve.images import ImageReader, count_image_parts
 from owl2_edge.serve.limits import ApiError, Limits, bad_request, error_body, read_json
 from owl2_edge.serve.metrics import CountingMiddleware, Metrics
 from owl2_edge.serve.origin import BrowserGuard
-from owl2_edge.serve.queue import ModelQueue
+from owl2_edge.serve.prometheus import CONTENT_TYPE as PROMETHEUS_TYPE
+from owl2_edge.serve.queue import RequestQueue
 from owl2_edge.serve.shapes import DONE, ChatShape, TextShape, event
 
 if TYPE_CHECKING:
@@ -66,7 +68,7 @@ class Server:
     owl: Owl2
     limits: Limits
     reader: ImageReader
-    queue: ModelQueue
+    queue: RequestQueue
     metrics: Metrics
     api_key: str | None
     started: int
@@ -103,7 +105,7 @@ def create_app(owl: Owl2, limits: Limits | None = None, api_key: str | None = No
         fetcher = Fetcher(limits.max_image_bytes, limits.remote_timeout_s, allow_networks)
     reader = ImageReader(limits, tuple(Path(p) for p in allow_paths),
                          fetcher if allow_remote_images else None)
-    server = Server(owl, limits, reader, ModelQueue(limits.max_queue, metrics), metrics,
+    server = Server(owl, limits, reader, RequestQueue(owl, limits.max_queue, metrics), metrics,
                     api_key or None, int(time.time()), tuple(host_allow), tuple(cors_origins))
     routes = [
         Route("/", page),
@@ -167,7 +169,7 @@ def _then(first: BackgroundTask | None, fn) -> BackgroundTask:
 
 
 def _error_response(e: ApiError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+    headers = {**e.headers, **({"WWW-Authenticate": "Bearer"} if e.status == 401 else {})}
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
 
@@ -247,8 +249,10 @@ async def props(request: Request, server: Server) -> Response:
                    if reader.fetcher else [],
                    "api_key": bool(server.api_key), "host_allow": list(server.host_allow),
                    "cors_origins": list(server.cors_origins)},
-        "concurrency": "one request at a time, queued",
-        "queue": {"busy": queue.busy, "waiting": queue.waiting, "max_waiting": queue.max_waiting},
+        "concurrency": {"parallel": owl.parallel, "window": owl.window,
+                        "prefill_chunk": owl.engine.prefill_chunk,
+                        "slots": owl.engine.slots()},
+        "queue": queue.to_dict(),
         "unsupported_fields": fields.NOT_IMPLEMENTED_TEXT,
         "image_forms": "image_url parts and `images` items: data: URLs, raw base64; file:// "
                        "only under --allow-path folders; http(s) only with --allow-remote-images",
@@ -257,14 +261,16 @@ async def props(request: Request, server: Server) -> Response:
 
 @api()
 async def metrics_route(request: Request, server: Server) -> Response:
-    return JSONResponse(server.metrics.to_dict(server.queue))
+    if request.query_params.get("format") == "json":
+        return JSONResponse(server.metrics.to_dict(server.queue))
+    return Response(server.metrics.prometheus(server.queue), media_type=PROMETHEUS_TYPE)
 
 
 # -- answering ------------------------------------------------------------------------------------
 
 @api()
 async def chat_completions(request: Request, server: Server) -> Response:
-    deadline = server.deadline()
+    started, deadline = time.perf_counter(), server.deadline()
     body = await _read_body(request, server, deadline)
     asked = fields.parse(body, server.limits)
     messages = fields.required(body, "messages", list, "a list of {role, content} messages")
@@ -277,23 +283,22 @@ async def chat_completions(request: Request, server: Server) -> Response:
             raise bad_request(str(e), param="messages") from None
         return _prepare(server, prompt, urls, "messages", lambda i: f"image {i + 1}", deadline)
 
-    prepared = await anyio.to_thread.run_sync(prepare)
-    return await _answer(request, server, ChatShape(server.model_id), prepared, asked,
-                         strip=True, deadline=deadline)
+    return await _answer(request, server, ChatShape(server.model_id), prepare, asked,
+                         strip=True, deadline=deadline, started=started)
 
 
 @api()
 async def completions(request: Request, server: Server) -> Response:
-    deadline = server.deadline()
+    started, deadline = time.perf_counter(), server.deadline()
     body = await _read_body(request, server, deadline)
     asked = fields.parse(body, server.limits)
     prompt = fields.prompt_text(body)
     sources = fields.image_list(body)
     _check_image_count(len(sources), server.limits, "images")
-    prepared = await anyio.to_thread.run_sync(
-        lambda: _prepare(server, prompt, sources, "images", lambda i: f"images[{i}]", deadline))
-    return await _answer(request, server, TextShape(server.model_id), prepared, asked,
-                         strip=False, deadline=deadline)
+    return await _answer(
+        request, server, TextShape(server.model_id),
+        lambda: _prepare(server, prompt, sources, "images", lambda i: f"images[{i}]", deadline),
+        asked, strip=False, deadline=deadline, started=started)
 
 
 async def _read_body(request: Request, server: Server, deadline: float) -> dict:
@@ -324,18 +329,25 @@ def _check_image_count(n: int, limits: Limits, param: str) -> None:
                           f"(owl2 serve --max-images)", param=param, code="too_many_images")
 
 
-async def _answer(request: Request, server: Server, shape, prepared: Prepared,
-                  asked: fields.Request, strip: bool, deadline: float) -> Response:
-    """Wait for the model, start the answer, and reply: all at once, or as events."""
-    turn = await server.queue.turn(deadline)
-    answer = Answer(server.owl, turn, server.metrics, len(prepared.pixels), asked.stop, deadline)
-    if await request.is_disconnected():  # gone while it waited: no prefill for nobody
+async def _answer(request: Request, server: Server, shape, prepare: Callable[[], Prepared],
+                  asked: fields.Request, strip: bool, deadline: float, started: float
+                  ) -> Response:
+    """Take a place in the queue (429 when it is full), prepare the request on a worker thread,
+    queue its answer for the engine, and reply: all at once, or as events."""
+    server.queue.enter()
+    try:
+        prepared = await anyio.to_thread.run_sync(prepare)
+        answer = Answer(server.owl, server.metrics, len(prepared.pixels), asked.stop, deadline,
+                        started)
+        answer.start(prepared, asked.params)
+    finally:
+        server.queue.submitted()
+    try:
+        # The first piece (prefill) before any reply: its errors are still a plain 4xx.
+        first = await answer.next(request)
+    except ClientGone:  # gone while it waited: its slot goes to the next request
         await answer.close(disconnected=True)
         return Response(status_code=499)
-    try:
-        await answer.start(prepared, asked.params)
-        # The first piece (prefill) before any reply: its errors are still a plain 4xx.
-        first = await answer.next()
     except BaseException:
         await answer.close()
         raise

@@ -58,9 +58,10 @@ class ApiError(Exception):
     """A refused request: its HTTP status and OpenAI's error fields."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}  # e.g. a 429's Retry-After
 
     def body(self) -> dict:
         return error_body(self.status, self.message, self.param, self.code)
