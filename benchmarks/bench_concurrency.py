@@ -156,10 +156,12 @@ class Owl2Server:
         self.parallel = serve_has("--parallel")
 
     def ctx(self, clients: int) -> int:
-        """--ctx, else room for every slot's prompt and answer (2048 at least, the default)."""
+        """--ctx, else room for every slot's prompt and answer, and at least what owl2 serve
+        asks of each slot (SLOT_POSITIONS) and its own default (2048)."""
         if self.ctx_arg:
             return self.ctx_arg
-        per_slot = self.tokens + (PICTURE_BUDGET if self.images else PROMPT_BUDGET)
+        per_slot = max(min_slot_positions(),
+                       self.tokens + (PICTURE_BUDGET if self.images else PROMPT_BUDGET))
         slots = clients if self.parallel else 1
         return max(2048, -(-slots * per_slot // 256) * 256)
 
@@ -173,6 +175,16 @@ class Owl2Server:
 
     def extras(self) -> dict:
         return {"ignore_eos": True}
+
+
+def min_slot_positions() -> int:
+    """The fewest positions `owl2 serve` gives one --parallel slot (it refuses a --ctx below
+    that times --parallel)."""
+    try:
+        from owl2_edge.cli import serve
+        return int(getattr(serve, "SLOT_POSITIONS", 512))
+    except ImportError:
+        return 512
 
 
 class LlamaServer:

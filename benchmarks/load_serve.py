@@ -205,6 +205,11 @@ def _retry_after(header: str | None) -> float:
         return RETRY_AFTER_DEFAULT_S
 
 
+def metrics(port: int) -> dict | None:
+    """The server's /metrics as JSON (?format=json where /metrics is Prometheus text)."""
+    return get_json(port, "/metrics?format=json") or get_json(port, "/metrics")
+
+
 def run_load(server: ServerProcess, args, mix: list[Request], expected: dict) -> dict:
     # Cancelled: streams whose answer alone came in 3 chunks or more (cancelled after 1 or 2,
     # they end mid-answer).
@@ -212,7 +217,7 @@ def run_load(server: ServerProcess, args, mix: list[Request], expected: dict) ->
     tally = Tally()
     rss = RssSampler(server, args.rss_every)
     rss_before = server.rss_kib()
-    metrics_before = get_json(server.port, "/metrics")
+    metrics_before = metrics(server.port)
     rss.start()
     end = time.monotonic() + args.duration
     t0 = time.perf_counter()
@@ -240,7 +245,7 @@ def run_load(server: ServerProcess, args, mix: list[Request], expected: dict) ->
                     if warm and end_rss else None,
                     "samples": [(round(t, 1), r) for t, r in rss.samples]},
         "samples": tally.samples,
-        "metrics_before": metrics_before, "metrics_after": get_json(server.port, "/metrics"),
+        "metrics_before": metrics_before, "metrics_after": metrics(server.port),
     }
 
 
