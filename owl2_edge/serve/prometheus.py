@@ -20,7 +20,7 @@ import itertools
 import math
 import re
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -42,7 +42,7 @@ class Histogram:
         bounds = [float(b) for b in buckets]
         if bounds and bounds[-1] == math.inf:
             bounds.pop()
-        ascending = all(a < b for a, b in zip(bounds, bounds[1:]))
+        ascending = all(a < b for a, b in itertools.pairwise(bounds))
         if not ascending or not all(math.isfinite(b) for b in bounds):
             raise ValueError(f"buckets must be finite and strictly ascending: {list(buckets)}")
         self.bounds = tuple(bounds)
