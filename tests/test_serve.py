@@ -543,3 +543,39 @@ def test_owl2_serve_refuses_a_port_in_use(tiny_model_dir):
     assert proc.returncode == 1
     assert err == f"error: cannot listen on 127.0.0.1:{port}: Address already in use\n"
 
+
+
+# -- many at once: slots, the engine's metrics ------------------------------------------------------
+
+def test_with_two_slots_a_request_is_answered_while_another_holds_one(start_server):
+    with start_server(parallel=2) as s, hold_slot(s.owl):
+        status, reply_ = post(s.url, "/v1/chat/completions", {"messages": [user()], **greedy()})
+        assert status == 200 and reply_["choices"][0]["message"]["content"]
+        slots = get(s.url, "/props")[1]["concurrency"]["slots"]
+        assert [slot["state"] for slot in slots].count("prefill") == 1  # the held one
+
+
+def test_metrics_are_prometheus_text_with_slots_queue_and_latency_histograms(start_server):
+    with start_server(parallel=2) as s:
+        client(s.url).chat.completions.create(messages=[user()], **greedy(max_tokens=6))
+        list(client(s.url).chat.completions.create(messages=[user()], stream=True,
+                                                   **greedy(max_tokens=6)))
+        with urllib.request.urlopen(s.url + "/metrics", timeout=30) as r:
+            assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            text = r.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    assert samples["owl2:slots_total"] == 2 and samples["owl2:slots_busy"] == 0
+    assert samples["owl2:requests_waiting"] == 0
+    assert samples["owl2:answers_total"] == 2
+    assert samples["owl2:time_to_first_token_seconds_count"] == 2
+    assert samples['owl2:time_to_first_token_seconds_bucket{le="+Inf"}'] == 2
+    generated = samples["owl2:tokens_predicted_total"]
+    assert 2 <= generated <= 12
+    # Each answer's tokens after its first are timed from the one before.
+    assert samples["owl2:inter_token_seconds_count"] == generated - 2
+    assert samples["owl2:predicted_tokens_seconds"] > 0
+    assert "# TYPE owl2:inter_token_seconds histogram" in text
