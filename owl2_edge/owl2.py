@@ -55,6 +55,7 @@ class Owl2:
         # kv describes sequence 0 for the calls that borrow the decoder whole (logits).
         self.engine = Engine(decoder, tokenizer, vision, manifest.n_visual, MAX_SEQUENCES)
         self.kv = KVPrefix(decoder, manifest.n_visual)
+        self._n_ctx = decoder.n_ctx  # read once (see window)
         self._last = threading.local()  # each thread's last answer's Stats (the stats property)
         self.load_seconds = 0.0
 
@@ -76,7 +77,9 @@ class Owl2:
     @property
     def window(self) -> int:
         """The positions one answer may hold (prompt and answer): n_ctx // parallel."""
-        return self.decoder.n_ctx // self.options.parallel
+        # The load's option, not the native decoder's fact: this is read on a server's event
+        # loop, which must never wait for the decoder's call lock while it evaluates.
+        return self._n_ctx // self.options.parallel
 
     # The picture options of this object's loading, changeable later (checked as at load).
     @property
@@ -269,14 +272,14 @@ class Owl2:
     def _window(self, window: int | None) -> int:
         if window is None:
             return self.window
-        return checks.integer("window", window, 1, self.decoder.n_ctx)
+        return checks.integer("window", window, 1, self._n_ctx)
 
     def _check_fits(self, items, window: int) -> None:
         positions = sum(self.kv.width(i) for i in items)
         if positions > window:
             n_images = sum(1 for kind, _ in items if kind == IMAGE)
-            shared = (f" (n_ctx {self.decoder.n_ctx} shared by parallel answers)"
-                      if window < self.decoder.n_ctx else "")
+            shared = (f" (n_ctx {self._n_ctx} shared by parallel answers)"
+                      if window < self._n_ctx else "")
             raise ContextFullError(
                 f"the prompt needs {positions} positions ({len(items) - n_images} tokens + "
                 f"{n_images} image(s) x {self.manifest.n_visual}) but an answer may hold "

@@ -372,8 +372,12 @@ class Engine:
         job = s.job
         job.state, job.first_token_at = DECODE, now
         job.stats.timings["first_token"] = now - job.started
+        # Only futures already done are read: an image whose cells were shared from another
+        # sequence may still be encoding for this job, and waiting here, holding the engine's
+        # lock, would block the vision thread's callback that needs it (a deadlock).
         job.stats.images_encoded = len({f.result().run for f, mine in job.embeds
-                                        if mine and f.result().run is not None})
+                                        if mine and f.done() and f.exception() is None
+                                        and f.result().run is not None})
         prompt_ids = [value for kind, value in job.items if kind != IMAGE]
         s.answer = Answer(job.params, self.tokenizer, prompt_ids, job.positions, job.window,
                           job.stats)
