@@ -33,6 +33,16 @@ def prompt_items(ids: Sequence[int], image_keys: Sequence[str]) -> list[Item]:
     return items
 
 
+def width(item: Item, n_visual: int) -> int:
+    """The cache positions an item takes: n_visual for an image, 1 for a token."""
+    return n_visual if item[0] == IMAGE else 1
+
+
+def positions(items: Sequence[Item], n_visual: int) -> int:
+    """The cache positions of a run of items."""
+    return sum(width(item, n_visual) for item in items)
+
+
 def runs_of(items: Sequence[Item], embeds: Sequence[np.ndarray], first_image: int = 0) -> list:
     """Items -> the decoder's runs: each stretch of text as a list of ids, each image as its
     embeddings (embeds[first_image] is the first image's among these items)."""
@@ -56,14 +66,14 @@ class KVPrefix:
         self.cached: list[Item] = []
 
     def width(self, item: Item) -> int:
-        return self.n_visual if item[0] == IMAGE else 1
+        return width(item, self.n_visual)
 
     def check_fits(self, items: Sequence[Item]) -> None:
-        positions = sum(self.width(i) for i in items)
-        if positions > self.decoder.n_ctx:
+        needed = positions(items, self.n_visual)
+        if needed > self.decoder.n_ctx:
             n_images = sum(1 for kind, _ in items if kind == IMAGE)
             raise ContextFullError(
-                f"the prompt needs {positions} positions ({len(items) - n_images} tokens + "
+                f"the prompt needs {needed} positions ({len(items) - n_images} tokens + "
                 f"{n_images} image(s) x {self.n_visual}) but the context holds "
                 f"{self.decoder.n_ctx}; shorten it or load with a larger n_ctx")
 
@@ -113,6 +123,6 @@ class KVPrefix:
 
     def forget(self, keep_items: int) -> None:
         """Rewind the cache to its first keep_items items."""
-        keep_positions = sum(self.width(i) for i in self.cached[:keep_items])
+        keep_positions = positions(self.cached[:keep_items], self.n_visual)
         self.decoder.rewind(self.decoder.n_past - keep_positions)
         self.cached = self.cached[:keep_items]

@@ -27,9 +27,10 @@ from owl2_edge.batch.engine import BatchResult, answer_all
 from owl2_edge.chat import Chat
 from owl2_edge.decoder import MAX_SEQUENCES, Decoder
 from owl2_edge.engine import Engine, Job
+from owl2_edge.engine.vision_worker import count_runs
 from owl2_edge.errors import ArgumentError, ContextFullError, ModelFolderError, PromptError
 from owl2_edge.image import content_hash, load_image, preprocess
-from owl2_edge.kv_prefix import IMAGE, KVPrefix, prompt_items
+from owl2_edge.kv_prefix import IMAGE, KVPrefix, positions, prompt_items
 from owl2_edge.load_options import LoadOptions
 from owl2_edge.model_dir import MODEL_ENV, Manifest, default_model_path
 from owl2_edge.prompt import Turn, check_image_count, render
@@ -55,7 +56,6 @@ class Owl2:
         # kv describes sequence 0 for the calls that borrow the decoder whole (logits).
         self.engine = Engine(decoder, tokenizer, vision, manifest.n_visual, MAX_SEQUENCES)
         self.kv = KVPrefix(decoder, manifest.n_visual)
-        self._n_ctx = decoder.n_ctx  # read once (see window)
         self._last = threading.local()  # each thread's last answer's Stats (the stats property)
         self.load_seconds = 0.0
 
@@ -77,9 +77,9 @@ class Owl2:
     @property
     def window(self) -> int:
         """The positions one answer may hold (prompt and answer): n_ctx // parallel."""
-        # The load's option, not the native decoder's fact: this is read on a server's event
-        # loop, which must never wait for the decoder's call lock while it evaluates.
-        return self._n_ctx // self.options.parallel
+        # The engine's copy of n_ctx, not the native decoder's fact: this is read on a server's
+        # event loop, which must never wait for the decoder's call lock while it evaluates.
+        return self.engine.n_ctx // self.options.parallel
 
     # The picture options of this object's loading, changeable later (checked as at load).
     @property
@@ -272,16 +272,16 @@ class Owl2:
     def _window(self, window: int | None) -> int:
         if window is None:
             return self.window
-        return checks.integer("window", window, 1, self._n_ctx)
+        return checks.integer("window", window, 1, self.engine.n_ctx)
 
     def _check_fits(self, items, window: int) -> None:
-        positions = sum(self.kv.width(i) for i in items)
-        if positions > window:
+        needed = positions(items, self.manifest.n_visual)
+        if needed > window:
             n_images = sum(1 for kind, _ in items if kind == IMAGE)
-            shared = (f" (n_ctx {self._n_ctx} shared by parallel answers)"
-                      if window < self._n_ctx else "")
+            shared = (f" (n_ctx {self.engine.n_ctx} shared by parallel answers)"
+                      if window < self.engine.n_ctx else "")
             raise ContextFullError(
-                f"the prompt needs {positions} positions ({len(items) - n_images} tokens + "
+                f"the prompt needs {needed} positions ({len(items) - n_images} tokens + "
                 f"{n_images} image(s) x {self.manifest.n_visual}) but an answer may hold "
                 f"{window}{shared}; shorten it or load with a larger n_ctx")
 
@@ -350,8 +350,8 @@ class Owl2:
         if not isinstance(params, SamplingParams):
             raise ArgumentError(f"params must be a SamplingParams, not {type(params).__name__}")
         window = self._window(window)
-        positions = sum(self.kv.width(i) for i in prepared.items)
-        job = Job(prepared.items, prepared.pixels, params, window, positions, started)
+        job = Job(prepared.items, prepared.pixels, params, window,
+                  positions(prepared.items, self.manifest.n_visual), started)
         self.stats = job.stats
         return self.engine.submit(job)
 
@@ -366,7 +366,7 @@ class Owl2:
         t = time.perf_counter()
         futures = self.engine.vision.encode(pixels, keys) if pixels else []
         encoded = [future.result() for future, _ in futures]
-        stats = Stats(images_encoded=len({e.run for e in encoded if e.run is not None}))
+        stats = Stats(images_encoded=count_runs(encoded))
         stats.timings["vision"] = time.perf_counter() - t
         self.stats = stats
         return [e.embeds for e in encoded], keys

@@ -38,9 +38,9 @@ from typing import Iterator
 
 from owl2_edge.answer import Answer
 from owl2_edge.errors import BusyError, ContextFullError, Owl2Error
-from owl2_edge.engine.job import DECODE, PREFILL, WAITING, Job
-from owl2_edge.engine.vision_worker import VisionWorker
-from owl2_edge.kv_prefix import IMAGE, TEXT, runs_of
+from owl2_edge.engine.job import DECODE, PREFILL, Job
+from owl2_edge.engine.vision_worker import VisionWorker, count_runs
+from owl2_edge.kv_prefix import IMAGE, TEXT, positions, runs_of, width
 
 # Prompt positions evaluated per step while other answers decode: each step then takes about as
 # long as prefilling this many positions, which bounds the pause a new prompt puts in their
@@ -72,6 +72,7 @@ class Engine:
     def __init__(self, decoder, tokenizer, vision, n_visual: int, max_sequences: int,
                  prefill_chunk: int = PREFILL_CHUNK):
         self.decoder, self.tokenizer, self.n_visual = decoder, tokenizer, n_visual
+        self.n_ctx = decoder.n_ctx  # read once: a fact, and reading it takes the decoder's lock
         self.max_sequences, self.prefill_chunk = max_sequences, prefill_chunk
         self.vision = VisionWorker(vision)
         self.steps = 0                           # decoder passes so far
@@ -93,7 +94,7 @@ class Engine:
         if job.positions > job.window:
             raise ContextFullError(
                 f"the prompt needs {job.positions} positions but an answer may use "
-                f"{job.window} here (n_ctx {self.decoder.n_ctx} shared by parallel answers); "
+                f"{job.window} here (n_ctx {self.n_ctx} shared by parallel answers); "
                 f"shorten it, or load with a larger n_ctx or a smaller parallel")
         with self._cond:
             if self._closing:
@@ -244,7 +245,7 @@ class Engine:
                       key=lambda s: s.last_used)
 
         def fits() -> bool:
-            return (others + job.window <= self.decoder.n_ctx
+            return (others + job.window <= self.n_ctx
                     and (in_place or len(self._seqs) < self.max_sequences))
 
         while not fits() and idle:
@@ -282,7 +283,7 @@ class Engine:
         return s.job.window if s.job is not None else self._positions(s.cached)
 
     def _positions(self, items) -> int:
-        return sum(self.n_visual if kind == IMAGE else 1 for kind, _ in items)
+        return positions(items, self.n_visual)
 
     def _forget(self, s: _Sequence) -> None:
         self.decoder.clear_sequence(s.seq)
@@ -321,8 +322,8 @@ class Engine:
         end, image, used, embeds = start, first_image, 0, {}
         while end < len(job.items):
             kind, _ = job.items[end]
-            width = self.n_visual if kind == IMAGE else 1
-            if end > start and budget is not None and used + width > budget:
+            item_width = width(job.items[end], self.n_visual)
+            if end > start and budget is not None and used + item_width > budget:
                 break
             if kind == IMAGE:
                 future, _ = job.embeds[image]
@@ -334,7 +335,7 @@ class Engine:
                     return None
                 embeds[image] = future.result().embeds
                 image += 1
-            used += width
+            used += item_width
             end += 1
         if end == start:
             return None
@@ -375,9 +376,8 @@ class Engine:
         # Only futures already done are read: an image whose cells were shared from another
         # sequence may still be encoding for this job, and waiting here, holding the engine's
         # lock, would block the vision thread's callback that needs it (a deadlock).
-        job.stats.images_encoded = len({f.result().run for f, mine in job.embeds
-                                        if mine and f.done() and f.exception() is None
-                                        and f.result().run is not None})
+        job.stats.images_encoded = count_runs(f.result() for f, mine in job.embeds
+                                              if mine and f.done() and f.exception() is None)
         prompt_ids = [value for kind, value in job.items if kind != IMAGE]
         s.answer = Answer(job.params, self.tokenizer, prompt_ids, job.positions, job.window,
                           job.stats)

@@ -24,6 +24,11 @@ class Encoded:
     run: int | None
 
 
+def count_runs(encoded) -> int:
+    """How many vision runs computed these Encoded (those from the cache took none)."""
+    return len({e.run for e in encoded if e.run is not None})
+
+
 class VisionWorker:
     def __init__(self, vision):
         self.vision = vision
@@ -98,4 +103,4 @@ class VisionWorker:
                 future.set_result(result)
 
 
-__all__ = ["VisionWorker", "Encoded"]
+__all__ = ["VisionWorker", "Encoded", "count_runs"]

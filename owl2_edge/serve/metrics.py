@@ -24,11 +24,7 @@ class _Rate:
     def __init__(self):
         self.events: deque[tuple[float, int]] = deque()
 
-    def add(self, times: list[float]) -> None:
-        for t in times:
-            self.events.append((t, 1))
-
-    def add_count(self, at: float, n: int) -> None:
+    def add(self, at: float, n: int) -> None:
         if n:
             self.events.append((at, n))
 
@@ -82,10 +78,11 @@ class Metrics:
         token_times = list(job.token_times)
         if job.first_token_at is not None:
             self.ttft.observe(job.first_token_at - job.started)
-            self._prompt_rate.add_count(job.first_token_at, stats.evaluated_positions)
+            self._prompt_rate.add(job.first_token_at, stats.evaluated_positions)
         for before, after in zip(token_times, token_times[1:]):
             self.inter_token.observe(after - before)
-        self._generated_rate.add(token_times)
+        for t in token_times:
+            self._generated_rate.add(t, 1)
 
     def mean_answer_seconds(self) -> float | None:
         return self.answer_seconds / self.answers if self.answers else None
