@@ -113,7 +113,38 @@ NB_MODULE(_decoder, m) {
 
     nb::class_<owl2::kv_state>(m, "KVState", "A copy of the KV cache's first n_past positions.")
         .def_ro("n_past", &owl2::kv_state::n_past)
-        .def_prop_ro("nbytes", &owl2::kv_state::nbytes);
+        .def_ro("layout", &owl2::kv_state::layout, "The cache's layers, width, type and V layout: "
+                "restore_state refuses a state of another.")
+        .def_prop_ro("nbytes", &owl2::kv_state::nbytes)
+        .def(
+            "parts",
+            [](const owl2::kv_state & st) {
+                // Copies (bytes own their memory): the state may be freed while they are written out.
+                nb::list out;
+                for (size_t i = 0; i < st.k.size(); ++i) {
+                    out.append(nb::bytes(reinterpret_cast<const char *>(st.k[i].data()), st.k[i].size()));
+                    out.append(nb::bytes(reinterpret_cast<const char *>(st.v[i].data()), st.v[i].size()));
+                }
+                return out;
+            },
+            "Its bytes, each layer's K then V: what from_parts takes back (owl2_edge/disk_cache.py).")
+        .def_static(
+            "from_parts",
+            [](int n_past, const std::string & layout, const std::vector<nb::bytes> & parts) {
+                if (parts.size() % 2 != 0) throw owl2::decoder_error("a state needs a K and a V part per layer");
+                auto st = std::make_unique<owl2::kv_state>();
+                st->n_past = n_past;
+                st->layout = layout;
+                for (size_t i = 0; i < parts.size(); i += 2) {
+                    const auto * k = static_cast<const uint8_t *>(parts[i].data());
+                    const auto * v = static_cast<const uint8_t *>(parts[i + 1].data());
+                    st->k.emplace_back(k, k + parts[i].size());
+                    st->v.emplace_back(v, v + parts[i + 1].size());
+                }
+                return st;
+            },
+            nb::arg("n_past"), nb::arg("layout"), nb::arg("parts"),
+            "A state from parts() and its n_past and layout; restore_state checks that they fit its cache.");
 
     // Every decoder method waits for the decoder's lock (owl2_decoder.h) while a call on another
     // thread runs: wait without the GIL, so that the other Python threads are not stalled for an eval.
@@ -211,7 +242,7 @@ NB_MODULE(_decoder, m) {
             },
             "What start_importance collected, and stop: {ggml weight name: (sum of squared inputs "
             "per column float32 [n_per_row], positions)}.")
-        .def("save_state", &owl2::decoder::save_state, nb::arg("seq") = 0, without_gil)
+        .def("save_state", &owl2::decoder::save_state, nb::arg("seq") = 0, nb::arg("n_positions") = -1, without_gil)
         .def("restore_state", &owl2::decoder::restore_state, nb::arg("state"), nb::arg("seq") = 0, without_gil)
         .def_prop_ro("n_vocab", &owl2::decoder::n_vocab, without_gil)
         .def_prop_ro("n_embd", &owl2::decoder::n_embd, without_gil)
@@ -220,6 +251,7 @@ NB_MODULE(_decoder, m) {
         .def_prop_ro("n_threads", &owl2::decoder::n_threads, without_gil)
         .def_prop_ro("device", &owl2::decoder::device_name, without_gil)
         .def_prop_ro("kv_type", &owl2::decoder::kv_type, without_gil)
+        .def_prop_ro("cache_layout", &owl2::decoder::cache_layout, without_gil)
         .def_prop_ro("flash_attn", &owl2::decoder::flash_attn, without_gil)
         .def_prop_ro("closed", &owl2::decoder::closed, without_gil)
         .def("close", &owl2::decoder::close, without_gil);

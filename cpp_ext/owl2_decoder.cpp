@@ -325,10 +325,10 @@ void decoder::copy_sequence(int src, int dst) {
     copy_seq(ready(), src, dst);
 }
 
-std::unique_ptr<kv_state> decoder::save_state(int seq) const {
+std::unique_ptr<kv_state> decoder::save_state(int seq, int n_positions) const {
     check_seq(seq);
     call_lock hold(mutex_);
-    return save_seq(ready(), seq);
+    return save_seq(ready(), seq, n_positions);
 }
 
 void decoder::restore_state(const kv_state & st, int seq) {
@@ -356,6 +356,10 @@ int decoder::n_ctx() const { return read([](const model & m) { return m.n_ctx; }
 int decoder::n_layer() const { return read([](const model & m) { return m.hp.n_layer; }); }
 int decoder::n_threads() const { return read([](const model & m) { return m.n_threads; }); }
 bool decoder::flash_attn() const { return read([](const model & m) { return m.params.flash_attn; }); }
+
+std::string decoder::cache_layout() const {
+    return read([](const model & m) { return owl2::cache_layout(m); });
+}
 
 std::string decoder::kv_type() const {
     return read([](const model & m) { return std::string(ggml_type_name(m.kv_type)); });

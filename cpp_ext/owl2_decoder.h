@@ -120,7 +120,8 @@ public:
     void clear_sequence(int seq);                // forget all of them
     void copy_sequence(int src, int dst);        // dst becomes src (sharing its cells: no copy of K/V)
     int n_free() const;                          // cells no sequence holds
-    std::unique_ptr<kv_state> save_state(int seq = 0) const;
+    // The sequence's first n_positions positions (-1: all it holds), e.g. a prompt's picture prefix.
+    std::unique_ptr<kv_state> save_state(int seq = 0, int n_positions = -1) const;
     void restore_state(const kv_state & state, int seq = 0);  // replaces what seq held
 
     int n_vocab() const;
@@ -130,6 +131,7 @@ public:
     int n_threads() const;
     std::string device_name() const;  // the backend the layers run on, e.g. "CPU" or "CUDA0"
     std::string kv_type() const;
+    std::string cache_layout() const;  // what a kv_state's layout must be to restore here
     bool flash_attn() const;
 
     // While collecting, every run adds the inputs of each weight matrix it multiplies to that

@@ -96,7 +96,7 @@ size_t kv_state::nbytes() const {
     return s;
 }
 
-static std::string cache_layout(const model & m) {
+std::string cache_layout(const model & m) {
     return std::to_string(m.hp.n_layer) + "x" + std::to_string(m.hp.n_embd_kv()) + ":" + ggml_type_name(m.kv_type) +
            (m.v_trans ? ":vT" : ":v");
 }
@@ -108,11 +108,11 @@ struct stretch {
     int cell, pos, n;
 };
 
-static std::vector<stretch> stretches_of(const model & m, int seq) {
-    std::vector<int> cell_of(m.seq_len[seq], -1);
+static std::vector<stretch> stretches_of(const model & m, int seq, int n_pos) {
+    std::vector<int> cell_of(n_pos, -1);
     for (int j = 0; j < (int) m.cells.size(); ++j) {
         const kv_cell & c = m.cells[j];
-        if (c.has(seq) && c.pos < m.seq_len[seq]) cell_of[c.pos] = j;
+        if (c.has(seq) && c.pos < n_pos) cell_of[c.pos] = j;
     }
     std::vector<stretch> out;
     for (int p = 0; p < (int) cell_of.size(); ++p) {
@@ -144,15 +144,25 @@ static std::array<block_copy, 2> stretch_copies(const model & m, const layer & L
     return {k, v};
 }
 
-std::unique_ptr<kv_state> save_seq(const model & m, int seq) {
+// The bytes a state of n positions holds for one layer's K and for its V.
+static std::pair<size_t, size_t> layer_bytes(const model & m, const layer & L, int n) {
+    const size_t v = m.v_trans ? n * ggml_element_size(L.v_cache) * m.hp.n_embd_kv() : n * L.v_cache->nb[1];
+    return {n * L.k_cache->nb[1], v};
+}
+
+std::unique_ptr<kv_state> save_seq(const model & m, int seq, int n_positions) {
+    const int n = n_positions < 0 ? m.seq_len[seq] : n_positions;
+    if (n > m.seq_len[seq]) {
+        throw decoder_error("cannot save " + std::to_string(n) + " positions of a sequence that holds " +
+                            std::to_string(m.seq_len[seq]));
+    }
     auto st = std::make_unique<kv_state>();
-    const int n = m.seq_len[seq];
     st->n_past = n;
     st->layout = cache_layout(m);
-    const std::vector<stretch> parts = stretches_of(m, seq);
+    const std::vector<stretch> parts = stretches_of(m, seq, n);
     for (const layer & L : m.layers) {
-        std::vector<uint8_t> k(n * L.k_cache->nb[1]);
-        std::vector<uint8_t> v(m.v_trans ? n * ggml_element_size(L.v_cache) * m.hp.n_embd_kv() : n * L.v_cache->nb[1]);
+        const auto [k_bytes, v_bytes] = layer_bytes(m, L, n);
+        std::vector<uint8_t> k(k_bytes), v(v_bytes);
         for (const stretch & s : parts) {
             for (const block_copy & c : stretch_copies(m, L, s, n)) {
                 ggml_backend_tensor_get_2d(c.tensor, (c.is_v ? v : k).data() + c.host_offset, c.tensor_offset, c.size,
@@ -166,8 +176,17 @@ std::unique_ptr<kv_state> save_seq(const model & m, int seq) {
 }
 
 void restore_seq(model & m, const kv_state & st, int seq) {
-    if (st.layout != cache_layout(m) || st.n_past > m.n_ctx || st.k.size() != m.layers.size()) {
+    if (st.layout != cache_layout(m) || st.n_past < 0 || st.n_past > m.n_ctx || st.k.size() != m.layers.size() ||
+        st.v.size() != m.layers.size()) {
         throw decoder_error("this state was saved from a decoder with another cache layout or a larger context");
+    }
+    // A state rebuilt from bytes (kv_state::from_parts) may have parts of any size: never copy past one.
+    for (size_t i = 0; i < m.layers.size(); ++i) {
+        const auto [k_bytes, v_bytes] = layer_bytes(m, m.layers[i], st.n_past);
+        if (st.k[i].size() != k_bytes || st.v[i].size() != v_bytes) {
+            throw decoder_error("this state's layer " + std::to_string(i) + " does not hold " +
+                                std::to_string(st.n_past) + " positions of this cache layout");
+        }
     }
     drop_cells(m, seq, [](const kv_cell &) { return false; });
     m.seq_len[seq] = 0;

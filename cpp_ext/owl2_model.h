@@ -212,7 +212,9 @@ void check_seq(int seq);
 void rewind_seq(model & m, int n, int seq);
 void clear_seq(model & m, int seq);
 void copy_seq(model & m, int src, int dst);
-std::unique_ptr<kv_state> save_seq(const model & m, int seq);
+std::unique_ptr<kv_state> save_seq(const model & m, int seq, int n_positions);
+// Layers, K/V width, type and V layout: a state restores only into a cache of the same.
+std::string cache_layout(const model & m);
 void restore_seq(model & m, const kv_state & st, int seq);
 
 // --- owl2_importance.cpp -------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ KVState = _decoder.KVState
 MAX_SEQUENCES = _decoder.MAX_SEQUENCES
 
 # The model's facts, read once when the pair opens (before its weights are placed).
-_FACTS = ("n_vocab", "n_embd", "n_ctx", "n_layer", "n_threads", "device", "kv_type", "flash_attn")
+_FACTS = ("n_vocab", "n_embd", "n_ctx", "n_layer", "n_threads", "device", "kv_type", "flash_attn",
+          "cache_layout")
 
 # Decoders whose weights are being placed on a background thread. At exit each is told to stop
 # and waited for: the thread must not be inside ggml while the interpreter and ggml are torn down.
@@ -271,12 +272,15 @@ class Decoder:
         with _native_errors():
             return self._native.take_importance()
 
-    def save_state(self, seq: int = 0) -> KVState:
-        """A copy of a sequence's n_past positions, to resume from later (prefix reuse)."""
+    def save_state(self, seq: int = 0, n_positions: int | None = None) -> KVState:
+        """A copy of a sequence's first n_positions positions (None: all it holds), to resume
+        from later (prefix reuse; owl2_edge/disk_cache.py writes it out)."""
         seq = self._checked_seq(seq)
+        n_positions = -1 if n_positions is None else checks.integer("n_positions", n_positions,
+                                                                    0, MAX_CTX)
         self.wait()
         with _native_errors():
-            return self._native.save_state(seq)
+            return self._native.save_state(seq, n_positions)
 
     def restore_state(self, state: KVState, seq: int = 0) -> None:
         """Back to a saved state: the sequence holds what it (or another) held at save_state()."""
@@ -304,6 +308,8 @@ class Decoder:
     device = property(lambda self: self._fact("device"), doc="ggml's name of the device, e.g. CPU, CUDA0")
     kv_type = property(lambda self: self._fact("kv_type"))
     flash_attn = property(lambda self: self._fact("flash_attn"))
+    cache_layout = property(lambda self: self._fact("cache_layout"),
+                            doc="layers, K/V width, type, V layout: what a KVState must match")
 
     # -- lifetime --------------------------------------------------------------------------------
 

@@ -9,9 +9,11 @@ through Owl2.load: no default or rule is written twice.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, fields
 
 from owl2_edge import checks
+from owl2_edge.disk_cache import DEFAULT_CACHE_BYTES, default_cache_dir, parse_size
 from owl2_edge.errors import ArgumentError
 from owl2_edge._decoder import MAX_SEQUENCES
 from owl2_edge.image import ASPECT_MODES
@@ -36,6 +38,10 @@ class LoadOptions:
     aspect: str = "pad"           # how a non-square picture becomes square (image.py)
     exif_transpose: bool = True   # turn pictures upright by their EXIF orientation
     parallel: int = 1             # answers decoded together; each may hold n_ctx // parallel
+    # Keep image embeddings and KV prefixes on disk for later processes (docs/cache.md): False,
+    # True (the default folder: $OWL2_CACHE_DIR, else the user's cache folder) or a folder.
+    cache: bool | str = False
+    cache_size: int | str = DEFAULT_CACHE_BYTES  # the folder's bound, bytes or "2GiB"
 
     def __post_init__(self):
         # Frozen: the checked (and normalised) values are written through object.__setattr__.
@@ -51,6 +57,11 @@ class LoadOptions:
         put("aspect", checks.choice("aspect", self.aspect, ASPECT_MODES))
         put("exif_transpose", checks.flag("exif_transpose", self.exif_transpose))
         put("parallel", checks.integer("parallel", self.parallel, 1, MAX_SEQUENCES))
+        if isinstance(self.cache, os.PathLike) or (isinstance(self.cache, str) and self.cache):
+            put("cache", os.fspath(self.cache))
+        elif not isinstance(self.cache, bool):
+            raise ArgumentError(f"cache must be True, False or a folder, not {self.cache!r}")
+        put("cache_size", parse_size(self.cache_size, "cache_size"))
         if self.n_ctx // self.parallel < 1:
             raise ArgumentError(f"n_ctx {self.n_ctx} is too small for {self.parallel} parallel "
                                 "answers")
@@ -84,6 +95,13 @@ class LoadOptions:
     def window(self) -> int:
         """The positions one answer may hold: the cache is shared by `parallel` answers."""
         return self.n_ctx // self.parallel
+
+    @property
+    def cache_dir(self) -> str | None:
+        """The disk cache's folder, or None when there is none."""
+        if self.cache is False:
+            return None
+        return str(default_cache_dir()) if self.cache is True else self.cache
 
     @property
     def vision_device(self) -> str:

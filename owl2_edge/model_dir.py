@@ -231,6 +231,11 @@ def sampled_digest(f, size: int) -> str:
     return h.hexdigest()
 
 
+def sampled_file_digest(path: Path) -> str:
+    """A file's sampled digest (below), read now."""
+    return _read_digest(path, sampled_digest)
+
+
 def _read_digest(path: Path, digest) -> str:
     try:
         with open(path, "rb") as f:

@@ -26,7 +26,9 @@ from owl2_edge.answer import check_finite
 from owl2_edge.batch.engine import BatchResult, answer_all
 from owl2_edge.chat import Chat
 from owl2_edge.decoder import MAX_SEQUENCES, Decoder
+from owl2_edge.disk_cache import DiskStore
 from owl2_edge.engine import Engine, Job
+from owl2_edge.engine.disk_prefixes import DiskPrefixes, identities
 from owl2_edge.engine.vision_worker import count_runs
 from owl2_edge.errors import ArgumentError, ContextFullError, ModelFolderError, PromptError
 from owl2_edge.image import content_hash, load_image, preprocess
@@ -46,7 +48,8 @@ CHECK_N_CTX = 16
 
 class Owl2:
     def __init__(self, folder: Path, manifest: Manifest, tokenizer: Tokenizer, decoder: Decoder,
-                 vision: VisionEncoder, options: LoadOptions | None = None):
+                 vision: VisionEncoder, options: LoadOptions | None = None,
+                 disk: DiskPrefixes | None = None):
         self.folder, self.manifest = folder, manifest
         self.tokenizer, self.decoder, self.vision = tokenizer, decoder, vision
         if options is not None and not isinstance(options, LoadOptions):
@@ -54,7 +57,12 @@ class Owl2:
         self.options = options or LoadOptions()
         # Every answer goes through the engine, whichever thread asks (docs/design.md §14);
         # kv describes sequence 0 for the calls that borrow the decoder whole (logits).
-        self.engine = Engine(decoder, tokenizer, vision, manifest.n_visual, MAX_SEQUENCES)
+        # What is kept on disk for later processes (options.cache; docs/cache.md), or None.
+        self.disk = disk
+        if disk is not None:
+            vision.disk = disk
+        self.engine = Engine(decoder, tokenizer, vision, manifest.n_visual, MAX_SEQUENCES,
+                             disk=disk)
         self.kv = KVPrefix(decoder, manifest.n_visual)
         self._last = threading.local()  # each thread's last answer's Stats (the stats property)
         self.load_seconds = 0.0
@@ -105,8 +113,11 @@ class Owl2:
              **options) -> "Owl2":
         """A model folder (default: $OWL2_MODEL, then the demo model), loaded with `options`:
         LoadOptions' fields as keywords (n_ctx, n_threads, device, n_gpu_layers, kv_type,
-        flash_attn, repack, aspect, exif_transpose, parallel: load_options.py gives each its
-        default and meaning), or options=LoadOptions(...).
+        flash_attn, repack, aspect, exif_transpose, parallel, cache, cache_size:
+        load_options.py gives each its default and meaning), or options=LoadOptions(...).
+        cache=True (or a folder) keeps each picture's embeddings and KV prefix on disk, so that
+        a later process asking about the same picture starts from them (docs/cache.md); off by
+        default in the API, on by default in the CLI.
 
         The decoder's weights are read (and repacked or uploaded) on a thread while the
         tokenizer and the vision model load. wait=False returns before that thread is done: a
@@ -131,10 +142,15 @@ class Owl2:
             vision = VisionEncoder.from_folder(folder, manifest, device=opts.vision_device,
                                                n_threads=decoder.n_threads)
             _check_files_agree(folder, manifest, tokenizer, decoder, vision)
+            disk = None
+            if opts.cache_dir is not None:
+                disk = DiskPrefixes(DiskStore(opts.cache_dir, opts.cache_size),
+                                    *identities(folder, manifest, decoder, vision, opts),
+                                    eos_id=tokenizer.eos_id)
             if wait:
                 decoder.wait()
             on_error.pop_all()
-        owl = cls(folder, manifest, tokenizer, decoder, vision, opts)
+        owl = cls(folder, manifest, tokenizer, decoder, vision, opts, disk)
         owl.load_seconds = time.perf_counter() - t0
         return owl
 
@@ -156,6 +172,8 @@ class Owl2:
     def close(self) -> None:
         """End every answer still running (they raise Owl2Error), free the model."""
         self.engine.close()
+        if self.disk is not None:
+            self.disk.close()  # what is queued for the disk is written first
         self.decoder.close()
         self.tokenizer.close()
 
@@ -267,7 +285,8 @@ class Owl2:
         check_image_count(ids.count(names.IMAGE_TOKEN_ID), len(images))
         self._check_fits(prompt_items(ids, [""] * len(images)), window)  # before any image
         pixels, keys = self._pixels(images)  # a bad image is refused now
-        return Prepared(prompt_items(ids, keys), pixels)
+        items = prompt_items(ids, keys)
+        return Prepared(items, pixels, self.engine.find_on_disk(items))
 
     def _window(self, window: int | None) -> int:
         if window is None:
@@ -352,6 +371,7 @@ class Owl2:
         window = self._window(window)
         job = Job(prepared.items, prepared.pixels, params, window,
                   positions(prepared.items, self.manifest.n_visual), started)
+        job.disk_prefix = prepared.disk_prefix
         self.stats = job.stats
         return self.engine.submit(job)
 
@@ -411,10 +431,12 @@ def _check_facts(folder: Path, facts: list) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
-    """A prompt made ready by Owl2.prepare: its KV items (token ids, and images by content key)
-    and each image's preprocessed pixels, in order."""
+    """A prompt made ready by Owl2.prepare: its KV items (token ids, and images by content key),
+    each image's preprocessed pixels, in order, and the longest prefix of its items that the
+    disk cache keeps: (item count, KVState) or None."""
     items: list
     pixels: list[np.ndarray]
+    disk_prefix: tuple | None = None
 
 
 def _as_list(images) -> list:

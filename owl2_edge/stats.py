@@ -10,6 +10,7 @@ class Stats:
     """Counts (exact) and timings (seconds) of the last generation."""
     prompt_positions: int = 0      # spliced positions of the prompt (images count n_visual each)
     reused_positions: int = 0      # of those, already in the KV cache
+    disk_positions: int = 0        # of the reused, those read from the disk cache
     evaluated_positions: int = 0   # prompt positions the decoder actually ran
     generated_tokens: int = 0
     tokens: list[int] = field(default_factory=list)  # the generated ids, eos excluded

@@ -95,6 +95,9 @@ class VisionEncoder:
         self.cache_size, self.max_batch = cache_size, max_batch
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.n_runs = 0  # ONNX runs so far: lets a caller (and the tests) see cache hits
+        # A second tier below the memory cache, kept across processes: an object with
+        # embeds(key) -> array | None and put_embeds(key, array) (engine/disk_prefixes.py).
+        self.disk = None
 
     @classmethod
     def from_folder(cls, folder: str | Path, manifest: Manifest | None = None,
@@ -159,6 +162,11 @@ class VisionEncoder:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 found[key] = self._cache[key]
+            elif self.disk is not None and key not in found:
+                embeds = self.disk.embeds(key)
+                if embeds is not None and embeds.shape == (self.n_visual, self.n_embd):
+                    found[key] = embeds
+                    self._remember(key, embeds)
         first_index: dict[str, int] = {}
         for i, key in enumerate(keys):
             if key not in found and key not in first_index:
@@ -172,6 +180,8 @@ class VisionEncoder:
                 embeds.setflags(write=False)
                 found[key] = embeds
                 self._remember(key, embeds)
+                if self.disk is not None:
+                    self.disk.put_embeds(key, embeds)
         return [found[k] for k in keys]
 
     def _remember(self, key: str, embeds: np.ndarray) -> None:

@@ -13,6 +13,13 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _own_disk_cache(tmp_path_factory, monkeypatch):
+    """Each test its own disk cache folder ($OWL2_CACHE_DIR, which the CLI's commands use by
+    default): never the user's, and no test sees another's entries."""
+    monkeypatch.setenv("OWL2_CACHE_DIR", str(tmp_path_factory.mktemp("owl2-cache")))
+
+
 def _converter():
     pytest.importorskip("torch", reason="needs the converter (pip install 'owl2-edge[convert]')")
     from owl2_edge.convert import checkpoint, converter, reference, tiny

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from owl2_edge.cli import answer, serve, batch, model, quality, bench  # noqa: F401, I001 (registers)
+from owl2_edge.cli import answer, serve, batch, cache, model, quality, bench  # noqa: F401, I001 (registers)
 from owl2_edge.cli.app import EXIT_INTERRUPTED, app
 
 

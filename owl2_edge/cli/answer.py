@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from owl2_edge.cli.app import app, check_sampling, err, fail, load_owl, write
-from owl2_edge.cli.options import OUTPUT, RUNTIME, SAMPLING, with_options
+from owl2_edge.cli.options import CACHE, OUTPUT, RUNTIME, SAMPLING, with_options
 from owl2_edge.errors import Owl2Error
 
 def report_answer(owl, output: dict, text: str) -> None:
@@ -20,6 +20,7 @@ def report_answer(owl, output: dict, text: str) -> None:
         print(json.dumps({
             "text": text, "token_ids": stats.tokens, "tokens": stats.generated_tokens,
             "prompt_tokens": stats.prompt_positions, "finish_reason": stats.finish_reason,
+            "reused_positions": stats.reused_positions, "disk_positions": stats.disk_positions,
             "timings": stats.rates(owl.load_seconds)}, ensure_ascii=False), flush=True)
     if stats.finish_reason == "context":
         err.print("(stopped: the context is full; use --ctx to allow more)")
@@ -34,14 +35,14 @@ def report_answer(owl, output: dict, text: str) -> None:
 
 
 @app.command("ask")
-@with_options(RUNTIME, SAMPLING, OUTPUT)
+@with_options(RUNTIME, SAMPLING, OUTPUT, CACHE)
 def ask_cmd(
     args: list[str] = typer.Argument(..., metavar="IMAGE... QUESTION",
                                      help="Zero or more images, then the question."),
     raw: bool = typer.Option(False, "--raw", help="QUESTION is the whole prompt (no template); "
                                                   "<|image|> marks each image's place."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Print the answer at the end."),
-    *, runtime: dict, sampling: dict, output: dict,
+    *, runtime: dict, sampling: dict, output: dict, cache: dict,
 ):
     """Ask a question about images: owl2 ask photo.jpg "What is written on the sign?"."""
     images, question = args[:-1], args[-1]
@@ -49,7 +50,7 @@ def ask_cmd(
     pieces: list[str] = []
     try:
         check_sampling(sampling)
-        owl = load_owl(runtime)
+        owl = load_owl(runtime, cache)
         for piece in owl.stream(images, question, raw=raw, **sampling):
             pieces.append(piece)
             if streaming:
@@ -65,15 +66,15 @@ def ask_cmd(
 
 
 @app.command("chat")
-@with_options(RUNTIME, SAMPLING, OUTPUT)
+@with_options(RUNTIME, SAMPLING, OUTPUT, CACHE)
 def chat_cmd(
     image: Optional[Path] = typer.Argument(None, help="An image to talk about (more with /image)."),
-    *, runtime: dict, sampling: dict, output: dict,
+    *, runtime: dict, sampling: dict, output: dict, cache: dict,
 ):
     """Talk about images: /image PATH adds one, /clear starts over, /exit (or Ctrl-D) leaves."""
     try:
         check_sampling(sampling)
-        owl = load_owl(runtime)
+        owl = load_owl(runtime, cache)
         chat = owl.chat([image] if image else [])
     except Owl2Error as e:
         raise fail(str(e))

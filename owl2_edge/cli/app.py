@@ -36,10 +36,10 @@ def progress():
                     TimeElapsedColumn(), console=err, transient=False)
 
 
-def load_owl(runtime: dict):
+def load_owl(runtime: dict, cache: dict | None = None):
     from owl2_edge.owl2 import Owl2
     # The first question encodes its images while the decoder's weights are still loading.
-    return Owl2.load(**load_kwargs(runtime), wait=False)
+    return Owl2.load(**load_kwargs(runtime, cache), wait=False)
 
 
 def check_sampling(sampling: dict) -> None:

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from owl2_edge.cli.app import EXIT_INTERRUPTED, app, check_sampling, err, fail
-from owl2_edge.cli.options import RUNTIME, SAMPLING, load_kwargs, with_options
+from owl2_edge.cli.options import CACHE, RUNTIME, SAMPLING, load_kwargs, with_options
 from owl2_edge.errors import Owl2Error
 
 _BATCH_OUT_HELP = ("JSONL to write (a regular file, not a folder or a device): one row per input "
@@ -28,7 +28,7 @@ _RAY_ADDRESS_HELP = ("The Ray cluster to run on (implies --ray): auto, ray://HOS
 
 
 @app.command("batch")
-@with_options(RUNTIME, SAMPLING)
+@with_options(RUNTIME, SAMPLING, CACHE)
 def batch_cmd(
     images: Optional[Path] = typer.Option(
         None, "--images", metavar="FOLDER|FILE.txt",
@@ -54,7 +54,7 @@ def batch_cmd(
     ray_actors: int = typer.Option(1, "--ray-actors",
                                    help="With --ray: model copies (Ray actors), one Owl2 each."),
     as_json: bool = typer.Option(False, "--json", help="The summary as one JSON object on stdout."),
-    *, runtime: dict, sampling: dict,
+    *, runtime: dict, sampling: dict, cache: dict,
 ):
     """Answer many questions into a resumable JSONL: owl2 batch --images pics/ --question
     "What is this?" -o answers.jsonl."""
@@ -65,7 +65,7 @@ def batch_cmd(
     output = None
     try:
         items, load = _batch_setting(images, question, questions, parallel, ray, ray_actors,
-                                     runtime, sampling)
+                                     runtime, sampling, cache)
         with Output.open(out, items, retry_errors) as output:
             todo, refused = run.split_refused(run.pending(items, output))
             with _batch_progress(len(items), len(output.done)) as on_row:
@@ -88,7 +88,8 @@ def batch_cmd(
         print(json.dumps(summary.to_dict()), flush=True)
 
 
-def _batch_setting(images, question, questions, parallel, ray, ray_actors, runtime, sampling):
+def _batch_setting(images, question, questions, parallel, ray, ray_actors, runtime, sampling,
+                   cache):
     """Every option and input checked before anything loads: the items and Owl2.load's
     arguments (the cache holds parallel x --ctx positions)."""
     from owl2_edge import checks
@@ -103,7 +104,7 @@ def _batch_setting(images, question, questions, parallel, ray, ray_actors, runti
     if not ray and ray_actors != 1:
         raise Owl2Error("--ray-actors goes with --ray")
     items = read_items(images, question, questions)
-    load = {**load_kwargs(runtime), "n_ctx": parallel * runtime["ctx"]}
+    load = {**load_kwargs(runtime, cache), "n_ctx": parallel * runtime["ctx"]}
     if ray:
         from owl2_edge.batch.ray_job import import_ray
         import_ray()

@@ -22,6 +22,8 @@ from typing import Optional
 import typer
 
 from owl2_edge import names
+from owl2_edge.disk_cache import parse_size
+from owl2_edge.errors import ArgumentError
 from owl2_edge.load_options import LoadOptions
 from owl2_edge.sampling import SamplingParams
 
@@ -63,6 +65,18 @@ RUNTIME = Group("runtime", (MODEL, *_LOAD_OPTIONS))
 # For commands that name their model folders as arguments (compare): the same options but -m.
 RUNTIME_NO_MODEL = Group("runtime", _LOAD_OPTIONS)
 
+_C = "Disk cache"
+# The commands that answer (ask, chat, serve, batch) keep pictures' embeddings and KV prefixes on
+# disk by default; the API's default is off (load_options.py).
+CACHE = Group("cache", (
+    _opt("cache_dir", Optional[Path], None, "--cache-dir", panel=_C,
+         help="The cache's folder (default: $OWL2_CACHE_DIR, else ~/.cache/owl2-edge/prefixes)."),
+    _opt("no_cache", bool, False, "--no-cache", panel=_C,
+         help="Neither read nor write the disk cache."),
+    _opt("cache_size", str, "2GiB", "--cache-size", panel=_C,
+         help="The cache folder's bound (least recently used entries go first)."),
+))
+
 _S = "Sampling"
 SAMPLING = Group("sampling", (
     _opt("max_tokens", int, SamplingParams.max_tokens, "--max-tokens", "-n", panel=_S, help="Most tokens to generate."),
@@ -84,12 +98,24 @@ OUTPUT = Group("output", (
 ))
 
 
-def load_kwargs(runtime: dict) -> dict:
-    """The RUNTIME group as Owl2.load's keyword arguments (LoadOptions' fields and path)."""
-    return dict(path=runtime.get("model"), device=runtime["device"], n_ctx=runtime["ctx"],
-                n_threads=runtime["threads"], kv_type=runtime["kv_type"],
-                flash_attn=runtime["flash_attn"], repack=not runtime["no_repack"],
-                aspect=runtime["aspect"], exif_transpose=not runtime["no_exif"])
+def load_kwargs(runtime: dict, cache: dict | None = None) -> dict:
+    """The RUNTIME group (and the CACHE group, for the commands that take it) as Owl2.load's
+    keyword arguments (LoadOptions' fields and path)."""
+    kwargs = dict(path=runtime.get("model"), device=runtime["device"], n_ctx=runtime["ctx"],
+                  n_threads=runtime["threads"], kv_type=runtime["kv_type"],
+                  flash_attn=runtime["flash_attn"], repack=not runtime["no_repack"],
+                  aspect=runtime["aspect"], exif_transpose=not runtime["no_exif"])
+    if cache is not None:
+        if cache["no_cache"] and cache["cache_dir"] is not None:
+            raise ArgumentError("--no-cache and --cache-dir contradict each other: give one")
+        if cache["no_cache"]:
+            kwargs["cache"] = False
+        elif cache["cache_dir"] is not None:
+            kwargs["cache"] = str(cache["cache_dir"])
+        else:
+            kwargs["cache"] = True
+        kwargs["cache_size"] = parse_size(cache["cache_size"], "--cache-size")
+    return kwargs
 
 
 def with_options(*groups: Group):

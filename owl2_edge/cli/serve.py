@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from owl2_edge.cli.app import EXIT_INTERRUPTED, app, console, fail
-from owl2_edge.cli.options import RUNTIME, load_kwargs, with_options
+from owl2_edge.cli.options import CACHE, RUNTIME, load_kwargs, with_options
 from owl2_edge.errors import Owl2Error
 from owl2_edge.serve.limits import Limits as ServeLimits
 
@@ -32,7 +32,7 @@ def default_parallel(n_ctx: int) -> int:
 
 
 @app.command("serve")
-@with_options(RUNTIME)
+@with_options(RUNTIME, CACHE)
 def serve_cmd(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every "
                                                        "interface; think of --api-key then)."),
@@ -71,7 +71,7 @@ def serve_cmd(
                                           metavar="SECONDS",
                                           help="A request's whole time: body, images, queue and "
                                                "answer (the answer is cut there)."),
-    *, runtime: dict,
+    *, runtime: dict, cache: dict,
 ):
     """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions) and a chat page;
     --parallel requests are answered at once (continuous batching), the rest queue."""
@@ -87,7 +87,7 @@ def serve_cmd(
         from owl2_edge.owl2 import Owl2
         from owl2_edge.serve import server
         from owl2_edge.serve.app import create_app
-        load = load_kwargs(runtime)
+        load = load_kwargs(runtime, cache)
         load["parallel"] = default_parallel(load["n_ctx"]) if parallel is None else parallel
         with _listen(server, host, port) as sock:  # a port in use fails before the model loads
             owl = Owl2.load(**load)

@@ -38,8 +38,9 @@ from typing import Iterator
 
 from owl2_edge.answer import Answer
 from owl2_edge.errors import BusyError, ContextFullError, Owl2Error
+from owl2_edge.engine.disk_prefixes import DiskPrefixes
 from owl2_edge.engine.job import DECODE, PREFILL, Job
-from owl2_edge.engine.vision_worker import VisionWorker, count_runs
+from owl2_edge.engine.vision_worker import NOT_NEEDED, VisionWorker, count_runs
 from owl2_edge.kv_prefix import IMAGE, TEXT, positions, runs_of, width
 
 # Prompt positions evaluated per step while other answers decode: each step then takes about as
@@ -66,12 +67,16 @@ class _Sequence:
     job: Job | None = None
     answer: Answer | None = None
     last_used: float = 0.0
+    # Cells read from the disk cache, restored at the next step (outside the engine's lock: the
+    # decoder may still be loading); `cached` describes them already.
+    pending_state: object = None
 
 
 class Engine:
     def __init__(self, decoder, tokenizer, vision, n_visual: int, max_sequences: int,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, disk: DiskPrefixes | None = None):
         self.decoder, self.tokenizer, self.n_visual = decoder, tokenizer, n_visual
+        self.disk = disk  # prefixes kept on disk for later processes (None: none)
         self.n_ctx = decoder.n_ctx  # read once: a fact, and reading it takes the decoder's lock
         self.max_sequences, self.prefill_chunk = max_sequences, prefill_chunk
         self.vision = VisionWorker(vision)
@@ -100,8 +105,11 @@ class Engine:
             if self._closing:
                 raise Owl2Error("the model is closed")
         if job.pixels:
-            job.embeds = self.vision.encode(job.pixels, job.image_keys)
-            for future, _ in job.embeds:
+            # The pictures inside a prefix read from the disk are never needed: not encoded.
+            covered = _images_in(job.items[:job.disk_prefix[0]]) if job.disk_prefix else 0
+            job.embeds = [(NOT_NEEDED, False)] * covered + self.vision.encode(
+                job.pixels[covered:], job.image_keys[covered:])
+            for future, _ in job.embeds[covered:]:
                 future.add_done_callback(lambda f, job=job: self._vision_done(job))
         job._wake_engine = self._wake
         with self._cond:
@@ -114,6 +122,16 @@ class Engine:
                 self._thread.start()
             self._cond.notify_all()
         return job
+
+    def find_on_disk(self, items: list):
+        """The longest prefix of `items` that the disk keeps and no sequence holds as far:
+        (item count, state) for a Job's disk_prefix, or None. Reads the disk on the calling
+        thread (Owl2.prepare's), never the engine's."""
+        if self.disk is None or not _images_in(items):
+            return None
+        with self._cond:
+            in_memory = max((_common(items, s.cached) for s in self._seqs.values()), default=0)
+        return self.disk.find(items, longer_than=in_memory)
 
     @property
     def waiting(self) -> int:
@@ -230,15 +248,18 @@ class Engine:
         """Give `job` a sequence if there is room (evicting idle ones, oldest first); False to
         leave it waiting."""
         items = job.items
+        on_disk = job.disk_prefix[0] if job.disk_prefix else 0
         best, shared = None, 0
         for s in self._seqs.values():
-            n = _common(items, s.cached)
+            n = _common(items, s.cached) if s.pending_state is None else 0
             if s.job is not None and s.job.state == PREFILL:
-                planned = _common(items, s.job.items)
-                if planned > n and any(kind == IMAGE for kind, _ in items[n:planned]):
+                planned, have = _common(items, s.job.items), max(n, on_disk)
+                if planned > have and _images_in(items[have:planned]):
                     return False  # its picture's cells are being made: share them next step
             if n > shared or (n == shared and n and s.job is None and best.job is not None):
                 best, shared = s, n
+        if on_disk > shared:  # a new sequence restores the disk's cells
+            best, shared = None, on_disk
         in_place = best is not None and best.job is None
         others = sum(self._reserved(s) for s in self._seqs.values() if not (in_place and s is best))
         idle = sorted((s for s in self._seqs.values() if s.job is None and s is not best),
@@ -267,7 +288,14 @@ class Engine:
             if best is not None:
                 decoder.copy_sequence(best.seq, s.seq)
                 decoder.rewind(decoder.n_past_of(s.seq) - keep, seq=s.seq)
+            elif shared:
+                state = job.disk_prefix[1]
+                if state.n_past == keep:
+                    s.pending_state, job.stats.disk_positions = state, keep
+                else:  # not this prompt's cells after all: evaluate it whole
+                    shared = keep = 0
             self._seqs[s.seq] = s
+        job.disk_prefix = None  # its state's memory is not needed any more
         s.cached, s.job = list(items[:shared]), job
         self._running.append(s)
         job.seq, job.state, job.admitted_at = s.seq, PREFILL, time.perf_counter()
@@ -293,6 +321,9 @@ class Engine:
         """The answer in `s` is over: the sequence goes idle, its cells kept."""
         self._running.remove(s)
         s.job, s.answer, s.last_used = None, None, time.perf_counter()
+        if s.pending_state is not None:  # ended before its disk cells were restored: it holds none
+            s.pending_state = None
+            del self._seqs[s.seq]
         self._cond.notify_all()
 
     # -- stepping ---------------------------------------------------------------------------------
@@ -343,14 +374,21 @@ class Engine:
         return s, taken, runs_of(taken, embeds, first_image)
 
     def _step(self, decode: list[_Sequence], prefill: list) -> None:
-        batch = [(s.seq, runs) for s, _, runs in prefill]
-        batch += [(s.seq, [[s.answer.token]]) for s in decode]
         t = time.perf_counter()
         try:
             if not self.decoder.ready:  # loaded with wait=False: the first step waits for it
                 self.decoder.wait()
                 for s in [*decode, *(s for s, _, _ in prefill)]:
                     s.job.stats.timings["load_wait"] = time.perf_counter() - t
+        except Owl2Error as e:
+            self._fail([*decode, *(s for s, _, _ in prefill)], e)
+            return
+        prefill = self._restore_pending(prefill)
+        batch = [(s.seq, runs) for s, _, runs in prefill]
+        batch += [(s.seq, [[s.answer.token]]) for s in decode]
+        if not batch:
+            return
+        try:
             logits = self.decoder.eval_sequences(batch)
         except Owl2Error as e:  # the step failed whole (a damaged file?): its answers end
             self._fail([*decode, *(s for s, _, _ in prefill)], e)
@@ -369,6 +407,22 @@ class Engine:
                 s.cached.append((TEXT, s.answer.token))
                 self._advance(s, row, now)
 
+    def _restore_pending(self, prefill: list) -> list:
+        """Restore the cells read from the disk into the sequences this step starts; an answer
+        whose cells cannot be restored ends with the error (the others go on)."""
+        kept = []
+        for entry in prefill:
+            s = entry[0]
+            if s.pending_state is not None:
+                state, s.pending_state = s.pending_state, None
+                try:
+                    self.decoder.restore_state(state, s.seq)
+                except Owl2Error as e:
+                    self._fail([s], e)
+                    continue
+            kept.append(entry)
+        return kept
+
     def _begin(self, s: _Sequence, now: float) -> None:
         job = s.job
         job.state, job.first_token_at = DECODE, now
@@ -378,9 +432,21 @@ class Engine:
         # lock, would block the vision thread's callback that needs it (a deadlock).
         job.stats.images_encoded = count_runs(f.result() for f, mine in job.embeds
                                               if mine and f.done() and f.exception() is None)
+        if self.disk is not None:
+            self._keep_on_disk(s)
         prompt_ids = [value for kind, value in job.items if kind != IMAGE]
         s.answer = Answer(job.params, self.tokenizer, prompt_ids, job.positions, job.window,
                           job.stats)
+
+    def _keep_on_disk(self, s: _Sequence) -> None:
+        """Hand the disk the prompt's prefixes it does not keep yet (right after each picture,
+        before each earlier answer's end), now that the sequence holds them all."""
+        for n in self.disk.missing(s.cached):
+            try:
+                state = self.decoder.save_state(s.seq, self._positions(s.cached[:n]))
+            except Owl2Error:
+                return
+            self.disk.put_state(s.cached[:n], state)
 
     def _advance(self, s: _Sequence, logits, now: float) -> None:
         job, answer = s.job, s.answer
@@ -414,6 +480,10 @@ class Engine:
                 if job is not None:
                     job.finish(error)
             self._cond.notify_all()
+
+
+def _images_in(items) -> int:
+    return sum(1 for kind, _ in items if kind == IMAGE)
 
 
 def _common(items: list, cached: list) -> int:

@@ -24,6 +24,11 @@ class Encoded:
     run: int | None
 
 
+# The embeddings of a picture the answer does not need (its cells come from the disk cache).
+NOT_NEEDED: Future = Future()
+NOT_NEEDED.set_result(Encoded(None, None))
+
+
 def count_runs(encoded) -> int:
     """How many vision runs computed these Encoded (those from the cache took none)."""
     return len({e.run for e in encoded if e.run is not None})
@@ -103,4 +108,4 @@ class VisionWorker:
                 future.set_result(result)
 
 
-__all__ = ["VisionWorker", "Encoded", "count_runs"]
+__all__ = ["VisionWorker", "Encoded", "NOT_NEEDED", "count_runs"]
