@@ -139,8 +139,11 @@ class Owl2:
             decoder = Decoder(folder / manifest.decoder_file, folder / manifest.mam_file, opts,
                               background=True)
             on_error.callback(decoder.close)
+            # With the disk cache, a question whose pictures are all kept never opens the
+            # vision model: on the CPU its session opens at the first picture it encodes.
             vision = VisionEncoder.from_folder(folder, manifest, device=opts.vision_device,
-                                               n_threads=decoder.n_threads)
+                                               n_threads=decoder.n_threads,
+                                               lazy=opts.cache_dir is not None)
             _check_files_agree(folder, manifest, tokenizer, decoder, vision)
             disk = None
             if opts.cache_dir is not None:

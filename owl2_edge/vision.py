@@ -16,6 +16,7 @@ import ctypes
 import functools
 import io
 import sys
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -56,10 +57,14 @@ class VisionEncoder:
     n_threads: ONNX Runtime's intra-op threads (None: its default, one per physical core).
     cache_size: embeddings kept by encode_images (0: no cache).
     max_batch: images per ONNX run in encode_images (bounds activation memory).
+    expect: (image size, n_visual, n_embd) that the file must have: on the CPU, the session is
+        then opened at the first run, not here (a process whose pictures all come from the disk
+        cache never opens it: docs/cache.md), and the file is checked against them there.
     """
 
     def __init__(self, onnx_path: str | Path, device: str = "auto", n_threads: int | None = None,
-                 cache_size: int = 16, max_batch: int = 4):
+                 cache_size: int = 16, max_batch: int = 4,
+                 expect: tuple[int, int, int] | None = None):
         device = checks.choice("device", device, DEVICES)
         n_threads = checks.threads("n_threads", n_threads)
         cache_size = checks.integer("cache_size", cache_size, 0, 1 << 16)
@@ -70,45 +75,84 @@ class VisionEncoder:
         if device == "cuda" and CUDA not in ort.get_available_providers():
             raise Owl2Error("CUDA was asked for but this ONNX Runtime has no CUDA provider "
                             "(install onnxruntime-gpu), or choose the CPU")
-        options = ort.SessionOptions()
-        # Errors come back as exceptions (one line, below); ONNX Runtime's own log would add
-        # lines to a terminal's stderr around them.
-        options.log_severity_level = 4
-        if n_threads is not None:
-            options.intra_op_num_threads = n_threads
-        wanted = [CUDA, CPU] if device == "cuda" or (device == "auto" and cuda_possible()) \
-            else [CPU]
-        try:
-            # onnxruntime's Python wrapper print()s its provider fallbacks ("EP Error ...") to
-            # stdout, where they would mix with an answer: the error below says it in one line.
-            with contextlib.redirect_stdout(io.StringIO()):
-                self.session = ort.InferenceSession(str(self.path), options, providers=wanted)
-        except Exception as e:  # ONNX Runtime's error types derive from Exception directly
-            raise ModelFolderError(f"{self.path}: not a usable ONNX model "
-                                   f"({_one_line(e)})") from None
-        # What ONNX Runtime actually runs on: the first provider it kept.
-        self.provider = self.session.get_providers()[0]
-        if device == "cuda" and self.provider != CUDA:
-            raise Owl2Error("CUDA was asked for but ONNX Runtime could not start its CUDA "
-                            "provider (no GPU, or CUDA/cuDNN libraries missing); choose the CPU")
-        self.image_size, self.n_visual, self.n_embd = _interface(self.session, self.path)
+        self.device, self.n_threads, self.expect = device, n_threads, expect
         self.cache_size, self.max_batch = cache_size, max_batch
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.n_runs = 0  # ONNX runs so far: lets a caller (and the tests) see cache hits
         # A second tier below the memory cache, kept across processes: an object with
         # embeds(key) -> array | None and put_embeds(key, array) (engine/disk_prefixes.py).
         self.disk = None
+        self._session: ort.InferenceSession | None = None
+        self._opening = threading.Lock()
+        if expect is not None and self._providers() == [CPU]:
+            self.provider = CPU
+            self.image_size, self.n_visual, self.n_embd = expect
+        else:
+            self._open()
+
+    def _providers(self) -> list[str]:
+        cuda = self.device == "cuda" or (self.device == "auto" and cuda_possible())
+        return [CUDA, CPU] if cuda else [CPU]
+
+    @property
+    def opened(self) -> bool:
+        """Whether the ONNX Runtime session exists (see `expect`)."""
+        return self._session is not None
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        if self._session is None:
+            with self._opening:
+                if self._session is None:
+                    self._open()
+        return self._session
+
+    def _open(self) -> None:
+        """Create the session and read what it runs on and its interface."""
+        device, n_threads = self.device, self.n_threads
+        options = ort.SessionOptions()
+        # Errors come back as exceptions (one line, below); ONNX Runtime's own log would add
+        # lines to a terminal's stderr around them.
+        options.log_severity_level = 4
+        if n_threads is not None:
+            options.intra_op_num_threads = n_threads
+        wanted = self._providers()
+        try:
+            # onnxruntime's Python wrapper print()s its provider fallbacks ("EP Error ...") to
+            # stdout, where they would mix with an answer: the error below says it in one line.
+            with contextlib.redirect_stdout(io.StringIO()):
+                session = ort.InferenceSession(str(self.path), options, providers=wanted)
+        except Exception as e:  # ONNX Runtime's error types derive from Exception directly
+            raise ModelFolderError(f"{self.path}: not a usable ONNX model "
+                                   f"({_one_line(e)})") from None
+        # What ONNX Runtime actually runs on: the first provider it kept.
+        provider = session.get_providers()[0]
+        if device == "cuda" and provider != CUDA:
+            raise Owl2Error("CUDA was asked for but ONNX Runtime could not start its CUDA "
+                            "provider (no GPU, or CUDA/cuDNN libraries missing); choose the CPU")
+        found = _interface(session, self.path)
+        if self.expect is not None and found != tuple(self.expect):
+            raise ModelFolderError(
+                f"{self.path}: the vision model takes {found[0]} px and gives [{found[1]}, "
+                f"{found[2]}] but the manifest says {self.expect[0]} px and "
+                f"[{self.expect[1]}, {self.expect[2]}] (files from different models?)")
+        self.provider = provider
+        self.image_size, self.n_visual, self.n_embd = found
+        self._session = session
 
     @classmethod
     def from_folder(cls, folder: str | Path, manifest: Manifest | None = None,
-                    device: str = "auto", **kwargs) -> "VisionEncoder":
+                    device: str = "auto", lazy: bool = False, **kwargs) -> "VisionEncoder":
         """The model folder's vision model on the provider asked for.
 
         CUDA runs the fp16 file when the folder has it. "auto" uses CUDA only with the fp16
         file, and when CUDA does not start after all it reopens the CPU's preferred file on
-        the CPU (where int8 runs faster and fp32 more exactly)."""
+        the CPU (where int8 runs faster and fp32 more exactly). lazy: on the CPU, open the
+        session at the first run (`expect`: the manifest's facts, checked then)."""
         folder = Path(folder)
         manifest = manifest or Manifest.load(folder)
+        if lazy:
+            kwargs["expect"] = (manifest.image.size, manifest.n_visual, manifest.decoder.n_embd)
         files = manifest.vision_files
         if device == "auto" and (not cuda_possible() or "fp16" not in files):
             device = "cpu"

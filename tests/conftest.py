@@ -70,19 +70,19 @@ def start_server(tiny_model_dir):
         with start_server(api_key="k", limits=Limits(max_queue=1)) as served:
             served.url, served.owl, served.app     # base URL (no slash), the Owl2, the app
 
-    n_ctx and parallel are the Owl2's load options (one slot by default).
+    n_ctx, parallel and cache are the Owl2's load options (one slot, no disk cache by default).
 
     Keyword arguments go to owl2_edge.serve.app.create_app."""
     import contextlib
     from types import SimpleNamespace
 
     @contextlib.contextmanager
-    def start(n_ctx: int = 1024, parallel: int = 1, **options):
+    def start(n_ctx: int = 1024, parallel: int = 1, cache=False, **options):
         from owl2_edge.owl2 import Owl2
         from owl2_edge.serve.app import create_app
         from owl2_edge.serve.server import running
         with Owl2.load(tiny_model_dir, device="cpu", kv_type="f32", n_ctx=n_ctx,
-                       parallel=parallel) as owl:
+                       parallel=parallel, cache=cache) as owl:
             app = create_app(owl, **options)
             with running(app) as url:
                 yield SimpleNamespace(url=url, owl=owl, app=app)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from owl2_edge.decoder import MAX_SEQUENCES, Decoder
+from owl2_edge.decoder import MAX_SEQUENCES, Decoder, KVState
 from owl2_edge.errors import ArgumentError, ContextFullError, DecoderError
 from owl2_edge.model_dir import Manifest
 
@@ -174,6 +174,37 @@ def test_save_and_restore_move_a_sequence_between_ids(pair):
         dec.eval_runs(p["short"], seq=0)  # other cells in use: the state lands elsewhere
         dec.restore_state(state, seq=2)
         np.testing.assert_allclose(dec.eval_runs([[7]], seq=2), want, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("kv", [dict(kv_type="f32"), dict(kv_type="f16", flash_attn=True)])
+def test_a_prefix_saved_as_bytes_restores_in_another_decoder(pair, kv):
+    """What the disk cache does: the first n positions of a sequence as bytes (parts), rebuilt
+    (from_parts) in another decoder with another context size, continue as the prefix did."""
+    with _decoder(pair, **kv) as dec:
+        p = _prompts(dec)
+        prefix = p["mid"][:2]                     # text, then an image: a picture prefix
+        dec.eval_runs(prefix, seq=3)
+        n = dec.n_past_of(3)
+        dec.eval_runs([p["mid"][2]], seq=3)       # the question after it
+        state = dec.save_state(seq=3, n_positions=n)
+        assert state.n_past == n and state.layout == dec.cache_layout
+        parts, layout = [bytes(x) for x in state.parts()], state.layout
+        dec.clear_sequence(3)
+        dec.eval_runs(prefix, seq=0)
+        want = dec.eval_runs([p["mid"][2]], seq=0)
+        with pytest.raises(DecoderError, match="cannot save"):
+            dec.save_state(seq=0, n_positions=dec.n_past + 1)
+    with _decoder(pair, n_ctx=512, **kv) as other:
+        other.restore_state(KVState.from_parts(n, layout, parts), seq=5)
+        np.testing.assert_allclose(other.eval_runs([p["mid"][2]], seq=5), want, atol=TOL, rtol=0)
+        # Bytes that are not n positions of this layout are refused, never read past.
+        for bad in (KVState.from_parts(n + 1, layout, parts),
+                    KVState.from_parts(n, layout, parts[:-2]),
+                    KVState.from_parts(n, layout, [parts[0][:-1], *parts[1:]]),
+                    KVState.from_parts(n, layout + "x", parts)):
+            with pytest.raises(DecoderError):
+                other.restore_state(bad, seq=6)
+        assert other.n_past_of(6) == 0
 
 
 def test_freed_cells_are_reused_and_a_run_splits_across_holes(pair):

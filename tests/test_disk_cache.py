@@ -225,6 +225,7 @@ def test_a_new_process_starts_from_the_picture_and_answers_as_the_reference(
             _prefix_positions(second, prompt, "image")
         assert stats.evaluated_positions == stats.prompt_positions - stats.disk_positions
         assert stats.images_encoded == 0 and second.vision.n_runs == 0
+        assert not second.vision.opened   # its session was never even created
     from owl2_edge.owl2 import Owl2
     with Owl2.load(tiny_model_dir, device="cpu", kv_type="f32", n_ctx=512) as plain:
         assert plain.ask(image, question, temperature=0, max_tokens=12) == text
@@ -291,6 +292,53 @@ def test_the_cache_is_off_by_default_in_the_api(tiny_model_dir, tmp_path, monkey
     assert not (tmp_path / "c").exists()
     with pytest.raises(ArgumentError, match="cache"):
         Owl2.load(tiny_model_dir, cache=3)
+
+
+def test_a_vision_file_opened_late_is_still_checked_against_the_manifest(tiny_model_dir, tmp_path):
+    """With the cache the vision session opens at the first picture; a file that disagrees with
+    the manifest is refused there, in one line, and the object still answers text."""
+    import shutil
+    from owl2_edge import names
+    from owl2_edge.errors import ModelFolderError
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    manifest = json.loads((folder / names.MANIFEST_FILE).read_text())
+    manifest["n_visual"] += 1
+    (folder / names.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with _load(folder, tmp_path / "cache") as owl:
+        assert not owl.vision.opened
+        with pytest.raises(ModelFolderError, match="manifest says"):
+            owl.ask(_picture(7), "What is it?", max_tokens=2)
+        assert owl.ask([], "Say something.", temperature=0, max_tokens=2) is not None
+
+
+def test_a_restarted_server_is_warm(start_server, tmp_path):
+    """A server started again on the same cache folder answers a new question about a picture
+    that the first one saw from its kept prefix, and as a server without the cache does."""
+    import base64
+    import io
+    import urllib.request
+
+    def ask(url, question):
+        buf = io.BytesIO()
+        _picture(8).save(buf, format="PNG")
+        image = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        body = json.dumps({"temperature": 0, "max_tokens": 8, "messages": [{"role": "user",
+                           "content": [{"type": "image_url", "image_url": {"url": image}},
+                                       {"type": "text", "text": question}]}]}).encode()
+        request = urllib.request.Request(url + "/v1/chat/completions", body,
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as r:
+            reply = json.loads(r.read())
+        return reply["choices"][0]["message"]["content"], reply["timings"]["cache_n"]
+
+    with start_server(cache=str(tmp_path)) as first:
+        ask(first.url, "What is it?")
+    with start_server(cache=str(tmp_path)) as again:
+        text, reused = ask(again.url, "Which colours?")
+        assert reused > again.owl.manifest.n_visual and again.owl.vision.n_runs == 0
+    with start_server() as plain:
+        assert ask(plain.url, "Which colours?") == (text, 0)
 
 
 # -- the CLI --------------------------------------------------------------------------------------

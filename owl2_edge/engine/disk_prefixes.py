@@ -35,8 +35,9 @@ from owl2_edge.model_dir import Manifest, sampled_file_digest
 
 EMBEDS, KV = "embeds", "kv"
 
-# Entries waiting for the writer at most; past it, new ones are dropped (a cache, not a log).
-_QUEUE_LIMIT = 16
+# Bytes of entries waiting for the writer at most (a 7B picture prefix is ~33 MiB); past it,
+# new ones are not even saved (a cache, not a log: a server under load must not pile up copies).
+PENDING_LIMIT = 256 << 20
 
 _open: "weakref.WeakSet[DiskPrefixes]" = weakref.WeakSet()
 
@@ -55,7 +56,8 @@ class DiskPrefixes:
         self.store, self.eos_id = store, eos_id
         self._decoder_id = json.dumps(decoder_id, sort_keys=True)
         self._vision_id = json.dumps(vision_id, sort_keys=True)
-        self._writes: queue.Queue = queue.Queue(_QUEUE_LIMIT)
+        self._writes: queue.Queue = queue.Queue()
+        self._pending = 0           # bytes queued for the writer
         self._writer: threading.Thread | None = None
         self._lock = threading.Lock()
         self.written = 0            # entries this process wrote
@@ -96,7 +98,7 @@ class DiskPrefixes:
     def put_embeds(self, image_key: str, embeds: np.ndarray) -> None:
         embeds = np.ascontiguousarray(embeds, dtype=np.float32)
         self._queue(EMBEDS, self._embeds_key(image_key),
-                    lambda: ({"shape": list(embeds.shape)}, [embeds.tobytes()]))
+                    lambda: ({"shape": list(embeds.shape)}, [embeds.tobytes()]), embeds.nbytes)
 
     # -- KV prefixes --------------------------------------------------------------------------------
 
@@ -124,27 +126,32 @@ class DiskPrefixes:
         return [n for n in self.boundaries(items)
                 if n > longer_than and not self.store.has(KV, self._kv_key(items[:n]))]
 
+    @property
+    def busy(self) -> bool:
+        """Whether the writer is PENDING_LIMIT behind: the engine then saves nothing new."""
+        return self._pending >= PENDING_LIMIT
+
     def put_state(self, items: Sequence, state: KVState) -> None:
         """Keep `state` (the KV cells of exactly `items`) for later processes."""
         def entry():
             parts = state.parts()
             return ({"n_past": state.n_past, "layout": state.layout,
                      "part_bytes": [len(p) for p in parts]}, parts)
-        self._queue(KV, self._kv_key(list(items)), entry)
+        self._queue(KV, self._kv_key(list(items)), entry, state.nbytes)
 
     # -- the writer ---------------------------------------------------------------------------------
 
-    def _queue(self, kind: str, key: str, entry) -> None:
+    def _queue(self, kind: str, key: str, entry, nbytes: int) -> None:
         """entry(): (meta, payload parts), called on the writer's thread."""
         with self._lock:
+            if self._pending + nbytes > PENDING_LIMIT:
+                return
+            self._pending += nbytes
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write_all, name="owl2-cache-writer",
                                                 daemon=True)
                 self._writer.start()
-        try:
-            self._writes.put_nowait((kind, key, entry))
-        except queue.Full:
-            pass
+        self._writes.put((kind, key, entry, nbytes))
 
     def _write_all(self) -> None:
         while True:
@@ -152,12 +159,15 @@ class DiskPrefixes:
             try:
                 if work is None:
                     return
-                kind, key, entry = work
+                kind, key, entry, nbytes = work
                 try:
                     if self.store.put(kind, key, *entry()):
                         self.written += 1
-                except OSError:
-                    pass  # a full or read-only disk: the answer is not affected
+                except Exception:  # a full or read-only disk, whatever failed: the answers
+                    pass           # are not affected, and the writer must live (flush waits)
+                finally:
+                    with self._lock:
+                        self._pending -= nbytes
             finally:
                 self._writes.task_done()
 

@@ -442,6 +442,8 @@ class Engine:
         """Hand the disk the prompt's prefixes it does not keep yet (right after each picture,
         before each earlier answer's end), now that the sequence holds them all."""
         for n in self.disk.missing(s.cached):
+            if self.disk.busy:  # the disk is behind: keep the memory, not the entry
+                return
             try:
                 state = self.decoder.save_state(s.seq, self._positions(s.cached[:n]))
             except Owl2Error:
