@@ -20,6 +20,7 @@ from typing import Sequence
 
 import numpy as np
 
+from owl2_edge.constrain import Constraint
 from owl2_edge.detok import Utf8Stream
 from owl2_edge.errors import DecoderError, Owl2Error
 from owl2_edge.sampling import Sampler, SamplingParams
@@ -41,11 +42,16 @@ class Answer:
     prompt's text token ids (what repeat_penalty looks at). prompt_positions: the positions the
     prompt takes in the cache (an image counts n_visual). window: the positions the answer's
     sequence may hold; the answer stops with "context" when the next token would not fit.
-    stats: where the counts go (generated tokens and ids, finish reason, decode time)."""
+    stats: where the counts go (generated tokens and ids, finish reason, decode time).
+    constraint: the compiled grammar the answer must follow (constrain.py), or None: its mask
+    is applied to the logits before sampling, and the answer ends once the grammar is complete
+    (finish "stop"); EOS is only possible where the grammar accepts."""
 
     def __init__(self, params: SamplingParams, tokenizer, prompt_ids: Sequence[int],
-                 prompt_positions: int, window: int, stats: Stats | None = None):
+                 prompt_positions: int, window: int, stats: Stats | None = None,
+                 constraint: Constraint | None = None):
         self.params = params
+        self.grammar = constraint.start() if constraint is not None else None
         self.sampler = Sampler(params)
         self.history = list(prompt_ids)
         self.text = Utf8Stream(tokenizer.token_to_bytes)
@@ -69,7 +75,11 @@ class Answer:
         if self.params.ignore_eos:
             logits = logits.copy()
             logits[self.eos] = -np.inf
+        if self.grammar is not None:
+            logits = self.grammar.mask(logits)
         token = self.sampler(logits, self.history)
+        if self.grammar is not None:
+            self.grammar.advance(token)
         if token == self.eos:
             return self._finish(STOP)
         stats = self.stats
@@ -81,6 +91,8 @@ class Answer:
             return piece + self._finish(CONTEXT)
         if stats.generated_tokens == self.params.max_tokens:
             return piece + self._finish(LENGTH)
+        if self.grammar is not None and self.grammar.complete:
+            return piece + self._finish(STOP)  # only the end could follow: no step for it
         self.token = token
         return piece
 

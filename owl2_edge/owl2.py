@@ -25,6 +25,7 @@ from owl2_edge import checks, names, openai_chat
 from owl2_edge.answer import check_finite
 from owl2_edge.batch.engine import BatchResult, answer_all
 from owl2_edge.chat import Chat
+from owl2_edge.constrain import Constraint, ConstraintSpec
 from owl2_edge.decoder import MAX_SEQUENCES, Decoder
 from owl2_edge.disk_cache import DiskStore
 from owl2_edge.engine import Engine, Job
@@ -44,6 +45,8 @@ from owl2_edge.vision import VisionEncoder
 
 # check_folder's context: the least a decoder is opened with (no question is asked).
 CHECK_N_CTX = 16
+# Compiled grammars kept per Owl2 (compiling a schema again costs about a millisecond).
+CONSTRAINTS_KEPT = 32
 
 
 class Owl2:
@@ -65,6 +68,8 @@ class Owl2:
                              disk=disk)
         self.kv = KVPrefix(decoder, manifest.n_visual)
         self._last = threading.local()  # each thread's last answer's Stats (the stats property)
+        self._constraints: dict[ConstraintSpec, Constraint] = {}  # compiled, least recent first
+        self._constraints_lock = threading.Lock()
         self.load_seconds = 0.0
 
     @property
@@ -375,8 +380,23 @@ class Owl2:
         job = Job(prepared.items, prepared.pixels, params, window,
                   positions(prepared.items, self.manifest.n_visual), started)
         job.disk_prefix = prepared.disk_prefix
+        if params.constraint is not None:  # refused here, before anything is generated
+            job.constraint = self._constraint(params.constraint)
         self.stats = job.stats
         return self.engine.submit(job)
+
+    def _constraint(self, spec: ConstraintSpec) -> Constraint:
+        """The compiled grammar of a spec; the last few are kept (a server's clients send the
+        same schema again and again)."""
+        with self._constraints_lock:
+            constraint = self._constraints.pop(spec, None)
+        if constraint is None:
+            constraint = Constraint.compile(spec, self.tokenizer)
+        with self._constraints_lock:
+            self._constraints[spec] = constraint
+            while len(self._constraints) > CONSTRAINTS_KEPT:
+                self._constraints.pop(next(iter(self._constraints)))
+        return constraint
 
     def _pixels(self, images: Sequence) -> tuple[list[np.ndarray], list[str]]:
         pixels = [self.preprocess(image) for image in images]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from owl2_edge import checks
+from owl2_edge.constrain import ConstraintSpec, GrammarError
 from owl2_edge.errors import ArgumentError
 
 # Beyond these nothing changes but the arithmetic's range: a temperature of 1000 is already a
@@ -30,6 +31,11 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = 512
     ignore_eos: bool = False   # never end on eos (benchmarks, stress tests), as llama.cpp's flag
+    # What the answer must follow (constrain.py), at most one: OpenAI's response_format, a JSON
+    # schema (llama.cpp's json_schema), or a grammar in GBNF or Lark (llama.cpp's grammar).
+    response_format: dict | None = None
+    json_schema: dict | None = None
+    grammar: str | None = None
 
     def __post_init__(self):
         # Frozen: the checked (and normalised) values are written through object.__setattr__.
@@ -46,6 +52,22 @@ class SamplingParams:
             put("seed", checks.integer("seed", self.seed, 0, 2**64 - 1))
         put("max_tokens", checks.integer("max_tokens", self.max_tokens, 1, MAX_TOKENS))
         put("ignore_eos", checks.flag("ignore_eos", self.ignore_eos))
+        given = [name for name in ("response_format", "json_schema", "grammar")
+                 if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise GrammarError(f"give one of response_format, json_schema and grammar, not "
+                               f"{' and '.join(given)}", given[1])
+        spec = None
+        if self.response_format is not None:
+            spec = ConstraintSpec.response_format(self.response_format)
+        elif self.json_schema is not None:
+            spec = ConstraintSpec.json_schema(self.json_schema, "json_schema")
+        elif self.grammar is not None:
+            spec = ConstraintSpec.grammar(self.grammar)
+        if spec is not None and self.ignore_eos:
+            raise GrammarError(f"ignore_eos cannot be combined with {spec.field}: the grammar "
+                               f"decides where the answer ends", "ignore_eos")
+        put("constraint", spec)
 
     @classmethod
     def of(cls, options: dict) -> "SamplingParams":
@@ -55,6 +77,9 @@ class SamplingParams:
             raise ArgumentError(f"unknown sampling option {unknown[0]!r}; known: "
                                 f"{', '.join(cls.__dataclass_fields__)}")
         return cls(**options)
+
+    # constraint: the checked ConstraintSpec of the field given (None: free text); set above.
+    constraint = None
 
     @property
     def greedy(self) -> bool:

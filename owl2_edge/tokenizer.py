@@ -52,6 +52,11 @@ class Tokenizer:
         self.bos_id: int = llama_cpp.llama_vocab_bos(self._vocab)
         self.eos_id: int = llama_cpp.llama_vocab_eos(self._vocab)
 
+    @property
+    def vocab(self):
+        """llama.cpp's vocabulary object (a llama_vocab pointer), for llguidance (constrain.py)."""
+        return self._vocab
+
     # -- lifetime --------------------------------------------------------------------------------
 
     def close(self) -> None:

@@ -238,8 +238,15 @@ BAD = {
     "logprobs": (400, {"messages": [user()], "logprobs": True}, "logprobs"),
     "tools": (400, {"messages": [user()], "tools": [{"type": "function", "function": {
         "name": "f"}}]}, "tools"),
-    "response_format json": (400, {"messages": [user()], "response_format": {
-        "type": "json_object"}}, "response_format"),
+    "response_format of no known type": (400, {"messages": [user()], "response_format": {
+        "type": "xml"}}, "response_format.type"),
+    "a schema that cannot compile": (400, {"messages": [user()], "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}},
+        "response_format.json_schema.schema"),
+    "a grammar that cannot compile": (400, {"messages": [user()], "grammar": "root ::= nothere"},
+                                      "grammar"),
+    "two constraints": (400, {"messages": [user()], "grammar": 'root ::= "a"',
+                              "json_schema": {"type": "object"}}, "grammar"),
     "stream not a flag": (400, {"messages": [user()], "stream": "yes"}, "stream"),
     "stop not strings": (400, {"messages": [user()], "stop": [1]}, "stop"),
     "max_tokens above the limit": (400, {"messages": [user()], "max_tokens": 901}, "max_tokens"),

@@ -410,7 +410,8 @@ def hostile_bodies() -> list:
     fields_ = ["temperature", "top_p", "top_k", "min_p", "max_tokens", "max_completion_tokens",
                "seed", "stop", "repeat_penalty", "repeat_last_n", "ignore_eos", "n", "stream",
                "stream_options", "model", "messages", "prompt", "images", "user",
-               "frequency_penalty", "presence_penalty", "logit_bias", "response_format"]
+               "frequency_penalty", "presence_penalty", "logit_bias", "response_format",
+               "json_schema", "grammar"]
     bodies = [{"messages": [user()], **greedy(), name: value}
               for name in fields_ for value in values]
     messages = [

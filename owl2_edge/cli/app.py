@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -42,10 +43,38 @@ def load_owl(runtime: dict, cache: dict | None = None):
     return Owl2.load(**load_kwargs(runtime, cache), wait=False)
 
 
+# A schema or grammar file: a megabyte is far beyond any real one.
+CONSTRAINT_FILE_BYTES = 2**20
+
+
 def check_sampling(sampling: dict) -> None:
-    """Refuse bad sampling options before loading anything."""
+    """Refuse bad sampling options before loading anything. --json-schema and --grammar are
+    read here: the dict then holds the schema (parsed) and the grammar's text, as the API takes
+    them."""
     from owl2_edge.sampling import SamplingParams
+    if sampling.get("json_schema") is not None:
+        sampling["json_schema"] = _json_schema_option(sampling["json_schema"])
+    if sampling.get("grammar") is not None:
+        sampling["grammar"] = _text_file("--grammar", sampling["grammar"])
     SamplingParams.of(sampling)
+
+
+def _text_file(option: str, path) -> str:
+    from owl2_edge.errors import ArgumentError
+    from owl2_edge.textfiles import read_bytes
+    data, path = read_bytes(option, path, CONSTRAINT_FILE_BYTES)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ArgumentError(f"{option} {path}: not UTF-8 text") from None
+
+
+def _json_schema_option(value: str):
+    """--json-schema: the JSON given on the command line (it starts with "{"), or a file's."""
+    from owl2_edge.textfiles import json_value
+    if value.lstrip().startswith("{"):
+        return json_value(value, "--json-schema", max_depth=64)
+    return json_value(_text_file("--json-schema", value), f"--json-schema {value}", max_depth=64)
 
 
 def write(piece: str) -> None:

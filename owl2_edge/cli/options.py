@@ -87,6 +87,10 @@ SAMPLING = Group("sampling", (
     _opt("repeat_penalty", float, SamplingParams.repeat_penalty, "--repeat-penalty", panel=_S, help="1 = none."),
     _opt("seed", Optional[int], SamplingParams.seed, "--seed", panel=_S, help="Sampling seed (default: random)."),
     _opt("ignore_eos", bool, SamplingParams.ignore_eos, "--ignore-eos", panel=_S, help="Never stop at end-of-text."),
+    _opt("json_schema", Optional[str], None, "--json-schema", panel=_S,
+         help="The answer is JSON that follows this schema (a file, or the JSON itself)."),
+    _opt("grammar", Optional[Path], None, "--grammar", panel=_S,
+         help="The answer follows this grammar file (llama.cpp's GBNF, or Lark)."),
 ))
 
 _O = "Output"

@@ -48,6 +48,8 @@ class Job:
         self.token_times: list[float] = []      # when each generated token was decided
         self.thread = threading.get_ident()     # who submitted it (see Engine.exclusive)
         self.embeds: list = []                  # one future per image (the vision worker's)
+        # The compiled grammar the answer must follow (constrain.py; Owl2.submit), or None.
+        self.constraint = None
         # (item count, KVState): the longest prefix of items kept on disk (Engine.find_on_disk)
         self.disk_prefix: tuple | None = None
         self._pieces: deque[str] = deque()

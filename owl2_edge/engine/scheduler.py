@@ -436,7 +436,7 @@ class Engine:
             self._keep_on_disk(s)
         prompt_ids = [value for kind, value in job.items if kind != IMAGE]
         s.answer = Answer(job.params, self.tokenizer, prompt_ids, job.positions, job.window,
-                          job.stats)
+                          job.stats, job.constraint)
 
     def _keep_on_disk(self, s: _Sequence) -> None:
         """Hand the disk the prompt's prefixes it does not keep yet (right after each picture,

@@ -146,8 +146,9 @@ def api(auth: bool = True):
                 return _error_response(e)
             except ClientDisconnect:  # gone while its body was read: nobody reads a reply
                 return Response(status_code=499)
-            except _REQUEST_ERRORS as e:
-                return _error_response(ApiError(400, str(e), code=_code(e)))
+            except _REQUEST_ERRORS as e:  # a GrammarError names its field (param)
+                return _error_response(ApiError(400, str(e), getattr(e, "param", None),
+                                                code=_code(e)))
             except Owl2Error as e:
                 log.error("%s", e)
                 return _error_response(ApiError(500, str(e), code=_code(e)))
@@ -253,6 +254,7 @@ async def props(request: Request, server: Server) -> Response:
                         "prefill_chunk": owl.engine.prefill_chunk,
                         "slots": owl.engine.slots()},
         "queue": queue.to_dict(),
+        "supported_fields": list(fields.SUPPORTED),
         "unsupported_fields": fields.NOT_IMPLEMENTED_TEXT,
         "image_forms": "image_url parts and `images` items: data: URLs, raw base64; file:// "
                        "only under --allow-path folders; http(s) only with --allow-remote-images",

@@ -38,8 +38,6 @@ NOT_IMPLEMENTED = {
     "functions": (_neutral([]), "[]: this model has no tool calling"),
     "tool_choice": (_neutral("none", "auto"), '"none" or "auto" (no tools)'),
     "function_call": (_neutral("none", "auto"), '"none" or "auto" (no tools)'),
-    "response_format": (_neutral({"type": "text"}), '{"type": "text"}: structured output is '
-                        "not implemented yet"),
     "echo": (_neutral(False), "false: the prompt is not echoed"),
     "suffix": (_neutral(""), '"": no insertion after the answer'),
     "best_of": (_neutral(1), "1: one answer is made per request"),
@@ -47,6 +45,15 @@ NOT_IMPLEMENTED = {
     "audio": (_neutral(), "absent: no audio"),
     "prediction": (_neutral(), "absent: no predicted outputs"),
 }
+# Fields that constrain the answer (owl2_edge/constrain.py), passed to SamplingParams as they
+# are: OpenAI's response_format, llama.cpp's json_schema and grammar (GBNF, or Lark).
+CONSTRAINTS = ("response_format", "json_schema", "grammar")
+# /props: every request field this server acts on.
+SUPPORTED = ("messages (text and image_url parts)", "prompt", "images", "model", "stream",
+             "stream_options.include_usage", "max_tokens", "max_completion_tokens",
+             "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "seed",
+             "ignore_eos", "stop", "n (1)", "response_format (text, json_object, json_schema)",
+             "json_schema", "grammar (GBNF or Lark)")
 # /props: each field with the one value it accepts and why.
 NOT_IMPLEMENTED_TEXT = {name: "accepted only as " + why for name, (_, why) in
                         NOT_IMPLEMENTED.items()}
@@ -101,6 +108,9 @@ def sampling_params(body: dict, limits: Limits) -> SamplingParams:
     for name, field in _SAMPLING.items():
         if body.get(name) is not None:
             chosen[field] = body[name]
+    for name in CONSTRAINTS:
+        if body.get(name) is not None:
+            chosen[name] = body[name]
     seed = body.get("seed")
     if seed is not None and seed != -1:  # -1: a random seed, as llama-server
         chosen["seed"] = seed
@@ -110,14 +120,19 @@ def sampling_params(body: dict, limits: Limits) -> SamplingParams:
     if max_tokens is not None:
         chosen["max_tokens"] = max_tokens
     # Each field on its own first, so that the 400 names the field at fault.
-    names = {v: k for k, v in _SAMPLING.items()} | {"seed": "seed", "max_tokens": param}
+    names = {v: k for k, v in _SAMPLING.items()} | {"seed": "seed", "max_tokens": param} | \
+        {name: name for name in CONSTRAINTS}
     for field, value in chosen.items():
         try:
             SamplingParams(**{field: value})
         except ArgumentError as e:
-            raise bad_request(str(e).replace(field, names[field], 1), param=names[field]) from None
-    params = SamplingParams(**{"max_tokens": min(SamplingParams.max_tokens, limits.max_tokens),
-                               **chosen})
+            raise bad_request(str(e).replace(field, names[field], 1),
+                              param=getattr(e, "param", names[field])) from None
+    try:
+        params = SamplingParams(**{"max_tokens": min(SamplingParams.max_tokens, limits.max_tokens),
+                                   **chosen})
+    except ArgumentError as e:  # fields that cannot go together (a grammar and ignore_eos)
+        raise bad_request(str(e), param=getattr(e, "param", None)) from None
     if params.max_tokens > limits.max_tokens:
         raise bad_request(f"{param} is {params.max_tokens}; this server allows at most "
                           f"{limits.max_tokens} (owl2 serve --max-tokens-limit)", param=param,

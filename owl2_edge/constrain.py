@@ -1,0 +1,196 @@
+"""Answers that follow a grammar (docs/structured.md): a JSON schema, any JSON object, or a
+grammar in llama.cpp's GBNF or in Lark, compiled by llguidance into a token mask that the one
+answer loop (answer.py) applies to the logits before sampling. So ask, chat, batch, the server
+and concurrent answers all have it, and the answer can only end where the grammar accepts.
+
+    spec = ConstraintSpec.json_schema({"type": "object", ...}, field="response_format")
+    constraint = Constraint.compile(spec, tokenizer)   # GrammarError if it cannot compile
+    state = constraint.start()                          # one per answer
+    token = sample(state.mask(logits)); state.advance(token)
+
+It fails closed: a schema or grammar llguidance cannot compile is refused before anything is
+generated (never answered unconstrained), and a token the grammar refuses can never be chosen.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+
+from owl2_edge.errors import ArgumentError, Owl2Error
+
+# The template's answer starts right after "ASSISTANT:" and the model's first token carries
+# sentencepiece's word-start space (answer.py strips it from the text): the grammar lets the
+# answer begin with one space, so the model starts as it was trained to.
+_LEADING_SPACE = 'start: " "? @answer'
+
+
+# How constrained JSON is laid out: {"key": value, "other": [1, 2]}, as Python's json.dumps.
+JSON_LAYOUT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+
+
+class GrammarError(ArgumentError):
+    """A schema or grammar that cannot constrain an answer; `param` names the field it came in."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ConstraintSpec:
+    """What an answer must follow, checked for its shape but not compiled: kind "json_schema"
+    (source: the schema as JSON text) or "grammar" (source: GBNF or Lark text); field: where it
+    came from (response_format, json_schema, grammar), for the errors."""
+    kind: str
+    source: str
+    field: str
+
+    @classmethod
+    def json_schema(cls, schema, field: str) -> "ConstraintSpec":
+        if isinstance(schema, bool) or not isinstance(schema, dict):
+            raise GrammarError(f"{field} must be a JSON schema object, not "
+                               f"{type(schema).__name__}", field)
+        try:
+            text = json.dumps(schema, sort_keys=True)
+        except (TypeError, ValueError) as e:
+            raise GrammarError(f"{field} is not JSON: {e}", field) from None
+        return cls("json_schema", text, field)
+
+    @classmethod
+    def grammar(cls, text, field: str = "grammar") -> "ConstraintSpec":
+        if not isinstance(text, str) or not text.strip():
+            raise GrammarError(f"{field} must be a non-empty grammar text (GBNF or Lark)", field)
+        return cls("grammar", text, field)
+
+    @classmethod
+    def response_format(cls, value, field: str = "response_format") -> "ConstraintSpec | None":
+        """OpenAI's response_format: {"type": "text"} (None: no constraint), {"type":
+        "json_object"} (any JSON object) or {"type": "json_schema", "json_schema": {"name",
+        "schema", "strict"}}."""
+        if not isinstance(value, dict):
+            raise GrammarError(f"{field} must be an object such as {{\"type\": \"json_object\"}}",
+                               field)
+        kind = value.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return cls.json_schema({"type": "object"}, field)
+        if kind == "json_schema":
+            inner = value.get("json_schema")
+            if not isinstance(inner, dict) or "schema" not in inner:
+                raise GrammarError(f"{field}.json_schema must be an object with a \"schema\"",
+                                   f"{field}.json_schema")
+            strict = inner.get("strict", False)
+            if not isinstance(strict, bool) and strict is not None:
+                raise GrammarError(f"{field}.json_schema.strict must be true or false",
+                                   f"{field}.json_schema.strict")
+            # strict or not, the answer follows the schema exactly: that is all this runtime does.
+            return cls.json_schema(inner["schema"], f"{field}.json_schema.schema")
+        raise GrammarError(f"{field}.type must be \"text\", \"json_object\" or \"json_schema\", "
+                           f"not {kind!r}", f"{field}.type")
+
+
+class Constraint:
+    """A compiled grammar, ready to start any number of answers (one ConstraintState each)."""
+
+    def __init__(self, grammar: str, tokenizer, field: str):
+        self.grammar, self.field = grammar, field
+        self._llg = grammar_tokenizer(tokenizer)
+        self.n_vocab = tokenizer.n_vocab
+
+    @classmethod
+    def compile(cls, spec: ConstraintSpec, tokenizer) -> "Constraint":
+        from llguidance import LLMatcher
+        if spec.kind == "json_schema":
+            schema = json.loads(spec.source)
+            if isinstance(schema, dict):
+                # One layout, no free whitespace: a model may otherwise fill max_tokens with
+                # spaces and newlines that JSON allows between any two tokens. A schema's own
+                # "x-guidance" options (llguidance's) win.
+                schema.setdefault("x-guidance", JSON_LAYOUT)
+            answer = {"json_schema": schema}
+        else:
+            from llguidance.gbnf_to_lark import any_to_lark
+            try:
+                answer = {"lark_grammar": any_to_lark(spec.source)}  # GBNF, or Lark as it is
+            except Exception as e:  # its converter's errors are plain exceptions
+                raise GrammarError(f"{spec.field} cannot be compiled: {_first_line(e)}",
+                                   spec.field) from None
+        grammar = json.dumps({"grammars": [{"lark_grammar": _LEADING_SPACE},
+                                           {"name": "answer", **answer}]})
+        constraint = cls(grammar, tokenizer, spec.field)
+        error, messages = LLMatcher.validate_grammar_with_warnings(grammar, constraint._llg)
+        if error:
+            raise GrammarError(f"{spec.field} cannot be compiled: {_first_line(messages[0])}",
+                               spec.field)
+        return constraint
+
+    def start(self) -> "ConstraintState":
+        from llguidance import LLMatcher
+        matcher = LLMatcher(self._llg, self.grammar, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(f"{self.field} cannot be compiled: "
+                               f"{_first_line(matcher.get_error())}", self.field)
+        return ConstraintState(matcher, self.n_vocab)
+
+
+class ConstraintState:
+    """One answer's place in the grammar."""
+
+    def __init__(self, matcher, n_vocab: int):
+        self.matcher, self.n_vocab = matcher, n_vocab
+        self._bits = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
+
+    def allowed(self) -> np.ndarray:
+        """bool [n_vocab]: the tokens the grammar allows next (EOS only where it accepts)."""
+        self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
+        return bits[:self.n_vocab].astype(bool)
+
+    def mask(self, logits: np.ndarray) -> np.ndarray:
+        """A copy of the logits with every token the grammar refuses at -inf."""
+        out = np.array(logits, dtype=np.float32, copy=True)
+        out[~self.allowed()] = -np.inf
+        return out
+
+    def advance(self, token: int) -> None:
+        if not self.matcher.consume_token(int(token)):
+            # Only a token the mask allowed is ever chosen: this is a bug, and the answer ends.
+            raise Owl2Error(f"the grammar refused token {token}: "
+                            f"{_first_line(self.matcher.get_error())}")
+
+    @property
+    def complete(self) -> bool:
+        """Whether the grammar takes nothing more (only the end of the answer)."""
+        return self.matcher.is_stopped()
+
+
+# llguidance's view of a vocabulary, built once per Tokenizer (~0.1 s for 32000 tokens).
+_tokenizers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_tokenizers_lock = threading.Lock()
+
+
+def grammar_tokenizer(tokenizer):
+    with _tokenizers_lock:
+        llg = _tokenizers.get(tokenizer)
+        if llg is None:
+            from llguidance.llamacpp import lltokenizer_from_vocab
+            with warnings.catch_warnings():  # it calls llama.cpp's deprecated per-token names
+                warnings.simplefilter("ignore", DeprecationWarning)
+                llg = lltokenizer_from_vocab(tokenizer.vocab, eos_token=tokenizer.eos_id)
+            _tokenizers[tokenizer] = llg
+        return llg
+
+
+def _first_line(message) -> str:
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    return " ".join(lines[:3])[:300] if lines else "unknown error"
+
+
+__all__ = ["ConstraintSpec", "Constraint", "ConstraintState", "GrammarError"]
