@@ -23,7 +23,7 @@ import numpy as np
 from owl2_edge.constrain import Constraint
 from owl2_edge.detok import Utf8Stream
 from owl2_edge.errors import DecoderError, Owl2Error
-from owl2_edge.sampling import Sampler, SamplingParams
+from owl2_edge.sampling import Sampler, SamplingParams, biased, token_logprob
 from owl2_edge.stats import Stats
 
 # Why an answer ended (OpenAI's finish_reason, plus "context"): the end-of-text token, the
@@ -72,7 +72,9 @@ class Answer:
         if self.finished:
             raise Owl2Error("this answer is finished")
         check_finite(logits)
-        if self.params.ignore_eos:
+        params, stats = self.params, self.stats
+        logits = biased(params, logits, stats.tokens)
+        if params.ignore_eos:
             logits = logits.copy()
             logits[self.eos] = -np.inf
         if self.grammar is not None:
@@ -82,7 +84,8 @@ class Answer:
             self.grammar.advance(token)
         if token == self.eos:
             return self._finish(STOP)
-        stats = self.stats
+        if params.logprobs:
+            stats.logprobs.append(token_logprob(logits, token, params.top_logprobs))
         stats.generated_tokens += 1
         stats.tokens.append(token)
         self.history.append(token)

@@ -37,10 +37,6 @@ JSON_LAYOUT = {"whitespace_flexible": False, "key_separator": ": ", "item_separa
 class GrammarError(ArgumentError):
     """A schema or grammar that cannot constrain an answer; `param` names the field it came in."""
 
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param
-
 
 @dataclass(frozen=True)
 class ConstraintSpec:
@@ -57,7 +53,7 @@ class ConstraintSpec:
             raise GrammarError(f"{field} must be a JSON schema object, not "
                                f"{type(schema).__name__}", field)
         try:
-            text = json.dumps(schema, sort_keys=True)
+            text = json.dumps(schema)  # its own key order: the answer's keys come in it
         except (TypeError, ValueError) as e:
             raise GrammarError(f"{field} is not JSON: {e}", field) from None
         return cls("json_schema", text, field)

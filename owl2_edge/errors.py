@@ -13,7 +13,12 @@ class Owl2Error(Exception):
 
 
 class ArgumentError(Owl2Error, ValueError):
-    """An argument of the wrong type or out of its range (n_ctx "2048", temperature NaN...)."""
+    """An argument of the wrong type or out of its range (n_ctx "2048", temperature NaN...).
+    `param`: the request field at fault where the raiser knows it (the server's 400 names it)."""
+
+    def __init__(self, message: str = "", param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class BusyError(Owl2Error):

@@ -109,26 +109,66 @@ class Completion:
         self.created = int(time.time())
         self.model = model
 
-    def response(self, text: str, stats: Stats, finish: str | None = None) -> dict:
-        """`finish`: the finish reason when not the one `stats` gives (a stop string)."""
+    def response(self, text: str, stats: Stats, finish: str | None = None,
+                 logprobs: dict | None = None) -> dict:
+        """`finish`: the finish reason when not the one `stats` gives (a stop string);
+        `logprobs`: chat_logprobs() when they were asked for."""
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish or finish_reason(stats)}],
+                         "logprobs": logprobs, "finish_reason": finish or finish_reason(stats)}],
             "usage": usage(stats),
         }
 
-    def chunks(self, pieces: Iterable[str], stats: Stats) -> Iterator[dict]:
-        """chat.completion.chunk dicts: the role, one per piece, then the finish reason (read
-        from `stats` once the pieces are spent)."""
+    def chunks(self, pieces: Iterable[str], stats: Callable[[], Stats],
+               token_bytes: Callable[[int], bytes] | None = None) -> Iterator[dict]:
+        """chat.completion.chunk dicts: the role, one per piece, then the finish reason.
+        stats(): the answer's Stats (read as the pieces come: the answer starts with the first);
+        token_bytes: with it, each chunk carries the logprobs of the tokens new since the last."""
         yield self.chunk({"role": "assistant"})
+        sent = 0
         for piece in pieces:
-            yield self.chunk({"content": piece})
-        yield self.chunk({}, finish_reason(stats))
+            entries = stats().logprobs
+            new, sent = entries[sent:], len(entries)
+            logprobs = chat_logprobs(new, token_bytes) if token_bytes and new else None
+            yield self.chunk({"content": piece}, logprobs=logprobs)
+        yield self.chunk({}, finish_reason(stats()))
 
-    def chunk(self, delta: dict, finish: str | None = None) -> dict:
+    def chunk(self, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                "model": self.model, "choices": [{"index": 0, "delta": delta,
+                                                  "logprobs": logprobs, "finish_reason": finish}]}
+
+
+def _token(token: int, token_bytes: Callable[[int], bytes]) -> tuple[str, list[int]]:
+    raw = token_bytes(token)
+    return raw.decode("utf-8", "replace"), list(raw)
+
+
+def chat_logprobs(entries, token_bytes: Callable[[int], bytes]) -> dict:
+    """OpenAI's chat logprobs object of sampling.TokenLogprob entries: {"content": [{token,
+    logprob, bytes, top_logprobs: [{token, logprob, bytes}]}], "refusal": None}."""
+    def one(token, logprob):
+        text, raw = _token(token, token_bytes)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+    return {"content": [{**one(e.token, e.logprob),
+                         "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries],
+            "refusal": None}
+
+
+def text_logprobs(entries, token_bytes: Callable[[int], bytes], offset: int = 0) -> dict:
+    """The legacy completions' logprobs object: tokens, token_logprobs, top_logprobs (a dict of
+    token text: logprob per position) and text_offset (where each token starts, in characters,
+    from `offset`)."""
+    tokens, offsets = [], []
+    for e in entries:
+        text, _ = _token(e.token, token_bytes)
+        offsets.append(offset)
+        offset += len(text)
+        tokens.append(text)
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{_token(t, token_bytes)[0]: lp for t, lp in e.top} for e in entries],
+            "text_offset": offsets}
 
 
 def finish_reason(stats: Stats) -> str:

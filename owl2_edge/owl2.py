@@ -37,7 +37,7 @@ from owl2_edge.kv_prefix import IMAGE, KVPrefix, positions, prompt_items
 from owl2_edge.load_options import LoadOptions
 from owl2_edge.model_dir import MODEL_ENV, Manifest, default_model_path
 from owl2_edge.prompt import Turn, check_image_count, render
-from owl2_edge.sampling import SamplingParams
+from owl2_edge.sampling import SamplingParams, check_vocabulary
 from owl2_edge.stats import Stats
 from owl2_edge.tokenizer import Tokenizer
 from owl2_edge.vision import VisionEncoder
@@ -270,11 +270,17 @@ class Owl2:
         chunk dicts."""
         checks.flag("stream", stream)
         prompt, images = openai_chat.messages_to_prompt(messages)
-        pieces = self.generate(prompt, images, SamplingParams.of(sampling))
+        params = SamplingParams.of(sampling)
+        pieces = self.generate(prompt, images, params)
         completion = openai_chat.Completion(model=self.folder.name)
+        token_bytes = self.tokenizer.token_to_bytes if params.logprobs else None
         if stream:
-            return completion.chunks(pieces, self.stats)
-        return completion.response("".join(pieces).strip(), self.stats)
+            # Stats read as the chunks go: the answer (and its Stats) starts with the first.
+            return completion.chunks(pieces, lambda: self.stats, token_bytes)
+        text = "".join(pieces).strip()
+        logprobs = (openai_chat.chat_logprobs(self.stats.logprobs, token_bytes)
+                    if token_bytes else None)
+        return completion.response(text, self.stats, logprobs=logprobs)
 
     def prepare(self, prompt: str, images: Sequence = (), window: int | None = None
                 ) -> "Prepared":
@@ -379,6 +385,7 @@ class Owl2:
         window = self._window(window)
         job = Job(prepared.items, prepared.pixels, params, window,
                   positions(prepared.items, self.manifest.n_visual), started)
+        check_vocabulary(params, self.tokenizer.n_vocab)
         job.disk_prefix = prepared.disk_prefix
         if params.constraint is not None:  # refused here, before anything is generated
             job.constraint = self._constraint(params.constraint)

@@ -1,5 +1,11 @@
 """Choosing the next token from logits: greedy, or temperature / top-k / top-p / min-p sampling
-with an optional repetition penalty, in the order Hugging Face's generate applies them."""
+with an optional repetition penalty, in the order Hugging Face's generate applies them; before
+them OpenAI's logit_bias and its frequency and presence penalties (docs/structured.md).
+
+The order, for each token: the model's logits + logit_bias, − frequency_penalty × (times the
+token was generated in this answer) − presence_penalty × (whether it was); then the grammar's
+mask (answer.py) — logprobs are read here; then the repeat penalty (CTRL's, over the prompt and
+answer's last repeat_last_n tokens), then greedy or temperature, top-k, top-p, min-p."""
 
 from __future__ import annotations
 
@@ -17,6 +23,10 @@ from owl2_edge.errors import ArgumentError
 MAX_TEMPERATURE = 1000.0
 MAX_PENALTY = 1000.0
 MAX_TOKENS = 1 << 20
+# OpenAI's ranges: logit_bias values in [-100, 100] (±100 bans or forces a token), penalties in
+# [-2, 2]; at most this many biased tokens.
+MAX_LOGIT_BIAS, MAX_OPENAI_PENALTY, MAX_BIASED_TOKENS = 100.0, 2.0, 1024
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -31,6 +41,11 @@ class SamplingParams:
     seed: int | None = None
     max_tokens: int = 512
     ignore_eos: bool = False   # never end on eos (benchmarks, stress tests), as llama.cpp's flag
+    frequency_penalty: float = 0.0  # OpenAI's: minus this per time the token was generated
+    presence_penalty: float = 0.0   # OpenAI's: minus this once the token has been generated
+    logit_bias: dict | None = None  # {token id: bias in [-100, 100]} added to the logits
+    logprobs: bool = False          # record each token's log probability (stats.logprobs)
+    top_logprobs: int = 0           # and the likeliest alternatives', 0..MAX_TOP_LOGPROBS
     # What the answer must follow (constrain.py), at most one: OpenAI's response_format, a JSON
     # schema (llama.cpp's json_schema), or a grammar in GBNF or Lark (llama.cpp's grammar).
     response_format: dict | None = None
@@ -52,6 +67,17 @@ class SamplingParams:
             put("seed", checks.integer("seed", self.seed, 0, 2**64 - 1))
         put("max_tokens", checks.integer("max_tokens", self.max_tokens, 1, MAX_TOKENS))
         put("ignore_eos", checks.flag("ignore_eos", self.ignore_eos))
+        put("frequency_penalty", checks.number("frequency_penalty", self.frequency_penalty,
+                                               -MAX_OPENAI_PENALTY, MAX_OPENAI_PENALTY))
+        put("presence_penalty", checks.number("presence_penalty", self.presence_penalty,
+                                              -MAX_OPENAI_PENALTY, MAX_OPENAI_PENALTY))
+        if self.logit_bias is not None:
+            put("logit_bias", _logit_bias(self.logit_bias))
+        put("logprobs", checks.flag("logprobs", self.logprobs))
+        put("top_logprobs", checks.integer("top_logprobs", self.top_logprobs, 0,
+                                           MAX_TOP_LOGPROBS))
+        if self.top_logprobs and not self.logprobs:
+            raise ArgumentError("top_logprobs needs logprobs: true", "top_logprobs")
         given = [name for name in ("response_format", "json_schema", "grammar")
                  if getattr(self, name) is not None]
         if len(given) > 1:
@@ -84,6 +110,68 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _logit_bias(value) -> dict[int, float]:
+    """{token id: bias}, ids as ints or decimal strings (JSON keys); checked for range (the ids
+    against the vocabulary by biased(), which knows its size)."""
+    if not isinstance(value, dict):
+        raise ArgumentError(f"logit_bias must be an object of token id: bias, not "
+                            f"{type(value).__name__}")
+    if len(value) > MAX_BIASED_TOKENS:
+        raise ArgumentError(f"logit_bias: at most {MAX_BIASED_TOKENS} tokens")
+    out = {}
+    for key, bias in value.items():
+        token = key if isinstance(key, int) and not isinstance(key, bool) else None
+        if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+            token = int(key)
+        if token is None or token < 0:
+            raise ArgumentError(f"logit_bias: {key!r} is not a token id")
+        out[token] = checks.number(f"logit_bias[{key}]", bias, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+    return out
+
+
+def check_vocabulary(params: SamplingParams, n_vocab: int) -> None:
+    """ArgumentError when logit_bias names a token the vocabulary does not have."""
+    for token in params.logit_bias or {}:
+        if token >= n_vocab:
+            raise ArgumentError(f"logit_bias: token {token} is outside the vocabulary "
+                                f"[0, {n_vocab})", "logit_bias")
+
+
+def biased(params: SamplingParams, logits: np.ndarray, generated: list[int]) -> np.ndarray:
+    """The logits after logit_bias and the frequency and presence penalties (a copy when any
+    applies): what the grammar masks and the sampler, and logprobs, see."""
+    if not params.logit_bias and not params.frequency_penalty and not params.presence_penalty:
+        return logits
+    logits = np.array(logits, dtype=np.float32, copy=True)
+    for token, bias in (params.logit_bias or {}).items():
+        logits[token] += bias
+    if generated and (params.frequency_penalty or params.presence_penalty):
+        tokens, counts = np.unique(np.asarray(generated), return_counts=True)
+        logits[tokens] -= counts * params.frequency_penalty + params.presence_penalty
+    return logits
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability and the likeliest tokens' at its step, from the
+    logits after bias, penalties and the grammar's mask (before temperature and truncation)."""
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    x = np.asarray(logits, dtype=np.float64)
+    finite = x[np.isfinite(x)]
+    log_z = finite.max() + np.log(np.exp(finite - finite.max()).sum())
+    best = ()
+    if top:
+        order = np.argpartition(-x, min(top, x.size) - 1)[:top]
+        order = order[np.argsort(-x[order], kind="stable")]
+        best = tuple((int(t), float(x[t] - log_z)) for t in order if np.isfinite(x[t]))
+    return TokenLogprob(int(token), float(x[token] - log_z), best)
 
 
 class Sampler:

@@ -14,6 +14,8 @@ class Stats:
     evaluated_positions: int = 0   # prompt positions the decoder actually ran
     generated_tokens: int = 0
     tokens: list[int] = field(default_factory=list)  # the generated ids, eos excluded
+    # With logprobs: one sampling.TokenLogprob per generated token (eos excluded)
+    logprobs: list = field(default_factory=list)
     images_encoded: int = 0        # vision model runs it took (0: every image came from the cache)
     finish_reason: str = ""        # "stop" (eos), "length" (max_tokens) or "context" (cache full)
     # "vision", "prefill", "decode"; "load_wait" (waiting for the decoder's weights after a

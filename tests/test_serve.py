@@ -231,11 +231,20 @@ BAD = {
     "temperature a string": (400, {"messages": [user()], "temperature": "0"}, "temperature"),
     "top_p out of range": (400, {"messages": [user()], "top_p": 2}, "top_p"),
     "n of 2": (400, {"messages": [user()], "n": 2}, "n"),
-    "frequency_penalty": (400, {"messages": [user()], "frequency_penalty": 0.5},
-                          "frequency_penalty"),
-    "presence_penalty": (400, {"messages": [user()], "presence_penalty": -1}, "presence_penalty"),
-    "logit_bias": (400, {"messages": [user()], "logit_bias": {"15": 100}}, "logit_bias"),
-    "logprobs": (400, {"messages": [user()], "logprobs": True}, "logprobs"),
+    "frequency_penalty out of range": (400, {"messages": [user()], "frequency_penalty": 2.5},
+                                       "frequency_penalty"),
+    "presence_penalty out of range": (400, {"messages": [user()], "presence_penalty": -3},
+                                      "presence_penalty"),
+    "logit_bias of no token": (400, {"messages": [user()], "logit_bias": {"x": 1}}, "logit_bias"),
+    "logit_bias beyond the vocabulary": (400, {"messages": [user()],
+                                               "logit_bias": {"9999999": 1}}, "logit_bias"),
+    "logit_bias out of range": (400, {"messages": [user()], "logit_bias": {"5": 101}},
+                                "logit_bias"),
+    "logprobs not a flag": (400, {"messages": [user()], "logprobs": "yes"}, "logprobs"),
+    "top_logprobs above 20": (400, {"messages": [user()], "logprobs": True, "top_logprobs": 21},
+                              "top_logprobs"),
+    "top_logprobs without logprobs": (400, {"messages": [user()], "top_logprobs": 2},
+                                      "top_logprobs"),
     "tools": (400, {"messages": [user()], "tools": [{"type": "function", "function": {
         "name": "f"}}]}, "tools"),
     "response_format of no known type": (400, {"messages": [user()], "response_format": {
@@ -504,7 +513,8 @@ def test_models_health_props_and_metrics(tiny_server):
     assert props["concurrency"]["parallel"] == 1 and props["concurrency"]["window"] == 1024
     assert props["queue"] == {"busy": 0, "waiting": 0, "max_waiting": Limits().max_queue,
                               "parallel": 1}
-    assert "frequency_penalty" in props["unsupported_fields"]
+    assert "tools" in props["unsupported_fields"]
+    assert "frequency_penalty" in " ".join(props["supported_fields"])
     m = metrics(url)
     assert {"requests", "errors", "images", "vision_runs", "image_cache_hits",
             "prompt_positions_evaluated", "prompt_positions_reused", "tokens_generated",

@@ -50,6 +50,7 @@ class Answer:
         self.disconnected = False
         self._arrived = asyncio.Event()
         self._closed = False
+        self._logprobs_sent = 0
 
     @property
     def stats(self) -> Stats:
@@ -134,6 +135,12 @@ class Answer:
         queued = job.stats.timings.get("queue", 0.0) if job is not None else 0.0
         return {**timings(self.stats, self.stats.timings.get("decode", 0.0)),
                 "queue_ms": round(queued * 1e3, 3)}
+
+    def new_logprobs(self) -> list:
+        """The TokenLogprobs decided since the last call (a streamed chunk's tokens)."""
+        entries = self.stats.logprobs
+        new, self._logprobs_sent = entries[self._logprobs_sent:], len(entries)
+        return new
 
     def usage_stats(self) -> Stats:
         return self.stats

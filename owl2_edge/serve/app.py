@@ -285,22 +285,27 @@ async def chat_completions(request: Request, server: Server) -> Response:
             raise bad_request(str(e), param="messages") from None
         return _prepare(server, prompt, urls, "messages", lambda i: f"image {i + 1}", deadline)
 
-    return await _answer(request, server, ChatShape(server.model_id), prepare, asked,
-                         strip=True, deadline=deadline, started=started)
+    return await _answer(request, server, ChatShape(server.model_id, _token_bytes(server, asked)),
+                         prepare, asked, strip=True, deadline=deadline, started=started)
 
 
 @api()
 async def completions(request: Request, server: Server) -> Response:
     started, deadline = time.perf_counter(), server.deadline()
     body = await _read_body(request, server, deadline)
-    asked = fields.parse(body, server.limits)
+    asked = fields.parse(body, server.limits, completions=True)
     prompt = fields.prompt_text(body)
     sources = fields.image_list(body)
     _check_image_count(len(sources), server.limits, "images")
     return await _answer(
-        request, server, TextShape(server.model_id),
+        request, server, TextShape(server.model_id, _token_bytes(server, asked)),
         lambda: _prepare(server, prompt, sources, "images", lambda i: f"images[{i}]", deadline),
         asked, strip=False, deadline=deadline, started=started)
+
+
+def _token_bytes(server: Server, asked: fields.Request):
+    """The vocabulary's token -> bytes when the request asked for logprobs, else None."""
+    return server.owl.tokenizer.token_to_bytes if asked.params.logprobs else None
 
 
 async def _read_body(request: Request, server: Server, deadline: float) -> dict:
@@ -386,7 +391,7 @@ async def _events(request: Request, server: Server, shape, answer: Answer, first
     try:
         while True:
             if text:
-                yield sent(shape.chunk(text))
+                yield sent(shape.chunk(text, answer.new_logprobs()))
             if answer.finish is not None:
                 break
             if await request.is_disconnected():

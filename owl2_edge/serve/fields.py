@@ -14,7 +14,10 @@ from owl2_edge.serve.limits import Limits, bad_request
 # Request field -> SamplingParams field. max_tokens and seed are handled on their own.
 _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
              "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
-             "ignore_eos": "ignore_eos"}
+             "ignore_eos": "ignore_eos", "frequency_penalty": "frequency_penalty",
+             "presence_penalty": "presence_penalty", "logit_bias": "logit_bias"}
+# /v1/completions' logprobs: how many alternatives (0..5), as OpenAI's legacy endpoint.
+MAX_COMPLETION_LOGPROBS = 5
 MAX_STOPS = 16
 MAX_STOP_CHARS = 500
 
@@ -27,13 +30,6 @@ def _neutral(*values):
 
 
 NOT_IMPLEMENTED = {
-    "frequency_penalty": (_neutral(0, 0.0), "0: OpenAI's penalty is additive per occurrence; "
-                          "this runtime's repeat_penalty divides the logits of recent tokens "
-                          "(CTRL, as Hugging Face) and no honest mapping between them exists"),
-    "presence_penalty": (_neutral(0, 0.0), "0, for the same reason (use repeat_penalty)"),
-    "logit_bias": (_neutral({}), "{}: logit biases are not applied"),
-    "logprobs": (_neutral(False, 0), "false: log probabilities are not returned"),
-    "top_logprobs": (_neutral(0), "0: log probabilities are not returned"),
     "tools": (_neutral([]), "[]: this model has no tool calling"),
     "functions": (_neutral([]), "[]: this model has no tool calling"),
     "tool_choice": (_neutral("none", "auto"), '"none" or "auto" (no tools)'),
@@ -53,7 +49,9 @@ SUPPORTED = ("messages (text and image_url parts)", "prompt", "images", "model",
              "stream_options.include_usage", "max_tokens", "max_completion_tokens",
              "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "seed",
              "ignore_eos", "stop", "n (1)", "response_format (text, json_object, json_schema)",
-             "json_schema", "grammar (GBNF or Lark)")
+             "json_schema", "grammar (GBNF or Lark)", "frequency_penalty", "presence_penalty",
+             "logit_bias", "logprobs", "top_logprobs (chat, 0..20)",
+             "logprobs (completions, 0..5)")
 # /props: each field with the one value it accepts and why.
 NOT_IMPLEMENTED_TEXT = {name: "accepted only as " + why for name, (_, why) in
                         NOT_IMPLEMENTED.items()}
@@ -80,13 +78,32 @@ class Request:
     include_usage: bool = False  # stream_options.include_usage
 
 
-def parse(body: dict, limits: Limits) -> Request:
-    """The fields both endpoints share."""
+def parse(body: dict, limits: Limits, completions: bool = False) -> Request:
+    """The fields both endpoints share; `completions`: /v1/completions, whose logprobs is a
+    count of alternatives rather than chat's flag."""
     _check_n(body)
     check_not_implemented(body)
     stream = flag(body, "stream")
-    return Request(sampling_params(body, limits), stop_strings(body.get("stop")), stream,
-                   include_usage(body, stream))
+    return Request(sampling_params(body, limits, completions), stop_strings(body.get("stop")),
+                   stream, include_usage(body, stream))
+
+
+def _logprobs(body: dict, completions: bool) -> dict:
+    """SamplingParams' logprobs and top_logprobs from either endpoint's fields."""
+    if completions:
+        count = body.get("logprobs")
+        if count is None:
+            return {}
+        if isinstance(count, bool) or not isinstance(count, int) \
+                or not 0 <= count <= MAX_COMPLETION_LOGPROBS:
+            raise bad_request(f"logprobs must be an integer from 0 to {MAX_COMPLETION_LOGPROBS} "
+                              f"on /v1/completions", param="logprobs")
+        return {"logprobs": True, "top_logprobs": count}
+    chosen = {}
+    for name in ("logprobs", "top_logprobs"):
+        if body.get(name) is not None:
+            chosen[name] = body[name]
+    return chosen
 
 
 def include_usage(body: dict, stream: bool) -> bool:
@@ -103,8 +120,8 @@ def include_usage(body: dict, stream: bool) -> bool:
     return flag(options, "include_usage", param="stream_options.include_usage")
 
 
-def sampling_params(body: dict, limits: Limits) -> SamplingParams:
-    chosen = {}
+def sampling_params(body: dict, limits: Limits, completions: bool = False) -> SamplingParams:
+    chosen = _logprobs(body, completions)
     for name, field in _SAMPLING.items():
         if body.get(name) is not None:
             chosen[field] = body[name]
@@ -121,13 +138,14 @@ def sampling_params(body: dict, limits: Limits) -> SamplingParams:
         chosen["max_tokens"] = max_tokens
     # Each field on its own first, so that the 400 names the field at fault.
     names = {v: k for k, v in _SAMPLING.items()} | {"seed": "seed", "max_tokens": param} | \
-        {name: name for name in CONSTRAINTS}
+        {name: name for name in (*CONSTRAINTS, "logprobs", "top_logprobs")}
     for field, value in chosen.items():
-        try:
-            SamplingParams(**{field: value})
+        try:  # (top_logprobs is judged beside logprobs, below)
+            SamplingParams(**{field: value, **({"logprobs": True} if field == "top_logprobs"
+                                               else {})})
         except ArgumentError as e:
             raise bad_request(str(e).replace(field, names[field], 1),
-                              param=getattr(e, "param", names[field])) from None
+                              param=e.param or names[field]) from None
     try:
         params = SamplingParams(**{"max_tokens": min(SamplingParams.max_tokens, limits.max_tokens),
                                    **chosen})

@@ -8,24 +8,29 @@ import json
 import time
 import uuid
 
-from owl2_edge.openai_chat import Completion, usage
+from owl2_edge.openai_chat import Completion, chat_logprobs, text_logprobs, usage
 from owl2_edge.stats import Stats
 
 
 class ChatShape:
-    """POST /v1/chat/completions: `chat.completion`, or `chat.completion.chunk`s."""
+    """POST /v1/chat/completions: `chat.completion`, or `chat.completion.chunk`s. token_bytes:
+    the vocabulary's, when the request asked for logprobs."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, token_bytes=None):
         self.completion = Completion(model)
+        self.token_bytes = token_bytes
 
     def response(self, text: str, finish: str, stats: Stats) -> dict:
-        return self.completion.response(text, stats, finish)
+        logprobs = chat_logprobs(stats.logprobs, self.token_bytes) if self.token_bytes else None
+        return self.completion.response(text, stats, finish, logprobs)
 
     def first_chunks(self) -> list[dict]:
         return [self.completion.chunk({"role": "assistant"})]
 
-    def chunk(self, text: str) -> dict:
-        return self.completion.chunk({"content": text})
+    def chunk(self, text: str, entries=()) -> dict:
+        """entries: the TokenLogprobs of the tokens that made `text`."""
+        logprobs = chat_logprobs(entries, self.token_bytes) if self.token_bytes else None
+        return self.completion.chunk({"content": text}, logprobs=logprobs)
 
     def last_chunk(self, finish: str) -> dict:
         return self.completion.chunk({}, finish)
@@ -38,19 +43,26 @@ class ChatShape:
 class TextShape:
     """POST /v1/completions: `text_completion`, streamed as `text_completion` objects too."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, token_bytes=None):
         self.id = f"cmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.model = model
+        self.token_bytes = token_bytes
+        self._offset = 0  # characters streamed so far (text_offset)
 
     def response(self, text: str, finish: str, stats: Stats) -> dict:
-        return {**self._object(text, finish), "usage": usage(stats)}
+        logprobs = text_logprobs(stats.logprobs, self.token_bytes) if self.token_bytes else None
+        return {**self._object(text, finish, logprobs), "usage": usage(stats)}
 
     def first_chunks(self) -> list[dict]:
         return []
 
-    def chunk(self, text: str) -> dict:
-        return self._object(text, None)
+    def chunk(self, text: str, entries=()) -> dict:
+        logprobs = None
+        if self.token_bytes:
+            logprobs = text_logprobs(entries, self.token_bytes, self._offset)
+        self._offset += len(text)
+        return self._object(text, None, logprobs)
 
     def last_chunk(self, finish: str) -> dict:
         return self._object("", finish)
@@ -58,10 +70,11 @@ class TextShape:
     def usage_chunk(self) -> dict:
         return {**self._object("", None), "choices": []}
 
-    def _object(self, text: str, finish: str | None) -> dict:
+    def _object(self, text: str, finish: str | None, logprobs: dict | None = None) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created,
                 "model": self.model,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+                "choices": [{"index": 0, "text": text, "logprobs": logprobs,
+                             "finish_reason": finish}]}
 
 
 def timings(stats: Stats, decode_seconds: float) -> dict:

@@ -1,0 +1,173 @@
+"""OpenAI's sampling fields beyond the grammar (docs/structured.md): logprobs and top_logprobs,
+frequency_penalty and presence_penalty, logit_bias; in the Python API and through the server
+with the official openai client, valid and invalid. The log probabilities are checked against
+the decoder's own logits of the same positions (teacher forcing), not against themselves."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from owl2_edge.errors import ArgumentError
+from owl2_edge.sampling import SamplingParams, biased
+
+QUESTION = "Describe the picture."
+
+
+def _picture(seed: int = 0):
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8))
+
+
+def _log_softmax(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+
+
+def test_logprobs_are_the_decoders_own_distribution(owl):
+    from owl2_edge.prompt import Turn, render
+    image = _picture(1)
+    owl.ask(image, QUESTION, temperature=0, max_tokens=6, ignore_eos=True, logprobs=True,
+            top_logprobs=3)
+    stats = owl.stats
+    assert len(stats.logprobs) == stats.generated_tokens == 6
+    prompt = render([Turn(QUESTION)], 1)
+    # Every position's logits of the prompt and the answer, evaluated from an empty cache.
+    rows = owl.logits(prompt, [image], continuation=stats.tokens)
+    n_prompt = rows.shape[0] - len(stats.tokens)
+    eos = owl.tokenizer.eos_id
+    for k, entry in enumerate(stats.logprobs):
+        row = rows[n_prompt - 1 + k].copy()
+        row[eos] = -np.inf  # ignore_eos: the end was never possible
+        expected = _log_softmax(row)
+        assert entry.token == stats.tokens[k]
+        assert entry.logprob == pytest.approx(expected[entry.token], abs=2e-4)
+        # greedy: the chosen token is the likeliest, and the top list is in order
+        assert entry.top[0][0] == entry.token and len(entry.top) == 3
+        assert [lp for _, lp in entry.top] == sorted((lp for _, lp in entry.top), reverse=True)
+        for token, lp in entry.top:
+            assert lp == pytest.approx(expected[token], abs=2e-4)
+
+
+def test_logit_bias_forces_or_bans_a_token(owl):
+    image = _picture(2)
+    owl.ask(image, QUESTION, temperature=0, max_tokens=3, ignore_eos=True)
+    free = owl.stats.tokens
+    forced = 7 if free[0] != 7 else 8
+    owl.ask(image, QUESTION, temperature=0, max_tokens=3, ignore_eos=True,
+            logit_bias={forced: 100})
+    assert owl.stats.tokens == [forced] * 3
+    owl.ask(image, QUESTION, temperature=0, max_tokens=1, ignore_eos=True,
+            logit_bias={str(free[0]): -100})   # JSON's string keys work too
+    assert owl.stats.tokens[0] != free[0]
+    with pytest.raises(ArgumentError, match="outside the vocabulary"):
+        owl.ask(image, QUESTION, logit_bias={owl.tokenizer.n_vocab: 1})
+
+
+def test_frequency_and_presence_penalties_as_openai_defines_them():
+    params = SamplingParams(frequency_penalty=0.5, presence_penalty=0.25, logit_bias={3: 2.0})
+    logits = np.zeros(10, dtype=np.float32)
+    out = biased(params, logits, [5, 5, 7])
+    expected = np.zeros(10)
+    expected[3] = 2.0
+    expected[5] = -(2 * 0.5 + 0.25)
+    expected[7] = -(0.5 + 0.25)
+    np.testing.assert_allclose(out, expected)
+    assert biased(SamplingParams(), logits, [5]) is logits   # nothing asked: no copy
+
+
+def test_penalties_change_a_repetitive_answer(owl):
+    image = _picture(3)
+    owl.ask(image, QUESTION, temperature=0, max_tokens=24, ignore_eos=True)
+    plain = owl.stats.tokens
+    owl.ask(image, QUESTION, temperature=0, max_tokens=24, ignore_eos=True,
+            frequency_penalty=2.0, presence_penalty=2.0)
+    penalised = owl.stats.tokens
+    assert len(set(penalised)) >= len(set(plain))
+    assert penalised != plain or len(set(plain)) == len(plain)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"frequency_penalty": 2.5}, "frequency_penalty"), ({"presence_penalty": -2.1}, "presence"),
+    ({"logit_bias": {"x": 1}}, "not a token id"), ({"logit_bias": {1: 101}}, "logit_bias"),
+    ({"logit_bias": [1]}, "must be an object"), ({"top_logprobs": 3}, "needs logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"logprobs": "yes"}, "logprobs"),
+])
+def test_bad_values_are_refused_naming_the_field(kwargs, message):
+    with pytest.raises(ArgumentError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_chat_completion_api_returns_logprobs_streamed_and_not(owl):
+    messages = [{"role": "user", "content": "Say something."}]
+    reply = owl.create_chat_completion(messages, temperature=0, max_tokens=5, logprobs=True,
+                                       top_logprobs=2, ignore_eos=True)
+    content = reply["choices"][0]["logprobs"]["content"]
+    assert len(content) == 5 and all(len(e["top_logprobs"]) == 2 for e in content)
+    assert "".join(e["token"] for e in content).strip() == reply["choices"][0]["message"]["content"]
+    chunks = list(owl.create_chat_completion(messages, temperature=0, max_tokens=5, logprobs=True,
+                                             ignore_eos=True, stream=True))
+    streamed = [e for c in chunks if c["choices"][0]["logprobs"]
+                for e in c["choices"][0]["logprobs"]["content"]]
+    assert [e["token"] for e in streamed] == [e["token"] for e in content]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    plain = owl.create_chat_completion(messages, temperature=0, max_tokens=2)
+    assert plain["choices"][0]["logprobs"] is None
+
+
+# -- the server, through the openai client --------------------------------------------------------
+
+openai = pytest.importorskip("openai", reason="needs the openai client (the dev extra)")
+
+
+@pytest.fixture(scope="module")
+def api(tiny_server):
+    return openai.OpenAI(base_url=tiny_server.url + "/v1", api_key="none", max_retries=0,
+                         timeout=60)
+
+
+def test_the_server_returns_chat_logprobs_streamed_and_not(api):
+    messages = [{"role": "user", "content": "Say something."}]
+    reply = api.chat.completions.create(model="owl2", messages=messages, temperature=0,
+                                        max_tokens=6, logprobs=True, top_logprobs=3,
+                                        extra_body={"ignore_eos": True})
+    entries = reply.choices[0].logprobs.content
+    assert len(entries) == 6 and reply.usage.completion_tokens == 6
+    for e in entries:
+        assert e.logprob <= 0 and len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
+        assert bytes(e.bytes).decode("utf-8", "replace") == e.token
+        assert math.isclose(sum(math.exp(t.logprob) for t in e.top_logprobs[:1]),
+                            math.exp(e.logprob), rel_tol=1e-6)
+    stream = api.chat.completions.create(model="owl2", messages=messages, temperature=0,
+                                         max_tokens=6, logprobs=True, stream=True,
+                                         extra_body={"ignore_eos": True})
+    streamed = [e.token for c in stream if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert streamed == [e.token for e in entries]
+
+
+def test_the_server_returns_completion_logprobs(api):
+    reply = api.completions.create(model="owl2", prompt="USER: Hello ASSISTANT:", temperature=0,
+                                   max_tokens=5, logprobs=2, extra_body={"ignore_eos": True})
+    lp = reply.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert "".join(lp.tokens) == reply.choices[0].text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(5)]
+    assert all(len(top) <= 2 for top in lp.top_logprobs)
+
+
+def test_the_server_applies_penalties_and_bias(api):
+    messages = [{"role": "user", "content": "Say something."}]
+    base = dict(model="owl2", messages=messages, temperature=0, max_tokens=4)
+    forced = api.chat.completions.create(**base, logit_bias={"7": 100},
+                                         extra_body={"ignore_eos": True}, logprobs=True)
+    assert [e.token for e in forced.choices[0].logprobs.content] == \
+        [forced.choices[0].logprobs.content[0].token] * 4
+    penalised = api.chat.completions.create(**base, frequency_penalty=1.5, presence_penalty=1.0)
+    assert penalised.choices[0].message.content is not None
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(**base, logit_bias={"7": 500})
+    assert e.value.body["param"] == "logit_bias"
