@@ -171,3 +171,31 @@ def test_the_server_applies_penalties_and_bias(api):
     with pytest.raises(openai.BadRequestError) as e:
         api.chat.completions.create(**base, logit_bias={"7": 500})
     assert e.value.body["param"] == "logit_bias"
+
+
+def test_n_choices_share_the_prompt_each_its_own_seed(api, tiny_server):
+    messages = [{"role": "user", "content": "Say something."}]
+    base = dict(model="owl2", messages=messages, temperature=1.0, max_tokens=8, seed=11)
+    reply = api.chat.completions.create(**base, n=3)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    texts = [c.message.content for c in reply.choices]
+    # Choice k is what a request with seed 11 + k gets alone (each its own seed, reproducible).
+    for k, text in enumerate(texts):
+        alone = api.chat.completions.create(**{**base, "seed": 11 + k})
+        assert alone.choices[0].message.content == text
+    assert reply.usage.completion_tokens == sum(
+        api.chat.completions.create(**{**base, "seed": 11 + k}).usage.completion_tokens
+        for k in range(3))
+    stream = api.chat.completions.create(**base, n=3, stream=True)
+    streamed = {0: "", 1: "", 2: ""}
+    finished = set()
+    for chunk in stream:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished.add(choice.index)
+    assert finished == {0, 1, 2}
+    assert [streamed[k].strip() for k in range(3)] == texts
+    greedy = api.completions.create(model="owl2", prompt="USER: Hi ASSISTANT:", temperature=0,
+                                    max_tokens=5, n=2)
+    assert greedy.choices[0].text == greedy.choices[1].text

@@ -340,73 +340,114 @@ async def _answer(request: Request, server: Server, shape, prepare: Callable[[],
                   asked: fields.Request, strip: bool, deadline: float, started: float
                   ) -> Response:
     """Take a place in the queue (429 when it is full), prepare the request on a worker thread,
-    queue its answer for the engine, and reply: all at once, or as events."""
+    queue its answers for the engine (n of them: they share the prompt's cells), and reply: all
+    at once, or as events."""
     server.queue.enter()
+    answers: list[Answer] = []
     try:
         prepared = await anyio.to_thread.run_sync(prepare)
-        answer = Answer(server.owl, server.metrics, len(prepared.pixels), asked.stop, deadline,
-                        started)
-        answer.start(prepared, asked.params)
+        for params in fields.choice_params(asked):
+            answer = Answer(server.owl, server.metrics, len(prepared.pixels), asked.stop,
+                            deadline, started)
+            answers.append(answer)
+            answer.start(prepared, params)
+    except BaseException:
+        await _close_all(answers)
+        raise
     finally:
         server.queue.submitted()
     try:
-        # The first piece (prefill) before any reply: its errors are still a plain 4xx.
-        first = await answer.next(request)
-    except ClientGone:  # gone while it waited: its slot goes to the next request
-        await answer.close(disconnected=True)
+        # The first pieces (prefill) before any reply: their errors are still a plain 4xx.
+        firsts = [await answer.next(request) for answer in answers]
+    except ClientGone:  # gone while it waited: its slots go to the next requests
+        await _close_all(answers, disconnected=True)
         return Response(status_code=499)
     except BaseException:
-        await answer.close()
+        await _close_all(answers)
         raise
     if asked.stream:
-        return EventStream(_events(request, server, shape, answer, first, asked.include_usage),
-                           answer)
+        return EventStream(_events(request, server, shape, answers, firsts, asked.include_usage),
+                           answers)
     try:
-        parts = [first or ""]
-        while answer.finish is None:
-            if await request.is_disconnected():
-                await answer.close(disconnected=True)
-                return Response(status_code=499)  # nobody reads it: nginx's "client closed"
-            parts.append(await answer.next() or "")
+        texts = []
+        for answer, first in zip(answers, firsts):  # decoded together; read one after another
+            parts = [first or ""]
+            while answer.finish is None:
+                if await request.is_disconnected():
+                    await _close_all(answers, disconnected=True)
+                    return Response(status_code=499)  # nobody reads it: nginx's "client closed"
+                parts.append(await answer.next() or "")
+            texts.append("".join(parts))
     finally:
-        await answer.close()
-    text = "".join(parts)
-    reply = shape.response(text.strip() if strip else text, answer.finish, answer.usage_stats())
-    reply["timings"] = answer.timings()
+        await _close_all(answers)
+    replies = [shape.response(text.strip() if strip else text, answer.finish,
+                              answer.usage_stats())
+               for text, answer in zip(texts, answers)]
+    reply = replies[0]
+    for index, other in enumerate(replies[1:], start=1):
+        reply["choices"].append({**other["choices"][0], "index": index})
+    reply["usage"] = _usage(answers)
+    reply["timings"] = answers[0].timings()
     return JSONResponse(reply)
 
 
-async def _events(request: Request, server: Server, shape, answer: Answer, first: str | None,
-                  include_usage: bool):
-    """The answer as server-sent events: the chunks, the last one with usage and timings, then
-    [DONE]. With stream_options.include_usage, as OpenAI: every chunk has "usage": null and an
-    extra last chunk with no choices holds usage and timings. A client gone between two pieces
-    ends the answer (EventStream closes it)."""
+async def _close_all(answers: list[Answer], disconnected: bool = False) -> None:
+    for answer in answers:
+        await answer.close(disconnected=disconnected)
+
+
+def _usage(answers: list[Answer]) -> dict:
+    """The prompt once, the completions of every choice."""
+    usage = openai_chat.usage(answers[0].usage_stats())
+    completion = sum(a.usage_stats().generated_tokens for a in answers)
+    return {**usage, "completion_tokens": completion,
+            "total_tokens": usage["prompt_tokens"] + completion}
+
+
+def _indexed(chunk: dict, index: int) -> dict:
+    if index:
+        chunk["choices"] = [{**choice, "index": index} for choice in chunk["choices"]]
+    return chunk
+
+
+async def _events(request: Request, server: Server, shape, answers: list[Answer],
+                  firsts: list, include_usage: bool):
+    """The answers as server-sent events: the chunks (each choice's with its index, in turns:
+    the engine decides a token of each per step), each choice's last chunk, the usage and
+    timings with the last one, then [DONE]. With stream_options.include_usage, as OpenAI: every
+    chunk has "usage": null and an extra last chunk with no choices holds usage and timings. A
+    client gone between two pieces ends the answers (EventStream closes them)."""
     def sent(chunk: dict) -> str:
         return event({**chunk, "usage": None} if include_usage else chunk)
 
-    for chunk in shape.first_chunks():
-        yield sent(chunk)
-    text = first
+    for index in range(len(answers)):
+        for chunk in shape.first_chunks():
+            yield sent(_indexed(chunk, index))
+    texts, active, last = list(firsts), list(range(len(answers))), None
     try:
-        while True:
-            if text:
-                yield sent(shape.chunk(text, answer.new_logprobs()))
-            if answer.finish is not None:
-                break
-            if await request.is_disconnected():
-                return
-            text = await answer.next()
+        while active:
+            for index in list(active):
+                answer, text = answers[index], texts[index]
+                if text:
+                    yield sent(_indexed(shape.chunk(text, answer.new_logprobs()), index))
+                if answer.finish is not None:
+                    active.remove(index)
+                    last = _indexed(shape.last_chunk(answer.finish), index)
+                    if active:
+                        yield sent(last)
+                    continue
+                if await request.is_disconnected():
+                    return
+                texts[index] = await answer.next()
     except Owl2Error as e:
         # The 200 went out with the first event: the error becomes the stream's last event.
-        await answer.close()
+        await _close_all(answers)
         server.metrics.stream_errors += 1
         yield event(error_body(400 if isinstance(e, _REQUEST_ERRORS) else 500, str(e),
                                code=_code(e)))
         return
-    await answer.close()
-    last = shape.last_chunk(answer.finish)
-    totals = {"usage": openai_chat.usage(answer.usage_stats()), "timings": answer.timings()}
+    await _close_all(answers)
+    totals = {"usage": _usage(answers), "timings": answers[0].timings()}
     if include_usage:
         yield sent(last)
         yield event({**shape.usage_chunk(), **totals})
@@ -420,10 +461,10 @@ class EventStream(StreamingResponse):
     the client leaves (Starlette then cancels the stream, possibly between two events, where the
     body's own `finally` would wait for the garbage collector)."""
 
-    def __init__(self, events, answer: Answer):
+    def __init__(self, events, answers: list[Answer]):
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.answer = answer
+        self.answers = answers
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -431,4 +472,5 @@ class EventStream(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
-                await self.answer.close(disconnected=self.answer.finish is None)
+                for answer in self.answers:
+                    await answer.close(disconnected=answer.finish is None)

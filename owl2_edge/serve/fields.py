@@ -5,7 +5,7 @@ fields it does not know (user, metadata, store...) are ignored, as OpenAI's clie
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from owl2_edge.errors import ArgumentError
 from owl2_edge.sampling import SamplingParams
@@ -16,6 +16,8 @@ _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "
              "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
              "ignore_eos": "ignore_eos", "frequency_penalty": "frequency_penalty",
              "presence_penalty": "presence_penalty", "logit_bias": "logit_bias"}
+# Answers one request may ask for (n): each takes a slot of the engine.
+MAX_CHOICES = 8
 # /v1/completions' logprobs: how many alternatives (0..5), as OpenAI's legacy endpoint.
 MAX_COMPLETION_LOGPROBS = 5
 MAX_STOPS = 16
@@ -29,9 +31,10 @@ def _neutral(*values):
                                               for v in values)
 
 
+_NO_TOOLS = "[]: this model was not trained for tool calls (and no emulation is offered)"
 NOT_IMPLEMENTED = {
-    "tools": (_neutral([]), "[]: this model has no tool calling"),
-    "functions": (_neutral([]), "[]: this model has no tool calling"),
+    "tools": (_neutral([]), _NO_TOOLS),
+    "functions": (_neutral([]), _NO_TOOLS),
     "tool_choice": (_neutral("none", "auto"), '"none" or "auto" (no tools)'),
     "function_call": (_neutral("none", "auto"), '"none" or "auto" (no tools)'),
     "echo": (_neutral(False), "false: the prompt is not echoed"),
@@ -48,7 +51,7 @@ CONSTRAINTS = ("response_format", "json_schema", "grammar")
 SUPPORTED = ("messages (text and image_url parts)", "prompt", "images", "model", "stream",
              "stream_options.include_usage", "max_tokens", "max_completion_tokens",
              "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "seed",
-             "ignore_eos", "stop", "n (1)", "response_format (text, json_object, json_schema)",
+             "ignore_eos", "stop", "n (1..8)", "response_format (text, json_object, json_schema)",
              "json_schema", "grammar (GBNF or Lark)", "frequency_penalty", "presence_penalty",
              "logit_bias", "logprobs", "top_logprobs (chat, 0..20)",
              "logprobs (completions, 0..5)")
@@ -76,16 +79,25 @@ class Request:
     stop: tuple[str, ...]
     stream: bool
     include_usage: bool = False  # stream_options.include_usage
+    n: int = 1                   # answers (choices) to the one prompt
+
+
+def choice_params(asked: Request) -> list[SamplingParams]:
+    """Each choice's sampling: with a seed, seed, seed + 1, ... (distinct and reproducible);
+    without, each its own random draws. Greedy choices are all the same answer, as OpenAI's."""
+    if asked.params.seed is None:
+        return [asked.params] * asked.n
+    return [replace(asked.params, seed=(asked.params.seed + k) % 2**64) for k in range(asked.n)]
 
 
 def parse(body: dict, limits: Limits, completions: bool = False) -> Request:
     """The fields both endpoints share; `completions`: /v1/completions, whose logprobs is a
     count of alternatives rather than chat's flag."""
-    _check_n(body)
+    n = _choices(body)
     check_not_implemented(body)
     stream = flag(body, "stream")
     return Request(sampling_params(body, limits, completions), stop_strings(body.get("stop")),
-                   stream, include_usage(body, stream))
+                   stream, include_usage(body, stream), n)
 
 
 def _logprobs(body: dict, completions: bool) -> dict:
@@ -181,10 +193,14 @@ def flag(body: dict, name: str, param: str | None = None) -> bool:
     return value
 
 
-def _check_n(body: dict) -> None:
+def _choices(body: dict) -> int:
     n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise bad_request("n must be 1: this server gives one answer per request", param="n")
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CHOICES:
+        raise bad_request(f"n must be an integer from 1 to {MAX_CHOICES} (answers to the one "
+                          f"prompt, decoded together)", param="n")
+    return n
 
 
 def required(body: dict, name: str, kind: type, what: str):
