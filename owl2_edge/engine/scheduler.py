@@ -10,8 +10,8 @@ MAX_SEQUENCES sequences; each answer being decided owns one. One thread runs thi
      sequence whose cached items share the longest start with its prompt: an idle one is taken
      over in place (the next chat turn), a running one is shared (copy_sequence: its cells, not
      a copy) — so a question about a picture that another answer has prefilled evaluates only
-     its own words. A prompt whose picture another answer is about to prefill waits a step for
-     those cells rather than computing them twice;
+     its own words. A prompt whose picture (or SHARE_WAIT_MIN text positions) another answer is
+     about to prefill waits a step for those cells rather than computing them twice;
   2. plan one decoder pass: the last token of every answer decoding, and the next chunk of each
      prompt still being prefilled (at most prefill_chunk positions in all while others decode,
      so their tokens keep flowing; the whole prompt when nothing else runs). A chunk stops
@@ -47,6 +47,11 @@ from owl2_edge.kv_prefix import IMAGE, TEXT, positions, runs_of, width
 # long as prefilling this many positions, which bounds the pause a new prompt puts in their
 # streams (docs/measurements.md); a prompt alone is evaluated whole.
 PREFILL_CHUNK = 256
+
+# A prompt waits for another's prefill to share its cells when they hold a picture or at least
+# this many text positions (n choices of one request, a long common system prompt): one step's
+# wait costs less than evaluating them twice.
+SHARE_WAIT_MIN = 32
 
 _engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
 
@@ -254,8 +259,9 @@ class Engine:
             n = _common(items, s.cached) if s.pending_state is None else 0
             if s.job is not None and s.job.state == PREFILL:
                 planned, have = _common(items, s.job.items), max(n, on_disk)
-                if planned > have and _images_in(items[have:planned]):
-                    return False  # its picture's cells are being made: share them next step
+                if planned > have and (_images_in(items[have:planned])
+                                       or planned - have >= SHARE_WAIT_MIN):
+                    return False  # the cells it needs are being made: share them next step
             if n > shared or (n == shared and n and s.job is None and best.job is not None):
                 best, shared = s, n
         if on_disk > shared:  # a new sequence restores the disk's cells
