@@ -199,3 +199,11 @@ def test_n_choices_share_the_prompt_each_its_own_seed(api, tiny_server):
     greedy = api.completions.create(model="owl2", prompt="USER: Hi ASSISTANT:", temperature=0,
                                     max_tokens=5, n=2)
     assert greedy.choices[0].text == greedy.choices[1].text
+
+
+def test_every_response_names_the_model_as_v1_models_lists_it(api):
+    listed = api.models.list().data[0].id
+    chat = api.chat.completions.create(model="gpt-4o", temperature=0, max_tokens=2,
+                                       messages=[{"role": "user", "content": "Hi"}])
+    text = api.completions.create(model="whatever", prompt="Hi", temperature=0, max_tokens=2)
+    assert chat.model == text.model == listed
