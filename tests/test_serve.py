@@ -208,14 +208,25 @@ def test_stop_strings_end_the_answer_before_them(owl, api):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
-def test_unknown_fields_and_any_model_name_are_accepted(api):
+def test_what_clients_send_by_default_and_any_model_name_are_accepted(api):
     reply = api.chat.completions.create(
         messages=[{"role": "system", "content": "Be brief."}, user(RED)], frequency_penalty=0,
         presence_penalty=0.0, logit_bias={}, tools=[], response_format={"type": "text"},
         user="someone", seed=3, top_p=0.9, n=1,
-        extra_body={"min_p": 0.05, "top_k": 20, "repeat_penalty": 1.1, "whatever": {"x": 1}},
+        extra_body={"min_p": 0.05, "top_k": 20, "repeat_penalty": 1.1},
         **{**greedy(), "model": "gpt-4o"})
     assert reply.choices[0].message.content is not None
+
+
+def test_an_unknown_field_is_refused_not_ignored(api):
+    for extra in ({"whatever": {"x": 1}}, {"temprature": 0.5}, {"mirostat": 2}):
+        with pytest.raises(openai.BadRequestError) as e:
+            api.chat.completions.create(messages=[user()], extra_body=extra, **greedy())
+        assert e.value.body["param"] == next(iter(extra))
+        assert e.value.body["code"] == "unknown_field"
+    with pytest.raises(openai.BadRequestError) as e:
+        api.completions.create(prompt="Hi", extra_body={"messages": []}, **greedy())
+    assert e.value.body["param"] == "messages"
 
 
 # -- refusals --------------------------------------------------------------------------------------

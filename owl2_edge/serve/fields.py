@@ -1,7 +1,9 @@
 """The fields of an OpenAI request body -> what Owl2 takes: SamplingParams, stop strings, the
-stream flag. A field of the wrong type or out of range is a 400 naming it, and so is an OpenAI
-field this server does not implement, unless its value asks for nothing (NOT_IMPLEMENTED); other
-fields it does not know (user, metadata, store...) are ignored, as OpenAI's clients expect."""
+stream flag, n. No field is accepted and ignored: a field of the wrong type or out of range is a
+400 naming it, an OpenAI field this server does not implement is one unless its value asks for
+nothing (NOT_IMPLEMENTED), and so is any field it does not know (a typo such as "temprature"
+would otherwise be answered as if it were not there). `user` is taken: it identifies the end
+user to OpenAI and changes nothing in an answer; this server keeps it nowhere."""
 
 from __future__ import annotations
 
@@ -54,10 +56,30 @@ SUPPORTED = ("messages (text and image_url parts)", "prompt", "images", "model",
              "ignore_eos", "stop", "n (1..8)", "response_format (text, json_object, json_schema)",
              "json_schema", "grammar (GBNF or Lark)", "frequency_penalty", "presence_penalty",
              "logit_bias", "logprobs", "top_logprobs (chat, 0..20)",
-             "logprobs (completions, 0..5)")
+             "logprobs (completions, 0..5)", "user (taken, changes nothing)")
 # /props: each field with the one value it accepts and why.
 NOT_IMPLEMENTED_TEXT = {name: "accepted only as " + why for name, (_, why) in
                         NOT_IMPLEMENTED.items()}
+
+
+# What each endpoint acts on besides the sampling fields (_SAMPLING, CONSTRAINTS and the rest
+# read in sampling_params): the model's name (any: this model answers), the input, the output
+# form.
+_COMMON = {"model", "stream", "stream_options", "stop", "n", "seed", "max_tokens",
+           "max_completion_tokens", "logprobs", "top_logprobs", "user"}
+KNOWN = {
+    "chat": _COMMON | {"messages"},
+    "completions": _COMMON | {"prompt", "images"},
+}
+
+
+def check_known(body: dict, endpoint: str) -> None:
+    known = KNOWN[endpoint] | set(_SAMPLING) | set(CONSTRAINTS) | set(NOT_IMPLEMENTED)
+    for name in body:
+        if name not in known:
+            raise bad_request(f"unknown field {name!r}: this server does not act on it (the "
+                              f"fields it takes: GET /props, supported_fields)", param=name,
+                              code="unknown_field")
 
 
 def check_not_implemented(body: dict) -> None:
@@ -94,6 +116,7 @@ def parse(body: dict, limits: Limits, completions: bool = False) -> Request:
     """The fields both endpoints share; `completions`: /v1/completions, whose logprobs is a
     count of alternatives rather than chat's flag."""
     n = _choices(body)
+    check_known(body, "completions" if completions else "chat")
     check_not_implemented(body)
     stream = flag(body, "stream")
     return Request(sampling_params(body, limits, completions), stop_strings(body.get("stop")),
