@@ -9,7 +9,6 @@ under a grammar must follow it. The demo model's 100 answers are in test_demo_mo
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading

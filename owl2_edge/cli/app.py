@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from pathlib import Path
 
 import typer
 from rich.console import Console

@@ -105,19 +105,15 @@ class DiskPrefixes:
     def find(self, items: Sequence, longer_than: int = 0) -> tuple[int, KVState] | None:
         """The longest kept prefix of `items` longer than `longer_than` items: (its item count,
         the state to restore), or None."""
+        candidates = [n for n in reversed(self.boundaries(items)) if n > longer_than]
         found = None
-        for n in reversed(self.boundaries(items)):
-            if n <= longer_than:
-                break
-            key = self._kv_key(items[:n])
-            if not self.store.has(KV, key):
-                continue
-            entry = self.store.get(KV, key, count=False)
+        for n in candidates:  # get() reads the file or finds none: no stat before it
+            entry = self.store.get(KV, self._kv_key(items[:n]), count=False)
             state = _state_of(entry) if entry is not None else None
             if state is not None:
                 found = n, state
                 break
-        if any(n > longer_than for n in self.boundaries(items)):
+        if candidates:
             self.store.count(KV, hit=found is not None)  # one lookup, whatever it tried
         return found
 

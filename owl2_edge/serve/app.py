@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import hmac
-import itertools
 import logging
 import time
 from dataclasses import dataclass
