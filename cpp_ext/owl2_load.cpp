@@ -164,20 +164,21 @@ static int check_tensors(const gguf_file & base, const gguf_file & mam, const hp
     expect(base, names::OUTPUT, hp.n_embd, n_vocab, seen_base);
     for (int i = 0; i < hp.n_layer; ++i) {
         // Every part in the base: shared parts and the text route's copies.
-        const gguf_tensor_info * in_base[names::N_LAYER_PARTS] = {};
         for (int p = 0; p < names::N_LAYER_PARTS; ++p) {
             const names::layer_part_info & part = names::LAYER_PARTS[p];
             const bool norm = part.ne1 == names::dim::none;  // a vector the graph multiplies by elementwise
-            in_base[p] = &expect(base, names::blk(i, part.name), resolve(part.ne0, hp), resolve(part.ne1, hp),
-                                 seen_base, norm ? GGML_TYPE_F32 : GGML_TYPE_COUNT);
+            expect(base, names::blk(i, part.name), resolve(part.ne0, hp), resolve(part.ne1, hp),
+                   seen_base, norm ? GGML_TYPE_F32 : GGML_TYPE_COUNT);
         }
-        // The routed parts' visual copies in the sidecar, of the base copy's type (norms f32, K/V the
-        // base's type per layer, docs/design.md §2): another type means the files were not written together.
+        // The routed parts' visual copies in the sidecar: norms f32, K/V of any type. Each route's K/V
+        // is its own mul_mat with a float32 result (owl2_graph.cpp, routed_mul_mat), so a recipe may
+        // give the visual route other types than the text route (docs/quantize.md, per-tensor types).
         for (int p = 0; p < names::N_LAYER_PARTS; ++p) {
             const names::layer_part_info & part = names::LAYER_PARTS[p];
             if (!part.routed) continue;
+            const bool norm = part.ne1 == names::dim::none;
             expect(mam, names::blk(i, part.name), resolve(part.ne0, hp), resolve(part.ne1, hp), seen_mam,
-                   in_base[p]->type);
+                   norm ? GGML_TYPE_F32 : GGML_TYPE_COUNT);
         }
     }
     refuse_unknown_tensors(base, seen_base);

@@ -108,6 +108,10 @@ class Manifest:
     # file name -> what it must be (file_record): every file of files(), or none in folders
     # written before the records existed (nothing to check them against).
     file_records: dict[str, dict] = field(default_factory=dict)
+    # How the decoder's types were chosen when not by `quant` alone (owl2_edge/recipe.py): the
+    # per-tensor overrides applied on top of `quant`'s mix, and for a recipe chosen to fit a size,
+    # what was measured (owl2_edge/tools/choose.py). Empty: `quant`'s mix as llama.cpp makes it.
+    recipe: dict = field(default_factory=dict)
 
     def files(self) -> list[str]:
         return [self.decoder_file, self.mam_file, *self.vision_files.values(),
@@ -324,8 +328,9 @@ def _from_json(raw: dict) -> Manifest:
             eos_id=checks.integer("decoder.eos_id", decoder["eos_id"], 0, n_vocab - 1)),
         template=string("template", raw.get("template", names.TEMPLATE_ID), 64),
         source=string("source", raw.get("source", ""), 4096),
-        extra=_extra(raw.get("extra", {})),
+        extra=_object("extra", raw.get("extra", {})),
         file_records=_records(raw.get("file_records", {})),
+        recipe=_object("recipe", raw.get("recipe", {})),
     )
 
 
@@ -357,7 +362,7 @@ def _hex_digest(name: str, value) -> str:
     return value
 
 
-def _extra(value) -> dict:
+def _object(name: str, value) -> dict:
     if not isinstance(value, dict):
-        raise ArgumentError(f"extra must be an object, not {type(value).__name__}")
+        raise ArgumentError(f"{name} must be an object, not {type(value).__name__}")
     return dict(value)

@@ -10,15 +10,21 @@ from rich.markup import escape
 
 from owl2_edge.cli.app import (app, console, err, fail, load_owl, progress, progress_when_needed,
                                stage_reporter, write)
-from owl2_edge.cli.options import MODEL, RUNTIME, RUNTIME_NO_MODEL, with_options
+from owl2_edge.cli.options import MODEL, RUNTIME, RUNTIME_NO_MODEL, load_kwargs, with_options
 from owl2_edge.cli.quality import compare_folders, print_comparison
-from owl2_edge.errors import Owl2Error
+from owl2_edge.errors import ArgumentError, Owl2Error
 from owl2_edge.names import DEFAULT_VISION_VARIANTS, VISION_VARIANT_NOTES
 from owl2_edge.tools import converting
+from owl2_edge.tools.choose import DEFAULT_CALIBRATION
 from owl2_edge.tools.evaluate import DEFAULT_MAX_TOKENS
 
 _IMATRIX_HELP = ("Importance matrix from `owl2 imatrix` (the very low-bit types need one; "
                  "see docs/quantize.md).")
+_TENSOR_TYPE_HELP = ("PATTERN=TYPE (repeatable): matrices whose GGUF name matches the regular "
+                     "expression take this ggml type (Q6_K, Q4_K, IQ4_XS, F16, ...); the "
+                     "sidecar's are named owl2.mam.blk.N.attn_k.weight; the first match wins.")
+_OUTPUT_TYPE_HELP = "Type of output.weight (the head), e.g. Q6_K."
+_TOKEN_EMBD_TYPE_HELP = "Type of token_embd.weight, e.g. Q4_K."
 _VISION_HELP = ("Vision file(s) to write (repeatable): "
                 + ", ".join(f"{v} ({note})" for v, note in VISION_VARIANT_NOTES.items()) + ".")
 
@@ -31,15 +37,23 @@ def convert_cmd(
     quant: str = typer.Option("Q4_K_M", "--quant", "-q",
                               help="Decoder type: F32, F16, BF16, Q8_0, Q4_0, Q4_K_M, ..."),
     vision: list[str] = typer.Option(list(DEFAULT_VISION_VARIANTS), "--vision", help=_VISION_HELP),
+    tensor_type: Optional[list[str]] = typer.Option(None, "--tensor-type", help=_TENSOR_TYPE_HELP),
+    output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type",
+                                                     help=_OUTPUT_TYPE_HELP),
+    token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type",
+                                                       help=_TOKEN_EMBD_TYPE_HELP),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help=_IMATRIX_HELP),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ):
     """Convert a Hugging Face mPLUG-Owl2 checkpoint into an owl2-edge model folder."""
+    from owl2_edge import recipe
     try:
+        overrides = recipe.overrides_of(tensor_type or (), output_tensor_type,
+                                        token_embedding_type)
         importance = _read_imatrix(imatrix)
         with progress() as bar:
             manifest = converting.convert(hf_dir, out, quant, vision, force, importance,
-                                          progress=stage_reporter(bar))
+                                          progress=stage_reporter(bar), overrides=overrides)
     except (Owl2Error, FileExistsError, ValueError) as e:
         raise fail(str(e))
     size = sum((out / f).stat().st_size for f in manifest.files())
@@ -84,7 +98,24 @@ def info_cmd(
 def quantize_cmd(
     src: Path = typer.Argument(..., help="Model folder to quantize (F16, BF16 or F32)."),
     out: Path = typer.Option(..., "-o", "--out", help="Model folder to write."),
-    quant: str = typer.Option(..., "--quant", "-q", help="Decoder type: Q4_K_M, Q8_0, IQ4_XS, ..."),
+    quant: Optional[str] = typer.Option(
+        None, "--quant", "-q", help="Decoder type: Q4_K_M, Q8_0, IQ4_XS, ... (or --target-size)."),
+    tensor_type: Optional[list[str]] = typer.Option(None, "--tensor-type", help=_TENSOR_TYPE_HELP),
+    output_tensor_type: Optional[str] = typer.Option(None, "--output-tensor-type",
+                                                     help=_OUTPUT_TYPE_HELP),
+    token_embedding_type: Optional[str] = typer.Option(None, "--token-embedding-type",
+                                                       help=_TOKEN_EMBD_TYPE_HELP),
+    target_size: Optional[str] = typer.Option(
+        None, "--target-size", help="Choose every tensor's type by measurement so that both GGUF "
+                                    "files fit this size (bytes, or 1.6MiB, 2.8GiB)."),
+    target_bpw: Optional[float] = typer.Option(
+        None, "--target-bpw", help="As --target-size, in bits per weight of the decoder pair."),
+    calibration: int = typer.Option(
+        DEFAULT_CALIBRATION, "--calibration",
+        help="With --target-*: generated calibration questions per question type."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="With --target-*: calibration questions from a JSONL file (as owl2 "
+                             "eval's --data) instead of generated ones."),
     vision: Optional[list[str]] = typer.Option(
         None, "--vision", help=_VISION_HELP + " Default: the source folder's."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help=_IMATRIX_HELP),
@@ -97,16 +128,35 @@ def quantize_cmd(
     as_json: bool = typer.Option(False, "--json", help="--report's measures as one JSON object."),
     *, runtime: dict,
 ):
-    """Quantize a model folder to another type: no torch and no checkpoint needed."""
+    """Quantize a model folder to a type, or to a size with per-tensor types chosen by
+    measurement: no torch and no checkpoint needed."""
+    from owl2_edge import recipe
     from owl2_edge.tools import evaluate
     from owl2_edge.tools.quantize import quantize_folder
     try:
+        targeted = target_size is not None or target_bpw is not None
+        overrides = recipe.overrides_of(tensor_type or (), output_tensor_type,
+                                        token_embedding_type)
+        if targeted and (quant is not None or overrides):
+            raise ArgumentError("--target-size/--target-bpw choose every tensor's type: leave "
+                                "out --quant, --tensor-type and the other per-tensor options")
+        if not targeted and quant is None:
+            raise ArgumentError("give --quant TYPE, or --target-size/--target-bpw")
+        if not targeted and (data is not None or calibration != DEFAULT_CALIBRATION):
+            raise ArgumentError("--calibration and --data go with --target-size/--target-bpw")
         importance = _read_imatrix(imatrix)
-        with progress() as bar:
-            manifest = quantize_folder(src, out, quant, vision, importance, allow_requantize,
-                                       force, progress=stage_reporter(bar))
+        if targeted:
+            manifest = _quantize_to_target(src, out, target_size, target_bpw, calibration, data,
+                                           vision, importance, force, runtime)
+        else:
+            with progress() as bar:
+                manifest = quantize_folder(src, out, quant, vision, importance, allow_requantize,
+                                           force, progress=stage_reporter(bar),
+                                           overrides=overrides)
         size = sum((out / f).stat().st_size for f in manifest.files())
-        err.print(f"wrote {out} ({size / 2**20:.1f} MiB, decoder {manifest.quant}, vision "
+        changed = len(manifest.recipe.get("changed", {}))
+        err.print(f"wrote {out} ({size / 2**20:.1f} MiB, decoder {manifest.quant}"
+                  f"{f' with {changed} matrices retyped' if changed else ''}, vision "
                   f"{', '.join(manifest.vision_files)})")
         if report:
             items = evaluate.generated_items(report_n, 0)
@@ -114,6 +164,25 @@ def quantize_cmd(
                               as_json)
     except (Owl2Error, FileExistsError, ValueError) as e:
         raise fail(str(e))
+
+
+def _quantize_to_target(src, out, target_size, target_bpw, calibration, data, vision,
+                        importance, force, runtime):
+    from owl2_edge import checks
+    from owl2_edge.owl2 import Owl2
+    from owl2_edge.tools import choose, evaluate
+    checks.integer("--calibration", calibration, 1, 1000)
+    items = evaluate.read_items(data, need_answers=False) if data is not None else \
+        evaluate.generated_items(calibration, choose.CALIBRATION_SEED)
+    target = choose.target_from(target_size, target_bpw, src, Owl2.check_folder(src))
+    kwargs = load_kwargs(runtime)
+    with progress() as bar:
+        manifest, choice = choose.quantize_to_target(
+            src, out, target, lambda path: Owl2.load(**{**kwargs, "path": path}), importance,
+            vision, force, items, kwargs.get("n_threads"), stage_reporter(bar))
+    for line in choose.describe(choice):
+        err.print(escape(line), highlight=False)
+    return manifest
 
 
 def _read_imatrix(path: Optional[Path]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -28,10 +29,31 @@ def converter():
 
 
 def convert(hf_dir: Path, out_dir: Path, quant: str, vision, force: bool, importance=None,
-            progress=None):
-    """A checkpoint folder (or Hub id) -> a model folder; its Manifest."""
-    return converter().convert(hf_dir, out_dir, quant=quant, vision=tuple(vision), force=force,
-                               progress=progress, importance=importance)
+            progress=None, overrides=()):
+    """A checkpoint folder (or Hub id) -> a model folder; its Manifest. overrides: per-tensor
+    types (owl2_edge/recipe.py): the checkpoint is converted at full precision into a hidden
+    folder beside the output, then quantized from there as `owl2 quantize` does (the same
+    bytes as converting, then quantizing)."""
+    module = converter()
+    if not overrides:
+        return module.convert(hf_dir, out_dir, quant=quant, vision=tuple(vision), force=force,
+                              progress=progress, importance=importance)
+    from dataclasses import replace
+    from owl2_edge.model_dir import check_output_folder
+    from owl2_edge.quant import check_quant
+    from owl2_edge.tools.quantize import quantize_folder
+    out_dir = Path(out_dir)
+    check_output_folder(out_dir, force)
+    full = "F32" if check_quant(quant) == "F32" else "F16"
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
+        converted = module.convert(hf_dir, Path(tmp) / full, quant=full, vision=tuple(vision), force=True,
+                       progress=progress)
+        manifest = quantize_folder(Path(tmp) / full, out_dir, quant, importance=importance,
+                                   force=force, progress=progress, overrides=overrides)
+    manifest = replace(manifest, source=converted.source)
+    manifest.write(out_dir)
+    return manifest
 
 
 def ensure_demo_model(folder: Path, rebuild: bool = False,

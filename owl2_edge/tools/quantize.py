@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from owl2_edge import gguf_names, names, quant
+from owl2_edge import gguf_names, names, quant, recipe
 from owl2_edge.checks import display_path
 from owl2_edge.errors import ArgumentError, ModelFolderError, Owl2Error
 from owl2_edge.model_dir import Manifest, check_output_folder, staged_folder, vision_data_files
@@ -43,12 +43,17 @@ Progress = Callable[[str, int, int], None]
 def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, quant_type: str,
                     vision: Sequence[str] | None = None, importance=None,
                     allow_requantize: bool = False, force: bool = False,
-                    progress: Progress | None = None) -> Manifest:
+                    progress: Progress | None = None,
+                    overrides: Sequence[recipe.Override] = (),
+                    chosen: dict | None = None) -> Manifest:
     """Write `src` at `quant_type` into `out`; returns the new manifest. vision: the variants to
-    write (None: the ones `src` has). importance: an owl2_edge.tools.imatrix.ImportanceMatrix."""
+    write (None: the ones `src` has). importance: an owl2_edge.tools.imatrix.ImportanceMatrix.
+    overrides: per-tensor types on top of quant_type's mix (owl2_edge/recipe.py); chosen: what
+    chose them (tools/choose.py), recorded in the manifest's recipe."""
     src, out = Path(src), Path(out)
     qt = quant.QUANT_TYPES[quant.check_quant(quant_type)]
     quant.check_imatrix_need(qt.name, importance)
+    overrides = list(overrides)
     # The folder is checked as `owl2 ask` checks it before gguf-py or llama.cpp's quantizer
     # reads a byte: neither is made to refuse damaged files (IndexError, SIGFPE, abort).
     manifest = Owl2.check_folder(src)
@@ -63,14 +68,21 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, quant_type: 
     check_output_folder(out, force)
     report = progress or (lambda stage, done, total: None)
 
+    if overrides:  # a pattern that matches nothing is refused before any work
+        recipe.resolve(recipe.matrices(src / manifest.decoder_file, src / manifest.mam_file),
+                       overrides, None if importance is None
+                       else set(recipe.importance_by_key(importance)))
+
     with staged_folder(out) as work:
-        base_file, mam_file = _quantize_decoder(src, manifest, work, qt, importance,
+        base_file, mam_file = quantize_decoder(src, manifest, work, qt, importance,
                                                 allow_requantize, report)
+        changed = _apply_overrides(src, manifest, work, base_file, mam_file, overrides,
+                                   importance, report) if overrides else {}
         vision_files = _write_vision(src, manifest, work, variants, report)
         new = replace(manifest, decoder_file=base_file, mam_file=mam_file,
                       vision_files=vision_files, quant=qt.name, source=str(src.resolve()),
-                      vision_data_files=_vision_data(manifest, work, vision_files)
-                      ).recorded(work)
+                      vision_data_files=_vision_data(manifest, work, vision_files),
+                      recipe=_recipe_record(overrides, changed, chosen)).recorded(work)
         new.write(work)
         try:  # never a folder that load() refuses under the output's name
             Owl2.check_folder(work)
@@ -82,7 +94,7 @@ def quantize_folder(src: str | os.PathLike, out: str | os.PathLike, quant_type: 
 
 # --- The decoder pair -------------------------------------------------------------------------------
 
-def _quantize_decoder(src: Path, manifest: Manifest, work: Path, qt: quant.QuantType, importance,
+def quantize_decoder(src: Path, manifest: Manifest, work: Path, qt: quant.QuantType, importance,
                       allow_requantize: bool, report: Progress) -> tuple[str, str]:
     import gguf
 
@@ -123,6 +135,37 @@ def _quantize_decoder(src: Path, manifest: Manifest, work: Path, qt: quant.Quant
     except _GGUF_PY_ERRORS as e:
         raise _unreadable(mam_path, e) from None
     return base_name, mam_name
+
+
+def _apply_overrides(src: Path, manifest: Manifest, work: Path, base_file: str, mam_file: str,
+                     overrides: list[recipe.Override], importance, report: Progress
+                     ) -> dict[str, str]:
+    """Rewrite the finished pair with the overrides' types, each changed matrix encoded from the
+    source's full-precision values; returns key -> new type name of the matrices that changed."""
+    pair = recipe.matrices(work / base_file, work / mam_file)
+    by_key = recipe.importance_by_key(importance)
+    types = recipe.resolve(pair, overrides, None if importance is None else set(by_key))
+    changed = {m.key: recipe.type_name(types[m.key]) for m in pair if types[m.key] != m.type}
+    report("overrides", 0, 2)
+    for i, (name, sidecar) in enumerate(((base_file, False), (mam_file, True))):
+        mine = {m.name: types[m.key] for m in pair if m.sidecar == sidecar}
+        weights = None if importance is None else (
+            importance.for_sidecar() if sidecar else importance.for_base())
+        source = src / (manifest.mam_file if sidecar else manifest.decoder_file)
+        with quant.written_atomically(work / name) as part:
+            recipe.retype_gguf(work / name, source, part, mine, weights)
+        report("overrides", i + 1, 2)
+    return changed
+
+
+def _recipe_record(overrides: list[recipe.Override], changed: dict[str, str],
+                   chosen: dict | None) -> dict:
+    if not overrides and not chosen:
+        return {}
+    out = {"tensor_types": [o.to_json() for o in overrides], "changed": changed}
+    if chosen:
+        out["chosen"] = chosen
+    return out
 
 
 # What gguf-py raises on a file it cannot follow (it checks little itself). The native loader

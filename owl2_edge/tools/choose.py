@@ -1,0 +1,407 @@
+"""A per-tensor recipe chosen by measurement: `owl2 quantize SRC -o OUT --target-size SIZE`
+(docs/quantize.md, "Recipes chosen by measurement").
+
+1. Groups. The decoder's matrices fall into groups: token_embd, output, and for each band of
+   layers (BANDS of them) each role: attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up,
+   ffn_down, and the visual route's attn_k and attn_v (the sidecar) as groups of their own.
+2. Sensitivity. The full-precision source answers calibration image questions greedily. For
+   each group and each type of the ladder, the pair with that group alone at that type (all else
+   at the source's precision) reads the same prompts and answers (teacher forcing); the mean
+   KL(source || lowered) over the answer positions is that group's cost at that type. The
+   questions are about pictures, so they decide the visual route's types as much as the text's.
+3. Choice. Taking the costs to add up, a multiple-choice knapsack (dynamic programming over the
+   budget in RESOLUTION steps, each size rounded up, so the choice always fits) picks one type
+   per group with the least summed cost whose two files fit the budget.
+4. Check. The chosen pair and the largest stock types that fit the budget (STOCK_RIVALS of them)
+   are measured whole on the same questions; the lowest KL wins, so the chooser keeps a stock
+   type whenever it measures better than its own recipe.
+
+Everything runs on the CPU with the runtime's packages (no torch). The cost is one load and one
+teacher-forced pass of the calibration questions per (group, type): groups × ladder passes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from owl2_edge import names, quant, recipe
+from owl2_edge.decoder import Decoder
+from owl2_edge.errors import ArgumentError
+from owl2_edge.tools import compare, evaluate
+
+BANDS = 4
+# The types each group may take, smallest first. IQ2_XS needs an importance matrix, and the IQ3
+# type is only worth its place with one.
+LADDER = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+LADDER_IMATRIX = ("IQ2_XS", "Q2_K", "IQ3_XXS", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+STOCK_RIVALS = 2
+RESOLUTION = 4096
+# Calibration questions: generated pictures under a seed of their own, so that `owl2 eval`'s
+# default questions (seed 0) and the benchmarks' held-out ones are other pictures.
+CALIBRATION_SEED = 1000
+DEFAULT_CALIBRATION = 8          # questions per question type
+GGUF_ALIGNMENT = 32              # each tensor's data starts on this boundary (GGUF's default)
+_LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
+
+# progress(stage, done, total), as quantize's
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class Group:
+    name: str
+    keys: list[str]
+    pattern: str                   # the --tensor-type pattern that names exactly its matrices
+    cost: dict[str, float] = field(default_factory=dict)   # type -> measured mean KL
+    size: dict[str, int] = field(default_factory=dict)     # type -> bytes of its matrices
+
+
+@dataclass
+class Choice:
+    target_bytes: int
+    groups: list[Group]
+    types: dict[str, str]              # group name -> chosen type
+    predicted_kl: float
+    recipe_bytes: int
+    recipe_kl: float
+    rivals: dict[str, dict]            # stock type -> {"bytes", "kl"}
+    winner: str                        # "recipe" or the stock type kept
+    questions: int
+    positions: int
+    seconds: dict[str, float]
+
+    def tensor_types(self) -> dict[str, str]:
+        """Matrix key -> type, for every matrix of the chosen recipe."""
+        return {k: self.types[g.name] for g in self.groups for k in g.keys}
+
+    def record(self) -> dict:
+        """What the manifest keeps of the choice."""
+        return {"target_bytes": self.target_bytes, "winner": self.winner,
+                "groups": self.types, "predicted_kl": self.predicted_kl,
+                "recipe_bytes": self.recipe_bytes, "recipe_kl": self.recipe_kl,
+                "rivals": self.rivals, "questions": self.questions,
+                "positions": self.positions,
+                "seconds": {k: round(v, 2) for k, v in self.seconds.items()}}
+
+
+# --- Groups --------------------------------------------------------------------------------------
+
+def groups_of(pair: Sequence[recipe.Matrix], n_layer: int, bands: int = BANDS) -> list[Group]:
+    bands = max(1, min(bands, n_layer))
+    edges = [round(b * n_layer / bands) for b in range(bands + 1)]
+
+    def band(i: int) -> str:
+        b = next(b for b in range(bands) if edges[b] <= i < edges[b + 1])
+        lo, hi = edges[b], edges[b + 1] - 1
+        return str(lo) if lo == hi else f"{lo}-{hi}"
+
+    groups: dict[str, Group] = {}
+    layers: dict[str, list[str]] = {}
+    for m in pair:
+        prefix = recipe.SIDECAR_PREFIX if m.sidecar else ""
+        match = _LAYER_TENSOR.match(m.name)
+        if match is None:
+            name = prefix + m.name.removesuffix(".weight")
+            pattern = "^" + re.escape(m.key) + "$"
+        else:
+            name = f"{prefix}blk.{band(int(match.group(1)))}.{match.group(2)}"
+            layers.setdefault(name, []).append(match.group(1))
+            pattern = (f"^{re.escape(prefix)}blk\\.({'|'.join(layers[name])})\\."
+                       f"{match.group(2)}\\.weight$")
+        g = groups.setdefault(name, Group(name, [], pattern))
+        g.keys.append(m.key)
+        g.pattern = pattern
+    return list(groups.values())
+
+
+# --- Measuring ------------------------------------------------------------------------------------
+
+@dataclass
+class _Question:
+    runs: list                     # token id lists and image embeddings, as Decoder.eval_runs
+    n_answer: int                  # answer positions (the reference's continuation)
+    logprobs: np.ndarray           # the source's, float64 [n_answer, n_vocab]
+
+
+class Probe:
+    """The calibration questions as the source answered them, and the KL of any pair on them."""
+
+    def __init__(self, owl, items: Sequence[evaluate.Item], n_threads: int | None):
+        refs = compare.reference_pass(owl, items)
+        self.questions = []
+        longest = 0
+        for item, ref in zip(items, refs):
+            if not ref.continuation:
+                continue
+            prompt, _ = compare._prompt(item)
+            ids = owl.tokenize(prompt) + list(ref.continuation)
+            runs, text = [], []
+            for t in ids:
+                if t == names.IMAGE_TOKEN_ID:
+                    if text:
+                        runs.append(text)
+                    runs.append(ref.embeds)
+                    text = []
+                else:
+                    text.append(t)
+            if text:
+                runs.append(text)
+            length = sum(len(r) for r in runs)
+            longest = max(longest, length)
+            self.questions.append(_Question(runs, len(ref.continuation),
+                                            ref.logprobs.astype(np.float64)))
+        if not self.questions:
+            raise ArgumentError("no calibration question got an answer to measure")
+        self.positions = sum(q.n_answer for q in self.questions)
+        self.n_ctx = max(64, longest)
+        self.n_threads = n_threads
+
+    def kl(self, base: Path, mam: Path) -> float:
+        """Mean KL(source || this pair) over every answer position."""
+        total = 0.0
+        with Decoder(base, mam, n_ctx=self.n_ctx, n_threads=self.n_threads, device="cpu") as dec:
+            for q in self.questions:
+                dec.clear_sequence(0)
+                logits = dec.eval_runs(q.runs, all_logits=True)
+                rows = compare._log_softmax(logits[len(logits) - q.n_answer - 1:-1])
+                p = q.logprobs
+                total += float((np.exp(p) * (p - rows.astype(np.float64))).sum(-1).clip(min=0).sum())
+        return total / self.positions
+
+
+def _aligned(n: int) -> int:
+    return -(-n // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
+
+
+class _Workbench:
+    """Pairs written from the source with some matrices at other types, in a scratch folder."""
+
+    def __init__(self, base: Path, mam: Path, scratch: Path, importance):
+        self.base, self.mam, self.scratch = base, mam, scratch
+        self.importance = importance
+
+    def pair(self, types: dict[str, int]) -> tuple[Path, Path]:
+        """The source pair with types[key] for the keys given (the source's files where none)."""
+        out = []
+        for path, sidecar in ((self.base, False), (self.mam, True)):
+            prefix = recipe.SIDECAR_PREFIX if sidecar else ""
+            mine = {k[len(prefix):]: t for k, t in types.items()
+                    if k.startswith(recipe.SIDECAR_PREFIX) == sidecar}
+            if not mine:
+                out.append(path)
+                continue
+            weights = None if self.importance is None else (
+                self.importance.for_sidecar() if sidecar else self.importance.for_base())
+            target = self.scratch / ("mam.gguf" if sidecar else "base.gguf")
+            recipe.retype_gguf(path, path, target, mine, weights)
+            out.append(target)
+        return out[0], out[1]
+
+
+# --- Choosing -------------------------------------------------------------------------------------
+
+def knapsack(groups: Sequence[Group], capacity: int, resolution: int = RESOLUTION
+             ) -> dict[str, str] | None:
+    """Group name -> type with the least summed cost whose summed size is at most `capacity`
+    bytes; None when even the smallest types do not fit."""
+    if capacity <= 0:
+        return None
+    unit = max(1, math.ceil(capacity / resolution))
+    slots = capacity // unit
+    best = np.full(slots + 1, np.inf)
+    best[0] = 0.0
+    picks = []
+    for g in groups:
+        options = list(g.cost)
+        new = np.full(slots + 1, np.inf)
+        pick = np.full(slots + 1, -1, dtype=np.int32)
+        for i, t in enumerate(options):
+            w = math.ceil(_aligned(g.size[t]) / unit)
+            if w > slots:
+                continue
+            shifted = np.full(slots + 1, np.inf)
+            shifted[w:] = best[:slots + 1 - w] + g.cost[t]
+            better = shifted < new
+            new[better], pick[better] = shifted[better], i
+        best = new
+        picks.append((options, pick))
+    end = int(np.argmin(best))
+    if not np.isfinite(best[end]):
+        return None
+    chosen = {}
+    for g, (options, pick) in zip(reversed(groups), reversed(picks)):
+        t = options[pick[end]]
+        chosen[g.name] = t
+        end -= math.ceil(_aligned(g.size[t]) / unit)
+    return chosen
+
+
+def pair_bytes(folder_or_paths) -> int:
+    return sum(Path(p).stat().st_size for p in folder_or_paths)
+
+
+def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
+           items: Sequence[evaluate.Item] | None = None, n_threads: int | None = None,
+           progress: Progress | None = None) -> Choice:
+    """Measure and choose (module docstring). owl: the source folder loaded (Owl2), for the
+    reference answers and the pictures' embeddings."""
+    from owl2_edge.tools.quantize import quantize_decoder
+
+    report = progress or (lambda stage, done, total: None)
+    started = time.perf_counter()
+    items = list(items) if items is not None else \
+        evaluate.generated_items(DEFAULT_CALIBRATION, CALIBRATION_SEED)
+    base, mam = src / manifest.decoder_file, src / manifest.mam_file
+    pair = recipe.matrices(base, mam)
+    groups = groups_of(pair, manifest.decoder.n_layer)
+    by_key = {m.key: m for m in pair}
+    fixed = pair_bytes((base, mam)) - sum(_aligned(m.bytes_at(m.type)) for m in pair)
+    weights = recipe.importance_by_key(importance)
+    ladder = LADDER_IMATRIX if importance is not None else LADDER
+    for g in groups:
+        for t in ladder:
+            ms = [by_key[k] for k in g.keys]
+            if all(m.fits(recipe.TENSOR_TYPES[t]) for m in ms) and (
+                    t not in recipe.NEEDS_IMATRIX or all(k in weights for k in g.keys)):
+                g.size[t] = sum(m.bytes_at(recipe.TENSOR_TYPES[t]) for m in ms)
+    smallest = fixed + sum(_aligned(min(g.size.values())) for g in groups if g.size)
+    if any(not g.size for g in groups):
+        bad = next(g for g in groups if not g.size)
+        raise ArgumentError(f"no type of the ladder fits {bad.name}'s rows")
+    if target_bytes < smallest:
+        raise ArgumentError(f"the target {target_bytes} bytes is below the smallest recipe "
+                            f"this chooser can write, {smallest} bytes")
+
+    probe = Probe(owl, items, n_threads)
+    seconds = {"reference": time.perf_counter() - started}
+    with tempfile.TemporaryDirectory(prefix=".owl2-choose-", dir=src.parent) as scratch:
+        bench = _Workbench(base, mam, Path(scratch), importance)
+        t0 = time.perf_counter()
+        steps = sum(len(g.size) for g in groups)
+        done = 0
+        report("sensitivity", 0, steps)
+        for g in groups:
+            for t in g.size:
+                g.cost[t] = probe.kl(*bench.pair({k: recipe.TENSOR_TYPES[t] for k in g.keys}))
+                done += 1
+                report("sensitivity", done, steps)
+        seconds["sensitivity"] = time.perf_counter() - t0
+        seconds["per_pass"] = seconds["sensitivity"] / max(steps, 1)
+
+        types = knapsack(groups, target_bytes - fixed)
+        assert types is not None  # the smallest recipe fits (checked above)
+        predicted = sum(g.cost[types[g.name]] for g in groups)
+        t0 = time.perf_counter()
+        chosen = {k: recipe.TENSOR_TYPES[types[g.name]] for g in groups for k in g.keys}
+        recipe_pair = bench.pair(chosen)
+        recipe_bytes, recipe_kl = pair_bytes(recipe_pair), probe.kl(*recipe_pair)
+        if recipe_bytes > target_bytes:  # the sizes are exact; this would be a bug here
+            raise AssertionError(f"recipe of {recipe_bytes} bytes over {target_bytes}")
+
+        rivals = {}
+        report("stock types", 0, STOCK_RIVALS)
+        for qt in quant.QUANT_TYPES.values():
+            if len(rivals) == STOCK_RIVALS:
+                break
+            if qt.name in quant.FLOAT_TYPES or (qt.needs_imatrix and importance is None):
+                continue
+            work = Path(scratch) / f"stock-{qt.name}"
+            work.mkdir()
+            files = quantize_decoder(src, manifest, work, qt, importance, False,
+                                     lambda *a: None)
+            paths = [work / f for f in files]
+            size = pair_bytes(paths)
+            if size <= target_bytes:
+                rivals[qt.name] = {"bytes": size, "kl": probe.kl(*paths)}
+                report("stock types", len(rivals), STOCK_RIVALS)
+        seconds["check"] = time.perf_counter() - t0
+    kept = min(rivals.items(), key=lambda kv: kv[1]["kl"], default=None)
+    winner = kept[0] if kept is not None and kept[1]["kl"] <= recipe_kl else "recipe"
+    seconds["total"] = time.perf_counter() - started
+    return Choice(target_bytes, groups, types, predicted, recipe_bytes, recipe_kl, rivals,
+                  winner, len(probe.questions), probe.positions, seconds)
+
+
+def quantize_to_target(src, out, target_bytes: int, load: Callable, importance=None,
+                       vision: Sequence[str] | None = None, force: bool = False,
+                       items: Sequence[evaluate.Item] | None = None,
+                       n_threads: int | None = None, progress: Progress | None = None):
+    """Choose a recipe for `target_bytes` (both GGUF files) and write `out` with it; returns
+    (the new Manifest, the Choice). load(path) opens a folder as an Owl2 (the caller's runtime
+    options). The output folder is checked before anything is measured."""
+    from owl2_edge.model_dir import check_output_folder
+    from owl2_edge.owl2 import Owl2
+    from owl2_edge.tools.quantize import quantize_folder
+
+    src, out = Path(src), Path(out)
+    manifest = Owl2.check_folder(src)
+    if manifest.quant not in quant.FLOAT_TYPES:
+        raise ArgumentError(f"a recipe is measured against full precision: {src} is "
+                            f"{manifest.quant}; start from an F16, BF16 or F32 folder")
+    if out.exists() and out.resolve() == src.resolve():
+        raise ArgumentError("the output folder is the source folder; choose another one")
+    check_output_folder(out, force)
+    with load(src) as owl:
+        choice = choose(src, manifest, target_bytes, owl, importance, items, n_threads, progress)
+    overrides = [] if choice.winner != "recipe" else \
+        [recipe.Override(g.pattern, choice.types[g.name]) for g in choice.groups]
+    new = quantize_folder(src, out, label_type(choice), vision, importance, force=force,
+                          progress=progress, overrides=overrides, chosen=choice.record())
+    return new, choice
+
+
+def label_type(choice: Choice) -> str:
+    """The stock type whose mix the written folder starts from (its manifest's quant): the kept
+    one, else the largest stock type that fit, else the smallest stock type."""
+    if choice.winner != "recipe":
+        return choice.winner
+    if choice.rivals:
+        return next(iter(choice.rivals))
+    return "Q2_K"
+
+
+def target_from(target_size: str | None, target_bpw: float | None, src: Path, manifest) -> int:
+    """Bytes of both GGUF files from --target-size or --target-bpw (bits per weight of the
+    pair: all its tensors' values, as llama.cpp counts its bits per weight)."""
+    from owl2_edge.disk_cache import parse_size
+    if (target_size is None) == (target_bpw is None):
+        raise ArgumentError("give one of --target-size and --target-bpw")
+    if target_size is not None:
+        return parse_size(target_size, "--target-size")
+    if not (isinstance(target_bpw, (int, float)) and 1.0 <= target_bpw <= 32.0):
+        raise ArgumentError(f"--target-bpw must be between 1 and 32, not {target_bpw}")
+    return int(target_bpw * pair_weights(src, manifest) / 8)
+
+
+def pair_weights(src: Path, manifest) -> int:
+    import gguf
+    return sum(int(np.prod([int(d) for d in t.shape]))
+               for f in (manifest.decoder_file, manifest.mam_file)
+               for t in gguf.GGUFReader(src / f).tensors)
+
+
+def describe(choice: Choice) -> list[str]:
+    """The lines `owl2 quantize` prints about a choice."""
+    lines = [f"{'group':<28} {'type':<8} {'KL alone':>10}"]
+    for g in choice.groups:
+        t = choice.types[g.name]
+        lines.append(f"{g.name:<28} {t:<8} {g.cost[t]:>10.2e}")
+    lines.append(f"recipe: {choice.recipe_bytes} bytes, KL {choice.recipe_kl:.3e} measured "
+                 f"({choice.predicted_kl:.3e} predicted) on {choice.questions} questions, "
+                 f"{choice.positions} answer positions")
+    for name, r in choice.rivals.items():
+        lines.append(f"stock {name}: {r['bytes']} bytes, KL {r['kl']:.3e}")
+    lines.append("kept: the recipe" if choice.winner == "recipe" else
+                 f"kept: stock {choice.winner} (it measured better than the recipe)")
+    lines.append(f"chosen in {choice.seconds['total']:.1f} s "
+                 f"({choice.seconds['per_pass']:.2f} s per measured pass)")
+    return lines
+
