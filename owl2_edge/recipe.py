@@ -143,13 +143,16 @@ def resolve(pair: Sequence[Matrix], overrides: Sequence[Override],
     matches). Refuses a pattern that matches no matrix (a typo would otherwise change nothing), a
     type whose blocks do not fill the matrix's rows, and a type ggml rounds only with an
     importance matrix where the importance matrix has no entry for that matrix."""
+    for o in overrides:
+        if not any(o.matches(m.key) for m in pair):
+            raise ArgumentError(f"{o.option} {o.pattern}={o.type}: the pattern matches no matrix "
+                                f"of the decoder (GGUF names such as blk.0.attn_v.weight; the "
+                                f"sidecar's begin with {SIDECAR_PREFIX})")
     types = {}
-    used = set()
     for m in pair:
         types[m.key] = m.type
         for o in overrides:
             if o.matches(m.key):
-                used.add(o)
                 t = TENSOR_TYPES[o.type]
                 if not m.fits(t):
                     raise ArgumentError(
@@ -162,10 +165,6 @@ def resolve(pair: Sequence[Matrix], overrides: Sequence[Override],
                         f"with an entry for {m.key} (make one with `owl2 imatrix`, pass --imatrix)")
                 types[m.key] = int(t)
                 break
-    for o in overrides:
-        if o not in used:
-            raise ArgumentError(f"{o.option} {o.pattern}={o.type}: the pattern matches no "
-                                f"matrix of the decoder (names as `owl2 info --tensors` lists them)")
     return types
 
 

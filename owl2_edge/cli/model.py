@@ -116,6 +116,11 @@ def quantize_cmd(
     data: Optional[Path] = typer.Option(
         None, "--data", help="With --target-*: calibration questions from a JSONL file (as owl2 "
                              "eval's --data) instead of generated ones."),
+    estimate: str = typer.Option(
+        "measured", "--estimate",
+        help="With --target-*: measured (a KL pass for every type of every tensor group) or "
+             "scaled (one pass per group at its lowest type, the others scaled by their "
+             "rounding error: about 7x fewer passes, for large models)."),
     vision: Optional[list[str]] = typer.Option(
         None, "--vision", help=_VISION_HELP + " Default: the source folder's."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help=_IMATRIX_HELP),
@@ -142,12 +147,14 @@ def quantize_cmd(
                                 "out --quant, --tensor-type and the other per-tensor options")
         if not targeted and quant is None:
             raise ArgumentError("give --quant TYPE, or --target-size/--target-bpw")
-        if not targeted and (data is not None or calibration != DEFAULT_CALIBRATION):
-            raise ArgumentError("--calibration and --data go with --target-size/--target-bpw")
+        if not targeted and (data is not None or calibration != DEFAULT_CALIBRATION
+                             or estimate != "measured"):
+            raise ArgumentError("--calibration, --data and --estimate go with "
+                                "--target-size/--target-bpw")
         importance = _read_imatrix(imatrix)
         if targeted:
             manifest = _quantize_to_target(src, out, target_size, target_bpw, calibration, data,
-                                           vision, importance, force, runtime)
+                                           estimate, vision, importance, force, runtime)
         else:
             with progress() as bar:
                 manifest = quantize_folder(src, out, quant, vision, importance, allow_requantize,
@@ -166,8 +173,8 @@ def quantize_cmd(
         raise fail(str(e))
 
 
-def _quantize_to_target(src, out, target_size, target_bpw, calibration, data, vision,
-                        importance, force, runtime):
+def _quantize_to_target(src, out, target_size, target_bpw, calibration, data, estimate,
+                        vision, importance, force, runtime):
     from owl2_edge import checks
     from owl2_edge.owl2 import Owl2
     from owl2_edge.tools import choose, evaluate
@@ -179,7 +186,7 @@ def _quantize_to_target(src, out, target_size, target_bpw, calibration, data, vi
     with progress() as bar:
         manifest, choice = choose.quantize_to_target(
             src, out, target, lambda path: Owl2.load(**{**kwargs, "path": path}), importance,
-            vision, force, items, kwargs.get("n_threads"), stage_reporter(bar))
+            vision, force, items, kwargs.get("n_threads"), stage_reporter(bar), estimate)
     for line in choose.describe(choice):
         err.print(escape(line), highlight=False)
     return manifest

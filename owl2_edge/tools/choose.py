@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -32,12 +33,13 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from owl2_edge import names, quant, recipe
+from owl2_edge import _decoder, names, quant, recipe
 from owl2_edge.decoder import Decoder
 from owl2_edge.errors import ArgumentError
 from owl2_edge.tools import compare, evaluate
 
 BANDS = 4
+ESTIMATES = ("measured", "scaled")
 # The types each group may take, smallest first. IQ2_XS needs an importance matrix, and the IQ3
 # type is only worth its place with one.
 LADDER = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
@@ -77,6 +79,7 @@ class Choice:
     questions: int
     positions: int
     seconds: dict[str, float]
+    estimate: str = "measured"
 
     def tensor_types(self) -> dict[str, str]:
         """Matrix key -> type, for every matrix of the chosen recipe."""
@@ -85,6 +88,7 @@ class Choice:
     def record(self) -> dict:
         """What the manifest keeps of the choice."""
         return {"target_bytes": self.target_bytes, "winner": self.winner,
+                "estimate": self.estimate,
                 "groups": self.types, "predicted_kl": self.predicted_kl,
                 "recipe_bytes": self.recipe_bytes, "recipe_kl": self.recipe_kl,
                 "rivals": self.rivals, "questions": self.questions,
@@ -208,6 +212,38 @@ class _Workbench:
 
 # --- Choosing -------------------------------------------------------------------------------------
 
+def _check_estimate(estimate: str) -> None:
+    if estimate not in ESTIMATES:
+        raise ArgumentError(f"--estimate must be one of {', '.join(ESTIMATES)}, not {estimate!r}")
+
+
+def scale_costs(groups: Sequence[Group], base: Path, mam: Path,
+                importance: dict[str, np.ndarray]) -> None:
+    """Fill each group's costs at the types not measured: the measured cost times the ratio of
+    the group's rounding errors, sum over its matrices of E[x_j^2] (W_ij - round(W)_ij)^2 (the
+    importance matrix's E[x_j^2]; 1 where it has no entry). The squared error of a matrix's
+    output is that sum; KL grows with it to first order."""
+    import gguf
+    values = {}
+    for path, prefix in ((base, ""), (mam, recipe.SIDECAR_PREFIX)):
+        for t in gguf.GGUFReader(path).tensors:
+            values[prefix + t.name] = t
+    for g in groups:
+        errors = {t: 0.0 for t in g.size}
+        for key in g.keys:
+            w = quant.decode(values[key])
+            weights = importance.get(key)
+            for t in g.size:
+                rounded = quant.encode(w, key, recipe.TENSOR_TYPES[t], weights)
+                back = _decoder.dequantize(rounded, int(recipe.TENSOR_TYPES[t]), w.shape[-1])
+                sq = np.square(back.reshape(w.shape) - w, dtype=np.float64).sum(axis=0)
+                errors[t] += float(sq @ (weights if weights is not None else np.ones_like(sq)))
+        (measured_type, measured_cost), = g.cost.items()
+        for t in g.size:
+            if t != measured_type:
+                g.cost[t] = measured_cost * errors[t] / max(errors[measured_type], 1e-30)
+
+
 def knapsack(groups: Sequence[Group], capacity: int, resolution: int = RESOLUTION
              ) -> dict[str, str] | None:
     """Group name -> type with the least summed cost whose summed size is at most `capacity`
@@ -250,9 +286,11 @@ def pair_bytes(folder_or_paths) -> int:
 
 def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
            items: Sequence[evaluate.Item] | None = None, n_threads: int | None = None,
-           progress: Progress | None = None) -> Choice:
+           progress: Progress | None = None, estimate: str = "measured") -> Choice:
     """Measure and choose (module docstring). owl: the source folder loaded (Owl2), for the
-    reference answers and the pictures' embeddings."""
+    reference answers and the pictures' embeddings. estimate: "measured" (every type of every
+    group a pass of its own) or "scaled" (one pass per group, scaled_costs)."""
+    _check_estimate(estimate)
     from owl2_edge.tools.quantize import quantize_decoder
 
     report = progress or (lambda stage, done, total: None)
@@ -285,16 +323,22 @@ def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
     with tempfile.TemporaryDirectory(prefix=".owl2-choose-", dir=src.parent) as scratch:
         bench = _Workbench(base, mam, Path(scratch), importance)
         t0 = time.perf_counter()
-        steps = sum(len(g.size) for g in groups)
+        measured = {g.name: list(g.size) if estimate == "measured" else [next(iter(g.size))]
+                    for g in groups}
+        steps = sum(len(ts) for ts in measured.values())
         done = 0
         report("sensitivity", 0, steps)
         for g in groups:
-            for t in g.size:
+            for t in measured[g.name]:
                 g.cost[t] = probe.kl(*bench.pair({k: recipe.TENSOR_TYPES[t] for k in g.keys}))
                 done += 1
                 report("sensitivity", done, steps)
         seconds["sensitivity"] = time.perf_counter() - t0
         seconds["per_pass"] = seconds["sensitivity"] / max(steps, 1)
+        if estimate == "scaled":
+            t0 = time.perf_counter()
+            scale_costs(groups, base, mam, weights)
+            seconds["rounding_errors"] = time.perf_counter() - t0
 
         types = knapsack(groups, target_bytes - fixed)
         assert types is not None  # the smallest recipe fits (checked above)
@@ -322,18 +366,20 @@ def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
             if size <= target_bytes:
                 rivals[qt.name] = {"bytes": size, "kl": probe.kl(*paths)}
                 report("stock types", len(rivals), STOCK_RIVALS)
+            shutil.rmtree(work)
         seconds["check"] = time.perf_counter() - t0
     kept = min(rivals.items(), key=lambda kv: kv[1]["kl"], default=None)
     winner = kept[0] if kept is not None and kept[1]["kl"] <= recipe_kl else "recipe"
     seconds["total"] = time.perf_counter() - started
     return Choice(target_bytes, groups, types, predicted, recipe_bytes, recipe_kl, rivals,
-                  winner, len(probe.questions), probe.positions, seconds)
+                  winner, len(probe.questions), probe.positions, seconds, estimate)
 
 
 def quantize_to_target(src, out, target_bytes: int, load: Callable, importance=None,
                        vision: Sequence[str] | None = None, force: bool = False,
                        items: Sequence[evaluate.Item] | None = None,
-                       n_threads: int | None = None, progress: Progress | None = None):
+                       n_threads: int | None = None, progress: Progress | None = None,
+                       estimate: str = "measured"):
     """Choose a recipe for `target_bytes` (both GGUF files) and write `out` with it; returns
     (the new Manifest, the Choice). load(path) opens a folder as an Owl2 (the caller's runtime
     options). The output folder is checked before anything is measured."""
@@ -342,6 +388,7 @@ def quantize_to_target(src, out, target_bytes: int, load: Callable, importance=N
     from owl2_edge.tools.quantize import quantize_folder
 
     src, out = Path(src), Path(out)
+    _check_estimate(estimate)
     manifest = Owl2.check_folder(src)
     if manifest.quant not in quant.FLOAT_TYPES:
         raise ArgumentError(f"a recipe is measured against full precision: {src} is "
@@ -350,7 +397,8 @@ def quantize_to_target(src, out, target_bytes: int, load: Callable, importance=N
         raise ArgumentError("the output folder is the source folder; choose another one")
     check_output_folder(out, force)
     with load(src) as owl:
-        choice = choose(src, manifest, target_bytes, owl, importance, items, n_threads, progress)
+        choice = choose(src, manifest, target_bytes, owl, importance, items, n_threads, progress,
+                        estimate)
     overrides = [] if choice.winner != "recipe" else \
         [recipe.Override(g.pattern, choice.types[g.name]) for g in choice.groups]
     new = quantize_folder(src, out, label_type(choice), vision, importance, force=force,
@@ -401,7 +449,11 @@ def describe(choice: Choice) -> list[str]:
         lines.append(f"stock {name}: {r['bytes']} bytes, KL {r['kl']:.3e}")
     lines.append("kept: the recipe" if choice.winner == "recipe" else
                  f"kept: stock {choice.winner} (it measured better than the recipe)")
-    lines.append(f"chosen in {choice.seconds['total']:.1f} s "
-                 f"({choice.seconds['per_pass']:.2f} s per measured pass)")
+    passes = sum(len(g.cost) for g in choice.groups) if choice.estimate == "measured" \
+        else len(choice.groups)
+    lines.append(f"chosen in {choice.seconds['total']:.1f} s: {passes} measured passes of "
+                 f"{choice.seconds['per_pass']:.2f} s"
+                 + (", the other types scaled by rounding error" if choice.estimate == "scaled"
+                    else ""))
     return lines
 

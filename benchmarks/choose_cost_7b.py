@@ -1,0 +1,89 @@
+"""What `owl2 quantize --target-size` would take at the release's 7B shape, from its measured
+parts (docs/quantize.md, "Recipes chosen by measurement").
+
+Builds (once, cached) the 7B shape with random weights at F16 (`owl2 bench --shape`'s cache),
+then times what the chooser does, on this machine: the source's reference pass per question, and
+for a few groups of different sizes one measured pass (the pair written with that group lowered,
+loaded as a bare Decoder, the calibration questions read with teacher forcing). The estimate for
+the whole choice multiplies by the chooser's counts (groups x ladder passes, the default
+calibration's questions), since every group of the 7B spans eight layers and every pass writes
+and reads the whole pair.
+
+    python benchmarks/choose_cost_7b.py [--threads 2] [--questions 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from owl2_edge import recipe
+from owl2_edge.model_dir import Manifest
+from owl2_edge.owl2 import Owl2
+from owl2_edge.tools import choose, evaluate
+from owl2_edge.tools.bench.shapes import shape_folder
+
+# Groups of each kind the chooser makes at 7B: an MLP band (8 x 45 M weights), an attention
+# band (8 x 16.8 M), the visual route's V band (8 x 16.8 M in the sidecar), the embedding.
+TIMED_GROUPS = ("blk.0-7.ffn_down", "blk.8-15.attn_q", "owl2.mam.blk.16-23.attn_v", "token_embd")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--questions", type=int, default=2, help="calibration questions timed")
+    ap.add_argument("--type", default="Q4_K", help="the lowered groups' type")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    folder = shape_folder("7b", "F16", progress=lambda s, d, t: None)
+    print(f"7B F16 folder: {folder} ({time.perf_counter() - t0:.0f} s to build or find)",
+          flush=True)
+    manifest = Manifest.load(folder)
+    base, mam = folder / manifest.decoder_file, folder / manifest.mam_file
+    pair = recipe.matrices(base, mam)
+    groups = {g.name: g for g in choose.groups_of(pair, manifest.decoder.n_layer)}
+    items = evaluate.generated_items(choose.DEFAULT_CALIBRATION, choose.CALIBRATION_SEED)
+    items = items[:args.questions]
+
+    with Owl2.load(folder, device="cpu", n_threads=args.threads, n_ctx=512) as owl:
+        t0 = time.perf_counter()
+        probe = choose.Probe(owl, items, args.threads)
+        reference = time.perf_counter() - t0
+    rows = []
+    with tempfile.TemporaryDirectory(prefix=".owl2-choose-7b-", dir=folder.parent) as scratch:
+        bench = choose._Workbench(base, mam, Path(scratch), None)
+        for name in TIMED_GROUPS:
+            g = groups[name]
+            t0 = time.perf_counter()
+            lowered = bench.pair({k: recipe.TENSOR_TYPES[args.type] for k in g.keys})
+            write = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            kl = probe.kl(*lowered)
+            read = time.perf_counter() - t0
+            rows.append({"group": name, "matrices": len(g.keys), "write_s": round(write, 1),
+                         "measure_s": round(read, 1), "kl": kl})
+            print(json.dumps(rows[-1]), flush=True)
+
+    n_groups = len(groups)
+    per_question_ref = reference / len(probe.questions)
+    write = sum(r["write_s"] for r in rows) / len(rows)
+    measure = sum(r["measure_s"] for r in rows) / len(rows)
+    calibration = choose.DEFAULT_CALIBRATION * 3
+    for ladder in (choose.LADDER, choose.LADDER_IMATRIX):
+        passes = n_groups * len(ladder)
+        # A pass's load + forward scales with the questions; its write does not.
+        per_pass = write + measure * calibration / len(probe.questions)
+        total = per_question_ref * calibration + passes * per_pass
+        print(json.dumps({"ladder": len(ladder), "groups": n_groups, "passes": passes,
+                          "per_pass_s": round(per_pass, 1),
+                          "estimated_hours": round(total / 3600, 1),
+                          "calibration_questions": calibration,
+                          "positions_per_question": probe.positions / len(probe.questions)}))
+
+
+if __name__ == "__main__":
+    main()

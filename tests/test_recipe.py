@@ -1,0 +1,363 @@
+"""Per-tensor types and recipes chosen by measurement (owl2_edge/recipe.py, tools/choose.py,
+docs/quantize.md "Per-tensor types" and "Recipes chosen by measurement"), on the trained demo
+model, whose answers depend on the picture and whose widths fill K-quant blocks.
+
+The source folders are converted from the committed checkpoint (needs torch); quantizing and
+choosing do not.
+"""
+
+import itertools
+import json
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from owl2_edge import names, quant, recipe  # noqa: E402
+from owl2_edge.convert import DEMO_CHECKPOINT  # noqa: E402
+from owl2_edge.errors import ArgumentError  # noqa: E402
+from owl2_edge.model_dir import Manifest  # noqa: E402
+from owl2_edge.owl2 import Owl2  # noqa: E402
+from owl2_edge.prompt import Turn, render  # noqa: E402
+from owl2_edge.tools import choose, compare, evaluate, imatrix  # noqa: E402
+from owl2_edge.tools.demo_image import sample_image, sample_questions  # noqa: E402
+from owl2_edge.tools.quantize import quantize_folder  # noqa: E402
+
+T = gguf.GGMLQuantizationType
+
+
+def _convert(out, q, **kw):
+    from owl2_edge.tools.converting import convert
+    convert(DEMO_CHECKPOINT, out, q, ("fp32",), force=False, **kw)
+    return out
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("recipe")
+
+
+@pytest.fixture(scope="module")
+def f16_dir(root):
+    return _convert(root / "F16", "F16")
+
+
+@pytest.fixture(scope="module")
+def f32_dir(root):
+    return _convert(root / "F32", "F32")
+
+
+@pytest.fixture(scope="module")
+def q2k_dir(root, f16_dir):
+    quantize_folder(f16_dir, root / "Q2_K", "Q2_K")
+    return root / "Q2_K"
+
+
+def _load(folder):
+    return Owl2.load(folder, device="cpu", n_ctx=256)
+
+
+def _tensors(folder):
+    m = Manifest.load(folder)
+    out = {}
+    for f, prefix in ((m.decoder_file, ""), (m.mam_file, recipe.SIDECAR_PREFIX)):
+        for t in gguf.GGUFReader(folder / f).tensors:
+            out[prefix + t.name] = t
+    return out
+
+
+def _owl2(*args, timeout=300):
+    code = "import sys; from owl2_edge.cli import main; sys.argv[0] = 'owl2'; main()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# --- per-tensor overrides ----------------------------------------------------------------------------
+
+OVERRIDES = ["^owl2\\.mam\\..*attn_v=Q8_0", "ffn_down=q2_k", "blk\\.1\\.attn_q=F16"]
+
+
+def test_overrides_retype_the_matching_matrices_and_nothing_else(f16_dir, root):
+    plain = root / "plain-Q4_K_M"
+    quantize_folder(f16_dir, plain, "Q4_K_M")
+    out = root / "over-Q4_K_M"
+    manifest = quantize_folder(f16_dir, out, "Q4_K_M", overrides=recipe.overrides_of(
+        OVERRIDES, output_type="Q8_0", token_embedding_type="Q5_K"))
+    before, after, source = _tensors(plain), _tensors(out), _tensors(f16_dir)
+    assert set(before) == set(after)
+    expected = {}
+    for key, t in before.items():
+        if len(t.shape) == 1 or int(t.shape[1]) == 1:
+            expected[key] = int(t.tensor_type)   # norms: never overridden
+        elif key == "output.weight":
+            expected[key] = T.Q8_0
+        elif key == "token_embd.weight":
+            expected[key] = T.Q5_K
+        elif key.startswith("owl2.mam.") and ".attn_v." in key:
+            expected[key] = T.Q8_0
+        elif "ffn_down" in key:
+            expected[key] = T.Q2_K
+        elif key == "blk.1.attn_q.weight":
+            expected[key] = T.F16
+        else:
+            expected[key] = int(t.tensor_type)
+    assert {k: int(t.tensor_type) for k, t in after.items()} == expected
+    for key, t in after.items():
+        raw = np.asarray(t.data).view(np.uint8).tobytes()
+        if expected[key] == int(before[key].tensor_type):
+            # Unchanged: llama.cpp's own bytes.
+            assert raw == np.asarray(before[key].data).view(np.uint8).tobytes(), key
+        else:
+            # Changed: ggml's rounding of the full-precision source, not of the Q4_K_M values.
+            want = quant.encode(quant.decode(source[key]), key, expected[key])
+            assert raw == want.tobytes(), key
+    assert manifest.recipe["tensor_types"][:2] == [["^output\\.weight$", "Q8_0"],
+                                                   ["^token_embd\\.weight$", "Q5_K"]]
+    assert manifest.recipe["changed"]["owl2.mam.blk.0.attn_v.weight"] == "Q8_0"
+    assert Manifest.load(out).recipe == manifest.recipe
+
+    question, answer = sample_questions(0)[0]
+    with _load(out) as owl:
+        assert owl.ask(sample_image(0), question, temperature=0, max_tokens=8) == answer
+    from owl2_edge.tools import llama_stock
+    llm = llama_stock.Llama(model_path=str(out / manifest.decoder_file), n_ctx=32, n_threads=2,
+                            logits_all=True, verbose=False)
+    try:  # the base is still a stock llama.cpp file, mixed types and all
+        llm.eval([1, 100, 200])
+        assert np.isfinite(np.array(llm.scores[:3])).all()
+    finally:
+        llm.close()
+
+
+def test_the_visual_route_runs_at_its_own_type(f16_dir, root):
+    """The sidecar's K/V at Q2_K under a Q8_0 base: image positions change, text-only prompts
+    give the very same logits (they never read the sidecar's matrices)."""
+    q8 = root / "route-Q8_0"
+    quantize_folder(f16_dir, q8, "Q8_0")
+    low = root / "route-visual-Q2_K"
+    quantize_folder(f16_dir, low, "Q8_0", overrides=[recipe.parse_override(
+        "^owl2\\.mam\\.blk\\.\\d+\\.attn_[kv]=Q2_K")])
+    types = quant.read_tensor_types(low / Manifest.load(low).mam_file)
+    assert types["blk.0.attn_k.weight"] == T.Q2_K
+    assert quant.read_tensor_types(low / Manifest.load(low).decoder_file)[
+        "blk.0.attn_k.weight"] == T.Q8_0
+    text = render([Turn("How many shapes are there?")], n_images=0)
+    picture = render([Turn("How many shapes are there?")], n_images=1)
+    with _load(q8) as a, _load(low) as b:
+        assert np.array_equal(a.logits(text), b.logits(text))
+        la, lb = a.logits(picture, [sample_image(0)]), b.logits(picture, [sample_image(0)])
+        before = a.tokenize(picture).index(names.IMAGE_TOKEN_ID)
+        assert np.array_equal(la[:before], lb[:before])      # text before the picture
+        assert not np.allclose(la[before:], lb[before:], atol=1e-6)
+        assert la[-1].argmax() == lb[-1].argmax()            # lowered, not broken
+
+
+def test_convert_takes_the_same_overrides_as_quantize(f16_dir, root):
+    args = recipe.overrides_of(["attn_output=Q6_K"], token_embedding_type="Q8_0")
+    converted = _convert(root / "convert-over", "Q4_K_M", overrides=args)
+    quantized = root / "quantize-over"
+    quantize_folder(f16_dir, quantized, "Q4_K_M", overrides=args)
+    m = Manifest.load(converted)
+    assert m.recipe["changed"]["token_embd.weight"] == "Q8_0"
+    assert m.source == str(DEMO_CHECKPOINT.resolve())
+    # The pair ids differ (each conversion draws one), so the tensors are compared.
+    a, b = _tensors(converted), _tensors(quantized)
+    assert set(a) == set(b)
+    for key in a:
+        assert np.array_equal(np.asarray(a[key].data), np.asarray(b[key].data)), key
+
+
+def test_resolve_refuses_what_it_cannot_do():
+    pair = [recipe.Matrix("blk.0.ffn_down.weight", 64, 96, T.F16),
+            recipe.Matrix("owl2.mam.blk.0.attn_v.weight", 64, 256, T.F16)]
+    with pytest.raises(ArgumentError, match=r"rows of 96 values, not whole Q4_K blocks of 256"):
+        recipe.resolve(pair, [recipe.parse_override("ffn_down=Q4_K")], None)
+    with pytest.raises(ArgumentError, match="matches no matrix"):
+        recipe.resolve(pair, [recipe.parse_override("attn_q=Q4_K")], None)
+    with pytest.raises(ArgumentError, match="IQ2_XS needs an importance matrix with an entry "
+                                            "for owl2.mam.blk.0.attn_v.weight"):
+        recipe.resolve(pair, [recipe.parse_override("attn_v=IQ2_XS")], {"blk.0.attn_v.weight"})
+    # The first match wins; a type's spelling is free.
+    got = recipe.resolve(pair, [recipe.parse_override("mam=q8_0"),
+                                recipe.parse_override("attn_v=Q2_K"),
+                                recipe.parse_override("down=q4_0")], None)
+    assert got == {"blk.0.ffn_down.weight": T.Q4_0, "owl2.mam.blk.0.attn_v.weight": T.Q8_0}
+    for bad, message in (("attn_v", "is not PATTERN=TYPE"), ("=Q4_K", "is not PATTERN=TYPE"),
+                         ("attn_v=Q4_9", "unknown tensor type 'Q4_9'"),
+                         ("attn_v(=Q4_K", "is not a regular expression")):
+        with pytest.raises(ArgumentError, match=message):
+            recipe.parse_override(bad)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-q", "Q4_K_M", "--tensor-type", "attn_v=Q4_9"], "unknown tensor type 'Q4_9'"),
+    (["-q", "Q4_K_M", "--tensor-type", "atn_v=Q6_K"], "the pattern matches no matrix"),
+    (["-q", "Q4_K_M", "--tensor-type", "attn_v=IQ2_XS"], "IQ2_XS needs an importance matrix"),
+    (["-q", "Q4_K_M", "--output-tensor-type", "Q9"], "--output-tensor-type: unknown tensor type"),
+    (["-q", "Q4_K_M", "--target-size", "1MiB"], "leave out --quant"),
+    (["--target-size", "1MiB", "--tensor-type", "attn_v=Q6_K"], "leave out --quant"),
+    (["--target-size", "1MiB", "--target-bpw", "3"], "give one of --target-size and"),
+    (["--target-size", "lots"], "--target-size 'lots' is not a size"),
+    (["--target-bpw", "0.5"], "--target-bpw must be between 1 and 32"),
+    (["--target-size", "100KiB"], "below the smallest recipe"),
+    (["-q", "Q4_K_M", "--calibration", "3"], "--calibration, --data and --estimate go with"),
+    ([], "give --quant TYPE, or --target-size"),
+    (["--target-size", "2MiB", "--estimate", "guess"], "--estimate must be one of measured, sca"),
+])
+def test_recipe_refusals_are_one_line(args, message, f16_dir, tmp_path):
+    r = _owl2("quantize", f16_dir, "-o", tmp_path / "out", *args)
+    assert r.returncode == 1 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# --- choosing --------------------------------------------------------------------------------------
+
+def test_knapsack_finds_the_least_cost_that_fits():
+    rng = np.random.default_rng(0)
+    for trial in range(30):
+        groups = []
+        for g in range(4):
+            types = [f"t{i}" for i in range(int(rng.integers(1, 4)))]
+            groups.append(choose.Group(f"g{g}", [f"g{g}"], "",
+                                       cost={t: float(rng.random()) for t in types},
+                                       size={t: int(rng.integers(1, 40)) * 32 for t in types}))
+        capacity = int(rng.integers(100, 600))
+        best, best_cost = None, np.inf
+        for combo in itertools.product(*(list(g.cost) for g in groups)):
+            size = sum(g.size[t] for g, t in zip(groups, combo))
+            cost = sum(g.cost[t] for g, t in zip(groups, combo))
+            if size <= capacity and cost < best_cost:
+                best, best_cost = combo, cost
+        got = choose.knapsack(groups, capacity, resolution=capacity)
+        if best is None:
+            assert got is None
+        else:
+            assert sum(g.size[got[g.name]] for g in groups) <= capacity
+            assert sum(g.cost[got[g.name]] for g in groups) == pytest.approx(best_cost)
+
+
+def test_groups_cover_every_matrix_once_with_the_visual_route_apart(f16_dir):
+    m = Manifest.load(f16_dir)
+    pair = recipe.matrices(f16_dir / m.decoder_file, f16_dir / m.mam_file)
+    groups = choose.groups_of(pair, m.decoder.n_layer, bands=2)
+    keys = [k for g in groups for k in g.keys]
+    assert sorted(keys) == sorted(x.key for x in pair)
+    names_ = {g.name for g in groups}
+    assert {"token_embd", "output", "blk.0-1.ffn_down", "blk.2-3.attn_q",
+            "owl2.mam.blk.0-1.attn_k", "owl2.mam.blk.2-3.attn_v"} <= names_
+    for g in groups:  # each group's pattern, as --tensor-type, names exactly its matrices
+        o = recipe.parse_override(f"{g.pattern}=Q8_0")
+        assert sorted(x.key for x in pair if o.matches(x.key)) == sorted(g.keys), g.name
+
+
+def test_a_recipe_at_q2_k_size_beats_stock_q2_k(f16_dir, f32_dir, q2k_dir, root):
+    """`owl2 quantize --target-size` at plain Q2_K's bytes: within the size, a held-out KL far
+    below Q2_K's, the choice printed and kept in the manifest."""
+    target = choose.pair_bytes([q2k_dir / Manifest.load(q2k_dir).decoder_file,
+                                q2k_dir / Manifest.load(q2k_dir).mam_file])
+    out = root / "recipe-Q2_K"
+    r = _owl2("quantize", f16_dir, "-o", out, "--target-size", target, "--calibration", 2,
+              "--threads", 2)
+    assert r.returncode == 0, r.stderr
+    assert "kept: the recipe" in r.stderr and "stock Q2_K:" in r.stderr, r.stderr
+    assert "owl2.mam.blk.0.attn_k" in r.stderr  # the visual route is chosen for on its own
+    m = Manifest.load(out)
+    assert choose.pair_bytes([out / m.decoder_file, out / m.mam_file]) <= target
+    chosen = m.recipe["chosen"]
+    assert chosen["winner"] == "recipe" and chosen["target_bytes"] == target
+    assert chosen["recipe_kl"] < chosen["rivals"]["Q2_K"]["kl"]
+    assert len(m.recipe["tensor_types"]) == len(chosen["groups"])
+
+    items = evaluate.generated_items(10, seed=3)  # held out from the calibration's seed
+    with _load(f32_dir) as owl:
+        refs = compare.reference_pass(owl, items)
+    kl = {}
+    for folder in (q2k_dir, out):
+        with _load(folder) as owl:
+            kl[folder.name] = compare.candidate_pass(owl, items, refs).to_dict()["kl_mean"]
+    assert kl[out.name] < kl[q2k_dir.name] / 2, kl
+
+
+def test_the_chooser_keeps_a_stock_type_that_measures_as_well(f16_dir, root):
+    """At Q8_0's size the best the ladder can do is Q8_0 everywhere, stock Q8_0's very bytes:
+    the stock type is kept (a tie goes to the stock type)."""
+    q8 = root / "stock-Q8_0"
+    quantize_folder(f16_dir, q8, "Q8_0")
+    m8 = Manifest.load(q8)
+    target = choose.pair_bytes([q8 / m8.decoder_file, q8 / m8.mam_file])
+    out = root / "recipe-Q8_0"
+    items = evaluate.generated_items(1, choose.CALIBRATION_SEED)
+    manifest, choice = choose.quantize_to_target(f16_dir, out, target, _load, items=items)
+    assert choice.winner == "Q8_0" and manifest.quant == "Q8_0"
+    assert manifest.recipe["tensor_types"] == [] and manifest.recipe["chosen"]["winner"] == "Q8_0"
+    assert (out / manifest.decoder_file).read_bytes() == (q8 / m8.decoder_file).read_bytes()
+
+
+def test_target_bpw_counts_every_weight_of_the_pair(f16_dir):
+    m = Manifest.load(f16_dir)
+    n = choose.pair_weights(f16_dir, m)
+    assert choose.target_from(None, 4.0, f16_dir, m) == n // 2
+    assert choose.target_from("1.5MiB", None, f16_dir, m) == 3 * 2**19
+    # F16: 16 bits per weight, and a little more for the keys and the tokenizer.
+    size = choose.pair_bytes([f16_dir / m.decoder_file, f16_dir / m.mam_file])
+    assert 16 <= size * 8 / n < 16.5
+
+
+def test_an_importance_matrix_widens_the_ladder(f16_dir, root):
+    with _load(f16_dir) as owl:
+        im = imatrix.collect(owl, imatrix.calibration_prompts(8))
+    m = Manifest.load(f16_dir)
+    items = evaluate.generated_items(1, choose.CALIBRATION_SEED)
+    with _load(f16_dir) as owl:
+        choice = choose.choose(f16_dir, m, 1_500_000, owl, im, items)
+    for g in choice.groups:
+        if g.name == "token_embd":  # looked up, not multiplied: no entry, no IQ2_XS
+            assert set(g.cost) == set(choose.LADDER_IMATRIX) - {"IQ2_XS"}
+        else:
+            assert set(g.cost) == set(choose.LADDER_IMATRIX), g.name
+    assert choice.recipe_bytes <= 1_500_000
+    json.dumps(choice.record())  # the manifest can hold it
+
+
+def _ranks(x):
+    return np.argsort(np.argsort(np.asarray(x)))
+
+
+def test_scaled_costs_rank_like_the_measured_ones(f16_dir, q2k_dir, f32_dir, root):
+    """--estimate scaled measures one type per group and scales the rest by rounding error: on
+    the demo model its costs rank the (group, type) pairs as the measured ones do, and its
+    recipe at Q2_K's size still halves Q2_K's held-out KL."""
+    m = Manifest.load(f16_dir)
+    target = choose.pair_bytes([q2k_dir / Manifest.load(q2k_dir).decoder_file,
+                                q2k_dir / Manifest.load(q2k_dir).mam_file])
+    items = evaluate.generated_items(1, choose.CALIBRATION_SEED)
+    with _load(f16_dir) as owl:
+        full = choose.choose(f16_dir, m, target, owl, items=items)
+        scaled = choose.choose(f16_dir, m, target, owl, items=items, estimate="scaled")
+    assert scaled.estimate == "scaled" and scaled.record()["estimate"] == "scaled"
+    pairs = [(g.name, t) for g in full.groups for t in g.cost]
+    a = [dict((g.name, g) for g in full.groups)[n].cost[t] for n, t in pairs]
+    b = [dict((g.name, g) for g in scaled.groups)[n].cost[t] for n, t in pairs]
+    rho = np.corrcoef(_ranks(a), _ranks(b))[0, 1]
+    assert rho > 0.8, rho
+    # The measured type's cost is the very measurement.
+    for gf, gs in zip(full.groups, scaled.groups):
+        lowest = next(iter(gf.size))
+        assert gs.cost[lowest] == pytest.approx(gf.cost[lowest], rel=1e-6)
+    assert scaled.recipe_bytes <= target
+
+    out = root / "recipe-scaled"
+    choose.quantize_to_target(f16_dir, out, target, _load, items=items, estimate="scaled")
+    heldout = evaluate.generated_items(10, seed=3)
+    with _load(f32_dir) as owl:
+        refs = compare.reference_pass(owl, heldout)
+    kl = {}
+    for folder in (q2k_dir, out):
+        with _load(folder) as owl:
+            kl[folder.name] = compare.candidate_pass(owl, heldout, refs).to_dict()["kl_mean"]
+    assert kl[out.name] < kl[q2k_dir.name] / 2, kl
