@@ -361,3 +361,11 @@ def test_scaled_costs_rank_like_the_measured_ones(f16_dir, q2k_dir, f32_dir, roo
         with _load(folder) as owl:
             kl[folder.name] = compare.candidate_pass(owl, heldout, refs).to_dict()["kl_mean"]
     assert kl[out.name] < kl[q2k_dir.name] / 2, kl
+
+
+def test_info_says_how_the_types_were_chosen(f16_dir, root):
+    out = root / "info-over"
+    quantize_folder(f16_dir, out, "Q8_0", overrides=[recipe.parse_override("ffn_up=Q4_K")])
+    r = _owl2("info", out)
+    assert r.returncode == 0, r.stderr
+    assert "quant Q8_0 (4 matrices retyped)" in " ".join(r.stdout.split())

@@ -179,14 +179,17 @@ def _quantize_to_target(src, out, target_size, target_bpw, calibration, data, es
     from owl2_edge.owl2 import Owl2
     from owl2_edge.tools import choose, evaluate
     checks.integer("--calibration", calibration, 1, 1000)
-    items = evaluate.read_items(data, need_answers=False) if data is not None else \
-        evaluate.generated_items(calibration, choose.CALIBRATION_SEED)
+    if data is not None:  # the file's questions measure the groups and check the choice
+        items = check_items = evaluate.read_items(data, need_answers=False)
+    else:
+        items, check_items = choose.generated_sets(calibration)
     target = choose.target_from(target_size, target_bpw, src, Owl2.check_folder(src))
     kwargs = load_kwargs(runtime)
     with progress() as bar:
         manifest, choice = choose.quantize_to_target(
             src, out, target, lambda path: Owl2.load(**{**kwargs, "path": path}), importance,
-            vision, force, items, kwargs.get("n_threads"), stage_reporter(bar), estimate)
+            vision, force, items, kwargs.get("n_threads"), stage_reporter(bar), estimate,
+            check_items)
     for line in choose.describe(choice):
         err.print(escape(line), highlight=False)
     return manifest

@@ -40,6 +40,8 @@ from owl2_edge.tools import compare, evaluate
 
 BANDS = 4
 ESTIMATES = ("measured", "scaled")
+# --estimate scaled measures each group at its lowest type and at this one.
+SCALED_ANCHOR = "Q4_K"
 # The types each group may take, smallest first. IQ2_XS needs an importance matrix, and the IQ3
 # type is only worth its place with one.
 LADDER = ("Q2_K", "Q3_K", "IQ4_XS", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
@@ -49,7 +51,12 @@ RESOLUTION = 4096
 # Calibration questions: generated pictures under a seed of their own, so that `owl2 eval`'s
 # default questions (seed 0) and the benchmarks' held-out ones are other pictures.
 CALIBRATION_SEED = 1000
-DEFAULT_CALIBRATION = 8          # questions per question type
+DEFAULT_CALIBRATION = 16         # questions per question type
+# The chosen pair and the stock types are compared on other questions than those the groups were
+# measured on, and more of them (three passes in all): a choice fitted to a few answer positions
+# must not be taken over a stock type on those same positions.
+CHECK_SEED = 1001
+CHECK_PER_TYPE = 48
 GGUF_ALIGNMENT = 32              # each tensor's data starts on this boundary (GGUF's default)
 _LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 
@@ -80,6 +87,8 @@ class Choice:
     positions: int
     seconds: dict[str, float]
     estimate: str = "measured"
+    check_questions: int = 0           # what recipe_kl and the rivals' KL are measured on
+    check_positions: int = 0
 
     def tensor_types(self) -> dict[str, str]:
         """Matrix key -> type, for every matrix of the chosen recipe."""
@@ -92,7 +101,8 @@ class Choice:
                 "groups": self.types, "predicted_kl": self.predicted_kl,
                 "recipe_bytes": self.recipe_bytes, "recipe_kl": self.recipe_kl,
                 "rivals": self.rivals, "questions": self.questions,
-                "positions": self.positions,
+                "positions": self.positions, "check_questions": self.check_questions,
+                "check_positions": self.check_positions,
                 "seconds": {k: round(v, 2) for k, v in self.seconds.items()}}
 
 
@@ -212,17 +222,34 @@ class _Workbench:
 
 # --- Choosing -------------------------------------------------------------------------------------
 
+def generated_sets(per_type: int = DEFAULT_CALIBRATION
+                   ) -> tuple[list[evaluate.Item], list[evaluate.Item]]:
+    """The built-in calibration questions (per_type of each question type) and check questions."""
+    return (evaluate.generated_items(per_type, CALIBRATION_SEED),
+            evaluate.generated_items(CHECK_PER_TYPE, CHECK_SEED))
+
+
 def _check_estimate(estimate: str) -> None:
     if estimate not in ESTIMATES:
         raise ArgumentError(f"--estimate must be one of {', '.join(ESTIMATES)}, not {estimate!r}")
 
 
+def _anchors(g: Group) -> list[str]:
+    """The types --estimate scaled measures for a group: its lowest and SCALED_ANCHOR."""
+    lowest = next(iter(g.size))
+    return [lowest] + ([SCALED_ANCHOR] if SCALED_ANCHOR in g.size and SCALED_ANCHOR != lowest
+                       else [])
+
+
 def scale_costs(groups: Sequence[Group], base: Path, mam: Path,
                 importance: dict[str, np.ndarray]) -> None:
-    """Fill each group's costs at the types not measured: the measured cost times the ratio of
-    the group's rounding errors, sum over its matrices of E[x_j^2] (W_ij - round(W)_ij)^2 (the
-    importance matrix's E[x_j^2]; 1 where it has no entry). The squared error of a matrix's
-    output is that sum; KL grows with it to first order."""
+    """Fill each group's costs at the types not measured from their rounding errors, the sum
+    over the group's matrices of E[x_j^2] (W_ij - round(W)_ij)^2 (E[x_j^2] from the importance
+    matrix; 1 where it has no entry), which is the squared error of the matrices' outputs. Above
+    the highest measured type the cost scales with the error (KL grows with it to first order);
+    between two measured types it is interpolated on log scales: a group can break below some
+    type (the demo model's token_embd: KL 0.6 at Q2_K, 4e-8 at Q3_K), which no single
+    measurement scales to."""
     import gguf
     values = {}
     for path, prefix in ((base, ""), (mam, recipe.SIDECAR_PREFIX)):
@@ -238,10 +265,22 @@ def scale_costs(groups: Sequence[Group], base: Path, mam: Path,
                 back = _decoder.dequantize(rounded, int(recipe.TENSOR_TYPES[t]), w.shape[-1])
                 sq = np.square(back.reshape(w.shape) - w, dtype=np.float64).sum(axis=0)
                 errors[t] += float(sq @ (weights if weights is not None else np.ones_like(sq)))
-        (measured_type, measured_cost), = g.cost.items()
+        points = sorted(((max(errors[t], 1e-30), max(c, 1e-30)) for t, c in g.cost.items()),
+                        reverse=True)   # largest error first
         for t in g.size:
-            if t != measured_type:
-                g.cost[t] = measured_cost * errors[t] / max(errors[measured_type], 1e-30)
+            if t in g.cost:
+                continue
+            e = max(errors[t], 1e-30)
+            if len(points) == 1 or e <= points[-1][0]:
+                e0, c0 = points[-1]
+                g.cost[t] = c0 * e / e0
+            else:  # from the lowest type's cost up, or between the two measured types
+                (e1, c1), (e2, c2) = points[0], points[-1]
+                if e >= e1:
+                    g.cost[t] = c1 * e / e1
+                else:
+                    f = (np.log(e1) - np.log(e)) / (np.log(e1) - np.log(e2))
+                    g.cost[t] = float(np.exp(np.log(c1) + f * (np.log(c2) - np.log(c1))))
 
 
 def knapsack(groups: Sequence[Group], capacity: int, resolution: int = RESOLUTION
@@ -286,17 +325,23 @@ def pair_bytes(folder_or_paths) -> int:
 
 def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
            items: Sequence[evaluate.Item] | None = None, n_threads: int | None = None,
-           progress: Progress | None = None, estimate: str = "measured") -> Choice:
+           progress: Progress | None = None, estimate: str = "measured",
+           check_items: Sequence[evaluate.Item] | None = None) -> Choice:
     """Measure and choose (module docstring). owl: the source folder loaded (Owl2), for the
     reference answers and the pictures' embeddings. estimate: "measured" (every type of every
-    group a pass of its own) or "scaled" (one pass per group, scaled_costs)."""
+    group a pass of its own) or "scaled" (two passes per group, scale_costs). items: the
+    calibration questions; check_items: those the chosen pair and the stock types are measured
+    on (default: with generated calibration, CHECK_PER_TYPE others; else the same items)."""
     _check_estimate(estimate)
     from owl2_edge.tools.quantize import quantize_decoder
 
     report = progress or (lambda stage, done, total: None)
     started = time.perf_counter()
-    items = list(items) if items is not None else \
-        evaluate.generated_items(DEFAULT_CALIBRATION, CALIBRATION_SEED)
+    if items is None:
+        items, check_items = generated_sets()
+    else:
+        items = list(items)
+        check_items = items if check_items is None else list(check_items)
     base, mam = src / manifest.decoder_file, src / manifest.mam_file
     pair = recipe.matrices(base, mam)
     groups = groups_of(pair, manifest.decoder.n_layer)
@@ -319,11 +364,12 @@ def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
                             f"this chooser can write, {smallest} bytes")
 
     probe = Probe(owl, items, n_threads)
+    check = probe if check_items is items else Probe(owl, check_items, n_threads)
     seconds = {"reference": time.perf_counter() - started}
     with tempfile.TemporaryDirectory(prefix=".owl2-choose-", dir=src.parent) as scratch:
         bench = _Workbench(base, mam, Path(scratch), importance)
         t0 = time.perf_counter()
-        measured = {g.name: list(g.size) if estimate == "measured" else [next(iter(g.size))]
+        measured = {g.name: list(g.size) if estimate == "measured" else _anchors(g)
                     for g in groups}
         steps = sum(len(ts) for ts in measured.values())
         done = 0
@@ -346,7 +392,7 @@ def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
         t0 = time.perf_counter()
         chosen = {k: recipe.TENSOR_TYPES[types[g.name]] for g in groups for k in g.keys}
         recipe_pair = bench.pair(chosen)
-        recipe_bytes, recipe_kl = pair_bytes(recipe_pair), probe.kl(*recipe_pair)
+        recipe_bytes, recipe_kl = pair_bytes(recipe_pair), check.kl(*recipe_pair)
         if recipe_bytes > target_bytes:  # the sizes are exact; this would be a bug here
             raise AssertionError(f"recipe of {recipe_bytes} bytes over {target_bytes}")
 
@@ -364,7 +410,7 @@ def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
             paths = [work / f for f in files]
             size = pair_bytes(paths)
             if size <= target_bytes:
-                rivals[qt.name] = {"bytes": size, "kl": probe.kl(*paths)}
+                rivals[qt.name] = {"bytes": size, "kl": check.kl(*paths)}
                 report("stock types", len(rivals), STOCK_RIVALS)
             shutil.rmtree(work)
         seconds["check"] = time.perf_counter() - t0
@@ -372,14 +418,16 @@ def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
     winner = kept[0] if kept is not None and kept[1]["kl"] <= recipe_kl else "recipe"
     seconds["total"] = time.perf_counter() - started
     return Choice(target_bytes, groups, types, predicted, recipe_bytes, recipe_kl, rivals,
-                  winner, len(probe.questions), probe.positions, seconds, estimate)
+                  winner, len(probe.questions), probe.positions, seconds, estimate,
+                  len(check.questions), check.positions)
 
 
 def quantize_to_target(src, out, target_bytes: int, load: Callable, importance=None,
                        vision: Sequence[str] | None = None, force: bool = False,
                        items: Sequence[evaluate.Item] | None = None,
                        n_threads: int | None = None, progress: Progress | None = None,
-                       estimate: str = "measured"):
+                       estimate: str = "measured",
+                       check_items: Sequence[evaluate.Item] | None = None):
     """Choose a recipe for `target_bytes` (both GGUF files) and write `out` with it; returns
     (the new Manifest, the Choice). load(path) opens a folder as an Owl2 (the caller's runtime
     options). The output folder is checked before anything is measured."""
@@ -398,7 +446,7 @@ def quantize_to_target(src, out, target_bytes: int, load: Callable, importance=N
     check_output_folder(out, force)
     with load(src) as owl:
         choice = choose(src, manifest, target_bytes, owl, importance, items, n_threads, progress,
-                        estimate)
+                        estimate, check_items)
     overrides = [] if choice.winner != "recipe" else \
         [recipe.Override(g.pattern, choice.types[g.name]) for g in choice.groups]
     new = quantize_folder(src, out, label_type(choice), vision, importance, force=force,
@@ -442,9 +490,11 @@ def describe(choice: Choice) -> list[str]:
     for g in choice.groups:
         t = choice.types[g.name]
         lines.append(f"{g.name:<28} {t:<8} {g.cost[t]:>10.2e}")
-    lines.append(f"recipe: {choice.recipe_bytes} bytes, KL {choice.recipe_kl:.3e} measured "
-                 f"({choice.predicted_kl:.3e} predicted) on {choice.questions} questions, "
-                 f"{choice.positions} answer positions")
+    lines.append(f"groups measured on {choice.questions} questions ({choice.positions} answer "
+                 f"positions); recipe and stock types checked on {choice.check_questions} "
+                 f"({choice.check_positions} positions)")
+    lines.append(f"recipe: {choice.recipe_bytes} bytes, KL {choice.recipe_kl:.3e} "
+                 f"(the groups' sum: {choice.predicted_kl:.3e})")
     for name, r in choice.rivals.items():
         lines.append(f"stock {name}: {r['bytes']} bytes, KL {r['kl']:.3e}")
     lines.append("kept: the recipe" if choice.winner == "recipe" else

@@ -61,10 +61,27 @@ def describe(folder: str | Path) -> Table:
             data = manifest.vision_data_files[variant]
             table.add_row(data, _size(folder / data), f"weights of {name}")
     d = manifest.decoder
-    table.caption = (f"quant {manifest.quant} · {d.n_layer} layers · n_embd {d.n_embd} · "
+    table.caption = (f"quant {manifest.quant}{_recipe_note(manifest.recipe)} · {d.n_layer} "
+                     f"layers · n_embd {d.n_embd} · "
                      f"vocab {d.n_vocab} · context {d.n_ctx_train} · {manifest.n_visual} "
                      f"embeddings per {manifest.image.size}px image")
     return table
+
+
+def _recipe_note(recipe: dict) -> str:
+    """How the manifest says the types were chosen, when not by the quant alone."""
+    if not recipe:
+        return ""
+    chosen = recipe.get("chosen")
+    changed = recipe.get("changed")
+    parts = []
+    if isinstance(changed, dict) and changed:
+        parts.append(f"{len(changed)} matrices retyped")
+    if isinstance(chosen, dict) and isinstance(chosen.get("target_bytes"), int):
+        parts.append(f"chosen by measurement for {chosen['target_bytes']} bytes"
+                     + ("" if chosen.get("winner") in (None, "recipe")
+                        else ", stock type kept"))
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def verify(folder: str | Path) -> dict[str, bool | None]:
