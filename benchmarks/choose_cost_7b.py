@@ -5,9 +5,10 @@ Builds (once, cached) the 7B shape with random weights at F16 (`owl2 bench --sha
 then times what the chooser does, on this machine: the source's reference pass per question, and
 for a few groups of different sizes one measured pass (the pair written with that group lowered,
 loaded as a bare Decoder, the calibration questions read with teacher forcing). The estimate for
-the whole choice multiplies by the chooser's counts (groups x ladder passes, the default
-calibration's questions), since every group of the 7B spans eight layers and every pass writes
-and reads the whole pair.
+the whole choice multiplies by the chooser's counts (groups x ladder passes with --estimate
+measured, groups x 2 with scaled, plus its rounding errors; the default calibration and check
+questions; two stock types quantized and checked), since every group of the 7B spans eight
+layers and every pass writes and reads the whole pair.
 
     python benchmarks/choose_cost_7b.py [--threads 2] [--questions 2]
 """
@@ -36,6 +37,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--questions", type=int, default=2, help="calibration questions timed")
     ap.add_argument("--type", default="Q4_K", help="the lowered groups' type")
+    ap.add_argument("--stock-quantize-s", type=float, default=553.0,
+                    help="llama.cpp's quantizer on the 7B F16 base (docs/quantize.md: 553 s "
+                         "for Q4_K_M on 2 cores)")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -45,6 +49,7 @@ def main() -> None:
     manifest = Manifest.load(folder)
     base, mam = folder / manifest.decoder_file, folder / manifest.mam_file
     pair = recipe.matrices(base, mam)
+    by_key = {m.key: m for m in pair}
     groups = {g.name: g for g in choose.groups_of(pair, manifest.decoder.n_layer)}
     items = evaluate.generated_items(choose.DEFAULT_CALIBRATION, choose.CALIBRATION_SEED)
     items = items[:args.questions]
@@ -68,21 +73,37 @@ def main() -> None:
                          "measure_s": round(read, 1), "kl": kl})
             print(json.dumps(rows[-1]), flush=True)
 
+    # --estimate scaled's rounding errors: every matrix at every ladder type, timed on one group.
+    g = groups[TIMED_GROUPS[0]]
+    t0 = time.perf_counter()
+    choose.scale_costs([choose.Group(g.name, g.keys, g.pattern, cost={"Q2_K": 1.0},
+                                     size={t: 0 for t in choose.LADDER})], base, mam, {})
+    per_weight = (time.perf_counter() - t0) / sum(by_key[k].rows * by_key[k].cols for k in g.keys)
+    all_weights = sum(m.rows * m.cols for m in pair)
+
     n_groups = len(groups)
     per_question_ref = reference / len(probe.questions)
     write = sum(r["write_s"] for r in rows) / len(rows)
-    measure = sum(r["measure_s"] for r in rows) / len(rows)
+    forward = sum(r["measure_s"] for r in rows) / len(rows) / len(probe.questions)
     calibration = choose.DEFAULT_CALIBRATION * 3
-    for ladder in (choose.LADDER, choose.LADDER_IMATRIX):
-        passes = n_groups * len(ladder)
-        # A pass's load + forward scales with the questions; its write does not.
-        per_pass = write + measure * calibration / len(probe.questions)
-        total = per_question_ref * calibration + passes * per_pass
-        print(json.dumps({"ladder": len(ladder), "groups": n_groups, "passes": passes,
-                          "per_pass_s": round(per_pass, 1),
-                          "estimated_hours": round(total / 3600, 1),
-                          "calibration_questions": calibration,
-                          "positions_per_question": probe.positions / len(probe.questions)}))
+    check = choose.CHECK_PER_TYPE * 3
+    print(json.dumps({"reference_s_per_question": round(per_question_ref, 1),
+                      "write_s_per_pass": round(write, 1),
+                      "load_and_forward_s_per_question": round(forward, 1),
+                      "rounding_errors_s_per_ladder_type_all_weights":
+                          round(per_weight * all_weights / len(choose.LADDER), 1),
+                      "positions_per_question": probe.positions / len(probe.questions)}))
+    for estimate in choose.ESTIMATES:
+        passes = n_groups * (len(choose.LADDER) if estimate == "measured" else 2)
+        seconds = (per_question_ref * (calibration + check)
+                   + passes * (write + forward * calibration)
+                   + 3 * (write + forward * check)            # the recipe and two stock types
+                   + 2 * args.stock_quantize_s)
+        if estimate == "scaled":
+            seconds += per_weight * all_weights
+        print(json.dumps({"estimate": estimate, "groups": n_groups, "passes": passes,
+                          "calibration_questions": calibration, "check_questions": check,
+                          "estimated_hours": round(seconds / 3600, 1)}))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import re
 import sys
 from pathlib import Path
 
@@ -25,16 +23,8 @@ import numpy as np
 from owl2_edge import _decoder, gguf_names, quant
 from owl2_edge.convert.config import Owl2Config
 from owl2_edge.convert.gguf_pair import add_base_kv, base_targets, mam_targets
-from owl2_edge.llama_log import captured_llama_log
 
 T = gguf.GGMLQuantizationType
-# One dry-run log line per tensor: "[  3/291] blk.0.attn_k.weight - [...], type = f16,"
-# followed by "size = 32.00 MiB -> 9.00 MiB (q4_K)".
-_TENSOR = re.compile(r"\]\s+(\S+)\s+- \[")
-_TARGET = re.compile(r"->\s+[\d.]+ MiB \((\w+)\)")
-_QUANT_SIZE = re.compile(r"quant size\s+=\s+([\d.]+) MiB")
-
-
 def write_hollow_base(cfg: Owl2Config, path: Path) -> None:
     """The base's header (the keys the quantizer reads, every tensor's F16 info) and a sparse hole
     where the data would be."""
@@ -55,23 +45,9 @@ def _bytes(shape, kind) -> int:
 
 def dry_run(base: Path, qt: quant.QuantType) -> tuple[float, dict[str, str]]:
     """llama.cpp's size for the base (MiB) and each tensor's type name."""
-    import llama_cpp
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(qt.file_type)
-    params.dry_run = True
-    with captured_llama_log() as log:
-        rc = llama_cpp.llama_model_quantize(bytes(base), bytes(base.with_suffix(".out")),
-                                            ctypes.byref(params))
-    text = "".join(t for _, t in log.lines)
-    if rc != 0:
-        raise RuntimeError(f"{qt.name}: {log.first_error()}")
-    types, current = {}, None
-    for line in text.splitlines():
-        if m := _TENSOR.search(line):
-            current = m.group(1)
-        if current and (m := _TARGET.search(line)):
-            types[current] = m.group(1)
-    return float(_QUANT_SIZE.search(text).group(1)), types
+    log = quant.llama_quantize(base, base.with_suffix(".out"), qt, dry_run=True)
+    types = {name: _decoder.ggml_type_name(t) for name, t in quant.planned_types(base, qt).items()}
+    return float(quant.DRY_RUN_QUANT_SIZE.search(log).group(1)), types
 
 
 def sidecar_mib(cfg: Owl2Config, base_types: dict[str, str], qt: quant.QuantType) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -103,10 +104,10 @@ def check_imatrix_need(quant: str, importance) -> None:
 # --- llama.cpp's quantizer ------------------------------------------------------------------------
 
 def llama_quantize(src: Path, dst: Path, qt: QuantType, importance: dict[str, np.ndarray] | None = None,
-                   allow_requantize: bool = False) -> None:
-    """llama.cpp's llama_model_quantize with the llama-quantize tool's defaults. importance: GGUF
-    tensor name -> float32 weights per column (an importance matrix's means, as that tool
-    passes them)."""
+                   allow_requantize: bool = False, dry_run: bool = False) -> str:
+    """llama.cpp's llama_model_quantize with the llama-quantize tool's defaults; returns what it
+    logged. importance: GGUF tensor name -> float32 weights per column (an importance matrix's
+    means, as that tool passes them). dry_run: decide every tensor's type, write nothing."""
     import llama_cpp
 
     from owl2_edge.llama_log import captured_llama_log
@@ -115,6 +116,7 @@ def llama_quantize(src: Path, dst: Path, qt: QuantType, importance: dict[str, np
     params.ftype = int(qt.file_type)
     params.nthread = _decoder.default_n_threads()
     params.allow_requantize = bool(allow_requantize)
+    params.dry_run = bool(dry_run)
     keep = []  # what the C array points into lives until the call returns
     if importance:
         entries = (llama_cpp.llama_model_imatrix_data * (len(importance) + 1))()
@@ -133,6 +135,28 @@ def llama_quantize(src: Path, dst: Path, qt: QuantType, importance: dict[str, np
     if rc != 0:
         raise Owl2Error(f"llama.cpp could not quantize the decoder to {qt.name}: "
                         f"{log.first_error() or f'llama_model_quantize returned {rc}'}")
+    return "".join(text for _, text in log.lines)
+
+
+# A dry run logs one line per tensor, "[  3/291] blk.0.attn_k.weight - [...], type = f16," and
+# then "size = 32.00 MiB -> 9.00 MiB (q4_K)" (or "size = ... MiB" alone when it keeps the type).
+_DRY_RUN_TENSOR = re.compile(r"\]\s+(\S+)\s+- \[")
+_DRY_RUN_TARGET = re.compile(r"->\s+[\d.]+ MiB \((\w+)\)")
+DRY_RUN_QUANT_SIZE = re.compile(r"quant size\s+=\s+([\d.]+) MiB")
+
+
+def planned_types(src: Path, qt: QuantType, importance: dict[str, np.ndarray] | None = None
+                  ) -> dict[str, int]:
+    """GGUF tensor name -> the ggml type llama.cpp's quantizer would give it at `qt` (its dry
+    run: no tensor data is read). Tensors it keeps as they are are left out."""
+    log = llama_quantize(src, src.with_name(src.name + ".dry-run"), qt, importance, dry_run=True)
+    types, current = {}, None
+    for line in log.splitlines():
+        if m := _DRY_RUN_TENSOR.search(line):
+            current = m.group(1)
+        if current and (m := _DRY_RUN_TARGET.search(line)):
+            types[current] = _decoder.ggml_type_from_name(m.group(1))
+    return types
 
 
 def read_tensor_types(path: str | Path) -> dict[str, int]:

@@ -271,6 +271,7 @@ def test_a_recipe_at_q2_k_size_beats_stock_q2_k(f16_dir, f32_dir, q2k_dir, root)
     chosen = m.recipe["chosen"]
     assert chosen["winner"] == "recipe" and chosen["target_bytes"] == target
     assert chosen["recipe_kl"] < chosen["rivals"]["Q2_K"]["kl"]
+    assert chosen["rivals"]["Q2_K"]["recipe_lower"] >= choose.CONFIDENCE
     assert len(m.recipe["tensor_types"]) == len(chosen["groups"])
 
     items = evaluate.generated_items(10, seed=3)  # held out from the calibration's seed
@@ -285,7 +286,7 @@ def test_a_recipe_at_q2_k_size_beats_stock_q2_k(f16_dir, f32_dir, q2k_dir, root)
 
 def test_the_chooser_keeps_a_stock_type_that_measures_as_well(f16_dir, root):
     """At Q8_0's size the best the ladder can do is Q8_0 everywhere, stock Q8_0's very bytes:
-    the stock type is kept (a tie goes to the stock type)."""
+    the stock type is kept (the recipe must measure surely better to replace it)."""
     q8 = root / "stock-Q8_0"
     quantize_folder(f16_dir, q8, "Q8_0")
     m8 = Manifest.load(q8)
@@ -369,3 +370,15 @@ def test_info_says_how_the_types_were_chosen(f16_dir, root):
     r = _owl2("info", out)
     assert r.returncode == 0, r.stderr
     assert "quant Q8_0 (4 matrices retyped)" in " ".join(r.stdout.split())
+
+
+def test_the_check_prefers_the_stock_type_unless_surely_worse():
+    probe = choose.Probe.__new__(choose.Probe)
+    probe.questions = [type("Q", (), {"n_answer": 4})() for _ in range(50)]
+    rng = np.random.default_rng(1)
+    stock = rng.exponential(1e-5, 50)
+    assert probe.surely_lower(stock, stock) == 0.0               # a tie is not lower
+    assert probe.surely_lower(stock * 0.2, stock) == 1.0         # five times lower everywhere
+    noisy = stock.copy()
+    noisy[0] += stock.sum()                                      # one bad question doubles the mean
+    assert probe.surely_lower(noisy * 0.9, stock) < choose.CONFIDENCE

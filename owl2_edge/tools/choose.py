@@ -9,15 +9,19 @@
    at the source's precision) reads the same prompts and answers (teacher forcing); the mean
    KL(source || lowered) over the answer positions is that group's cost at that type. The
    questions are about pictures, so they decide the visual route's types as much as the text's.
+   With estimate="scaled" only two types per group are measured (its lowest and SCALED_ANCHOR)
+   and the others follow from their rounding errors (scale_costs).
 3. Choice. Taking the costs to add up, a multiple-choice knapsack (dynamic programming over the
    budget in RESOLUTION steps, each size rounded up, so the choice always fits) picks one type
    per group with the least summed cost whose two files fit the budget.
-4. Check. The chosen pair and the largest stock types that fit the budget (STOCK_RIVALS of them)
-   are measured whole on the same questions; the lowest KL wins, so the chooser keeps a stock
-   type whenever it measures better than its own recipe.
+4. Check. The chosen pair and the largest stock types that fit the budget (STOCK_RIVALS of them;
+   llama.cpp's dry run tells their sizes without making them) are measured whole on check
+   questions; the recipe is written only when its KL is below every one of theirs in 95 % of
+   bootstrap redraws of those questions, else the best stock type is kept: a recipe replaces a
+   stock type only when it surely measures better.
 
 Everything runs on the CPU with the runtime's packages (no torch). The cost is one load and one
-teacher-forced pass of the calibration questions per (group, type): groups × ladder passes.
+teacher-forced pass of the calibration questions per measured (group, type).
 """
 
 from __future__ import annotations
@@ -57,6 +61,11 @@ DEFAULT_CALIBRATION = 16         # questions per question type
 # must not be taken over a stock type on those same positions.
 CHECK_SEED = 1001
 CHECK_PER_TYPE = 48
+# The recipe replaces the stock types only when its check KL is lower in this share of
+# BOOTSTRAP redraws of the check questions: at a few 1e-6 nats the mean of a few hundred
+# positions is one position's luck, and the stock type is the safer bet.
+CONFIDENCE = 0.95
+BOOTSTRAP = 2000
 GGUF_ALIGNMENT = 32              # each tensor's data starts on this boundary (GGUF's default)
 _LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)\.weight$")
 
@@ -180,15 +189,27 @@ class Probe:
 
     def kl(self, base: Path, mam: Path) -> float:
         """Mean KL(source || this pair) over every answer position."""
-        total = 0.0
+        return float(self.kl_sums(base, mam).sum() / self.positions)
+
+    def kl_sums(self, base: Path, mam: Path) -> np.ndarray:
+        """KL(source || this pair) summed over each question's answer positions."""
+        sums = np.zeros(len(self.questions))
         with Decoder(base, mam, n_ctx=self.n_ctx, n_threads=self.n_threads, device="cpu") as dec:
-            for q in self.questions:
+            for i, q in enumerate(self.questions):
                 dec.clear_sequence(0)
                 logits = dec.eval_runs(q.runs, all_logits=True)
                 rows = compare._log_softmax(logits[len(logits) - q.n_answer - 1:-1])
                 p = q.logprobs
-                total += float((np.exp(p) * (p - rows.astype(np.float64))).sum(-1).clip(min=0).sum())
-        return total / self.positions
+                sums[i] = (np.exp(p) * (p - rows.astype(np.float64))).sum(-1).clip(min=0).sum()
+        return sums
+
+    def surely_lower(self, a: np.ndarray, b: np.ndarray) -> float:
+        """How often pair a's mean KL is below pair b's when the questions are drawn again
+        (BOOTSTRAP resamples, a fixed seed): both measured by kl_sums on these questions."""
+        counts = np.array([q.n_answer for q in self.questions])
+        draws = np.random.default_rng(0).integers(0, len(counts), (BOOTSTRAP, len(counts)))
+        positions = counts[draws].sum(1)
+        return float(np.mean(a[draws].sum(1) / positions < b[draws].sum(1) / positions))
 
 
 def _aligned(n: int) -> int:
@@ -227,6 +248,12 @@ def generated_sets(per_type: int = DEFAULT_CALIBRATION
     """The built-in calibration questions (per_type of each question type) and check questions."""
     return (evaluate.generated_items(per_type, CALIBRATION_SEED),
             evaluate.generated_items(CHECK_PER_TYPE, CHECK_SEED))
+
+
+def _stock_bytes(pair: Sequence[recipe.Matrix], fixed: int, planned: dict[str, int]) -> int:
+    """The pair's bytes at a stock type from its planned base types: each sidecar matrix takes
+    the base's type of the same name (quant.write_sidecar), the rest stays as it is."""
+    return fixed + sum(_aligned(m.bytes_at(planned.get(m.name, m.type))) for m in pair)
 
 
 def _check_estimate(estimate: str) -> None:
@@ -392,17 +419,22 @@ def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
         t0 = time.perf_counter()
         chosen = {k: recipe.TENSOR_TYPES[types[g.name]] for g in groups for k in g.keys}
         recipe_pair = bench.pair(chosen)
-        recipe_bytes, recipe_kl = pair_bytes(recipe_pair), check.kl(*recipe_pair)
+        recipe_bytes, recipe_sums = pair_bytes(recipe_pair), check.kl_sums(*recipe_pair)
+        recipe_kl = float(recipe_sums.sum() / check.positions)
         if recipe_bytes > target_bytes:  # the sizes are exact; this would be a bug here
             raise AssertionError(f"recipe of {recipe_bytes} bytes over {target_bytes}")
 
         rivals = {}
         report("stock types", 0, STOCK_RIVALS)
+        base_importance = importance.for_base() if importance is not None else None
         for qt in quant.QUANT_TYPES.values():
             if len(rivals) == STOCK_RIVALS:
                 break
             if qt.name in quant.FLOAT_TYPES or (qt.needs_imatrix and importance is None):
                 continue
+            if _stock_bytes(pair, fixed, quant.planned_types(base, qt, base_importance)) \
+                    > target_bytes:
+                continue  # llama.cpp's dry run says it cannot fit: no need to make it
             work = Path(scratch) / f"stock-{qt.name}"
             work.mkdir()
             files = quantize_decoder(src, manifest, work, qt, importance, False,
@@ -410,12 +442,18 @@ def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
             paths = [work / f for f in files]
             size = pair_bytes(paths)
             if size <= target_bytes:
-                rivals[qt.name] = {"bytes": size, "kl": check.kl(*paths)}
+                sums = check.kl_sums(*paths)
+                rivals[qt.name] = {"bytes": size, "kl": float(sums.sum() / check.positions),
+                                   "recipe_lower": check.surely_lower(recipe_sums, sums)}
                 report("stock types", len(rivals), STOCK_RIVALS)
             shutil.rmtree(work)
         seconds["check"] = time.perf_counter() - t0
+    # The recipe is written only if it is lower than every stock type that fits, and surely so:
+    # in CONFIDENCE of the resampled check sets. Else the best stock type stays.
     kept = min(rivals.items(), key=lambda kv: kv[1]["kl"], default=None)
-    winner = kept[0] if kept is not None and kept[1]["kl"] <= recipe_kl else "recipe"
+    sure = all(r["recipe_lower"] >= CONFIDENCE for r in rivals.values())
+    winner = kept[0] if kept is not None and not (sure and recipe_kl < kept[1]["kl"]) \
+        else "recipe"
     seconds["total"] = time.perf_counter() - started
     return Choice(target_bytes, groups, types, predicted, recipe_bytes, recipe_kl, rivals,
                   winner, len(probe.questions), probe.positions, seconds, estimate,
@@ -496,9 +534,10 @@ def describe(choice: Choice) -> list[str]:
     lines.append(f"recipe: {choice.recipe_bytes} bytes, KL {choice.recipe_kl:.3e} "
                  f"(the groups' sum: {choice.predicted_kl:.3e})")
     for name, r in choice.rivals.items():
-        lines.append(f"stock {name}: {r['bytes']} bytes, KL {r['kl']:.3e}")
+        lines.append(f"stock {name}: {r['bytes']} bytes, KL {r['kl']:.3e} (the recipe lower in "
+                     f"{r['recipe_lower']:.0%} of resampled checks)")
     lines.append("kept: the recipe" if choice.winner == "recipe" else
-                 f"kept: stock {choice.winner} (it measured better than the recipe)")
+                 f"kept: stock {choice.winner} (the recipe did not measure surely better)")
     passes = sum(len(g.cost) for g in choice.groups) if choice.estimate == "measured" \
         else len(choice.groups)
     lines.append(f"chosen in {choice.seconds['total']:.1f} s: {passes} measured passes of "
