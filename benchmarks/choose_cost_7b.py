@@ -56,7 +56,7 @@ def main() -> None:
 
     with Owl2.load(folder, device="cpu", n_threads=args.threads, n_ctx=512) as owl:
         t0 = time.perf_counter()
-        probe = choose.Probe(owl, items, args.threads)
+        probe = choose.Probe(owl, items)
         reference = time.perf_counter() - t0
     rows = []
     with tempfile.TemporaryDirectory(prefix=".owl2-choose-7b-", dir=folder.parent) as scratch:

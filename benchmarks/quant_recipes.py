@@ -93,7 +93,7 @@ def main() -> None:
                 started = time.perf_counter()
                 _, choice = choose.quantize_to_target(
                     args.work / SOURCE, folder, stock_bytes[size_of], load, im, force=True,
-                    n_threads=args.threads, estimate=estimate)
+                    estimate=estimate)
                 seconds = time.perf_counter() - started
                 costs[estimate] = {(g.name, t): c for g in choice.groups
                                    for t, c in g.cost.items()}
@@ -140,6 +140,7 @@ def print_table(rows: list[dict]) -> None:
 
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -162,8 +163,13 @@ def plot(rows: list[dict], path: Path) -> None:
                        color=colour, s=90 if kind == "recipe" else 40, zorder=3)
         if kind == "stock" and not im:
             for r, xi in zip(pick, x):
-                top.annotate(r["name"], (xi, max(r["kl_mean"], floor)), fontsize=7,
-                             xytext=(3, 3), textcoords="offset points")
+                if r["name"] in (*SIZES_OF, "Q8_0", "Q6_K", "Q4_0"):
+                    top.annotate(r["name"], (xi, max(r["kl_mean"], floor)), fontsize=8,
+                                 xytext=(4, 4), textcoords="offset points")
+    for size_of in SIZES_OF:  # the targets
+        x = next(r["bytes"] for r in rows if r["name"] == size_of) / 2**20
+        for ax in (top, bottom):
+            ax.axvline(x, color="grey", ls=":", lw=0.8, zorder=0)
     front, best = [], float("inf")
     for r in sorted(rows, key=lambda r: r["bytes"]):
         if r["kl_mean"] < best:
@@ -173,15 +179,21 @@ def plot(rows: list[dict], path: Path) -> None:
              where="post", color="grey", alpha=0.5, label="Pareto front", zorder=1)
     top.set_yscale("log")
     top.set_xscale("log")
+    top.set_xlim(0.9, 4.8)  # F16/BF16/F32 (8-16 MiB) are off to the right, near zero
+    top.set_ylim(1e-8, 1)
     top.set_ylabel("mean KL against F32 (nats), held-out")
     top.legend(fontsize=8)
     top.grid(alpha=0.3, which="both")
+    bottom.set_xticks([1, 1.25, 1.5, 2, 2.5, 3, 4])
+    bottom.set_xticklabels(["1", "1.25", "1.5", "2", "2.5", "3", "4"])
+    bottom.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     bottom.set_ylabel("worst question type's accuracy")
     bottom.set_xlabel("decoder pair (base + sidecar), MiB")
     bottom.set_ylim(0.5, 1.02)
     bottom.axhline(0.95, color="grey", ls="--", lw=0.8)
     bottom.grid(alpha=0.3, which="both")
-    fig.suptitle("owl2-edge demo model: quality per byte")
+    fig.suptitle("owl2-edge demo model: quality per byte (dotted: the sizes of Q2_K, Q3_K_S, "
+                 "Q3_K_M, Q4_K_M)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

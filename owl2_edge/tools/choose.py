@@ -17,15 +17,18 @@
 4. Check. The chosen pair and the largest stock types that fit the budget (STOCK_RIVALS of them;
    llama.cpp's dry run tells their sizes without making them) are measured whole on check
    questions; the recipe is written only when its KL is below every one of theirs in 95 % of
-   bootstrap redraws of those questions, else the best stock type is kept: a recipe replaces a
-   stock type only when it surely measures better.
+   bootstrap redraws of those questions, else a stock type is kept (the largest that fits,
+   unless the smaller one is surely lower): a recipe replaces a stock type only when it surely
+   measures better.
 
-Everything runs on the CPU with the runtime's packages (no torch). The cost is one load and one
-teacher-forced pass of the calibration questions per measured (group, type).
+Everything runs with the runtime's packages (no torch), on the device and threads the source was
+loaded with. The cost is one load and one teacher-forced pass of the calibration questions per
+measured (group, type).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import shutil
@@ -157,7 +160,7 @@ class _Question:
 class Probe:
     """The calibration questions as the source answered them, and the KL of any pair on them."""
 
-    def __init__(self, owl, items: Sequence[evaluate.Item], n_threads: int | None):
+    def __init__(self, owl, items: Sequence[evaluate.Item]):
         refs = compare.reference_pass(owl, items)
         self.questions = []
         longest = 0
@@ -185,7 +188,8 @@ class Probe:
             raise ArgumentError("no calibration question got an answer to measure")
         self.positions = sum(q.n_answer for q in self.questions)
         self.n_ctx = max(64, longest)
-        self.n_threads = n_threads
+        # The passes run where and as the source was loaded (device, threads, KV type...).
+        self.options = dataclasses.replace(owl.options, n_ctx=self.n_ctx)
 
     def kl(self, base: Path, mam: Path) -> float:
         """Mean KL(source || this pair) over every answer position."""
@@ -194,7 +198,7 @@ class Probe:
     def kl_sums(self, base: Path, mam: Path) -> np.ndarray:
         """KL(source || this pair) summed over each question's answer positions."""
         sums = np.zeros(len(self.questions))
-        with Decoder(base, mam, n_ctx=self.n_ctx, n_threads=self.n_threads, device="cpu") as dec:
+        with Decoder(base, mam, self.options) as dec:
             for i, q in enumerate(self.questions):
                 dec.clear_sequence(0)
                 logits = dec.eval_runs(q.runs, all_logits=True)
@@ -351,8 +355,7 @@ def pair_bytes(folder_or_paths) -> int:
 
 
 def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
-           items: Sequence[evaluate.Item] | None = None, n_threads: int | None = None,
-           progress: Progress | None = None, estimate: str = "measured",
+           items: Sequence[evaluate.Item] | None = None, progress: Progress | None = None, estimate: str = "measured",
            check_items: Sequence[evaluate.Item] | None = None) -> Choice:
     """Measure and choose (module docstring). owl: the source folder loaded (Owl2), for the
     reference answers and the pictures' embeddings. estimate: "measured" (every type of every
@@ -390,8 +393,8 @@ def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
         raise ArgumentError(f"the target {target_bytes} bytes is below the smallest recipe "
                             f"this chooser can write, {smallest} bytes")
 
-    probe = Probe(owl, items, n_threads)
-    check = probe if check_items is items else Probe(owl, check_items, n_threads)
+    probe = Probe(owl, items)
+    check = probe if check_items is items else Probe(owl, check_items)
     seconds = {"reference": time.perf_counter() - started}
     with tempfile.TemporaryDirectory(prefix=".owl2-choose-", dir=src.parent) as scratch:
         bench = _Workbench(base, mam, Path(scratch), importance)
@@ -424,7 +427,7 @@ def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
         if recipe_bytes > target_bytes:  # the sizes are exact; this would be a bug here
             raise AssertionError(f"recipe of {recipe_bytes} bytes over {target_bytes}")
 
-        rivals = {}
+        rivals, rival_sums = {}, {}
         report("stock types", 0, STOCK_RIVALS)
         base_importance = importance.for_base() if importance is not None else None
         for qt in quant.QUANT_TYPES.values():
@@ -442,18 +445,21 @@ def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
             paths = [work / f for f in files]
             size = pair_bytes(paths)
             if size <= target_bytes:
-                sums = check.kl_sums(*paths)
+                sums = rival_sums[qt.name] = check.kl_sums(*paths)
                 rivals[qt.name] = {"bytes": size, "kl": float(sums.sum() / check.positions),
                                    "recipe_lower": check.surely_lower(recipe_sums, sums)}
                 report("stock types", len(rivals), STOCK_RIVALS)
             shutil.rmtree(work)
         seconds["check"] = time.perf_counter() - t0
     # The recipe is written only if it is lower than every stock type that fits, and surely so:
-    # in CONFIDENCE of the resampled check sets. Else the best stock type stays.
-    kept = min(rivals.items(), key=lambda kv: kv[1]["kl"], default=None)
+    # in CONFIDENCE of the resampled check sets. Else a stock type stays: the largest that fits,
+    # unless a smaller one is surely lower than it by the same rule.
+    kept = next(iter(rivals), None)
+    for name in rivals:
+        if check.surely_lower(rival_sums[name], rival_sums[kept]) >= CONFIDENCE:
+            kept = name
     sure = all(r["recipe_lower"] >= CONFIDENCE for r in rivals.values())
-    winner = kept[0] if kept is not None and not (sure and recipe_kl < kept[1]["kl"]) \
-        else "recipe"
+    winner = kept if kept is not None and not sure else "recipe"
     seconds["total"] = time.perf_counter() - started
     return Choice(target_bytes, groups, types, predicted, recipe_bytes, recipe_kl, rivals,
                   winner, len(probe.questions), probe.positions, seconds, estimate,
@@ -463,7 +469,7 @@ def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
 def quantize_to_target(src, out, target_bytes: int, load: Callable, importance=None,
                        vision: Sequence[str] | None = None, force: bool = False,
                        items: Sequence[evaluate.Item] | None = None,
-                       n_threads: int | None = None, progress: Progress | None = None,
+                       progress: Progress | None = None,
                        estimate: str = "measured",
                        check_items: Sequence[evaluate.Item] | None = None):
     """Choose a recipe for `target_bytes` (both GGUF files) and write `out` with it; returns
@@ -483,7 +489,7 @@ def quantize_to_target(src, out, target_bytes: int, load: Callable, importance=N
         raise ArgumentError("the output folder is the source folder; choose another one")
     check_output_folder(out, force)
     with load(src) as owl:
-        choice = choose(src, manifest, target_bytes, owl, importance, items, n_threads, progress,
+        choice = choose(src, manifest, target_bytes, owl, importance, items, progress,
                         estimate, check_items)
     overrides = [] if choice.winner != "recipe" else \
         [recipe.Override(g.pattern, choice.types[g.name]) for g in choice.groups]
