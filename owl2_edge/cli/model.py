@@ -15,7 +15,6 @@ from owl2_edge.cli.quality import compare_folders, print_comparison
 from owl2_edge.errors import ArgumentError, Owl2Error
 from owl2_edge.names import DEFAULT_VISION_VARIANTS, VISION_VARIANT_NOTES
 from owl2_edge.tools import converting
-from owl2_edge.tools.choose import DEFAULT_CALIBRATION
 from owl2_edge.tools.evaluate import DEFAULT_MAX_TOKENS
 
 _IMATRIX_HELP = ("Importance matrix from `owl2 imatrix` (the very low-bit types need one; "
@@ -110,9 +109,9 @@ def quantize_cmd(
                                     "files fit this size (bytes, or 1.6MiB, 2.8GiB)."),
     target_bpw: Optional[float] = typer.Option(
         None, "--target-bpw", help="As --target-size, in bits per weight of the decoder pair."),
-    calibration: int = typer.Option(
-        DEFAULT_CALIBRATION, "--calibration",
-        help="With --target-*: generated calibration questions per question type."),
+    calibration: Optional[int] = typer.Option(
+        None, "--calibration",
+        help="With --target-*: generated calibration questions per question type (default 16)."),
     data: Optional[Path] = typer.Option(
         None, "--data", help="With --target-*: calibration questions from a JSONL file (as owl2 "
                              "eval's --data) instead of generated ones."),
@@ -147,7 +146,7 @@ def quantize_cmd(
                                 "out --quant, --tensor-type and the other per-tensor options")
         if not targeted and quant is None:
             raise ArgumentError("give --quant TYPE, or --target-size/--target-bpw")
-        if not targeted and (data is not None or calibration != DEFAULT_CALIBRATION
+        if not targeted and (data is not None or calibration is not None
                              or estimate != "measured"):
             raise ArgumentError("--calibration, --data and --estimate go with "
                                 "--target-size/--target-bpw")
@@ -178,6 +177,9 @@ def _quantize_to_target(src, out, target_size, target_bpw, calibration, data, es
     from owl2_edge import checks
     from owl2_edge.owl2 import Owl2
     from owl2_edge.tools import choose, evaluate
+    # tools.choose loads gguf-py & co.: only when a recipe is chosen (the CLI's import stays light)
+    if calibration is None:
+        calibration = choose.DEFAULT_CALIBRATION
     checks.integer("--calibration", calibration, 1, 1000)
     if data is not None:  # the file's questions measure the groups and check the choice
         items = check_items = evaluate.read_items(data, need_answers=False)

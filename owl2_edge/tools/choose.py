@@ -58,7 +58,7 @@ RESOLUTION = 4096
 # Calibration questions: generated pictures under a seed of their own, so that `owl2 eval`'s
 # default questions (seed 0) and the benchmarks' held-out ones are other pictures.
 CALIBRATION_SEED = 1000
-DEFAULT_CALIBRATION = 16         # questions per question type
+DEFAULT_CALIBRATION = 16         # questions per question type (the CLI help of --calibration says it)
 # The chosen pair and the stock types are compared on other questions than those the groups were
 # measured on, and more of them (three passes in all): a choice fitted to a few answer positions
 # must not be taken over a stock type on those same positions.
