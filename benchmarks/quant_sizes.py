@@ -46,7 +46,7 @@ def _bytes(shape, kind) -> int:
 def dry_run(base: Path, qt: quant.QuantType) -> tuple[float, dict[str, str]]:
     """llama.cpp's size for the base (MiB) and each tensor's type name."""
     log = quant.llama_quantize(base, base.with_suffix(".out"), qt, dry_run=True)
-    types = {name: _decoder.ggml_type_name(t) for name, t in quant.planned_types(base, qt).items()}
+    types = {name: _decoder.ggml_type_name(t) for name, t in quant.planned_types_in(log).items()}
     return float(quant.DRY_RUN_QUANT_SIZE.search(log).group(1)), types
 
 

@@ -149,7 +149,12 @@ def planned_types(src: Path, qt: QuantType, importance: dict[str, np.ndarray] | 
                   ) -> dict[str, int]:
     """GGUF tensor name -> the ggml type llama.cpp's quantizer would give it at `qt` (its dry
     run: no tensor data is read). Tensors it keeps as they are are left out."""
-    log = llama_quantize(src, src.with_name(src.name + ".dry-run"), qt, importance, dry_run=True)
+    return planned_types_in(llama_quantize(src, src.with_name(src.name + ".dry-run"), qt,
+                                           importance, dry_run=True))
+
+
+def planned_types_in(log: str) -> dict[str, int]:
+    """The tensor types a dry run's log gives (planned_types)."""
     types, current = {}, None
     for line in log.splitlines():
         if m := _DRY_RUN_TENSOR.search(line):

@@ -76,6 +76,18 @@ def _owl2(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _heldout_kl(f32_dir, folders):
+    """Folder name -> mean KL against F32 on questions held out from the calibration's seed."""
+    items = evaluate.generated_items(10, seed=3)
+    with _load(f32_dir) as owl:
+        refs = compare.reference_pass(owl, items)
+    kl = {}
+    for folder in folders:
+        with _load(folder) as owl:
+            kl[folder.name] = compare.candidate_pass(owl, items, refs).to_dict()["kl_mean"]
+    return kl
+
+
 # --- per-tensor overrides ----------------------------------------------------------------------------
 
 OVERRIDES = ["^owl2\\.mam\\..*attn_v=Q8_0", "ffn_down=q2_k", "blk\\.1\\.attn_q=F16"]
@@ -274,13 +286,7 @@ def test_a_recipe_at_q2_k_size_beats_stock_q2_k(f16_dir, f32_dir, q2k_dir, root)
     assert chosen["rivals"]["Q2_K"]["recipe_lower"] >= choose.CONFIDENCE
     assert len(m.recipe["tensor_types"]) == len(chosen["groups"])
 
-    items = evaluate.generated_items(10, seed=3)  # held out from the calibration's seed
-    with _load(f32_dir) as owl:
-        refs = compare.reference_pass(owl, items)
-    kl = {}
-    for folder in (q2k_dir, out):
-        with _load(folder) as owl:
-            kl[folder.name] = compare.candidate_pass(owl, items, refs).to_dict()["kl_mean"]
+    kl = _heldout_kl(f32_dir, (q2k_dir, out))
     assert kl[out.name] < kl[q2k_dir.name] / 2, kl
 
 
@@ -354,13 +360,7 @@ def test_scaled_costs_rank_like_the_measured_ones(f16_dir, q2k_dir, f32_dir, roo
 
     out = root / "recipe-scaled"
     choose.quantize_to_target(f16_dir, out, target, _load, items=items, estimate="scaled")
-    heldout = evaluate.generated_items(10, seed=3)
-    with _load(f32_dir) as owl:
-        refs = compare.reference_pass(owl, heldout)
-    kl = {}
-    for folder in (q2k_dir, out):
-        with _load(folder) as owl:
-            kl[folder.name] = compare.candidate_pass(owl, heldout, refs).to_dict()["kl_mean"]
+    kl = _heldout_kl(f32_dir, (q2k_dir, out))
     assert kl[out.name] < kl[q2k_dir.name] / 2, kl
 
 
