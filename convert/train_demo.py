@@ -1,31 +1,36 @@
 """Trains the demo model: a 5.3 M-parameter mPLUG-Owl2 of the real architecture that answers
-questions about generated pictures of shapes (owl2_edge/scenes.py), on a 2-core CPU.
+questions about generated pictures of shapes and clips of them (owl2_edge/scenes.py), on a
+2-core CPU.
 
-    python -m owl2_edge.convert.train_demo OUT_DIR [--seed 0] [--stage1-steps 1700]
-                                                   [--stage2-steps 4000] [--threads N]
+    python -m owl2_edge.convert.train_demo OUT_DIR [--seed 0] [--stage1-steps 1400]
+                                                   [--stage2-steps 3200] [--stage3-steps 800]
+                                                   [--init CHECKPOINT] [--threads N]
 
 OUT_DIR is a checkpoint in the release's layout (tiny.make_tiny_checkpoint writes it, with a
 tokenizer trained here), which `owl2 convert` takes like the real one. The model and the recipe
-are in docs/design.md §10.
+are in docs/design.md §10; scripts/train_demo.sh is the command that made the committed one.
 
-Why two stages. Trained from scratch on the answer loss alone, the model first learns the
-answers' format and their frequencies, which the text alone predicts ("Red." is as good a colour
-as any); the gradient that would teach the vision tower to see has to flow back through a
-decoder that does not yet look at the image positions, and is too weak to get out of this
-image-blind plateau in the time we have: colour and count rise slowly, "what shape is on the
-left?" stays at chance. Stage 1 therefore trains the vision tower and the abstractor alone, with
-auxiliary linear heads that read the image tokens the decoder will receive (queries 0-4: the
-colour and shape, or nothing, at each of the five places; query 5: the number of shapes). When
-stage 2 starts, the image tokens already carry the answers, and the decoder only has to learn to
-read them, which its visual route (MAM, learning rate 3× the rest) does within minutes.
+Why two stages before the third. Trained from scratch on the answer loss alone, the model first
+learns the answers' format and their frequencies, which the text alone predicts ("Red." is as
+good a colour as any); the gradient that would teach the vision tower to see has to flow back
+through a decoder that does not yet look at the image positions, and is too weak to get out of
+this image-blind plateau in the time we have: colour and count rise slowly, "what shape is on
+the left?" stays at chance. Stage 1 therefore trains the vision tower and the abstractor alone,
+with auxiliary linear heads that read the image tokens the decoder will receive (queries 0-4:
+the colour and shape, or nothing, at each of the five places; query 5: the number of shapes).
+When stage 2 starts, the image tokens already carry the answers, and the decoder only has to
+learn to read them, which its visual route (MAM, learning rate 3× the rest) does within
+minutes. Stage 2 trains on every kind of answer at once (plain questions, the picture as JSON,
+calls of the report_shape tool, clips); stage 3, at 0.3× the rate, dwells on the calls and the
+JSON, which stage 2 left weakest (a shape named by its colour, three shapes in one object).
 
 The schedules are cosine over STEPS (they were over wall time, which gave a faster machine a
 better model), so every machine makes the same steps on the same pictures and questions, and
-runs with one seed are alike everywhere (bit-equal only on one CPU at one thread count). The
-default 1,700 + 4,000 steps took 41 minutes (6 + 35) on the 2-core Xeon with AVX-512 that
-trained the committed model, 2 threads; a step takes about 1.75× as long on a 2-core AMD EPYC.
-Why 4,000 in stage 2: at 2,121 (run 6 of docs/design.md §10) held-out shape-at was 0.948, at
-4,000 it is 0.957, with colour and count at 1.000.
+runs with one seed are alike everywhere (bit-equal only on one CPU at one thread count).
+`--init` starts from a checkpoint's weights (a stage of 0 steps is skipped): the committed model
+is stages 1-2 written to a checkpoint, then stage 3 from it (scripts/train_demo.sh), which
+differs from one uninterrupted run by the bfloat16 rounding of the weights between them and the
+random draws of stage 3. Times are in docs/measurements.md ("The demo model's training runs").
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from owl2_edge import scenes
 from owl2_edge.convert import reference, reference_io, tiny
 from owl2_edge.convert.config import Owl2Config
 from owl2_edge.names import IMAGE_TOKEN_ID, TEXT_ROUTE, VISUAL_ROUTE
-from owl2_edge.prompt import Turn, render
+from owl2_edge.prompt import Turn, render, tools_text
 
 # --- The model (docs/design.md §10) --------------------------------------------------------------
 
@@ -125,29 +130,42 @@ def aux_targets(scene: scenes.Scene) -> list[int]:
 # --- Text: the template, tokenized as the runtime does (docs/architecture.md §7) ----------------
 
 def tokenizer_model() -> bytes:
-    """A 512-piece BPE tokenizer trained on the tiny corpus plus the scenes' conversations."""
+    """A 512-piece BPE tokenizer trained on the tiny corpus plus the scenes' conversations (the
+    JSON answers, the tool text and calls and the clip questions among them)."""
     rng = random.Random(7)
     dialogues = []
     for _ in range(3000):
         q = rng.choice(scenes.random_scene(rng, "train").questions())
+        dialogues.append(f"USER: {q.text} ASSISTANT: {q.answer}")
+    tools = tools_text([scenes.REPORT_TOOL])
+    for _ in range(600):
+        scene = scenes.random_scene(rng, "train")
+        q = scenes.json_question(scene)
+        dialogues.append(f"USER: {q.text} ASSISTANT: {q.answer}")
+        q = rng.choice(scenes.tool_questions(scene))
+        dialogues.append(f"USER: {tools} {q.text} ASSISTANT: {q.answer}")
+        clip = scenes.random_clip(rng, "train", rng.randint(scenes.MIN_FRAMES, scenes.MAX_FRAMES))
+        q = rng.choice(clip.questions())
         dialogues.append(f"USER: {q.text} ASSISTANT: {q.answer}")
     return tiny.train_tokenizer(tiny._corpus() + dialogues + scenes.all_texts() * 20)
 
 
 @dataclass
 class Dialogue:
-    ids: list[int]          # with one IMAGE_TOKEN_ID
+    ids: list[int]          # with one IMAGE_TOKEN_ID per image
     answer_spans: list[tuple[int, int]]  # [start, end) in ids of each answer's tokens (+ </s>)
 
 
-def dialogue(sp, questions: list[scenes.Question]) -> Dialogue:
-    """The conversation about one picture, as the runtime would tokenize each turn's prompt: the
-    answer tokens of turn k are what follows the prompt of turn k in the closed conversation."""
+def dialogue(sp, questions: list[scenes.Question], n_images: int = 1,
+             system: str | None = None) -> Dialogue:
+    """The conversation about n_images pictures (a clip's frames), as the runtime would tokenize
+    each turn's prompt: the answer tokens of turn k are what follows the prompt of turn k in the
+    closed conversation."""
     turns: list[Turn] = []
     spans = []
     ids: list[int] = []
     for q in questions:
-        prompt = render([*turns, Turn(q.text)], n_images=1)
+        prompt = render([*turns, Turn(q.text)], n_images=n_images, system=system)
         prompt_ids = reference_io.tokenize(sp, prompt)
         turns.append(Turn(q.text, q.answer))
         closed = prompt + " " + q.answer + "</s>"
@@ -171,108 +189,176 @@ def pixels_of(scene: scenes.Scene, cfg: Owl2Config, size: int) -> np.ndarray:
     return reference_io.preprocess(scene.draw(size), cfg.preprocess)
 
 
-def picture_batch(rng: random.Random, cfg: Owl2Config, n: int, split: str = "train"):
-    """n scenes, their pixels [n, 3, S, S] and auxiliary targets [n, places + 1].
-
-    The pictures are square, so the runtime's preprocessing is one bicubic resize to S and the
-    normalisation: done here on the whole batch at once (5× faster than picture by picture, and
-    equal to pixels_of up to float rounding)."""
-    s = cfg.preprocess.image_size
-    picked = [scenes.random_scene(rng, split) for _ in range(n)]
-    raw = np.stack([np.asarray(sc.draw(size).resize((s, s), Image.Resampling.BICUBIC)
-                               if (size := rng.choice(DRAW_SIZES)) != s else sc.draw(s))
-                    for sc in picked])
+def _normalised(raw: np.ndarray, cfg: Owl2Config) -> torch.Tensor:
+    """uint8 [N, S, S, 3] -> the runtime's normalisation, float32 [N, 3, S, S]. The pictures are
+    square, so with the resize done by the caller this is the runtime's whole preprocessing
+    (equal to pixels_of up to float rounding, 5× faster on a batch)."""
     mean = torch.tensor(cfg.preprocess.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(cfg.preprocess.image_std).view(1, 3, 1, 1)
-    pixels = (torch.from_numpy(raw).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    return ((torch.from_numpy(raw).permute(0, 3, 1, 2).float() / 255 - mean) / std).contiguous()
+
+
+def _drawn(rng: random.Random, draw, s: int) -> list[np.ndarray]:
+    """draw(size) -> a picture (or a clip's frames) at one of DRAW_SIZES, resized to s."""
+    size = rng.choice(DRAW_SIZES)
+    pictures = draw(size)
+    if not isinstance(pictures, list):
+        pictures = [pictures]
+    return [np.asarray(p if size == s else p.resize((s, s), Image.Resampling.BICUBIC))
+            for p in pictures]
+
+
+def picture_batch(rng: random.Random, cfg: Owl2Config, n: int, split: str = "train"):
+    """n scenes, their pixels [n, 3, S, S] and auxiliary targets [n, places + 1]."""
+    s = cfg.preprocess.image_size
+    picked = [scenes.random_scene(rng, split) for _ in range(n)]
+    raw = np.stack([_drawn(rng, sc.draw, s)[0] for sc in picked])
     targets = torch.tensor([aux_targets(sc) for sc in picked])
-    return picked, pixels.contiguous(), targets
+    return picked, _normalised(raw, cfg), targets
 
 
-def text_batch(sp, rng: random.Random, picked: list[scenes.Scene], turns: int, eos: int):
-    """ids [B, L] (right-padded with eos; one image slot at the same index in every row), the
-    answer mask [B, L] (True on each answer's tokens and its </s>) and the slot's index."""
-    dialogues = []
-    for s in picked:
-        qs = s.questions()
-        # Different questions while the scene has them (a 1-shape scene has only 3).
-        asked = rng.sample(qs, min(turns, len(qs)))
-        asked += [rng.choice(qs) for _ in range(turns - len(asked))]
-        dialogues.append(dialogue(sp, asked))
-    length = max(len(d.ids) for d in dialogues)
-    slot = dialogues[0].ids.index(IMAGE_TOKEN_ID)
-    ids = torch.full((len(dialogues), length), eos, dtype=torch.long)
-    answer = torch.zeros((len(dialogues), length), dtype=torch.bool)
-    for i, d in enumerate(dialogues):
-        if d.ids.index(IMAGE_TOKEN_ID) != slot:
-            raise AssertionError("the image slot moved")
-        ids[i, :len(d.ids)] = torch.tensor(d.ids)
-        for a, b in d.answer_spans:
-            answer[i, a:b] = True
-    return ids, answer, slot
+def clip_batch(rng: random.Random, cfg: Owl2Config, n: int, n_frames: int, split: str = "train"):
+    """n clips of n_frames, and their frames' pixels [n · n_frames, 3, S, S] in clip order."""
+    s = cfg.preprocess.image_size
+    picked = [scenes.random_clip(rng, split, n_frames) for _ in range(n)]
+    raw = np.stack([frame for clip in picked for frame in _drawn(rng, clip.frames, s)])
+    return picked, _normalised(raw, cfg)
+
+
+def _asked(rng: random.Random, pool: list[scenes.Question], turns: int) -> list[scenes.Question]:
+    """Different questions while the pool has them, then repeats."""
+    asked = rng.sample(pool, min(turns, len(pool)))
+    return asked + [rng.choice(pool) for _ in range(turns - len(asked))]
+
+
+def clip_questions(rng: random.Random, clip: scenes.Clip, turns: int) -> list[scenes.Question]:
+    """The question about the change (which way, which shape) in one of the turns, questions on
+    how many frames show a shape in the others."""
+    change, *frames = clip.questions()
+    asked = [rng.choice(frames) for _ in range(turns - 1)]
+    asked.insert(rng.randrange(turns), change)
+    return asked
+
+
+def tool_dialogue_questions(rng: random.Random, scene: scenes.Scene, turns: int,
+                            call_share: float = 0.5) -> list[scenes.Question]:
+    """With the tool offered: a call in about `call_share` of the turns, plain questions in the
+    others."""
+    pool = scenes.tool_questions(scene)
+    calls = [q for q in pool if q.kind == "tool_call"]
+    plain = [q for q in pool if q.kind != "tool_call"]
+    return [rng.choice(calls if rng.random() < call_share else plain) for _ in range(turns)]
+
+
+@dataclass
+class TextBatch:
+    """Rows of spliced sequences, right-padded: token ids where the position is text, the index
+    of an image embedding row (image k's position j is k · n_visual + j) where it is an image's,
+    and the answer tokens to predict."""
+    tokens: torch.Tensor       # [B, T] long (0 at image positions)
+    image_rows: torch.Tensor   # [B, T] long, -1 at text positions
+    rows: torch.Tensor         # [A] the row of each answer token
+    predicted_at: torch.Tensor # [A] the position whose logits predict it
+    targets: torch.Tensor      # [A] the token
+
+
+def text_batch(dialogues: list[Dialogue], n_visual: int, eos: int) -> TextBatch:
+    """The dialogues' ids spliced as the runtime splices them: each IMAGE_TOKEN_ID becomes the
+    next image's n_visual positions, the images numbered across the batch in row order."""
+    spliced, answers, image = [], [], 0
+    for d in dialogues:
+        seq, pos_of = [], []
+        for tok in d.ids:
+            pos_of.append(len(seq))
+            if tok == IMAGE_TOKEN_ID:
+                seq.extend(-(image * n_visual + j) - 1 for j in range(n_visual))
+                image += 1
+            else:
+                seq.append(tok)
+        spliced.append(seq)
+        answers.append([(pos_of[i] - 1, d.ids[i]) for a, b in d.answer_spans for i in range(a, b)])
+    length = max(len(x) for x in spliced)
+    grid = torch.full((len(spliced), length), eos, dtype=torch.long)
+    for i, seq in enumerate(spliced):
+        grid[i, :len(seq)] = torch.tensor(seq)
+    is_image = grid < 0
+    rows = [i for i, a in enumerate(answers) for _ in a]
+    return TextBatch(tokens=torch.where(is_image, 0, grid),
+                     image_rows=torch.where(is_image, -grid - 1, -1),
+                     rows=torch.tensor(rows),
+                     predicted_at=torch.tensor([p for a in answers for p, _ in a]),
+                     targets=torch.tensor([t for a in answers for _, t in a]))
 
 
 # --- The forward pass, batched (the reference's math, checked against it at start) --------------
 
-def _routed(pair: reference.Multiway, x: torch.Tensor, image: slice) -> torch.Tensor:
-    """A multiway module on [B, T, D] whose positions `image` are the picture's (same in every
-    row): text route before and after, visual route on them (docs/architecture.md §4.1)."""
-    return torch.cat([pair.multiway[TEXT_ROUTE](x[:, :image.start]),
-                      pair.multiway[VISUAL_ROUTE](x[:, image]),
-                      pair.multiway[TEXT_ROUTE](x[:, image.stop:])], dim=1)
+def _routed(pair: reference.Multiway, x: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+    """A multiway module on [B, T, D]: the visual route where `visual` [B, T] is set (the
+    pictures' positions), the text route elsewhere (docs/architecture.md §4.1). Each route runs
+    on its own positions only."""
+    text = pair.multiway[TEXT_ROUTE]
+    first = text(x[:1, :1])  # the output's width (a norm keeps D, a projection may not)
+    out = x.new_empty((*x.shape[:2], first.shape[-1]))
+    out[~visual] = text(x[~visual])
+    out[visual] = pair.multiway[VISUAL_ROUTE](x[visual])
+    return out
 
 
-def decoder_logits(dec: reference.MamDecoder, embeds: torch.Tensor, image: slice) -> torch.Tensor:
+def decoder_logits(dec: reference.MamDecoder, embeds: torch.Tensor,
+                   visual: torch.Tensor) -> torch.Tensor:
     """embeds [B, T, D] -> logits [B, T, V], causal; each row one sequence from position 0."""
     b, t, _ = embeds.shape
     positions = torch.arange(t)
     x = embeds
     for layer in dec.layers:
         att = layer.self_attn
-        h = _routed(layer.input_layernorm, x, image)
+        h = _routed(layer.input_layernorm, x, visual)
         q = att.q_proj(h).view(b, t, att.n_heads, -1).transpose(1, 2)
-        k = _routed(att.k_proj, h, image).view(b, t, att.n_kv_heads, -1).transpose(1, 2)
-        v = _routed(att.v_proj, h, image).view(b, t, att.n_kv_heads, -1).transpose(1, 2)
+        k = _routed(att.k_proj, h, visual).view(b, t, att.n_kv_heads, -1).transpose(1, 2)
+        v = _routed(att.v_proj, h, visual).view(b, t, att.n_kv_heads, -1).transpose(1, 2)
         q, k = reference.rope(q, positions, att.theta), reference.rope(k, positions, att.theta)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + att.o_proj(o.transpose(1, 2).reshape(b, t, -1))
-        x = x + layer.mlp(_routed(layer.post_attention_layernorm, x, image))
+        x = x + layer.mlp(_routed(layer.post_attention_layernorm, x, visual))
     return dec.lm_head(dec.norm(x))
 
 
-def splice(dec: reference.MamDecoder, ids: torch.Tensor, slot: int, image_embeds: torch.Tensor):
-    """ids [B, L] with the image id at `slot` -> embeds [B, L - 1 + n_visual, D], image span."""
-    before = dec.embed_tokens(ids[:, :slot])
-    after = dec.embed_tokens(ids[:, slot + 1:])
-    n = image_embeds.shape[1]
-    return torch.cat([before, image_embeds, after], dim=1), slice(slot, slot + n)
+def splice(dec: reference.MamDecoder, batch: TextBatch, image_embeds: torch.Tensor):
+    """-> embeds [B, T, D] with each image position's embedding, and the visual mask [B, T]."""
+    visual = batch.image_rows >= 0
+    flat = image_embeds.reshape(-1, image_embeds.shape[-1])
+    embeds = torch.where(visual[..., None], flat[batch.image_rows.clamp(min=0)],
+                         dec.embed_tokens(batch.tokens))
+    return embeds, visual
 
 
-def answer_loss(dec, ids, answer, slot, image_embeds) -> torch.Tensor:
-    embeds, image = splice(dec, ids, slot, image_embeds)
-    logits = decoder_logits(dec, embeds, image)
-    n = image_embeds.shape[1]
-    # Spliced position of token j (j > slot) is j - 1 + n; the logits one before predict it.
-    tok_pos = torch.arange(ids.shape[1])
-    tok_pos = torch.where(tok_pos > slot, tok_pos - 1 + n, tok_pos)
-    rows, cols = answer.nonzero(as_tuple=True)
-    predicted_at = tok_pos[cols] - 1
-    return F.cross_entropy(logits[rows, predicted_at], ids[rows, cols])
+def answer_loss(dec, batch: TextBatch, image_embeds) -> torch.Tensor:
+    embeds, visual = splice(dec, batch, image_embeds)
+    logits = decoder_logits(dec, embeds, visual)
+    return F.cross_entropy(logits[batch.rows, batch.predicted_at], batch.targets)
 
 
 def check_batched_math(model: reference.Owl2Reference, sp, cfg: Owl2Config) -> None:
     """The batched forward must give the reference's logits (it is the reference's math batched,
-    and a mistake here would train a model the runtime does not run)."""
+    and a mistake here would train a model the runtime does not run): on a batch with a picture,
+    a picture with the tool offered and a clip, of different lengths."""
     rng = random.Random(0)
     picked, pixels, _ = picture_batch(rng, cfg, 2)
-    ids, _, slot = text_batch(sp, rng, picked, 2, cfg.text.eos_token_id)
+    clips, frames = clip_batch(rng, cfg, 1, 3)
+    dialogues = [dialogue(sp, [picked[0].questions()[0], scenes.json_question(picked[0])]),
+                 dialogue(sp, tool_dialogue_questions(rng, picked[1], 2),
+                          system=tools_text([scenes.REPORT_TOOL])),
+                 dialogue(sp, clips[0].questions()[:2], n_images=3)]
+    batch = text_batch(dialogues, cfg.n_visual, cfg.text.eos_token_id)
     with torch.no_grad():
-        image_embeds = model.vision(pixels)
-        embeds, image = splice(model.decoder, ids, slot, image_embeds)
-        batched = decoder_logits(model.decoder, embeds, image)
-        for row in range(2):
-            one = model.logits(ids[row].tolist(), image_embeds[row:row + 1])
-            err = (batched[row] - one).abs().max().item()
+        image_embeds = model.vision(torch.cat([pixels, frames]))
+        embeds, visual = splice(model.decoder, batch, image_embeds)
+        batched = decoder_logits(model.decoder, embeds, visual)
+        first_image = [0, 1, 2]
+        for row, d in enumerate(dialogues):
+            n = d.ids.count(IMAGE_TOKEN_ID)
+            one = model.logits(d.ids, image_embeds[first_image[row]:first_image[row] + n])
+            err = (batched[row, :one.shape[0]] - one).abs().max().item()
             if err > 1e-3:
                 raise AssertionError(f"batched training forward differs from the reference ({err})")
 
@@ -325,43 +411,88 @@ def _groups(named, lr: float, visual_lr: float | None = None) -> list[dict]:
             for (rate, decay), ps in groups.items()]
 
 
+@dataclass(frozen=True)
+class Mix:
+    """What one answer step trains on: four batches, each padded to its own longest row, their
+    answer losses averaged."""
+    plain: int            # pictures, `turns` plain questions each
+    json: int             # pictures, the JSON question
+    tools: int            # pictures with the tool offered: calls and plain questions
+    clips: int            # clips of 2-8 frames (one count per step), `clip_turns` each
+    tool_turns: int = 2
+    call_share: float = 0.5   # of the tool dialogues' turns that ask for a call
+
+
 @dataclass
 class Recipe:
-    stage1_steps: int = 1700
-    stage2_steps: int = 4000
+    stage1_steps: int = 1400
+    stage2_steps: int = 3200
+    stage3_steps: int = 800
     stage1_batch: int = 64
-    stage2_batch: int = 32
+    stage2_mix: Mix = Mix(plain=20, json=6, tools=4, clips=8)
+    # Stage 3 dwells on what stage 2 left weakest (a shape named by its colour or place in a
+    # call, and the three-shape JSON), keeping some of everything.
+    stage3_mix: Mix = Mix(plain=8, json=12, tools=12, clips=4, tool_turns=3, call_share=0.75)
     turns: int = 3
+    clip_turns: int = 2
     vision_lr: float = 2e-3
     heads_lr: float = 3e-3
     lr: float = 1e-3
     visual_route_lr: float = 3e-3
-    aux_weight: float = 0.5
+    stage3_lr_scale: float = 0.3
+    aux_weight: float = 0.5   # stage 2; stage 3 trains on the answers alone
 
 
-def train(cfg: Owl2Config, sp, recipe: Recipe, seed: int = 0) -> reference.Owl2Reference:
+def train(cfg: Owl2Config, sp, recipe: Recipe, seed: int = 0,
+          init: reference.Owl2Reference | None = None) -> reference.Owl2Reference:
+    """The stages of `recipe` (a stage of 0 steps is skipped), from `init`'s weights if given."""
     torch.manual_seed(seed)
     picture_rng = random.Random(seed)     # the scenes and their drawing
     rng = random.Random(seed + 1)         # the questions asked about them
     model = reference.Owl2Reference(cfg)
-    init_weights(model, seed)
+    if init is None:
+        init_weights(model, seed)
+    else:
+        model.load_state_dict(init.state_dict())
     heads = AuxHeads(cfg.text.hidden_size)
     check_batched_math(model, sp, cfg)
     model.train()
     eos = cfg.text.eos_token_id
+    tools = tools_text([scenes.REPORT_TOOL])
 
     def stage1():
         _, pixels, targets = picture_batch(picture_rng, cfg, recipe.stage1_batch)
         loss, acc = heads.loss_and_hits(model.vision(pixels), targets)
         return loss, f"aux loss {loss.item():.3f} · heads {acc:.2f}"
 
-    def stage2():
-        picked, pixels, targets = picture_batch(picture_rng, cfg, recipe.stage2_batch)
-        ids, answer, slot = text_batch(sp, rng, picked, recipe.turns, eos)
-        image_embeds = model.vision(pixels)
-        aux, acc = heads.loss_and_hits(image_embeds, targets)
-        ans = answer_loss(model.decoder, ids, answer, slot, image_embeds)
-        return ans + recipe.aux_weight * aux, f"answer loss {ans.item():.3f} · heads {acc:.2f}"
+    def answers(mix: Mix, aux_weight: float):
+        def step():
+            picked, pixels, targets = picture_batch(picture_rng, cfg,
+                                                    mix.plain + mix.json + mix.tools)
+            n_frames = rng.randint(scenes.MIN_FRAMES, scenes.MAX_FRAMES)
+            clips, frames = clip_batch(picture_rng, cfg, mix.clips, n_frames)
+            image_embeds = model.vision(torch.cat([pixels, frames]))
+            aux, acc = heads.loss_and_hits(image_embeds[:len(picked)], targets)
+            a, b = mix.plain, mix.plain + mix.json
+            families = [
+                [dialogue(sp, _asked(rng, sc.questions(), recipe.turns)) for sc in picked[:a]],
+                [dialogue(sp, [scenes.json_question(sc)]) for sc in picked[a:b]],
+                [dialogue(sp, tool_dialogue_questions(rng, sc, mix.tool_turns, mix.call_share),
+                          system=tools) for sc in picked[b:]],
+                [dialogue(sp, clip_questions(rng, c, recipe.clip_turns), n_images=n_frames)
+                 for c in clips],
+            ]
+            # Each family's images are a slice of image_embeds, in the order text_batch numbers
+            # them.
+            bounds = [0, a, b, len(picked), len(picked) + len(frames)]
+            losses = [answer_loss(model.decoder, text_batch(ds, cfg.n_visual, eos),
+                                  image_embeds[bounds[i]:bounds[i + 1]])
+                      for i, ds in enumerate(families) if ds]
+            ans = sum(losses) / len(losses)
+            loss = ans + aux_weight * aux if aux_weight else ans
+            return loss, ("answer loss " + " / ".join(f"{x.item():.3f}" for x in losses)
+                          + f" · heads {acc:.2f}")
+        return step
 
     with _progress() as bar:
         # Stage 1: the vision tower, the abstractor and its projection, with the heads.
@@ -371,23 +502,42 @@ def train(cfg: Owl2Config, sp, recipe: Recipe, seed: int = 0) -> reference.Owl2R
                    + _groups(heads.named_parameters(), recipe.heads_lr), bar)
         # Stage 2: everything, on the answers (+ the heads at half weight).
         model.decoder.requires_grad_(True)
-        _run_stage("stage 2", recipe.stage2_steps, stage2,
+        _run_stage("stage 2", recipe.stage2_steps, answers(recipe.stage2_mix, recipe.aux_weight),
                    _groups(model.named_parameters(), recipe.lr, recipe.visual_route_lr)
                    + _groups(heads.named_parameters(), recipe.heads_lr), bar)
+        # Stage 3: everything, on the answers, at a lower rate, dwelling on calls and JSON.
+        scale = recipe.stage3_lr_scale
+        _run_stage("stage 3", recipe.stage3_steps, answers(recipe.stage3_mix, 0.0),
+                   _groups(model.named_parameters(), recipe.lr * scale,
+                           recipe.visual_route_lr * scale), bar)
     return model.eval().requires_grad_(False)  # the heads are not part of the model
 
 
 # --- Held-out accuracy on the reference (the runtime's own is `owl2 eval`) ----------------------
 
+def _greedy_answer(model, sp, cfg, prompt: str, pictures: list, max_new_tokens: int) -> str:
+    pixels = torch.from_numpy(np.stack([reference_io.preprocess(p, cfg.preprocess)
+                                        for p in pictures]))
+    ids = reference_io.tokenize(sp, prompt)
+    new = model.greedy(ids, model.encode_images(pixels), max_new_tokens=max_new_tokens)
+    return sp.decode([t for t in new if t != cfg.text.eos_token_id]).strip()
+
+
 def heldout_accuracy(model: reference.Owl2Reference, sp, cfg: Owl2Config, n_per_type: int,
-                     seed: int = 1, split: str = "heldout") -> dict[str, float]:
-    hits: dict[str, list[bool]] = {k: [] for k in scenes.QUESTION_TYPES}
-    for ex in scenes.examples(n_per_type, seed, split):
-        pixels = torch.from_numpy(pixels_of(ex.scene, cfg, 224))[None]
-        ids = reference_io.tokenize(sp, render([Turn(ex.question.text)], n_images=1))
-        new = model.greedy(ids, model.encode_images(pixels), max_new_tokens=8)
-        answer = sp.decode([t for t in new if t != cfg.text.eos_token_id]).strip()
-        hits[ex.question.kind].append(answer == ex.question.answer)
+                     seed: int = 1, split: str = "heldout", n_frames: int = 4) -> dict[str, float]:
+    """Exact answers per type: the picture questions, JSON, the tool (calls and plain replies),
+    and the clip questions at n_frames."""
+    hits: dict[str, list[bool]] = {}
+    tools = tools_text([scenes.REPORT_TOOL])
+    for ex in scenes.request_examples(n_per_type, seed, split):
+        prompt = render([Turn(ex.question.text)], n_images=1,
+                        system=tools if ex.question.kind in scenes.TOOL_KINDS else None)
+        answer = _greedy_answer(model, sp, cfg, prompt, [ex.scene.draw(224)], 96)
+        hits.setdefault(ex.question.kind, []).append(answer == ex.question.answer)
+    for cx in scenes.clip_examples(n_per_type, n_frames, seed, split):
+        prompt = render([Turn(cx.question.text)], n_images=n_frames)
+        answer = _greedy_answer(model, sp, cfg, prompt, cx.clip.frames(224), 8)
+        hits.setdefault(cx.question.kind, []).append(answer == cx.question.answer)
     return {k: sum(v) / len(v) for k, v in hits.items()}
 
 
@@ -407,6 +557,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stage1-steps", type=int, default=Recipe.stage1_steps)
     parser.add_argument("--stage2-steps", type=int, default=Recipe.stage2_steps)
+    parser.add_argument("--stage3-steps", type=int, default=Recipe.stage3_steps)
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from this checkpoint's weights (one this script wrote)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--eval-per-type", type=int, default=200)
     parser.add_argument("--dtype", choices=sorted(tiny.DTYPES), default="bfloat16")
@@ -417,8 +570,17 @@ def main(argv: list[str] | None = None) -> None:
     cfg = demo_config()
     sp_bytes = tokenizer_model()
     sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
-    recipe = Recipe(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps)
-    model = train(cfg, sp, recipe, args.seed)
+    recipe = Recipe(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
+                    stage3_steps=args.stage3_steps)
+    init = None
+    if args.init is not None:
+        from owl2_edge.convert.checkpoint import Checkpoint
+        ckpt = Checkpoint.open(args.init)
+        if ckpt.config != cfg or (args.init / "tokenizer.model").read_bytes() != sp_bytes:
+            parser.error(f"--init {args.init}: not a demo checkpoint of this script's config and "
+                         "tokenizer")
+        init = reference.Owl2Reference.from_checkpoint(ckpt)
+    model = train(cfg, sp, recipe, args.seed, init)
     tiny.make_tiny_checkpoint(args.out_dir, config=cfg, dtype=args.dtype, tensors=hf_tensors(model),
                               tokenizer_model=sp_bytes)
     if args.eval_per_type:

@@ -51,10 +51,7 @@ def messages_to_prompt(messages: list[dict], read_image: Callable | None = None
     if not pending_user:
         raise PromptError("the last message must be the user's")
     turns.append(Turn(" ".join(pending_user)))
-    if system:
-        first = turns[0]
-        turns[0] = Turn(" ".join(system) + " " + first.user, first.assistant)
-    return render(turns, n_images=len(images)), images
+    return render(turns, n_images=len(images), system=" ".join(system) or None), images
 
 
 def _content_text(content, images: list, read_image: Callable) -> str:

@@ -227,17 +227,22 @@ class Owl2:
     # -- asking ------------------------------------------------------------------------------------
 
     def stream(self, images, question: str, history: Sequence[tuple[str, str]] = (),
-               raw: bool = False, **sampling) -> Iterator[str]:
+               raw: bool = False, system: str | None = None, **sampling) -> Iterator[str]:
         """Text pieces of the answer as they are decided. `images`: one or a list (paths, bytes,
-        PIL images). `history`: earlier (question, answer) turns. raw=True takes `question` as the
-        whole prompt (no template; <|image|> marks each image's place)."""
+        PIL images; a clip's frames in time order). `history`: earlier (question, answer) turns.
+        `system`: a text put first in the first question (instructions, or prompt.tools_text's
+        offer of tools). raw=True takes `question` as the whole prompt (no template; <|image|>
+        marks each image's place)."""
         images = _as_list(images)
         checks.text("question", question)
         checks.flag("raw", raw)
         if raw:
+            if system is not None:
+                raise ArgumentError("system goes into the template: it cannot be given with raw=True")
             prompt = question
         else:
-            prompt = render([*(Turn(q, a) for q, a in history), Turn(question)], n_images=len(images))
+            prompt = render([*(Turn(q, a) for q, a in history), Turn(question)],
+                            n_images=len(images), system=system)
         return self.generate(prompt, images, SamplingParams.of(sampling))
 
     def ask(self, images, question: str, **kwargs) -> str:

@@ -2,11 +2,20 @@
 
 A conversation renders as
     "USER: <|image|>What is this? ASSISTANT: A banner.</s>USER: Is it red? ASSISTANT:"
-with no system prompt: upstream's template object has one, but never emits it.
+with no system prompt: upstream's template object has one, but never emits it. A system text
+(an app's instructions, or the tools a model may call) goes at the start of the first question,
+before its images:
+    "USER: Tools (...): [...] <|image|>Report the red shape. ASSISTANT:"
+A clip is one image slot per frame, in time order, before the question (docs/design.md §10).
+
+Tools are given in one form (the demo model is trained on it; docs/design.md §10): the system text
+TOOLS_INTRO followed by the functions as one JSON list of {"name", "description", "parameters"}
+objects, and a call is answered as one JSON object {"name": ..., "arguments": {...}}.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from owl2_edge import checks, names
@@ -19,11 +28,26 @@ class Turn:
     assistant: str | None = None   # None: the turn the model is about to answer
 
 
-def render(turns: list[Turn], n_images: int = 0) -> str:
+# What a list of callable functions is introduced by, in the system text (tools_text).
+TOOLS_INTRO = 'To call a tool, answer {"name": ..., "arguments": {...}}. Tools: '
+
+
+def tools_text(functions: list[dict]) -> str:
+    """The system text that offers `functions` ({"name", "description", "parameters"} each)."""
+    return TOOLS_INTRO + json.dumps(functions)
+
+
+def tool_call_text(name: str, arguments: dict) -> str:
+    """A call as the model writes it (json.dumps' layout, the grammar engine's too)."""
+    return json.dumps({"name": name, "arguments": arguments})
+
+
+def render(turns: list[Turn], n_images: int = 0, system: str | None = None) -> str:
     """The template applied to a conversation whose last turn is open (assistant None).
 
     Images go where the user put <|image|> marks; without marks, all of them go before the first
-    question, as upstream's CLI does."""
+    question, as upstream's CLI does. `system` goes first in the first question, before its
+    images."""
     if not turns or turns[-1].assistant is not None or any(t.assistant is None for t in turns[:-1]):
         raise ArgumentError("a prompt needs finished turns followed by exactly one open turn")
     for t in turns:
@@ -36,6 +60,9 @@ def render(turns: list[Turn], n_images: int = 0) -> str:
         turns = [Turn(names.IMAGE_PLACEHOLDER * n_images + first.user, first.assistant), *turns[1:]]
     else:
         check_image_count(marks, n_images)
+    if system:
+        checks.text("a system text", system)
+        turns = [Turn(f"{system} {turns[0].user}", turns[0].assistant), *turns[1:]]
     parts = []
     for turn in turns:
         parts.append(f"{names.USER_ROLE}: {turn.user}{names.USER_SEP}")

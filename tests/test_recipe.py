@@ -76,16 +76,18 @@ def _owl2(*args, timeout=300):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _heldout_kl(f32_dir, folders):
-    """Folder name -> mean KL against F32 on questions held out from the calibration's seed."""
+def _heldout(f32_dir, folders):
+    """Folder name -> `owl2 compare` against F32 on questions held out from the calibration's
+    seed."""
     items = evaluate.generated_items(10, seed=3)
     with _load(f32_dir) as owl:
         refs = compare.reference_pass(owl, items)
-    kl = {}
+    out = {}
     for folder in folders:
         with _load(folder) as owl:
-            kl[folder.name] = compare.candidate_pass(owl, items, refs).to_dict()["kl_mean"]
-    return kl
+            out[folder.name] = compare.candidate_pass(owl, items, refs).to_dict()
+    return out
+
 
 
 # --- per-tensor overrides ----------------------------------------------------------------------------
@@ -268,8 +270,12 @@ def test_groups_cover_every_matrix_once_with_the_visual_route_apart(f16_dir):
 
 
 def test_a_recipe_at_q2_k_size_beats_stock_q2_k(f16_dir, f32_dir, q2k_dir, root):
-    """`owl2 quantize --target-size` at plain Q2_K's bytes: within the size, a held-out KL far
-    below Q2_K's, the choice printed and kept in the manifest."""
+    """`owl2 quantize --target-size` at plain Q2_K's bytes: within the size, measured below
+    Q2_K on its check, the choice printed and kept in the manifest, and on held-out questions
+    the answers of F32 kept. (The first edition of the demo model broke at stock Q2_K, KL 0.22,
+    and the recipe's held-out KL was far below it; the second edition keeps its answers at
+    stock Q2_K too, both KLs are near 1e-4 and their order differs between the check's
+    questions and these: docs/quantize.md.)"""
     target = choose.pair_bytes([q2k_dir / Manifest.load(q2k_dir).decoder_file,
                                 q2k_dir / Manifest.load(q2k_dir).mam_file])
     out = root / "recipe-Q2_K"
@@ -286,8 +292,8 @@ def test_a_recipe_at_q2_k_size_beats_stock_q2_k(f16_dir, f32_dir, q2k_dir, root)
     assert chosen["rivals"]["Q2_K"]["recipe_lower"] >= choose.CONFIDENCE
     assert len(m.recipe["tensor_types"]) == len(chosen["groups"])
 
-    kl = _heldout_kl(f32_dir, (q2k_dir, out))
-    assert kl[out.name] < kl[q2k_dir.name] / 2, kl
+    held = _heldout(f32_dir, (out,))[out.name]
+    assert held["same_answer"] >= 0.95 and held["kl_mean"] < 0.01, held
 
 
 def test_the_chooser_keeps_a_stock_type_that_measures_as_well(f16_dir, root):
@@ -360,8 +366,8 @@ def test_scaled_costs_rank_like_the_measured_ones(f16_dir, q2k_dir, f32_dir, roo
 
     out = root / "recipe-scaled"
     choose.quantize_to_target(f16_dir, out, target, _load, items=items, estimate="scaled")
-    kl = _heldout_kl(f32_dir, (q2k_dir, out))
-    assert kl[out.name] < kl[q2k_dir.name] / 2, kl
+    held = _heldout(f32_dir, (out,))[out.name]
+    assert held["same_answer"] >= 0.95 and held["kl_mean"] < 0.01, held
 
 
 def test_info_says_how_the_types_were_chosen(f16_dir, root):

@@ -248,12 +248,24 @@ def demo_cmd(
                                            help="Ask this about the first sample picture instead."),
 ):
     """Build the demo model once (a tiny mPLUG-Owl2 trained on pictures of shapes; offline) and
-    ask it about the sample pictures."""
-    from owl2_edge.tools.demo_image import SAMPLES, sample_image, sample_questions
+    ask it about the sample pictures and the sample clip."""
+    from owl2_edge.tools import demo_image
     from owl2_edge.tools.info import describe
     from owl2_edge.model_dir import demo_folder
     from owl2_edge.owl2 import Owl2
     folder = demo_folder()
+
+    def ask(images, q: str, expected: str | None) -> None:
+        console.print(f"[bold]USER:[/] {escape(q)}")
+        console.print("[bold]ASSISTANT:[/] ", end="")
+        pieces = []
+        for piece in owl.stream(images, q, max_tokens=96, temperature=0):
+            pieces.append(piece)
+            write(piece)
+        answer = "".join(pieces).strip()
+        console.print("" if expected is None else "   [green](right)[/]" if answer == expected
+                      else f"   [red](expected {escape(expected)})[/]")
+
     try:
         with progress_when_needed() as on_stage:  # bars only when the model is built
             model = converting.ensure_demo_model(
@@ -261,23 +273,24 @@ def demo_cmd(
                 on_build=lambda: err.print(f"building the demo model in {folder} ..."))
         console.print(describe(model))
         owl = Owl2.load(model)
-        for i in range(1 if question else len(SAMPLES)):
-            image = sample_image(i)  # drawn once, saved and asked about
+        for i in range(1 if question else len(demo_image.SAMPLES)):
+            image = demo_image.sample_image(i)  # drawn once, saved and asked about
             picture = folder / f"sample-{i + 1}.png"
             image.save(picture)
             console.print(f"[bold]picture:[/] {escape(str(picture))}")
-            asked = [(question, None)] if question else sample_questions(i)
-            for q, expected in asked:
-                console.print(f"[bold]USER:[/] {escape(q)}")
-                console.print("[bold]ASSISTANT:[/] ", end="")
-                pieces = []
-                for piece in owl.stream(image, q, max_tokens=32, temperature=0):
-                    pieces.append(piece)
-                    write(piece)
-                answer = "".join(pieces).strip()
-                mark = "" if expected is None else (
-                    "   [green](right)[/]" if answer == expected else f"   [red](expected {expected})[/]")
-                console.print(mark)
+            if question:
+                ask(image, question, None)
+                continue
+            for q, expected in demo_image.sample_questions(i):
+                ask(image, q, expected)
+            if i == 0:
+                ask(image, *demo_image.sample_json(i))
+        if not question:
+            clip = folder / "sample-clip.gif"
+            frames = demo_image.save_sample_clip(clip)
+            console.print(f"[bold]clip:[/] {escape(str(clip))} ({len(frames)} frames, asked as "
+                          f"{len(frames)} pictures in time order)")
+            ask(frames, *demo_image.sample_clip_question())
     except Owl2Error as e:
         raise fail(str(e))
     t = owl.stats.rates(owl.load_seconds)

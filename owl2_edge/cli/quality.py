@@ -16,17 +16,31 @@ from owl2_edge.tools.evaluate import DEFAULT_MAX_TOKENS
 DEFAULT_GENERATED = 200
 
 
-def _eval_items(data: Optional[Path], generated: Optional[int], seed: int, need_answers=True):
-    from owl2_edge import checks
+def _eval_items(data: Optional[Path], generated: Optional[int], seed: int, need_answers=True,
+                suite: Optional[str] = None, frames: Optional[int] = None, shuffled: bool = False):
+    from owl2_edge import checks, scenes
     from owl2_edge.tools import evaluate
     if data is not None and generated is not None:
         raise Owl2Error("give --data or --generated, not both")
     if data is not None:
+        given = [name for name, value in (("--suite", suite), ("--frames", frames),
+                                          ("--shuffle-frames", shuffled or None))
+                 if value is not None]
+        if given:
+            raise Owl2Error(f"{given[0]} is for --generated questions, not --data")
         return evaluate.read_items(data, need_answers=need_answers)
     # 0 is refused under the option's name, not taken for "the default" (generated_items checks
     # the upper bound).
     n = DEFAULT_GENERATED if generated is None else checks.integer("--generated", generated, 1)
-    return evaluate.generated_items(n, seed)
+    suite = suite or "pictures"
+    if suite != "clips" and (frames is not None or shuffled):
+        raise Owl2Error(f"{'--frames' if frames is not None else '--shuffle-frames'} is for "
+                        "--suite clips")
+    if suite not in evaluate.SUITES:
+        raise Owl2Error(f"--suite {suite!r}: choose one of {', '.join(evaluate.SUITES)}")
+    if frames is not None:
+        checks.integer("--frames", frames, scenes.MIN_FRAMES, scenes.MAX_FRAMES)
+    return evaluate.generated_items(n, seed, suite, frames or evaluate.DEFAULT_FRAMES, shuffled)
 
 
 _DATA_HELP = ("JSONL questions: image, question, answer[, type] per line (upstream's eval keys); "
@@ -41,15 +55,27 @@ def eval_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help=_DATA_HELP),
     generated: Optional[int] = typer.Option(None, "--generated", help=_GENERATED_HELP),
     seed: int = typer.Option(0, "--seed", help="Which generated questions."),
-    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", "-n",
-                                   help="Most tokens per answer."),
+    suite: Optional[str] = typer.Option(
+        None, "--suite", help="Which generated questions: pictures (the default: colour, count, "
+        "shape at a place), requests (the picture as JSON, free and under its schema; the "
+        "report_shape tool: calls and plain replies), clips (motion, a shape appearing or "
+        "disappearing, frames counted)."),
+    frames: Optional[int] = typer.Option(
+        None, "--frames", help="Frames per clip (--suite clips; 2-8, default 4)."),
+    shuffle_frames: bool = typer.Option(
+        False, "--shuffle-frames", help="Each clip's frames in another order, the answers "
+        "unchanged: the control that shows a model reads the order (--suite clips)."),
+    max_tokens: Optional[int] = typer.Option(
+        None, "--max-tokens", "-n", help=f"Most tokens per answer (default {DEFAULT_MAX_TOKENS}; "
+        "96 for a JSON answer or a tool call)."),
     as_json: bool = typer.Option(False, "--json", help="The scores as one JSON object."),
     *, runtime: dict,
 ):
     """Exact-match accuracy per question type (greedy answers)."""
     from owl2_edge.tools.evaluate import evaluate
     try:
-        items = _eval_items(data, generated, seed)
+        items = _eval_items(data, generated, seed, suite=suite, frames=frames,
+                            shuffled=shuffle_frames)
         with load_owl(runtime) as owl, progress() as bar:
             task = bar.add_task("eval", total=len(items))
             report = evaluate(owl, items, max_tokens,
