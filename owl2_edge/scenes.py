@@ -157,17 +157,23 @@ def layout_split(layout: tuple[tuple[str, str], ...]) -> str:
     return "heldout" if zlib.crc32(key.encode()) % HELD_OUT_EVERY == 0 else "train"
 
 
-def random_scene(rng: random.Random, split: str) -> Scene:
-    """A scene whose layout belongs to `split` (drawn again until it does)."""
+def _in_split(split: str, draw):
+    """draw() again until what it makes (a Scene or a Clip) has its layout in `split`."""
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: choose one of {SPLITS}")
     while True:
-        n = rng.randint(1, MAX_SHAPES)
-        places = rng.sample(list(PLACES), n)
+        made = draw()
+        if made.split == split:
+            return made
+
+
+def random_scene(rng: random.Random, split: str) -> Scene:
+    """A scene whose layout belongs to `split` (drawn again until it does)."""
+    def draw() -> Scene:
+        places = rng.sample(list(PLACES), rng.randint(1, MAX_SHAPES))
         things = tuple(Thing(rng.choice(SHAPES), rng.choice(list(COLORS)), p) for p in places)
-        scene = Scene(things, rng.getrandbits(32))
-        if scene.split == split:
-            return scene
+        return Scene(things, rng.getrandbits(32))
+    return _in_split(split, draw)
 
 
 @dataclass(frozen=True)
@@ -339,11 +345,10 @@ class Clip:
 
 def random_clip(rng: random.Random, split: str, n_frames: int, change: str | None = None) -> Clip:
     """A clip of n_frames whose layout belongs to `split`."""
-    if split not in SPLITS:
-        raise ValueError(f"split {split!r}: choose one of {SPLITS}")
     if not MIN_FRAMES <= n_frames <= MAX_FRAMES:
         raise ValueError(f"a clip has {MIN_FRAMES}-{MAX_FRAMES} frames, not {n_frames}")
-    while True:
+
+    def draw() -> Clip:
         kind = change or rng.choice(_CHANGES)
         shapes = rng.sample(SHAPES, rng.randint(1, MAX_SHAPES))
         colors = [rng.choice(list(COLORS)) for _ in shapes]
@@ -356,9 +361,8 @@ def random_clip(rng: random.Random, split: str, n_frames: int, change: str | Non
             places = rng.sample(list(PLACES), len(shapes))
             at = rng.randint(1, n_frames - 1)
         things = tuple(Thing(s, c, p) for s, c, p in zip(shapes, colors, places))
-        clip = Clip(kind, things, n_frames, rng.getrandbits(32), end, at)
-        if clip.split == split:
-            return clip
+        return Clip(kind, things, n_frames, rng.getrandbits(32), end, at)
+    return _in_split(split, draw)
 
 
 @dataclass(frozen=True)
