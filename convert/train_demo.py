@@ -53,7 +53,7 @@ from owl2_edge import scenes
 from owl2_edge.convert import reference, reference_io, tiny
 from owl2_edge.convert.config import Owl2Config
 from owl2_edge.names import IMAGE_TOKEN_ID, TEXT_ROUTE, VISUAL_ROUTE
-from owl2_edge.prompt import Turn, render, tools_text
+from owl2_edge.prompt import Turn, render
 
 # --- The model (docs/design.md §10) --------------------------------------------------------------
 
@@ -137,7 +137,7 @@ def tokenizer_model() -> bytes:
     for _ in range(3000):
         q = rng.choice(scenes.random_scene(rng, "train").questions())
         dialogues.append(f"USER: {q.text} ASSISTANT: {q.answer}")
-    tools = tools_text([scenes.REPORT_TOOL])
+    tools = scenes.REPORT_TOOL_OFFER
     for _ in range(600):
         scene = scenes.random_scene(rng, "train")
         q = scenes.json_question(scene)
@@ -347,7 +347,7 @@ def check_batched_math(model: reference.Owl2Reference, sp, cfg: Owl2Config) -> N
     clips, frames = clip_batch(rng, cfg, 1, 3)
     dialogues = [dialogue(sp, [picked[0].questions()[0], scenes.json_question(picked[0])]),
                  dialogue(sp, tool_dialogue_questions(rng, picked[1], 2),
-                          system=tools_text([scenes.REPORT_TOOL])),
+                          system=scenes.REPORT_TOOL_OFFER),
                  dialogue(sp, clips[0].questions()[:2], n_images=3)]
     batch = text_batch(dialogues, cfg.n_visual, cfg.text.eos_token_id)
     with torch.no_grad():
@@ -458,7 +458,7 @@ def train(cfg: Owl2Config, sp, recipe: Recipe, seed: int = 0,
     check_batched_math(model, sp, cfg)
     model.train()
     eos = cfg.text.eos_token_id
-    tools = tools_text([scenes.REPORT_TOOL])
+    tools = scenes.REPORT_TOOL_OFFER
 
     def stage1():
         _, pixels, targets = picture_batch(picture_rng, cfg, recipe.stage1_batch)
@@ -528,10 +528,11 @@ def heldout_accuracy(model: reference.Owl2Reference, sp, cfg: Owl2Config, n_per_
     """Exact answers per type: the picture questions, JSON, the tool (calls and plain replies),
     and the clip questions at n_frames."""
     hits: dict[str, list[bool]] = {}
-    tools = tools_text([scenes.REPORT_TOOL])
-    for ex in scenes.request_examples(n_per_type, seed, split):
+    for ex in scenes.examples(n_per_type, seed, split) + scenes.request_examples(n_per_type, seed,
+                                                                                 split):
+        offered = ex.question.kind in scenes.TOOL_KINDS
         prompt = render([Turn(ex.question.text)], n_images=1,
-                        system=tools if ex.question.kind in scenes.TOOL_KINDS else None)
+                        system=scenes.REPORT_TOOL_OFFER if offered else None)
         answer = _greedy_answer(model, sp, cfg, prompt, [ex.scene.draw(224)], 96)
         hits.setdefault(ex.question.kind, []).append(answer == ex.question.answer)
     for cx in scenes.clip_examples(n_per_type, n_frames, seed, split):

@@ -5,7 +5,7 @@ A conversation renders as
 with no system prompt: upstream's template object has one, but never emits it. A system text
 (an app's instructions, or the tools a model may call) goes at the start of the first question,
 before its images:
-    "USER: Tools (...): [...] <|image|>Report the red shape. ASSISTANT:"
+    "USER: To call a tool, ... Tools: [...] <|image|>Report the red shape. ASSISTANT:"
 A clip is one image slot per frame, in time order, before the question (docs/design.md §10).
 
 Tools are given in one form (the demo model is trained on it; docs/design.md §10): the system text

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from owl2_edge.prompt import tool_call_text
+from owl2_edge.prompt import tool_call_text, tools_text
 
 SHAPES = ("circle", "square", "triangle")
 # Name -> RGB; each drawn colour is jittered around this.
@@ -247,6 +247,9 @@ REPORT_TOOL = {
                    "properties": {"color": {"type": "string"}, "shape": {"type": "string"}},
                    "required": ["color", "shape"]},
 }
+# The system text that offers REPORT_TOOL (prompt.tools_text): what every tool question is asked
+# with.
+REPORT_TOOL_OFFER = tools_text([REPORT_TOOL])
 TOOL_KINDS = ("tool_call", "tool_reply")
 
 
@@ -392,10 +395,9 @@ REQUEST_KINDS = ("json", *TOOL_KINDS)
 
 
 def request_examples(n_per_type: int, seed: int = 0, split: str = "heldout") -> list[Example]:
-    """examples() (the picture questions), then n_per_type of each REQUEST_KINDS: the JSON
-    question, and with the tool offered, calls and plain questions. The tool kinds' questions
-    are asked with REPORT_TOOL offered (prompt.tools_text)."""
-    out = examples(n_per_type, seed, split)
+    """n_per_type of each REQUEST_KINDS: the JSON question, and with the tool offered, calls and
+    plain questions. The tool kinds' questions are asked with REPORT_TOOL_OFFER."""
+    out: list[Example] = []
     rng = random.Random(seed + 1_000_003)
     for kind in REQUEST_KINDS:
         for _ in range(n_per_type):

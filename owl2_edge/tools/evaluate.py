@@ -23,7 +23,6 @@ from typing import Callable, Sequence
 from owl2_edge import checks, scenes, textfiles
 from owl2_edge.checks import display_path
 from owl2_edge.errors import ArgumentError
-from owl2_edge.prompt import tools_text
 
 # The picture size generated items are drawn at (the runtime resizes it to the model's).
 GENERATED_DRAW_SIZE = 224
@@ -73,11 +72,10 @@ def generated_items(n_per_type: int, seed: int = 0, suite: str = "pictures",
         return [Item(ex.scene.draw(GENERATED_DRAW_SIZE), ex.question.text, (ex.question.answer,),
                      ex.question.kind)
                 for ex in scenes.examples(n, seed)]
-    tools = tools_text([scenes.REPORT_TOOL])
     items = []
-    for ex in scenes.request_examples(n, seed)[n * len(scenes.QUESTION_TYPES):]:
+    for ex in scenes.request_examples(n, seed):
         q, picture = ex.question, ex.scene.draw(GENERATED_DRAW_SIZE)
-        system = tools if q.kind in scenes.TOOL_KINDS else None
+        system = scenes.REPORT_TOOL_OFFER if q.kind in scenes.TOOL_KINDS else None
         items.append(Item(picture, q.text, (q.answer,), q.kind, system,
                           max_tokens=LONG_ANSWER_TOKENS))
         if q.kind == "json":
