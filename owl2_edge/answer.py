@@ -7,27 +7,28 @@
         piece = answer.step(logits)
 
 An Answer holds what one answer decides — the sampler and its history, the stop conditions
-(end of text, max_tokens, the context window), the UTF-8 assembly of the text and the finish
-reason — and nothing of the KV cache: its caller evaluates each token. Owl2.stream steps one;
-the batch engine steps one per sequence of the cache, and advances all of them with one decoder
-pass per step. Every caller thereby stops, samples and spells an answer the same way.
+(end of text, a stop string, max_tokens, the context window, a complete grammar), its text as
+shown (answer_text.py) and the finish reason — and nothing of the KV cache: its caller evaluates
+each token. The engine (engine/scheduler.py) steps one per sequence of the cache and advances all
+of them with one decoder pass per step; every route (ask, stream, chat, batch, the server, the
+CLI) reads the text the engine hands its Job, so every caller stops, samples and spells an answer
+the same way.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 import numpy as np
 
+from owl2_edge.answer_text import AnswerText
 from owl2_edge.constrain import Constraint
-from owl2_edge.detok import Utf8Stream
 from owl2_edge.errors import DecoderError, Owl2Error
 from owl2_edge.sampling import Sampler, SamplingParams, biased, token_logprob
 from owl2_edge.stats import Stats
 
-# Why an answer ended (OpenAI's finish_reason, plus "context"): the end-of-text token, the
-# max_tokens limit, or the context window's last position.
+# Why an answer ended (OpenAI's finish_reason, plus "context"): the end-of-text token (or a stop
+# string, or a grammar complete), the max_tokens limit, or the context window's last position.
 STOP, LENGTH, CONTEXT = "stop", "length", "context"
 
 
@@ -42,33 +43,33 @@ class Answer:
     prompt's text token ids (what repeat_penalty looks at). prompt_positions: the positions the
     prompt takes in the cache (an image counts n_visual). window: the positions the answer's
     sequence may hold; the answer stops with "context" when the next token would not fit.
-    stats: where the counts go (generated tokens and ids, finish reason, decode time).
+    stats: where the counts go (generated tokens and ids, finish reason).
     constraint: the compiled grammar the answer must follow (constrain.py), or None: its mask
     is applied to the logits before sampling, and the answer ends once the grammar is complete
-    (finish "stop"); EOS is only possible where the grammar accepts."""
+    (finish "stop"); EOS is only possible where the grammar accepts. trim: the text's end
+    whitespace is dropped (AnswerText; False for a raw completion)."""
 
     def __init__(self, params: SamplingParams, tokenizer, prompt_ids: Sequence[int],
                  prompt_positions: int, window: int, stats: Stats | None = None,
-                 constraint: Constraint | None = None):
+                 constraint: Constraint | None = None, trim: bool = True):
         self.params = params
         self.grammar = constraint.start() if constraint is not None else None
         self.sampler = Sampler(params)
         self.history = list(prompt_ids)
-        self.text = Utf8Stream(tokenizer.token_to_bytes)
+        self.text = AnswerText(tokenizer.token_to_bytes, params.stop, trim)
         self.eos = tokenizer.eos_id
         self.prompt_positions, self.window = prompt_positions, window
         self.stats = stats if stats is not None else Stats()
         self.stats.finish_reason = LENGTH  # until it ends otherwise (a reader may stop early)
         self.token: int | None = None  # the token for the caller to evaluate next
         self.finished = False
-        self._spoken = False           # whether any text has been returned yet
-        self._started_at = time.perf_counter()
 
     def step(self, logits: np.ndarray) -> str:
-        """The logits of the answer's last position -> the text the next token completes ("" while
-        a character is still incomplete). Afterwards `token` is the token to evaluate next, or
+        """The logits of the answer's last position -> the text that can be shown once the next
+        token is decided ("" while a character is incomplete, or while what came may begin a
+        stop string or be end whitespace). Afterwards `token` is the token to evaluate next, or
         None when the answer is finished: then stats.finish_reason says why, and the text
-        returned includes whatever was left of the last character."""
+        returned includes whatever was held back."""
         if self.finished:
             raise Owl2Error("this answer is finished")
         check_finite(logits)
@@ -89,7 +90,9 @@ class Answer:
         stats.generated_tokens += 1
         stats.tokens.append(token)
         self.history.append(token)
-        piece = self._spoken_text(self.text.push(token))
+        piece = self.text.push(token)
+        if self.text.stopped:
+            return piece + self._finish(STOP)
         if self.prompt_positions + stats.generated_tokens > self.window:
             return piece + self._finish(CONTEXT)
         if stats.generated_tokens == self.params.max_tokens:
@@ -99,18 +102,12 @@ class Answer:
         self.token = token
         return piece
 
-    def _spoken_text(self, piece: str) -> str:
-        # The first text carries sentencepiece's word-start space; upstream strips it.
-        if not self._spoken:
-            piece = piece.lstrip()
-            self._spoken = bool(piece)
-        return piece
-
     def _finish(self, reason: str) -> str:
         self.finished, self.token = True, None
-        self.stats.finish_reason = reason
-        self.stats.timings["decode"] = time.perf_counter() - self._started_at
-        return self._spoken_text(self.text.flush())
+        tail = self.text.end()
+        # The held-back text may hold a stop string only the end reveals.
+        self.stats.finish_reason = STOP if self.text.stopped else reason
+        return tail
 
 
 __all__ = ["Answer", "check_finite", "STOP", "LENGTH", "CONTEXT"]

@@ -6,16 +6,20 @@ turn (docs/design.md §4.2). Owl2.chat makes one over its Owl2.generate.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 from owl2_edge import names
 from owl2_edge.errors import PromptError
 from owl2_edge.image import load_image
 from owl2_edge.prompt import Turn, render
 from owl2_edge.sampling import SamplingParams
+from owl2_edge.stats import Stats
 
-# What answers a turn: Owl2.generate (a templated prompt, its images, sampling -> text pieces).
-Generate = Callable[[str, Sequence, SamplingParams], Iterator[str]]
+if TYPE_CHECKING:
+    from owl2_edge.engine import Pieces
+
+# What answers a turn: Owl2.generate (a templated prompt, its images, sampling -> its Pieces).
+Generate = Callable[[str, Sequence, SamplingParams], "Pieces"]
 
 
 class Chat:
@@ -26,6 +30,7 @@ class Chat:
         self.turns: list[Turn] = []
         self.images: list = []
         self._new_images: list = list(images)
+        self.stats = Stats()  # the last turn's answer's (its counts fill in as it is read)
 
     def add_image(self, image) -> None:
         load_image(image)  # fail now, with the file's name, rather than at the next question
@@ -41,6 +46,7 @@ class Chat:
         images = self.images + self._new_images
         prompt = render([*self.turns, turn], n_images=len(images))
         pieces = self.generate(prompt, images, SamplingParams.of(sampling))
+        self.stats = pieces.stats
         answer: list[str] = []
         try:
             for piece in pieces:
@@ -49,5 +55,5 @@ class Chat:
         finally:
             # An interrupted answer (Ctrl-C, the caller stopped reading) stays in the history as
             # far as it got, as in a chat window.
-            self.turns.append(Turn(turn.user, "".join(answer).strip()))
+            self.turns.append(Turn(turn.user, "".join(answer)))
             self.images, self._new_images = images, []

@@ -117,19 +117,19 @@ class Completion:
             "usage": usage(stats),
         }
 
-    def chunks(self, pieces: Iterable[str], stats: Callable[[], Stats],
+    def chunks(self, pieces: Iterable[str], stats: Stats,
                token_bytes: Callable[[int], bytes] | None = None) -> Iterator[dict]:
         """chat.completion.chunk dicts: the role, one per piece, then the finish reason.
-        stats(): the answer's Stats (read as the pieces come: the answer starts with the first);
-        token_bytes: with it, each chunk carries the logprobs of the tokens new since the last."""
+        stats: the answer's own (read as the pieces come); token_bytes: with it, each chunk
+        carries the logprobs of the tokens new since the last."""
         yield self.chunk({"role": "assistant"})
         sent = 0
         for piece in pieces:
-            entries = stats().logprobs
+            entries = stats.logprobs
             new, sent = entries[sent:], len(entries)
             logprobs = chat_logprobs(new, token_bytes) if token_bytes and new else None
             yield self.chunk({"content": piece}, logprobs=logprobs)
-        yield self.chunk({}, finish_reason(stats()))
+        yield self.chunk({}, finish_reason(stats))
 
     def chunk(self, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,

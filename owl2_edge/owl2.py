@@ -4,9 +4,10 @@
     owl = Owl2.load("owl2-7b-Q4_K_M")
     print(owl.ask("photo.jpg", "What is written on the sign?"))
 
-One question flows (docs/design.md §1): images -> pixels (image) -> embeddings (vision, cached
-by content); prompt -> template (prompt) -> ids with image slots (tokenizer) -> the KV cache's
-missing runs (kv_prefix) -> decoder -> sampler (sampling) -> UTF-8-safe text pieces (detok).
+One question flows (docs/design.md §1): prompt -> template (prompt) -> ids with image slots
+(tokenizer) -> KV items (kv_prefix); images -> pixels (image); both -> a Job queued with the
+engine (engine/), which encodes the pictures (vision), evaluates what no sequence of the cache
+holds yet (decoder) and steps the answer loop (answer: sampling, stop rules, text) -> pieces.
 """
 
 from __future__ import annotations
@@ -28,12 +29,12 @@ from owl2_edge.chat import Chat
 from owl2_edge.constrain import Constraint, ConstraintSpec
 from owl2_edge.decoder import MAX_SEQUENCES, Decoder
 from owl2_edge.disk_cache import DiskStore
-from owl2_edge.engine import Engine, Job
+from owl2_edge.engine import Engine, Job, Pieces
 from owl2_edge.engine.disk_prefixes import DiskPrefixes, identities
 from owl2_edge.engine.vision_worker import count_runs
 from owl2_edge.errors import ArgumentError, ContextFullError, ModelFolderError, PromptError
 from owl2_edge.image import content_hash, load_image, preprocess
-from owl2_edge.kv_prefix import IMAGE, KVPrefix, positions, prompt_items
+from owl2_edge.kv_prefix import check_fits, positions, prompt_items, runs_of
 from owl2_edge.load_options import LoadOptions
 from owl2_edge.model_dir import MODEL_ENV, Manifest, default_model_path
 from owl2_edge.prompt import Turn, check_image_count, render
@@ -58,15 +59,13 @@ class Owl2:
         if options is not None and not isinstance(options, LoadOptions):
             raise ArgumentError(f"options must be a LoadOptions, not {type(options).__name__}")
         self.options = options or LoadOptions()
-        # Every answer goes through the engine, whichever thread asks (docs/design.md §14);
-        # kv describes sequence 0 for the calls that borrow the decoder whole (logits).
+        # Every answer goes through the engine, whichever thread asks (docs/design.md §14).
         # What is kept on disk for later processes (options.cache; docs/cache.md), or None.
         self.disk = disk
         if disk is not None:
             vision.disk = disk
         self.engine = Engine(decoder, tokenizer, vision, manifest.n_visual, MAX_SEQUENCES,
                              disk=disk)
-        self.kv = KVPrefix(decoder, manifest.n_visual)
         self._last = threading.local()  # each thread's last answer's Stats (the stats property)
         self._constraints: dict[ConstraintSpec, Constraint] = {}  # compiled, least recent first
         self._constraints_lock = threading.Lock()
@@ -74,8 +73,9 @@ class Owl2:
 
     @property
     def stats(self) -> Stats:
-        """The counts and timings of the last answer this thread started (each thread sees its
-        own: answers of other threads run meanwhile)."""
+        """The counts and timings of the last answer this thread asked for (each thread sees its
+        own: answers of other threads run meanwhile). A convenience after ask(); a stream's
+        own are `pieces.stats` (another stream of the same thread replaces this)."""
         return getattr(self._last, "stats", None) or Stats()
 
     @stats.setter
@@ -216,19 +216,21 @@ class Owl2:
         check_image_count(ids.count(names.IMAGE_TOKEN_ID), len(images))
         embeds, keys = self._encode(images)
         items = prompt_items(ids, keys)
-        self.kv.check_fits(items)
+        check_fits(items, self.manifest.n_visual, self.engine.n_ctx, self.engine.n_ctx)
         with self.engine.exclusive():  # the whole cache, emptied: answers wait meanwhile
-            self.kv.cached = []
-            logits = self.kv.evaluate(items, embeds, all_logits=True)
-            self.kv.forget(0)
+            try:
+                logits = self.decoder.eval_runs(runs_of(items, embeds), all_logits=True)
+            finally:
+                self.decoder.clear_sequence(0)
         check_finite(logits)
         return logits
 
     # -- asking ------------------------------------------------------------------------------------
 
     def stream(self, images, question: str, history: Sequence[tuple[str, str]] = (),
-               raw: bool = False, system: str | None = None, **sampling) -> Iterator[str]:
-        """Text pieces of the answer as they are decided. `images`: one or a list (paths, bytes,
+               raw: bool = False, system: str | None = None, **sampling) -> Pieces:
+        """Text pieces of the answer as they are decided (an iterator; its `stats` are the
+        answer's). `images`: one or a list (paths, bytes,
         PIL images; a clip's frames in time order). `history`: earlier (question, answer) turns.
         `system`: a text put first in the first question (instructions, or prompt.tools_text's
         offer of tools). raw=True takes `question` as the whole prompt (no template; <|image|>
@@ -246,8 +248,8 @@ class Owl2:
         return self.generate(prompt, images, SamplingParams.of(sampling))
 
     def ask(self, images, question: str, **kwargs) -> str:
-        """The whole answer as one string (upstream's CLI strips it)."""
-        return "".join(self.stream(images, question, **kwargs)).strip()
+        """The whole answer as one string: stream()'s pieces joined."""
+        return "".join(self.stream(images, question, **kwargs))
 
     def batch(self, items: Iterable, parallel: int = 4, **sampling) -> Iterator[BatchResult]:
         """Answer many questions together: `items` are BatchItem(index, image, question),
@@ -280,12 +282,11 @@ class Owl2:
         completion = openai_chat.Completion(model=self.folder.name)
         token_bytes = self.tokenizer.token_to_bytes if params.logprobs else None
         if stream:
-            # Stats read as the chunks go: the answer (and its Stats) starts with the first.
-            return completion.chunks(pieces, lambda: self.stats, token_bytes)
-        text = "".join(pieces).strip()
-        logprobs = (openai_chat.chat_logprobs(self.stats.logprobs, token_bytes)
+            return completion.chunks(pieces, pieces.stats, token_bytes)
+        text = "".join(pieces)
+        logprobs = (openai_chat.chat_logprobs(pieces.stats.logprobs, token_bytes)
                     if token_bytes else None)
-        return completion.response(text, self.stats, logprobs=logprobs)
+        return completion.response(text, pieces.stats, logprobs=logprobs)
 
     def prepare(self, prompt: str, images: Sequence = (), window: int | None = None
                 ) -> "Prepared":
@@ -302,7 +303,8 @@ class Owl2:
         if not ids:
             raise PromptError("the prompt is empty: there is nothing to answer")
         check_image_count(ids.count(names.IMAGE_TOKEN_ID), len(images))
-        self._check_fits(prompt_items(ids, [""] * len(images)), window)  # before any image
+        check_fits(prompt_items(ids, [""] * len(images)), self.manifest.n_visual, window,
+                   self.engine.n_ctx)  # before any image is read
         pixels, keys = self._pixels(images)  # a bad image is refused now
         items = prompt_items(ids, keys)
         return Prepared(items, pixels, self.engine.find_on_disk(items))
@@ -311,17 +313,6 @@ class Owl2:
         if window is None:
             return self.window
         return checks.integer("window", window, 1, self.engine.n_ctx)
-
-    def _check_fits(self, items, window: int) -> None:
-        needed = positions(items, self.manifest.n_visual)
-        if needed > window:
-            n_images = sum(1 for kind, _ in items if kind == IMAGE)
-            shared = (f" (n_ctx {self.engine.n_ctx} shared by parallel answers)"
-                      if window < self.engine.n_ctx else "")
-            raise ContextFullError(
-                f"the prompt needs {needed} positions ({len(items) - n_images} tokens + "
-                f"{n_images} image(s) x {self.manifest.n_visual}) but an answer may hold "
-                f"{window}{shared}; shorten it or load with a larger n_ctx")
 
     def check_prompt_size(self, prompt: str, n_images: int = 0, window: int | None = None
                           ) -> None:
@@ -352,14 +343,13 @@ class Owl2:
         left = self.window - n_images * self.manifest.n_visual
         return max(0, left) * self.tokenizer.max_token_bytes
 
-    def generate(self, prompt: "str | Prepared", images: Sequence, params: SamplingParams
-                 ) -> Iterator[str]:
+    def generate(self, prompt: "str | Prepared", images: Sequence, params: SamplingParams,
+                 trim: bool = True) -> Pieces:
         """The engine under stream(): a templated (or raw) prompt and its images (or what
-        prepare() made of them, images then ()) -> text pieces. Prepares now; the answer is
-        queued for the engine when the first piece is asked for, and cancelled when the
-        iterator is closed before its end."""
-        if not isinstance(params, SamplingParams):
-            raise ArgumentError(f"params must be a SamplingParams, not {type(params).__name__}")
+        prepare() made of them, images then ()) -> the answer's text pieces. Prepares now; the
+        answer is queued for the engine when the first piece is asked for, and cancelled when
+        the iterator is closed (or dropped) before its end. trim=False keeps the text's end
+        whitespace (a raw completion's)."""
         t0 = time.perf_counter()
         if isinstance(prompt, Prepared):
             if _as_list(images):
@@ -367,35 +357,34 @@ class Owl2:
             prepared = prompt
         else:
             prepared = self.prepare(prompt, images)
-        return self._pieces(prepared, params, t0)
-
-    def _pieces(self, prepared: "Prepared", params: SamplingParams, t0: float) -> Iterator[str]:
-        job = self.submit(prepared, params, started=t0)
-        try:
-            yield from job
-        finally:
-            job.cancel()
+        return Pieces(self._job(prepared, params, None, t0, trim), self.engine.submit)
 
     def submit(self, prepared: "Prepared", params: SamplingParams, window: int | None = None,
-               started: float | None = None) -> Job:
+               started: float | None = None, trim: bool = True) -> Job:
         """Queue an answer for the engine and return at once: the Job gives its text pieces
         (next(), poll() with set_waker(), iteration), its Stats, and cancel(). Safe from any
         thread; answers are decoded together, first come first served, `parallel` at a time
         (docs/api.md, threading). window: the positions it may hold (default: self.window)."""
+        return self.engine.submit(self._job(prepared, params, window, started, trim))
+
+    def _job(self, prepared: "Prepared", params: SamplingParams, window: int | None,
+             started: float | None, trim: bool) -> Job:
+        """The Job of an answer, checked whole before anything is queued."""
         if not isinstance(prepared, Prepared):
             raise ArgumentError(f"submit takes what prepare() returns, not "
                                 f"{type(prepared).__name__}")
         if not isinstance(params, SamplingParams):
             raise ArgumentError(f"params must be a SamplingParams, not {type(params).__name__}")
+        checks.flag("trim", trim)
         window = self._window(window)
         job = Job(prepared.items, prepared.pixels, params, window,
-                  positions(prepared.items, self.manifest.n_visual), started)
+                  positions(prepared.items, self.manifest.n_visual), started, trim)
         check_vocabulary(params, self.tokenizer.n_vocab)
         job.disk_prefix = prepared.disk_prefix
         if params.constraint is not None:  # refused here, before anything is generated
             job.constraint = self._constraint(params.constraint)
         self.stats = job.stats
-        return self.engine.submit(job)
+        return job
 
     def _constraint(self, spec: ConstraintSpec) -> Constraint:
         """The compiled grammar of a spec; the last few are kept (a server's clients send the

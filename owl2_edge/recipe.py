@@ -95,11 +95,6 @@ def overrides_of(tensor_types: Sequence[str] = (), output_type: str | None = Non
     return out + [parse_override(t) for t in tensor_types]
 
 
-def exact(types: Mapping[str, str]) -> list[Override]:
-    """One override per tensor key, anchored: a chosen recipe written as overrides."""
-    return [Override("^" + re.escape(key) + "$", check_tensor_type(t)) for key, t in types.items()]
-
-
 # --- Which type each tensor gets ------------------------------------------------------------------
 
 @dataclass(frozen=True)

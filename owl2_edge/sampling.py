@@ -27,6 +27,9 @@ MAX_TOKENS = 1 << 20
 # [-2, 2]; at most this many biased tokens.
 MAX_LOGIT_BIAS, MAX_OPENAI_PENALTY, MAX_BIASED_TOKENS = 100.0, 2.0, 1024
 MAX_TOP_LOGPROBS = 20
+# Stop strings: at most this many, each at most this many characters (llama-server takes any;
+# each is searched for in the answer's text after every token).
+MAX_STOPS, MAX_STOP_CHARS = 16, 500
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,9 @@ class SamplingParams:
     response_format: dict | None = None
     json_schema: dict | None = None
     grammar: str | None = None
+    # The answer ends where one of these first appears, without it (answer_text.py): a string or
+    # a list of them.
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self):
         # Frozen: the checked (and normalised) values are written through object.__setattr__.
@@ -76,6 +82,7 @@ class SamplingParams:
         put("logprobs", checks.flag("logprobs", self.logprobs))
         put("top_logprobs", checks.integer("top_logprobs", self.top_logprobs, 0,
                                            MAX_TOP_LOGPROBS))
+        put("stop", _stop_strings(self.stop))
         if self.top_logprobs and not self.logprobs:
             raise ArgumentError("top_logprobs needs logprobs: true", "top_logprobs")
         given = [name for name in ("response_format", "json_schema", "grammar")
@@ -110,6 +117,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _stop_strings(value) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else () if value is None else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
+        raise ArgumentError("stop must be a string or a list of strings", "stop")
+    if len(items) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in items):
+        raise ArgumentError(f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} "
+                            f"characters", "stop")
+    return tuple(s for s in items if s)
 
 
 def _logit_bias(value) -> dict[int, float]:

@@ -101,3 +101,50 @@ def test_nan_logits_and_a_finished_answer_are_refused(tokenizer):
     answer.step(_picking(tokenizer, tokenizer.eos_id))
     with pytest.raises(Owl2Error, match="finished"):
         answer.step(_picking(tokenizer, 3))
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return [t for t in tokenizer.tokenize(text) if t != tokenizer.bos_id]
+
+
+@pytest.mark.parametrize("trim", [True, False])
+def test_end_whitespace_is_held_back_and_dropped_at_the_end_when_trimmed(tokenizer, trim):
+    # "Red." then a newline and spaces, then the end: a trimmed answer never shows the tail,
+    # streamed or not; a raw completion's (trim=False) keeps it.
+    tokens = [*_ids(tokenizer, "Red."), *_ids(tokenizer, "\n  "), tokenizer.eos_id]
+    answer = Answer(SamplingParams(temperature=0, max_tokens=50), tokenizer, [tokenizer.bos_id],
+                    5, 100, trim=trim)
+    pieces = [answer.step(_picking(tokenizer, t)) for t in tokens]
+    decided = tokenizer.detokenize(answer.stats.tokens)
+    assert "".join(pieces) == (decided.strip() if trim else decided.lstrip())
+    assert ("".join(pieces) == "Red.") == trim
+
+
+def test_whitespace_inside_the_answer_is_shown_once_text_follows_it(tokenizer):
+    tokens = [*_ids(tokenizer, "Red square"), tokenizer.eos_id]
+    pieces, _ = _run(tokenizer, tokens, SamplingParams(temperature=0, max_tokens=50))
+    assert "".join(pieces) == tokenizer.detokenize(tokens[:-1]).strip()
+    assert " " in "".join(pieces)
+
+
+def test_a_stop_string_ends_the_answer_at_once_without_it(tokenizer):
+    words = _ids(tokenizer, "Red square. Blue circle.")
+    params = SamplingParams(temperature=0, max_tokens=50, stop=["."])
+    pieces, answer = _run(tokenizer, words, params)
+    assert "".join(pieces) == "Red square"
+    assert answer.finished and answer.stats.finish_reason == STOP
+    # Decoding stopped at the token that completed the stop string: nothing after it was asked.
+    shown = tokenizer.detokenize(answer.stats.tokens)
+    assert shown.endswith(".") and shown.count(".") == 1
+
+
+def test_a_stop_string_across_tokens_is_held_back_until_it_is_decided(tokenizer):
+    words = _ids(tokenizer, "Red square and blue circle")
+    params = SamplingParams(temperature=0, max_tokens=50, stop=["and blue"])
+    pieces, answer = _run(tokenizer, [*words, tokenizer.eos_id], params)
+    assert "".join(pieces) == "Red square"  # the space before the stop string is end space
+    assert answer.stats.finish_reason == STOP
+    # A text that only starts like a stop string is shown once it turns out not to be one.
+    params = SamplingParams(temperature=0, max_tokens=50, stop=["and green"])
+    pieces, answer = _run(tokenizer, [*words, tokenizer.eos_id], params)
+    assert "".join(pieces) == "Red square and blue circle"

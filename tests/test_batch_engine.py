@@ -52,7 +52,7 @@ def asked(tiny_model_dir, items):
 def assert_all_idle(owl):
     """No answer holds a sequence; the cells in use are the idle sequences' kept prompts."""
     slots = owl.engine.slots()
-    assert owl.engine.busy == 0 and all(slot["state"] == "idle" for slot in slots)
+    assert owl.engine.n_running == 0 and all(slot["state"] == "idle" for slot in slots)
     assert owl.decoder.n_ctx - owl.decoder.n_free <= sum(slot["positions"] for slot in slots)
 
 

@@ -189,3 +189,26 @@ def test_ctrl_c_stops_generation_with_exit_130_and_no_traceback(tiny_model_dir, 
 def test_usage_errors_exit_2(tiny_model_dir):
     r = owl2("ask", "-m", tiny_model_dir, "--bogus-option", "x")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_stop_strings_end_the_answer_in_the_cli_and_the_api_alike(tiny_model_dir, photo):
+    common = (photo, "What is this?", "-m", tiny_model_dir, "--temperature", "0", "-n", "16",
+              "--json")
+    whole = json.loads(owl2("ask", *common).stdout)
+    text = whole["text"]
+    assert len(text) >= 6, text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    r = owl2("ask", *common, "--stop", stop, "--stop", "never-said")
+    assert r.returncode == 0, r.stderr
+    cut = json.loads(r.stdout)
+    assert cut["text"] == text[:text.find(stop)].rstrip()
+    assert cut["finish_reason"] == "stop"
+    # Decoding ended at the token that completed the stop string: a prefix of the whole answer.
+    assert cut["token_ids"] == whole["token_ids"][:len(cut["token_ids"])]
+    assert len(cut["token_ids"]) < len(whole["token_ids"])
+    from owl2_edge.owl2 import Owl2
+    with Owl2.load(tiny_model_dir) as owl:
+        assert owl.ask(photo, "What is this?", temperature=0, max_tokens=16,
+                       stop=[stop]) == cut["text"]
+    r = owl2("ask", *common, "--stop", "x" * 501)
+    assert r.returncode != 0 and "stop: at most" in r.stderr and "Traceback" not in r.stderr

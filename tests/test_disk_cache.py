@@ -294,7 +294,8 @@ def test_the_cache_is_off_by_default_in_the_api(tiny_model_dir, tmp_path, monkey
         Owl2.load(tiny_model_dir, cache=3)
 
 
-def test_a_vision_file_opened_late_is_still_checked_against_the_manifest(tiny_model_dir, tmp_path):
+def test_a_vision_file_opened_late_is_still_checked_against_the_manifest(
+        tiny_model_dir, tiny_ref, sp, tmp_path):
     """With the cache the vision session opens at the first picture; a file that disagrees with
     the manifest is refused there, in one line, and the object still answers text."""
     import shutil
@@ -309,7 +310,14 @@ def test_a_vision_file_opened_late_is_still_checked_against_the_manifest(tiny_mo
         assert not owl.vision.opened
         with pytest.raises(ModelFolderError, match="manifest says"):
             owl.ask(_picture(7), "What is it?", max_tokens=2)
-        assert owl.ask([], "Say something.", temperature=0, max_tokens=2) is not None
+        text = owl.ask([], "Say something.", temperature=0, max_tokens=2)
+        # ... and answers it as the reference does, not merely something.
+        from owl2_edge.convert.reference_io import tokenize
+        from owl2_edge.prompt import Turn, render
+        expected = tiny_ref.greedy(tokenize(sp, render([Turn("Say something.")], 0)), None,
+                                   max_new_tokens=2)
+        assert owl.stats.tokens == expected and len(expected) == 2
+        assert text == sp.decode(expected).strip()
 
 
 def test_a_restarted_server_is_warm(start_server, tmp_path):

@@ -61,7 +61,7 @@ def test_multi_turn_chat_equals_reference_and_reuses_the_cache(owl, tiny_ref, sp
     stats = owl.stats
     prompt = render([Turn("Describe it.", first.strip()), Turn("And the colours?")], 1)
     assert stats.tokens == ref_answer(tiny_ref, sp, prompt, [image], n=8)
-    assert second.strip() == sp.decode(stats.tokens).strip()
+    assert second == sp.decode(stats.tokens).strip()
     # Only what the first turn did not already put in the cache ran again; the image did not.
     assert stats.images_encoded == 0
     assert stats.reused_positions >= owl.manifest.n_visual
@@ -173,10 +173,38 @@ def test_chat_completion_takes_openai_messages_with_data_urls(owl, tiny_ref, sp,
                                       {"type": "text", "text": "What is it?"}]}],
         stream=True, temperature=0, max_tokens=8))
     streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
-    assert streamed.strip() == result["choices"][0]["message"]["content"]
+    assert streamed == result["choices"][0]["message"]["content"]  # exactly: one text rule
 
 
-def test_errors_leave_the_object_usable(owl, tmp_path):
+def test_two_streams_of_one_thread_each_report_their_own_answer(owl):
+    """Each stream reads its own answer's finish reason, logprobs and counts, however the
+    thread's streams interleave (they once read "this thread's last answer")."""
+    def messages(question):
+        return [{"role": "user", "content": [{"type": "text", "text": question}]}]
+    short = owl.create_chat_completion(messages("Go."), stream=True, temperature=1.5, top_k=0,
+                                       seed=3, max_tokens=2, ignore_eos=True, logprobs=True)
+    long = owl.create_chat_completion(messages("Come."), stream=True, temperature=1.5, top_k=0,
+                                      seed=4, max_tokens=9, ignore_eos=True, logprobs=True)
+    first = [next(short), next(short)]   # the role, then the first piece: `short` has started
+    rest_of_long = list(long)            # `long` starts and ends meanwhile
+    chunks = first + list(short)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert rest_of_long[-1]["choices"][0]["finish_reason"] == "length"
+    tokens = [e for c in chunks if c["choices"][0]["logprobs"]
+              for e in c["choices"][0]["logprobs"]["content"]]
+    long_tokens = [e for c in rest_of_long if c["choices"][0]["logprobs"]
+                   for e in c["choices"][0]["logprobs"]["content"]]
+    assert len(tokens) == 2 and len(long_tokens) == 9
+    # And the pieces' own stats, for stream():
+    a = owl.stream(picture(2), "Go.", temperature=0, max_tokens=2, ignore_eos=True)
+    b = owl.stream(picture(2), "Come.", temperature=0, max_tokens=5, ignore_eos=True)
+    next(a)
+    "".join(b)
+    "".join(a)
+    assert a.stats.generated_tokens == 2 and b.stats.generated_tokens == 5
+
+
+def test_errors_leave_the_object_usable(owl, tiny_ref, sp, tmp_path):
     (tmp_path / "notes.txt").write_text("not a picture")
     with pytest.raises(ImageError):
         owl.ask(tmp_path / "notes.txt", "What?")
@@ -184,7 +212,11 @@ def test_errors_leave_the_object_usable(owl, tmp_path):
         owl.ask([], "USER: <|image|> ASSISTANT:", raw=True)
     with pytest.raises(ContextFullError):
         owl.ask([], "word " * 600, temperature=0)
-    assert owl.ask(picture(1), "Still there?", temperature=0, max_tokens=3) is not None
+    # Usable means right: no cache cell, picture or token of the failed calls is left behind.
+    text = owl.ask(picture(1), "Still there?", temperature=0, max_tokens=3)
+    expected = ref_answer(tiny_ref, sp, render([Turn("Still there?")], 1), [picture(1)], n=3)
+    assert owl.stats.tokens == expected and len(expected) == 3
+    assert text == sp.decode(expected).strip()
 
 
 @pytest.mark.parametrize("field,value,file", [
@@ -240,4 +272,16 @@ def test_gpu_logits_equal_reference(tiny_model_dir, tiny_ref, sp):
         theirs = tiny_ref.logits(ref_tokenize(sp, prompt), ref_embeds(tiny_ref, images)).numpy()
         # The GPU's fused attention reads an f16 cache: the fused kernel's tolerance, not f32's.
         assert np.abs(ours - theirs).max() <= 1e-2
-        assert gpu.ask(images, "Compare.", temperature=0, max_tokens=8) is not None
+        # The greedy answer, scored by the reference (teacher forcing): at every step the GPU
+        # chose a token within the f16 tolerance of the reference's best (a near tie may
+        # legitimately go either way, so not necessarily the reference's own argmax).
+        text = gpu.ask(images, "Compare.", temperature=0, max_tokens=8)
+        tokens = gpu.stats.tokens
+        assert 0 < len(tokens) <= 8
+        assert text == sp.decode(tokens).strip()
+        ids = ref_tokenize(sp, prompt)
+        rows = tiny_ref.logits(ids + tokens, ref_embeds(tiny_ref, images)).numpy()
+        n_prompt = rows.shape[0] - len(tokens)
+        for k, token in enumerate(tokens):
+            row = rows[n_prompt - 1 + k]
+            assert row[token] >= row.max() - 3e-2, (k, token, int(row.argmax()))

@@ -147,7 +147,7 @@ def _result(item: BatchItem, job) -> BatchResult:
     stats, now = job.stats, time.perf_counter()
     t = stats.timings
     return BatchResult(
-        item.index, image_label(item.image), item.question, text.strip(), None,
+        item.index, image_label(item.image), item.question, text, None,
         prompt_tokens=job.positions, reused_positions=stats.reused_positions,
         completion_tokens=stats.generated_tokens, finish_reason=stats.finish_reason,
         timings={"vision": t.get("vision", 0.0), "prefill": t.get("prefill", 0.0),

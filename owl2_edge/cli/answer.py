@@ -13,9 +13,8 @@ from owl2_edge.cli.app import app, check_sampling, err, fail, load_owl, write
 from owl2_edge.cli.options import CACHE, OUTPUT, RUNTIME, SAMPLING, with_options
 from owl2_edge.errors import Owl2Error
 
-def report_answer(owl, output: dict, text: str) -> None:
+def report_answer(owl, stats, output: dict, text: str) -> None:
     """After an answer: its JSON object (--json) and its timings (--verbose)."""
-    stats = owl.stats
     if output["as_json"]:
         print(json.dumps({
             "text": text, "token_ids": stats.tokens, "tokens": stats.generated_tokens,
@@ -51,7 +50,8 @@ def ask_cmd(
     try:
         check_sampling(sampling)
         owl = load_owl(runtime, cache)
-        for piece in owl.stream(images, question, raw=raw, **sampling):
+        answer = owl.stream(images, question, raw=raw, **sampling)
+        for piece in answer:
             pieces.append(piece)
             if streaming:
                 write(piece)
@@ -59,10 +59,10 @@ def ask_cmd(
         if streaming and pieces:
             sys.stdout.write("\n")
         raise fail(str(e))
-    text = "".join(pieces).strip()
+    text = "".join(pieces)
     if not output["as_json"]:
         print(text if no_stream else "", flush=True)  # before --verbose's line on stderr
-    report_answer(owl, output, text)
+    report_answer(owl, answer.stats, output, text)
 
 
 @app.command("chat")
@@ -114,4 +114,4 @@ def chat_cmd(
         except Owl2Error as e:
             err.print(f"error: {e}", markup=False)
             continue
-        report_answer(owl, output, "".join(pieces).strip())
+        report_answer(owl, chat.stats, output, "".join(pieces))

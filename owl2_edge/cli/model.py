@@ -262,7 +262,7 @@ def demo_cmd(
         for piece in owl.stream(images, q, max_tokens=96, temperature=0):
             pieces.append(piece)
             write(piece)
-        answer = "".join(pieces).strip()
+        answer = "".join(pieces)
         console.print("" if expected is None else "   [green](right)[/]" if answer == expected
                       else f"   [red](expected {escape(expected)})[/]")
 

@@ -87,6 +87,8 @@ SAMPLING = Group("sampling", (
     _opt("repeat_penalty", float, SamplingParams.repeat_penalty, "--repeat-penalty", panel=_S, help="1 = none."),
     _opt("seed", Optional[int], SamplingParams.seed, "--seed", panel=_S, help="Sampling seed (default: random)."),
     _opt("ignore_eos", bool, SamplingParams.ignore_eos, "--ignore-eos", panel=_S, help="Never stop at end-of-text."),
+    _opt("stop", Optional[list[str]], None, "--stop", panel=_S,
+         help="End the answer where this text first appears, without it (repeatable)."),
     _opt("json_schema", Optional[str], None, "--json-schema", panel=_S,
          help="The answer is JSON that follows this schema (a file, or the JSON itself)."),
     _opt("grammar", Optional[Path], None, "--grammar", panel=_S,

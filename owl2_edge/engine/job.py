@@ -32,15 +32,17 @@ class Job:
     """items: the prompt's KV items (kv_prefix: ("t", id), ("i", key)); pixels: each image's,
     in order; params: sampling; window: the positions the answer's sequence may hold (its
     prompt, then its tokens); positions: what the prompt takes of them (an image n_visual);
-    started: time.perf_counter() when the caller began (its first_token counts from there)."""
+    started: time.perf_counter() when the caller began (its first_token counts from there);
+    trim: the text's end whitespace is dropped (answer_text.py; a raw completion keeps it)."""
 
     def __init__(self, items: list, pixels: list[np.ndarray], params: SamplingParams,
-                 window: int, positions: int, started: float | None = None):
+                 window: int, positions: int, started: float | None = None, trim: bool = True):
         self.items, self.pixels, self.params = items, pixels, params
-        self.window, self.positions = window, positions
+        self.window, self.positions, self.trim = window, positions, trim
         self.stats = Stats()
         self.state = WAITING
         self.seq: int | None = None             # the cache sequence it holds, once admitted
+        self.waiting_for: str | None = None     # why the engine could not admit it yet
         self.submitted_at = time.perf_counter()
         self.started = started if started is not None else self.submitted_at
         self.admitted_at: float | None = None
@@ -101,6 +103,7 @@ class Job:
     def cancel(self) -> None:
         """Stop the answer (before the engine's next step); what it said so far stays said."""
         self._cancelled = True
+        self._time_decode()
         if self._wake_engine is not None and not self._finished:
             self._wake_engine()
 
@@ -129,6 +132,12 @@ class Job:
                 return
         fn(self)
 
+    def _time_decode(self) -> None:
+        """stats.timings["decode"]: from the first token to the answer's end, or to the
+        caller's cancel (a client gone, a time limit), whichever comes first."""
+        if self.first_token_at is not None:
+            self.stats.timings.setdefault("decode", time.perf_counter() - self.first_token_at)
+
     # -- the engine's side ------------------------------------------------------------------------
 
     def put(self, piece: str) -> None:
@@ -144,6 +153,7 @@ class Job:
         with self._lock:
             if self._finished:
                 return
+            self._time_decode()
             self.state, self._finished, self._error = DONE, True, error
             self._lock.notify_all()
             waker, callbacks = self._waker, self._done_callbacks
@@ -154,4 +164,41 @@ class Job:
             fn(self)
 
 
-__all__ = ["Job", "PENDING", "WAITING", "PREFILL", "DECODE", "DONE"]
+class Pieces:
+    """The text pieces of one answer, read in order (what Owl2.generate and stream return): an
+    iterator over `job`, which it hands to `submit` (the engine) at the first piece asked for,
+    and cancels when it is closed, or dropped, before the answer's end. `job.stats` is the
+    answer's own from the start (its counts fill in as it goes)."""
+
+    def __init__(self, job: Job, submit: Callable[[Job], Job]):
+        self.job = job
+        self._submit: Callable[[Job], Job] | None = submit
+
+    @property
+    def stats(self) -> Stats:
+        return self.job.stats
+
+    def __iter__(self) -> "Pieces":
+        return self
+
+    def __next__(self) -> str:
+        if self._submit is not None:
+            submit, self._submit = self._submit, None
+            try:
+                submit(self.job)
+            except BaseException as e:  # refused (the model closed...): every later read says so
+                self.job.finish(e)
+                raise
+        piece = self.job.next()
+        if piece is None:
+            raise StopIteration
+        return piece
+
+    def close(self) -> None:
+        self.job.cancel()
+
+    def __del__(self) -> None:
+        self.job.cancel()
+
+
+__all__ = ["Job", "Pieces", "PENDING", "WAITING", "PREFILL", "DECODE", "DONE"]

@@ -37,11 +37,12 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from owl2_edge.answer import Answer
-from owl2_edge.errors import BusyError, ContextFullError, Owl2Error
+from owl2_edge.errors import BusyError, Owl2Error
 from owl2_edge.engine.disk_prefixes import DiskPrefixes
 from owl2_edge.engine.job import DECODE, PREFILL, Job
 from owl2_edge.engine.vision_worker import NOT_NEEDED, VisionWorker, count_runs
-from owl2_edge.kv_prefix import IMAGE, TEXT, positions, runs_of, width
+from owl2_edge.kv_prefix import (IMAGE, TEXT, check_fits, common_prefix, positions, runs_of,
+                                 width)
 
 # Prompt positions evaluated per step while other answers decode: each step then takes about as
 # long as prefilling this many positions, which bounds the pause a new prompt puts in their
@@ -77,6 +78,21 @@ class _Sequence:
     pending_state: object = None
 
 
+@dataclass
+class _Source:
+    """What a new answer starts from (Engine._source): `shared` items of `seq`'s cells, or of
+    the disk's prefix (from_disk), or nothing; or it waits (`wait_for` says for what)."""
+    seq: _Sequence | None = None
+    shared: int = 0
+    from_disk: bool = False
+    wait_for: str | None = None
+
+    @property
+    def in_place(self) -> bool:
+        """An idle sequence taken over as it is (the next turn of its conversation)."""
+        return self.seq is not None and self.seq.job is None
+
+
 class Engine:
     def __init__(self, decoder, tokenizer, vision, n_visual: int, max_sequences: int,
                  prefill_chunk: int = PREFILL_CHUNK, disk: DiskPrefixes | None = None):
@@ -101,11 +117,7 @@ class Engine:
     def submit(self, job: Job) -> Job:
         """Queue an answer; its images start encoding now. ContextFullError when its prompt
         cannot fit its window."""
-        if job.positions > job.window:
-            raise ContextFullError(
-                f"the prompt needs {job.positions} positions but an answer may use "
-                f"{job.window} here (n_ctx {self.n_ctx} shared by parallel answers); "
-                f"shorten it, or load with a larger n_ctx or a smaller parallel")
+        check_fits(job.items, self.n_visual, job.window, self.n_ctx)
         with self._cond:
             if self._closing:
                 raise Owl2Error("the model is closed")
@@ -135,16 +147,16 @@ class Engine:
         if self.disk is None or not _images_in(items):
             return None
         with self._cond:
-            in_memory = max((_common(items, s.cached) for s in self._seqs.values()), default=0)
+            in_memory = max((common_prefix(items, s.cached) for s in self._seqs.values()), default=0)
         return self.disk.find(items, longer_than=in_memory)
 
     @property
-    def waiting(self) -> int:
+    def n_waiting(self) -> int:
         """Answers queued for room in the cache."""
         return len(self._waiting)
 
     @property
-    def busy(self) -> int:
+    def n_running(self) -> int:
         """Answers holding a sequence (prefilling or decoding)."""
         return len(self._running)
 
@@ -156,6 +168,13 @@ class Engine:
                      "window": s.job.window if s.job else None,
                      "generated": s.job.stats.generated_tokens if s.job else None}
                     for s in sorted(self._seqs.values(), key=lambda s: s.seq)]
+
+    def queued(self) -> list[dict]:
+        """Every answer waiting for a sequence, first come first: its prompt's positions, its
+        window, and what it waits for (None until the engine has tried to place it)."""
+        with self._cond:
+            return [{"positions": j.positions, "window": j.window, "waiting_for": j.waiting_for}
+                    for j in self._waiting]
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -238,8 +257,6 @@ class Engine:
             job.finish()
         for s in [s for s in self._running if s.job.cancelled]:
             job = s.job
-            if job.first_token_at is not None:
-                job.stats.timings.setdefault("decode", time.perf_counter() - job.first_token_at)
             self._release(s)
             job.finish()
 
@@ -250,25 +267,46 @@ class Engine:
             self._waiting.popleft()
 
     def _place(self, job: Job) -> bool:
-        """Give `job` a sequence if there is room (evicting idle ones, oldest first); False to
-        leave it waiting."""
+        """Give `job` a sequence, in three steps: choose what it starts from, make room, attach.
+        False leaves it waiting; job.waiting_for then says why (shown in /props)."""
+        source = self._source(job)
+        if source.wait_for is None:
+            source.wait_for = self._make_room(job, source)
+        job.waiting_for = source.wait_for
+        if job.waiting_for is not None:
+            return False
+        self._attach(job, source)
+        return True
+
+    def _source(self, job: Job) -> "_Source":
+        """What the job's prompt starts from: the sequence sharing the longest start with it
+        (an idle one is taken over in place, a running one is shared), or the disk's prefix when
+        it reaches further, or nothing. Waits instead when another answer is about to prefill
+        cells it would share (a picture, or SHARE_WAIT_MIN text positions)."""
         items = job.items
         on_disk = job.disk_prefix[0] if job.disk_prefix else 0
         best, shared = None, 0
         for s in self._seqs.values():
-            n = _common(items, s.cached) if s.pending_state is None else 0
+            n = common_prefix(items, s.cached) if s.pending_state is None else 0
             if s.job is not None and s.job.state == PREFILL:
-                planned, have = _common(items, s.job.items), max(n, on_disk)
+                planned, have = common_prefix(items, s.job.items), max(n, on_disk)
                 if planned > have and (_images_in(items[have:planned])
                                        or planned - have >= SHARE_WAIT_MIN):
-                    return False  # the cells it needs are being made: share them next step
+                    return _Source(wait_for=f"sequence {s.seq} is prefilling cells this prompt "
+                                            f"shares ({planned - have} items)")
             if n > shared or (n == shared and n and s.job is None and best.job is not None):
                 best, shared = s, n
-        if on_disk > shared:  # a new sequence restores the disk's cells
-            best, shared = None, on_disk
-        in_place = best is not None and best.job is None
-        others = sum(self._reserved(s) for s in self._seqs.values() if not (in_place and s is best))
-        idle = sorted((s for s in self._seqs.values() if s.job is None and s is not best),
+        if on_disk > shared:
+            return _Source(shared=on_disk, from_disk=True)
+        return _Source(best, shared)
+
+    def _make_room(self, job: Job, source: "_Source") -> str | None:
+        """Evict idle sequences, least recently used first, until the job's window fits beside
+        what the others reserve and a sequence is free. None when it fits, else why not."""
+        in_place = source.in_place
+        others = sum(self._reserved(s) for s in self._seqs.values()
+                     if not (in_place and s is source.seq))
+        idle = sorted((s for s in self._seqs.values() if s.job is None and s is not source.seq),
                       key=lambda s: s.last_used)
 
         def fits() -> bool:
@@ -279,22 +317,30 @@ class Engine:
             victim = idle.pop(0)
             others -= self._reserved(victim)
             self._forget(victim)
-        if not fits():
-            return False
+        if fits():
+            return None
+        if others + job.window > self.n_ctx:
+            return (f"room: running answers reserve {others} of n_ctx {self.n_ctx} positions, "
+                    f"this one needs {job.window}")
+        return f"a sequence: all {self.max_sequences} are in use"
 
-        decoder = self.decoder
+    def _attach(self, job: Job, source: "_Source") -> None:
+        """Start the job in its sequence: the source's cells kept (rewound to what it shares,
+        copied from a running one, or read from the disk at the next step), the rest to
+        prefill."""
+        items, decoder, shared = job.items, self.decoder, source.shared
         keep = self._positions(items[:shared])
-        if in_place:
-            s = best
+        if source.in_place:
+            s = source.seq
             decoder.rewind(decoder.n_past_of(s.seq) - keep, seq=s.seq)
         else:
             # A sequence no one holds is empty (_forget cleared it): no decoder call here, which
             # would wait for a decoder still loading (wait=False) while holding the engine.
             s = _Sequence(min(set(range(self.max_sequences)) - set(self._seqs)), [])
-            if best is not None:
-                decoder.copy_sequence(best.seq, s.seq)
+            if source.seq is not None:
+                decoder.copy_sequence(source.seq.seq, s.seq)
                 decoder.rewind(decoder.n_past_of(s.seq) - keep, seq=s.seq)
-            elif shared:
+            elif source.from_disk:
                 state = job.disk_prefix[1]
                 if state.n_past == keep:
                     s.pending_state, job.stats.disk_positions = state, keep
@@ -311,7 +357,6 @@ class Engine:
         stats.evaluated_positions = job.positions - keep
         stats.timings["queue"] = job.admitted_at - job.submitted_at
         stats.timings["load_wait"] = 0.0
-        return True
 
     def _reserved(self, s: _Sequence) -> int:
         return s.job.window if s.job is not None else self._positions(s.cached)
@@ -442,7 +487,7 @@ class Engine:
             self._keep_on_disk(s)
         prompt_ids = [value for kind, value in job.items if kind != IMAGE]
         s.answer = Answer(job.params, self.tokenizer, prompt_ids, job.positions, job.window,
-                          job.stats, job.constraint)
+                          job.stats, job.constraint, job.trim)
 
     def _keep_on_disk(self, s: _Sequence) -> None:
         """Hand the disk the prompt's prefixes it does not keep yet (right after each picture,
@@ -492,15 +537,6 @@ class Engine:
 
 def _images_in(items) -> int:
     return sum(1 for kind, _ in items if kind == IMAGE)
-
-
-def _common(items: list, cached: list) -> int:
-    """How many items at the start of `items` `cached` has too; never all of them: the last
-    position must run again, its logits start the answer."""
-    n, limit = 0, min(len(items) - 1, len(cached))
-    while n < limit and items[n] == cached[n]:
-        n += 1
-    return n
 
 
 __all__ = ["Engine", "PREFILL_CHUNK"]

@@ -1,11 +1,11 @@
-"""One answer for one request: a Job of the engine read from the event loop (docs/design.md §13).
+"""One choice of a request's reply: a Job of the engine read from the event loop (docs/design.md §13).
 
-The engine decides the answer on its own thread beside the other requests' answers; its waker
-tells the event loop when a piece has arrived, so no thread is held per request. Here stop
-strings are applied, the request's time limit is held (still queued at the limit: 503; answering:
-the answer ends where it is, as max_tokens would end it), a client that left is noticed while
-the answer waits for its first piece, and closing cancels the job: its sequence is free at the
-engine's next step.
+The engine decides the answer on its own thread beside the other requests' answers (its text,
+stop strings included, decided there as for every caller); the job's waker tells the event loop
+when a piece has arrived, so no thread is held per request. Here the request's time limit is held
+(still queued at the limit: 503; answering: the answer ends where it is, as max_tokens would end
+it), a client that left is noticed while the answer waits for its first piece, and closing
+cancels the job: its sequence is free at the engine's next step.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from owl2_edge.sampling import SamplingParams
 from owl2_edge.serve.limits import ApiError
 from owl2_edge.serve.metrics import Metrics
 from owl2_edge.serve.shapes import timings
-from owl2_edge.serve.stop import StopStrings
 from owl2_edge.stats import Stats
 
 if TYPE_CHECKING:
@@ -37,11 +36,10 @@ class ClientGone(Exception):
     """The client left before the answer's first piece."""
 
 
-class Answer:
-    def __init__(self, owl: Owl2, metrics: Metrics, n_images: int, stop: tuple[str, ...],
+class Reply:
+    def __init__(self, owl: Owl2, metrics: Metrics, n_images: int,
                  deadline: float = float("inf"), started: float | None = None):
         self.owl, self.metrics, self.n_images = owl, metrics, n_images
-        self.stops = StopStrings(stop)
         self.deadline = deadline          # time.monotonic(): the request's time limit
         self.started = started if started is not None else time.perf_counter()
         self.timed_out = False
@@ -56,10 +54,11 @@ class Answer:
     def stats(self) -> Stats:
         return self.job.stats if self.job is not None else Stats()
 
-    def start(self, prepared: Prepared, params: SamplingParams) -> None:
-        """Queue the answer for the engine (ContextFullError when it cannot fit a slot)."""
+    def start(self, prepared: Prepared, params: SamplingParams, trim: bool) -> None:
+        """Queue the answer for the engine (ContextFullError when it cannot fit a slot); trim:
+        its end whitespace is dropped (False: a raw completion's is kept)."""
         loop = asyncio.get_running_loop()
-        self.job = self.owl.submit(prepared, params, started=self.started)
+        self.job = self.owl.submit(prepared, params, started=self.started, trim=trim)
 
         def wake() -> None:  # on the engine's thread
             try:
@@ -76,16 +75,10 @@ class Answer:
             piece = self.job.poll()
             if piece is PENDING:
                 await self._wait(request)
-                continue
-            if piece is None:
+            elif piece is None:
                 self.finish = finish_reason(self.job.stats)
-                text = self.stops.flush()
             else:
-                text = self.stops.push(piece)
-                if self.stops.hit:
-                    self.finish = "stop"
-            if text:
-                return text
+                return piece
         return None
 
     async def _wait(self, request) -> None:
@@ -119,11 +112,7 @@ class Answer:
         self.disconnected = disconnected
         job = self.job
         if job is not None:
-            job.cancel()
-            stats = job.stats
-            if "decode" not in stats.timings and job.first_token_at is not None:
-                # An answer cut short (a stop string, a client gone) is timed here.
-                stats.timings["decode"] = time.perf_counter() - job.first_token_at
+            job.cancel()  # (an answer cut short is timed to here)
             self.metrics.add_answer(job, self.n_images)
         if self.timed_out:
             self.metrics.timeouts += 1

@@ -37,14 +37,14 @@ from owl2_edge import openai_chat
 from owl2_edge.errors import (ArgumentError, ContextFullError, ImageError, Owl2Error,
                               PromptError)
 from owl2_edge.serve import fields, memory
-from owl2_edge.serve.answer import Answer, ClientGone
+from owl2_edge.serve.answer import ClientGone, Reply
 from owl2_edge.serve.fetch import Fetcher, IpNetwork
 from owl2_edge.serve.images import ImageReader, count_image_parts
 from owl2_edge.serve.limits import ApiError, Limits, bad_request, error_body, read_json
 from owl2_edge.serve.metrics import CountingMiddleware, Metrics
 from owl2_edge.serve.origin import BrowserGuard
 from owl2_edge.serve.prometheus import CONTENT_TYPE as PROMETHEUS_TYPE
-from owl2_edge.serve.queue import RequestQueue
+from owl2_edge.serve.admission import Admission
 from owl2_edge.serve.shapes import DONE, ChatShape, TextShape, event
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ class Server:
     owl: Owl2
     limits: Limits
     reader: ImageReader
-    queue: RequestQueue
+    queue: Admission
     metrics: Metrics
     api_key: str | None
     started: int
@@ -104,7 +104,7 @@ def create_app(owl: Owl2, limits: Limits | None = None, api_key: str | None = No
         fetcher = Fetcher(limits.max_image_bytes, limits.remote_timeout_s, allow_networks)
     reader = ImageReader(limits, tuple(Path(p) for p in allow_paths),
                          fetcher if allow_remote_images else None)
-    server = Server(owl, limits, reader, RequestQueue(owl, limits.max_queue, metrics), metrics,
+    server = Server(owl, limits, reader, Admission(owl, limits.max_queue, metrics), metrics,
                     api_key or None, int(time.time()), tuple(host_allow), tuple(cors_origins))
     routes = [
         Route("/", page),
@@ -251,7 +251,7 @@ async def props(request: Request, server: Server) -> Response:
                    "cors_origins": list(server.cors_origins)},
         "concurrency": {"parallel": owl.parallel, "window": owl.window,
                         "prefill_chunk": owl.engine.prefill_chunk,
-                        "slots": owl.engine.slots()},
+                        "slots": owl.engine.slots(), "waiting": owl.engine.queued()},
         "queue": queue.to_dict(),
         "supported_fields": list(fields.SUPPORTED),
         "unsupported_fields": fields.NOT_IMPLEMENTED_TEXT,
@@ -284,8 +284,8 @@ async def chat_completions(request: Request, server: Server) -> Response:
             raise bad_request(str(e), param="messages") from None
         return _prepare(server, prompt, urls, "messages", lambda i: f"image {i + 1}", deadline)
 
-    return await _answer(request, server, ChatShape(server.model_id, _token_bytes(server, asked)),
-                         prepare, asked, strip=True, deadline=deadline, started=started)
+    return await _reply(request, server, ChatShape(server.model_id, _token_bytes(server, asked)),
+                         prepare, asked, trim=True, deadline=deadline, started=started)
 
 
 @api()
@@ -296,10 +296,10 @@ async def completions(request: Request, server: Server) -> Response:
     prompt = fields.prompt_text(body)
     sources = fields.image_list(body)
     _check_image_count(len(sources), server.limits, "images")
-    return await _answer(
+    return await _reply(
         request, server, TextShape(server.model_id, _token_bytes(server, asked)),
         lambda: _prepare(server, prompt, sources, "images", lambda i: f"images[{i}]", deadline),
-        asked, strip=False, deadline=deadline, started=started)
+        asked, trim=False, deadline=deadline, started=started)
 
 
 def _token_bytes(server: Server, asked: fields.Request):
@@ -335,70 +335,68 @@ def _check_image_count(n: int, limits: Limits, param: str) -> None:
                           f"(owl2 serve --max-images)", param=param, code="too_many_images")
 
 
-async def _answer(request: Request, server: Server, shape, prepare: Callable[[], Prepared],
-                  asked: fields.Request, strip: bool, deadline: float, started: float
+async def _reply(request: Request, server: Server, shape, prepare: Callable[[], Prepared],
+                  asked: fields.Request, trim: bool, deadline: float, started: float
                   ) -> Response:
     """Take a place in the queue (429 when it is full), prepare the request on a worker thread,
-    queue its answers for the engine (n of them: they share the prompt's cells), and reply: all
+    queue its choices for the engine (n of them: they share the prompt's cells), and reply: all
     at once, or as events."""
     server.queue.enter()
-    answers: list[Answer] = []
+    choices: list[Reply] = []
     try:
         prepared = await anyio.to_thread.run_sync(prepare)
         for params in fields.choice_params(asked):
-            answer = Answer(server.owl, server.metrics, len(prepared.pixels), asked.stop,
-                            deadline, started)
-            answers.append(answer)
-            answer.start(prepared, params)
+            choice = Reply(server.owl, server.metrics, len(prepared.pixels), deadline, started)
+            choices.append(choice)
+            choice.start(prepared, params, trim)
     except BaseException:
-        await _close_all(answers)
+        await _close_all(choices)
         raise
     finally:
         server.queue.submitted()
     try:
         # The first pieces (prefill) before any reply: their errors are still a plain 4xx.
-        firsts = [await answer.next(request) for answer in answers]
+        firsts = [await choice.next(request) for choice in choices]
     except ClientGone:  # gone while it waited: its slots go to the next requests
-        await _close_all(answers, disconnected=True)
+        await _close_all(choices, disconnected=True)
         return Response(status_code=499)
     except BaseException:
-        await _close_all(answers)
+        await _close_all(choices)
         raise
     if asked.stream:
-        return EventStream(_events(request, server, shape, answers, firsts, asked.include_usage),
-                           answers)
+        return EventStream(_events(request, server, shape, choices, firsts, asked.include_usage),
+                           choices)
     try:
         texts = []
-        for answer, first in zip(answers, firsts):  # decoded together; read one after another
+        for choice, first in zip(choices, firsts):  # decoded together; read one after another
             parts = [first or ""]
-            while answer.finish is None:
+            while choice.finish is None:
                 if await request.is_disconnected():
-                    await _close_all(answers, disconnected=True)
+                    await _close_all(choices, disconnected=True)
                     return Response(status_code=499)  # nobody reads it: nginx's "client closed"
-                parts.append(await answer.next() or "")
+                parts.append(await choice.next() or "")
             texts.append("".join(parts))
     finally:
-        await _close_all(answers)
-    replies = [shape.response(text.strip() if strip else text, answer.finish,
-                              answer.usage_stats())
-               for text, answer in zip(texts, answers)]
+        await _close_all(choices)
+    replies = [shape.response(text, choice.finish, choice.usage_stats())
+               for text, choice in zip(texts, choices)]
     reply = replies[0]
     for index, other in enumerate(replies[1:], start=1):
         reply["choices"].append({**other["choices"][0], "index": index})
-    reply["usage"] = _usage(answers)
-    reply["timings"] = answers[0].timings()
+    reply["usage"] = _usage(choices)
+    reply["timings"] = choices[0].timings()
     return JSONResponse(reply)
 
 
-async def _close_all(answers: list[Answer], disconnected: bool = False) -> None:
-    for answer in answers:
-        await answer.close(disconnected=disconnected)
+async def _close_all(choices: list[Reply], disconnected: bool = False) -> None:
+    for choice in choices:
+        await choice.close(disconnected=disconnected)
 
 
-def _usage(answers: list[Answer]) -> dict:
+def _usage(choices: list[Reply]) -> dict:
     """The prompt once, the completions of every choice."""
-    usage = openai_chat.usage(answers[0].usage_stats())
-    completion = sum(a.usage_stats().generated_tokens for a in answers)
+    usage = openai_chat.usage(choices[0].usage_stats())
+    completion = sum(a.usage_stats().generated_tokens for a in choices)
     return {**usage, "completion_tokens": completion,
             "total_tokens": usage["prompt_tokens"] + completion}
 
@@ -409,44 +407,44 @@ def _indexed(chunk: dict, index: int) -> dict:
     return chunk
 
 
-async def _events(request: Request, server: Server, shape, answers: list[Answer],
+async def _events(request: Request, server: Server, shape, choices: list[Reply],
                   firsts: list, include_usage: bool):
-    """The answers as server-sent events: the chunks (each choice's with its index, in turns:
+    """The choices as server-sent events: the chunks (each choice's with its index, in turns:
     the engine decides a token of each per step), each choice's last chunk, the usage and
     timings with the last one, then [DONE]. With stream_options.include_usage, as OpenAI: every
     chunk has "usage": null and an extra last chunk with no choices holds usage and timings. A
-    client gone between two pieces ends the answers (EventStream closes them)."""
+    client gone between two pieces ends the choices (EventStream closes them)."""
     def sent(chunk: dict) -> str:
         return event({**chunk, "usage": None} if include_usage else chunk)
 
-    for index in range(len(answers)):
+    for index in range(len(choices)):
         for chunk in shape.first_chunks():
             yield sent(_indexed(chunk, index))
-    texts, active, last = list(firsts), list(range(len(answers))), None
+    texts, active, last = list(firsts), list(range(len(choices))), None
     try:
         while active:
             for index in list(active):
-                answer, text = answers[index], texts[index]
+                choice, text = choices[index], texts[index]
                 if text:
-                    yield sent(_indexed(shape.chunk(text, answer.new_logprobs()), index))
-                if answer.finish is not None:
+                    yield sent(_indexed(shape.chunk(text, choice.new_logprobs()), index))
+                if choice.finish is not None:
                     active.remove(index)
-                    last = _indexed(shape.last_chunk(answer.finish), index)
+                    last = _indexed(shape.last_chunk(choice.finish), index)
                     if active:
                         yield sent(last)
                     continue
                 if await request.is_disconnected():
                     return
-                texts[index] = await answer.next()
+                texts[index] = await choice.next()
     except Owl2Error as e:
         # The 200 went out with the first event: the error becomes the stream's last event.
-        await _close_all(answers)
+        await _close_all(choices)
         server.metrics.stream_errors += 1
         yield event(error_body(400 if isinstance(e, _REQUEST_ERRORS) else 500, str(e),
                                code=_code(e)))
         return
-    await _close_all(answers)
-    totals = {"usage": _usage(answers), "timings": answers[0].timings()}
+    await _close_all(choices)
+    totals = {"usage": _usage(choices), "timings": choices[0].timings()}
     if include_usage:
         yield sent(last)
         yield event({**shape.usage_chunk(), **totals})
@@ -456,14 +454,14 @@ async def _events(request: Request, server: Server, shape, answers: list[Answer]
 
 
 class EventStream(StreamingResponse):
-    """text/event-stream whose answer is closed however the response ends: at its end, or when
+    """text/event-stream whose choices are closed however the response ends: at its end, or when
     the client leaves (Starlette then cancels the stream, possibly between two events, where the
     body's own `finally` would wait for the garbage collector)."""
 
-    def __init__(self, events, answers: list[Answer]):
+    def __init__(self, events, choices: list[Reply]):
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.answers = answers
+        self.choices = choices
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -471,5 +469,5 @@ class EventStream(StreamingResponse):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.body_iterator.aclose()
-                for answer in self.answers:
-                    await answer.close(disconnected=answer.finish is None)
+                for choice in self.choices:
+                    await choice.close(disconnected=choice.finish is None)

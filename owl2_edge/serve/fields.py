@@ -17,13 +17,11 @@ from owl2_edge.serve.limits import Limits, bad_request
 _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
              "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
              "ignore_eos": "ignore_eos", "frequency_penalty": "frequency_penalty",
-             "presence_penalty": "presence_penalty", "logit_bias": "logit_bias"}
+             "presence_penalty": "presence_penalty", "logit_bias": "logit_bias", "stop": "stop"}
 # Answers one request may ask for (n): each takes a slot of the engine.
 MAX_CHOICES = 8
 # /v1/completions' logprobs: how many alternatives (0..5), as OpenAI's legacy endpoint.
 MAX_COMPLETION_LOGPROBS = 5
-MAX_STOPS = 16
-MAX_STOP_CHARS = 500
 
 # OpenAI fields this server does not implement: each is accepted only with a value that asks
 # for nothing (what clients send as a default), and otherwise refused with a 400 naming it, never
@@ -98,7 +96,6 @@ def default_sampling() -> dict:
 @dataclass(frozen=True)
 class Request:
     params: SamplingParams
-    stop: tuple[str, ...]
     stream: bool
     include_usage: bool = False  # stream_options.include_usage
     n: int = 1                   # answers (choices) to the one prompt
@@ -119,8 +116,8 @@ def parse(body: dict, limits: Limits, completions: bool = False) -> Request:
     check_known(body, "completions" if completions else "chat")
     check_not_implemented(body)
     stream = flag(body, "stream")
-    return Request(sampling_params(body, limits, completions), stop_strings(body.get("stop")),
-                   stream, include_usage(body, stream), n)
+    return Request(sampling_params(body, limits, completions), stream,
+                   include_usage(body, stream), n)
 
 
 def _logprobs(body: dict, completions: bool) -> dict:
@@ -191,18 +188,6 @@ def sampling_params(body: dict, limits: Limits, completions: bool = False) -> Sa
                           f"{limits.max_tokens} (owl2 serve --max-tokens-limit)", param=param,
                           code="max_tokens_too_large")
     return params
-
-
-def stop_strings(stop) -> tuple[str, ...]:
-    if stop is None:
-        return ()
-    items = [stop] if isinstance(stop, str) else stop
-    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-        raise bad_request("stop must be a string or a list of strings", param="stop")
-    if len(items) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in items):
-        raise bad_request(f"stop: at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} "
-                          f"characters", param="stop")
-    return tuple(s for s in items if s)
 
 
 def flag(body: dict, name: str, param: str | None = None) -> bool:

@@ -1,4 +1,5 @@
-"""Stop strings over a stream of text pieces: the answer ends where one first appears, without it.
+"""Stop strings over a stream of text pieces: the answer ends where one first appears, without it
+(answer_text.py applies them inside the answer loop, for every caller).
 
 A piece may end with the start of a stop string ("...\\nUS" before "ER:"), so that tail is held
 back until the next piece says whether the string follows; nothing held back is ever shown if it

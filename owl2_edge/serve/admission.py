@@ -1,4 +1,4 @@
-"""The bounded queue in front of the engine (docs/design.md §13).
+"""Admission: how many requests the server lets in ahead of the engine (docs/design.md §13).
 
 The engine answers `parallel` requests at once and queues the rest, first come first served.
 Here a request is counted from the moment it is let in (before its images are read) until the
@@ -18,7 +18,7 @@ from owl2_edge.serve.metrics import Metrics
 _RETRY_AFTER_MIN, _RETRY_AFTER_MAX = 1, 60
 
 
-class RequestQueue:
+class Admission:
     def __init__(self, owl, max_waiting: int, metrics: Metrics):
         self.owl, self.max_waiting, self.metrics = owl, max_waiting, metrics
         self.preparing = 0  # let in, images being read: not yet the engine's
@@ -26,12 +26,12 @@ class RequestQueue:
     @property
     def busy(self) -> int:
         """Requests being answered (each holds a sequence of the cache)."""
-        return self.owl.engine.busy
+        return self.owl.engine.n_running
 
     @property
     def waiting(self) -> int:
         """Requests let in that no slot has taken yet."""
-        return self.preparing + self.owl.engine.waiting
+        return self.preparing + self.owl.engine.n_waiting
 
     def enter(self) -> None:
         """Let a request in, or refuse it with 429 when the queue is full."""
