@@ -425,15 +425,16 @@ class Engine:
         return s, taken, runs_of(taken, embeds, first_image)
 
     def _step(self, decode: list[_Sequence], prefill: list) -> None:
-        t = time.perf_counter()
         try:
             if not self.decoder.ready:  # loaded with wait=False: the first step waits for it
+                t = time.perf_counter()
                 self.decoder.wait()
                 for s in [*decode, *(s for s, _, _ in prefill)]:
                     s.job.stats.timings["load_wait"] = time.perf_counter() - t
         except Owl2Error as e:
             self._fail([*decode, *(s for s, _, _ in prefill)], e)
             return
+        t = time.perf_counter()  # the pass's own time, from here (prefill's, not the wait)
         prefill = self._restore_pending(prefill)
         batch = [(s.seq, runs) for s, _, runs in prefill]
         batch += [(s.seq, [[s.answer.token]]) for s in decode]

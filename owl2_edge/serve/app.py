@@ -8,8 +8,8 @@ Before any route, origin.py refuses Host names and web origins the server does n
 to. Each handler reads and checks the request here, on the event loop (cheap, and bounded before
 it is parsed); then, on a worker thread, refuses a prompt too long for the context from its
 length alone, reads its images and tokenizes it (Owl2.prepare), so that the model thread never
-spends time on a request it would refuse; then its answer joins the engine's (queue.py bounds
-the requests waiting for a slot, answer.py reads the answer). Everything a request does counts
+spends time on a request it would refuse; then its answer joins the engine's (admission.py
+bounds the requests let in, answer.py's Reply reads each choice's answer). Everything a request does counts
 against its time limit.
 Every refusal is OpenAI's error object (limits.py).
 """
