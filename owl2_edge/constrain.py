@@ -10,6 +10,16 @@ and concurrent answers all have it, and the answer can only end where the gramma
 
 It fails closed: a schema or grammar llguidance cannot compile is refused before anything is
 generated (never answered unconstrained), and a token the grammar refuses can never be chosen.
+
+A constraint is untrusted input (a server's client sends it), so its cost is bounded, all in
+BOUNDS (docs/structured.md, "Bounds"; /props lists them): its size, its nesting, the
+alternatives of one grammar rule, every count (a regex's or a grammar's {n,m}, a schema's
+minLength, minItems, minProperties), recursion that never reaches a value, and llguidance's own
+parser limits. What breaks a bound is refused by name before anything is compiled; compiling
+builds the answer's matcher once and computes its first mask, so a grammar that fails at its
+start is refused too, and every answer starts from a copy (no compile on the engine's thread).
+A limit the grammar engine still reaches in the middle of an answer ends that answer with a
+GrammarError naming the field (a 400 to a server's client), never an unconstrained token.
 """
 
 from __future__ import annotations
@@ -22,7 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from owl2_edge.errors import ArgumentError, Owl2Error
+from owl2_edge.constraint_bounds import BOUNDS, check_grammar_text, check_schema, check_size
+from owl2_edge.errors import GrammarError, Owl2Error
 
 # The template's answer starts right after "ASSISTANT:" and the model's first token carries
 # sentencepiece's word-start space (answer.py strips it from the text): the grammar lets the
@@ -34,8 +45,6 @@ _LEADING_SPACE = 'start: " "? @answer'
 JSON_LAYOUT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 
 
-class GrammarError(ArgumentError):
-    """A schema or grammar that cannot constrain an answer; `param` names the field it came in."""
 
 
 @dataclass(frozen=True)
@@ -54,14 +63,17 @@ class ConstraintSpec:
                                f"{type(schema).__name__}", field)
         try:
             text = json.dumps(schema)  # its own key order: the answer's keys come in it
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:
             raise GrammarError(f"{field} is not JSON: {e}", field) from None
+        check_size(text, field)
+        check_schema(schema, field)
         return cls("json_schema", text, field)
 
     @classmethod
     def grammar(cls, text, field: str = "grammar") -> "ConstraintSpec":
         if not isinstance(text, str) or not text.strip():
             raise GrammarError(f"{field} must be a non-empty grammar text (GBNF or Lark)", field)
+        check_size(text, field)
         return cls("grammar", text, field)
 
     @classmethod
@@ -93,15 +105,18 @@ class ConstraintSpec:
 
 
 class Constraint:
-    """A compiled grammar, ready to start any number of answers (one ConstraintState each)."""
+    """A compiled grammar, ready to start any number of answers (one ConstraintState each):
+    its matcher is built once, here, and each answer starts from a copy of it."""
 
-    def __init__(self, grammar: str, tokenizer, field: str):
-        self.grammar, self.field = grammar, field
-        self._llg = grammar_tokenizer(tokenizer)
-        self.n_vocab = tokenizer.n_vocab
+    def __init__(self, spec: ConstraintSpec, matcher, n_vocab: int):
+        self.spec, self._matcher, self.n_vocab = spec, matcher, n_vocab
+        self.field = spec.field
 
     @classmethod
     def compile(cls, spec: ConstraintSpec, tokenizer) -> "Constraint":
+        """GrammarError when the spec cannot be compiled within BOUNDS, or its first mask
+        cannot be computed. Slow for a large grammar (up to about a second): call it off any
+        thread that others wait on."""
         from llguidance import LLMatcher
         if spec.kind == "json_schema":
             schema = json.loads(spec.source)
@@ -114,38 +129,47 @@ class Constraint:
         else:
             from llguidance.gbnf_to_lark import any_to_lark
             try:
-                answer = {"lark_grammar": any_to_lark(spec.source)}  # GBNF, or Lark as it is
+                lark = any_to_lark(spec.source)  # GBNF, or Lark as it is
             except Exception as e:  # its converter's errors are plain exceptions
                 raise GrammarError(f"{spec.field} cannot be compiled: {_first_line(e)}",
                                    spec.field) from None
+            check_grammar_text(lark, spec.field)
+            answer = {"lark_grammar": lark}
         grammar = json.dumps({"grammars": [{"lark_grammar": _LEADING_SPACE},
                                            {"name": "answer", **answer}]})
-        constraint = cls(grammar, tokenizer, spec.field)
-        error, messages = LLMatcher.validate_grammar_with_warnings(grammar, constraint._llg)
+        llg, limits = grammar_tokenizer(tokenizer), BOUNDS.parser_limits()
+        error, messages = LLMatcher.validate_grammar_with_warnings(grammar, llg, limits=limits)
         if error:
             raise GrammarError(f"{spec.field} cannot be compiled: {_first_line(messages[0])}",
                                spec.field)
+        constraint = cls(spec, LLMatcher(llg, grammar, log_level=0, limits=limits),
+                         tokenizer.n_vocab)
+        constraint.start().allowed()  # the first mask: a grammar that fails at once is refused
         return constraint
 
     def start(self) -> "ConstraintState":
-        from llguidance import LLMatcher
-        matcher = LLMatcher(self._llg, self.grammar, log_level=0)
-        if matcher.is_error():
-            raise GrammarError(f"{self.field} cannot be compiled: "
-                               f"{_first_line(matcher.get_error())}", self.field)
-        return ConstraintState(matcher, self.n_vocab)
+        """A fresh place at the grammar's start, for one answer."""
+        return ConstraintState(self._matcher.deep_copy(), self.n_vocab, self.field)
 
 
 class ConstraintState:
-    """One answer's place in the grammar."""
+    """One answer's place in the grammar. A limit the grammar engine reaches (its parser
+    limits, BOUNDS) ends the answer with a GrammarError naming the field."""
 
-    def __init__(self, matcher, n_vocab: int):
-        self.matcher, self.n_vocab = matcher, n_vocab
+    def __init__(self, matcher, n_vocab: int, field: str):
+        self.matcher, self.n_vocab, self.field = matcher, n_vocab, field
         self._bits = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
+        self._check()
+
+    def _check(self) -> None:
+        if self.matcher.is_error():
+            raise GrammarError(f"{self.field}: the grammar engine stopped: "
+                               f"{_first_line(self.matcher.get_error())}", self.field)
 
     def allowed(self) -> np.ndarray:
         """bool [n_vocab]: the tokens the grammar allows next (EOS only where it accepts)."""
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+        self._check()
         bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
         return bits[:self.n_vocab].astype(bool)
 
@@ -157,7 +181,8 @@ class ConstraintState:
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(int(token)):
-            # Only a token the mask allowed is ever chosen: this is a bug, and the answer ends.
+            # A token the mask allowed was refused: a limit reached (or a bug); the answer ends.
+            self._check()
             raise Owl2Error(f"the grammar refused token {token}: "
                             f"{_first_line(self.matcher.get_error())}")
 
@@ -189,4 +214,4 @@ def _first_line(message) -> str:
     return " ".join(lines[:3])[:300] if lines else "unknown error"
 
 
-__all__ = ["ConstraintSpec", "Constraint", "ConstraintState", "GrammarError"]
+__all__ = ["BOUNDS", "ConstraintSpec", "Constraint", "ConstraintState", "GrammarError"]

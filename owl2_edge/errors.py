@@ -21,9 +21,13 @@ class ArgumentError(Owl2Error, ValueError):
         self.param = param
 
 
+class GrammarError(ArgumentError):
+    """A schema or grammar that cannot constrain an answer; `param` names the field it came in."""
+
+
 class BusyError(Owl2Error):
-    """An answer whose Owl2 was taken over by a later call before it finished (the decoder's KV
-    cache now holds the other prompt, so it cannot go on)."""
+    """A call that needs the decoder whole (Owl2.logits) from a thread that still has an answer
+    of its own not read to its end: it would wait for itself (Engine.exclusive)."""
 
 
 class CheckpointError(Owl2Error):

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
@@ -43,8 +44,33 @@ def default_model_path() -> Path:
     return demo_folder() / "model"
 
 
+class UnrecordedFolderWarning(UserWarning):
+    """A model folder written before owl2-edge recorded its files' sizes and sha256: a file
+    altered or swapped since cannot be caught at load (the CLI prints it as one "note:" line)."""
+
+
+_noted_unrecorded: set[str] = set()
+
+
+def note_unrecorded(folder: Path, manifest: "Manifest") -> None:
+    """Say once per process, for a folder without file records, what that costs and how to add
+    them (not per question: a server loads once and answers many)."""
+    key = str(Path(folder).resolve())
+    if manifest.file_records or key in _noted_unrecorded:
+        return
+    _noted_unrecorded.add(key)
+    warnings.warn(UnrecordedFolderWarning(
+        f"{display_path(folder)} has no file records (written before owl2-edge kept them), so a "
+        f"file altered since cannot be caught at load; `owl2 info --record "
+        f"{display_path(folder)}` adds them"), stacklevel=3)
+
+
 def check_output_folder(out: Path, force: bool) -> None:
-    """A model folder is written over only when it is empty or with force (`--force`)."""
+    """A model folder is written over only when it is empty or with force (`--force`); a file
+    of that name never (--force replaces folders, not a file that was given by mistake)."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: is a file, not a model folder; give -o the name of a "
+                              f"folder to write")
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out}: already exists and is not empty (use --force to replace it)")
 

@@ -62,3 +62,111 @@ def _weights(graph):
                 yield from _weights(attribute.g)
             for sub in attribute.graphs:
                 yield from _weights(sub)
+
+
+def check_external_data(onnx_path: Path) -> None:
+    """ModelFolderError when a data file beside the graph is not the one the graph was written
+    with: every weight the graph keeps outside it names its file, offset and length, and the
+    writer (save_mappable) ends the file at the last weight's end, so its size is known without
+    any record (a data file of another vision variant, same name, has another). A data file
+    outside the graph's folder is refused as well. Reads the graph's weight headers only (the
+    onnx package takes a second to import; a load should not)."""
+    from owl2_edge.errors import ModelFolderError
+    ends, problem = _external_ends(Path(onnx_path))
+    if problem:
+        raise ModelFolderError(f"{onnx_path}: not a usable ONNX model ({problem})")
+    for location, end in ends.items():
+        if not location or Path(location).name != location:
+            raise ModelFolderError(f"{onnx_path}: a weight's data is at {location[:100]!r}, "
+                                   f"outside the model folder")
+        data = Path(onnx_path).parent / location
+        size = data.stat().st_size if data.is_file() else None
+        if size != end:
+            found = "is missing" if size is None else f"has {size:,} bytes"
+            raise ModelFolderError(f"{data}: {found} but {Path(onnx_path).name} places its "
+                                   f"weights in exactly {end:,} (a data file of another vision "
+                                   f"variant?); copy or convert the model folder again")
+
+
+# The protobuf fields read (onnx.proto): ModelProto.graph, GraphProto.initializer,
+# TensorProto.external_data and .data_location (1: EXTERNAL), StringStringEntryProto.key/.value.
+_MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5
+_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION, _EXTERNAL = 13, 14, 1
+_ENTRY_KEY, _ENTRY_VALUE = 1, 2
+
+
+def _external_ends(path: Path) -> tuple[dict[str, int], str | None]:
+    """(data file name -> the end of the last weight the graph places in it, None), or ({},
+    what is wrong with the file)."""
+    import mmap
+    if path.stat().st_size == 0:
+        return {}, "an empty file"
+    with open(path, "rb") as f:
+        # Mapped, not read: a graph that keeps its weights inside is read only where its
+        # headers are.
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return _scan(mapped)  # (no view of the mapping outlives the call)
+
+
+def _scan(mapped) -> tuple[dict[str, int], str | None]:
+    ends: dict[str, int] = {}
+    try:
+        for graph in _fields(memoryview(mapped), _MODEL_GRAPH):
+            for tensor in _fields(graph, _GRAPH_INITIALIZER):
+                location, end = _external_extent(tensor)
+                if location is not None:
+                    ends[location] = max(ends.get(location, 0), end)
+    except ValueError as e:  # (its traceback, and the views it holds, end with this block)
+        return {}, str(e)
+    return ends, None
+
+
+def _external_extent(tensor: memoryview) -> tuple[str | None, int]:
+    """(data file, offset + length) of a TensorProto kept outside the graph, else (None, 0)."""
+    external = any(value == _EXTERNAL for value in _fields(tensor, _TENSOR_DATA_LOCATION))
+    if not external:
+        return None, 0
+    entry = {}
+    for pair in _fields(tensor, _TENSOR_EXTERNAL_DATA):
+        key = next(_fields(pair, _ENTRY_KEY), b"")
+        value = next(_fields(pair, _ENTRY_VALUE), b"")
+        entry[bytes(key).decode("utf-8", "replace")] = bytes(value).decode("utf-8", "replace")
+    try:
+        return entry.get("location", ""), int(entry.get("offset", 0)) + int(entry["length"])
+    except (KeyError, ValueError):
+        raise ValueError("a weight kept outside the graph has no valid offset and length") \
+            from None
+
+
+def _fields(message: memoryview, number: int):
+    """The values of field `number` in a protobuf message: ints for varints, memoryviews for
+    length-delimited fields (messages, strings); other fields are skipped unread."""
+    at, n = 0, len(message)
+    while at < n:
+        key, at = _varint(message, at)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, at = _varint(message, at)
+        elif wire == 2:
+            length, at = _varint(message, at)
+            if at + length > n:
+                raise ValueError("a field runs past the end of its message")
+            value, at = message[at:at + length], at + length
+        elif wire in (1, 5):
+            value, at = None, at + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"wire type {wire} is not protobuf's (or not ONNX's)")
+        if field == number and value is not None:
+            yield value
+
+
+def _varint(buffer: memoryview, at: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if at >= len(buffer) or shift > 63:
+            raise ValueError("a number runs past the end of the file")
+        byte = buffer[at]
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if byte < 0x80:
+            return value, at

@@ -36,7 +36,7 @@ from owl2_edge.errors import ArgumentError, ContextFullError, ModelFolderError, 
 from owl2_edge.image import content_hash, load_image, preprocess
 from owl2_edge.kv_prefix import check_fits, positions, prompt_items, runs_of
 from owl2_edge.load_options import LoadOptions
-from owl2_edge.model_dir import MODEL_ENV, Manifest, default_model_path
+from owl2_edge.model_dir import MODEL_ENV, Manifest, default_model_path, note_unrecorded
 from owl2_edge.prompt import Turn, check_image_count, render
 from owl2_edge.sampling import SamplingParams, check_vocabulary
 from owl2_edge.stats import Stats
@@ -160,6 +160,7 @@ class Owl2:
             on_error.pop_all()
         owl = cls(folder, manifest, tokenizer, decoder, vision, opts, disk)
         owl.load_seconds = time.perf_counter() - t0
+        note_unrecorded(folder, manifest)  # (once it loads: a refusal is said alone, in one line)
         return owl
 
     @classmethod
@@ -360,15 +361,18 @@ class Owl2:
         return Pieces(self._job(prepared, params, None, t0, trim), self.engine.submit)
 
     def submit(self, prepared: "Prepared", params: SamplingParams, window: int | None = None,
-               started: float | None = None, trim: bool = True) -> Job:
+               started: float | None = None, trim: bool = True,
+               constraint: Constraint | None = None) -> Job:
         """Queue an answer for the engine and return at once: the Job gives its text pieces
         (next(), poll() with set_waker(), iteration), its Stats, and cancel(). Safe from any
         thread; answers are decoded together, first come first served, `parallel` at a time
-        (docs/api.md, threading). window: the positions it may hold (default: self.window)."""
-        return self.engine.submit(self._job(prepared, params, window, started, trim))
+        (docs/api.md, threading). window: the positions it may hold (default: self.window).
+        constraint: params' grammar as constraint() compiled it (else it is compiled here, on
+        the calling thread)."""
+        return self.engine.submit(self._job(prepared, params, window, started, trim, constraint))
 
     def _job(self, prepared: "Prepared", params: SamplingParams, window: int | None,
-             started: float | None, trim: bool) -> Job:
+             started: float | None, trim: bool, constraint: Constraint | None = None) -> Job:
         """The Job of an answer, checked whole before anything is queued."""
         if not isinstance(prepared, Prepared):
             raise ArgumentError(f"submit takes what prepare() returns, not "
@@ -382,13 +386,17 @@ class Owl2:
         check_vocabulary(params, self.tokenizer.n_vocab)
         job.disk_prefix = prepared.disk_prefix
         if params.constraint is not None:  # refused here, before anything is generated
-            job.constraint = self._constraint(params.constraint)
+            if constraint is None or constraint.spec != params.constraint:
+                constraint = self.constraint(params.constraint)
+            job.constraint = constraint
         self.stats = job.stats
         return job
 
-    def _constraint(self, spec: ConstraintSpec) -> Constraint:
-        """The compiled grammar of a spec; the last few are kept (a server's clients send the
-        same schema again and again)."""
+    def constraint(self, spec: ConstraintSpec) -> Constraint:
+        """The compiled grammar of a spec (GrammarError when it cannot be, within
+        constraint_bounds.BOUNDS); the last few are kept (a server's clients send the same
+        schema again and again). Up to about a second for a large grammar: a server calls it
+        on a worker thread."""
         with self._constraints_lock:
             constraint = self._constraints.pop(spec, None)
         if constraint is None:

@@ -28,6 +28,7 @@ from owl2_edge.errors import ArgumentError, ModelFolderError, Owl2Error
 from owl2_edge.image import content_hash
 from owl2_edge.model_dir import Manifest
 from owl2_edge.names import DEVICES, ONNX_INPUT, ONNX_OUTPUT
+from owl2_edge.onnx_weights import check_external_data
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -72,6 +73,7 @@ class VisionEncoder:
         self.path = Path(checks.path("onnx_path", onnx_path))
         if not self.path.is_file():
             raise ModelFolderError(f"{self.path}: missing vision model")
+        check_external_data(self.path)
         if device == "cuda" and CUDA not in ort.get_available_providers():
             raise Owl2Error("CUDA was asked for but this ONNX Runtime has no CUDA provider "
                             "(install onnxruntime-gpu), or choose the CPU")

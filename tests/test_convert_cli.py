@@ -62,6 +62,20 @@ def test_convert_refuses_an_existing_folder_without_force(converted_f32, tiny_ch
     assert "already exists" in r.stderr
 
 
+@pytest.mark.parametrize("force", [(), ("--force",)])
+def test_an_output_that_is_a_file_is_one_line_and_the_file_is_kept(converted_f32, tiny_checkpoint,
+                                                                    tmp_path, force):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    for args in (("convert", tiny_checkpoint, "--quant", "F32"),
+                 ("quantize", converted_f32, "-q", "Q8_0")):
+        r = owl2(*args, "-o", existing, *force)
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.strip() == f"error: {existing}: is a file, not a model folder; give -o " \
+                                   f"the name of a folder to write", r.stderr
+        assert existing.read_text() == "keep me"
+
+
 def _damaged_checkpoint(tmp_path: Path, damage) -> Path:
     hf = make_tiny_checkpoint(tmp_path / "hf", seed=3)
     damage(hf)

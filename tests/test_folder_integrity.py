@@ -108,18 +108,40 @@ def test_an_altered_file_is_refused_at_open(name, damage, folder):
     assert f"{name}: {MISMATCH}" in refused(folder)
 
 
-def test_the_same_damage_goes_unseen_without_records(variants_dir, folder):
-    """What the records are for: without them, the int8 graph on the fp32 weights (a larger
-    file, so every offset is inside it) loads and encodes, wrongly."""
-    from owl2_edge.tools.demo_image import sample_image
-    with Owl2.load(variants_dir, device="cpu", n_ctx=64) as owl:
-        right = owl.encode_image(sample_image(0))
+@pytest.mark.parametrize("other", ["fp32", "fp16"])
+def test_without_records_a_swapped_data_file_is_refused_by_the_graph_s_extents(other, folder):
+    """A folder written before the records: the int8 graph names where each of its weights
+    lies in its data file, so another variant's data file (another size) is refused at open,
+    in one line, as it once was not (it loaded and encoded wrongly)."""
     without_records(folder)
-    shutil.copyfile(folder / "vision-fp32.onnx.data", folder / "vision-int8.onnx.data")
-    with Owl2.load(folder, device="cpu", n_ctx=64) as owl:
-        assert owl.vision.path.name == "vision-int8.onnx"
-        wrong = owl.encode_image(sample_image(0))
-    assert wrong.shape == right.shape and abs(wrong - right).max() > 0.1
+    shutil.copyfile(folder / f"vision-{other}.onnx.data", folder / "vision-int8.onnx.data")
+    message = refused(folder)
+    assert "vision-int8.onnx.data: has" in message and "places its weights in exactly" in message
+    with pytest.raises(ModelFolderError, match="places its weights in exactly"):
+        Owl2.check_folder(folder)  # every variant, as `owl2 info` and `owl2 quantize` read them
+
+
+def test_a_folder_without_records_is_noted_once_and_info_record_adds_them(folder):
+    without_records(folder)
+    r = subprocess.run([sys.executable, "-m", "owl2_edge.cli", "info", str(folder)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and "owl2 info --record" in notes[0], r.stderr
+    assert r.stderr.strip() == notes[0]
+    import warnings
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(2):  # the API says it once per folder and process, not per load
+            Owl2.load(folder, device="cpu", n_ctx=64).close()
+    assert [type(w.message) for w in seen] == [model_dir.UnrecordedFolderWarning]
+    r = subprocess.run([sys.executable, "-m", "owl2_edge.cli", "info", "--record", str(folder)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "recorded the size and sha256 of" in r.stdout, r.stderr
+    assert set(Manifest.load(folder).verify(folder).values()) == {True}
+    r = subprocess.run([sys.executable, "-m", "owl2_edge.cli", "info", "--record", str(folder)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "recorded already" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -228,5 +250,6 @@ def test_info_on_a_pair_id_that_is_not_utf8_is_one_line(which, value, folder, tm
         gguf_summary(path)
     r = _owl2("info", folder)
     assert r.returncode == 1
-    lines = r.stderr.strip().splitlines()
+    # (the folder has no records: the load's one note comes first)
+    lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("note: ")]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr

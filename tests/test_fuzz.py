@@ -44,3 +44,77 @@ def test_quantize_of_mutated_folders_never_crashes_hangs_escapes_or_writes_a_bad
                       if target == "mam" and outcome == "owl2error")
     assert refused_mam > n // 4  # the sidecar was reached, and mostly refused
     assert not result["findings"], "\n".join(f"{t} {o}: {d} ({p})" for t, o, d, p in result["findings"])
+
+
+def test_constraints_through_the_api_and_the_server_are_refused_by_name_or_answered(
+        tiny_server):
+    """The schema and grammar fuzzer (tests/fuzz_constraints.py, issue 36): OWL2_FUZZ_CONSTRAINTS
+    (default 2,000) constraints through Owl2.ask, every seventh also through the server,
+    streamed or not. Each is a GrammarError / 400 naming its field, or an answer within 10 s;
+    an answer its grammar ended validates against its schema; never another exception, a 5xx,
+    a stream without its end, or a slot left busy."""
+    import json
+    import time
+    import urllib.error
+    import urllib.request
+
+    import jsonschema
+
+    from fuzz_constraints import constraints
+    from owl2_edge.errors import GrammarError
+    owl, url = tiny_server.owl, tiny_server.url + "/v1/chat/completions"
+    n = int(os.environ.get("OWL2_FUZZ_CONSTRAINTS", "2000"))
+    findings, outcomes = [], {}
+
+    def finding(i, kind, value, what):
+        findings.append(f"#{i} {kind} {json.dumps(value)[:200]}: {what}")
+
+    def post(body):
+        request = urllib.request.Request(url, json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    for i, (kind, value) in enumerate(constraints(n, seed=int(os.environ.get("OWL2_FUZZ_SEED",
+                                                                             "7")))):
+        t = time.monotonic()
+        try:
+            text = owl.ask([], "Go.", temperature=0, max_tokens=24, **{kind: value})
+        except GrammarError as e:
+            outcome = "refused"
+            if e.param != kind or "\n" in str(e):
+                finding(i, kind, value, f"refused without naming {kind} in one line: {e}")
+        except Exception as e:  # noqa: BLE001 (any other is what the fuzzer looks for)
+            outcome = "error"
+            finding(i, kind, value, f"{type(e).__name__}: {e}")
+        else:
+            outcome = f"answered-{owl.stats.finish_reason}"
+            if kind == "json_schema" and owl.stats.finish_reason == "stop":
+                try:
+                    jsonschema.validate(json.loads(text), value)
+                except jsonschema.ValidationError as e:
+                    finding(i, kind, value, f"answer {text!r} does not validate: {e.message}")
+                except (ValueError, jsonschema.SchemaError):
+                    outcome += "-unverifiable"  # a regex or schema Python's validator cannot read
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        if time.monotonic() - t > 10:
+            finding(i, kind, value, f"took {time.monotonic() - t:.1f} s")
+        if i % 7 == 0:
+            stream = i % 14 == 0
+            status, body = post({"model": "owl2", "max_tokens": 24, "temperature": 0,
+                                 "stream": stream, kind: value,
+                                 "messages": [{"role": "user", "content": "Go."}]})
+            if status not in (200, 400):
+                finding(i, kind, value, f"HTTP {status}: {body[:200]}")
+            elif stream and status == 200:
+                last = [line for line in body.splitlines() if line.startswith("data: ")][-1]
+                if last != "data: [DONE]" and '"grammar_error"' not in last:
+                    finding(i, kind, value, f"the stream ended with {last[:200]}")
+    print(f"fuzz constraints: {n}: {outcomes}")
+    assert owl.engine.n_running == 0 and owl.engine.n_waiting == 0  # no slot left busy
+    assert outcomes.get("refused", 0) > n // 10 and \
+        sum(k for o, k in outcomes.items() if o.startswith("answered")) > n // 3
+    assert not findings, "\n".join(findings[:30])

@@ -9,12 +9,19 @@ commands, one module per family, register on the one app when imported here, in 
 from __future__ import annotations
 
 import sys
+import warnings
 
 from owl2_edge.cli import answer, serve, batch, cache, model, quality, bench  # noqa: F401, I001 (registers)
 from owl2_edge.cli.app import EXIT_INTERRUPTED, app
 
 
+def _note(message, category, filename, lineno, file=None, line=None) -> str:
+    # A warning the API gives (model_dir.UnrecordedFolderWarning) is one line on stderr here.
+    return f"note: {message}\n"
+
+
 def main():
+    warnings.formatwarning = _note
     # typer turns Ctrl-C inside a command into exit code 130 without a traceback; this catches
     # one that lands before a command runs (while Python imports).
     try:

@@ -67,13 +67,24 @@ def info_cmd(
     verify: bool = typer.Option(False, "--verify",
                                 help="Also read every file whole and compare it with the sha256 "
                                      "the manifest records (a load samples them)."),
+    record: bool = typer.Option(False, "--record",
+                                help="For a folder converted before owl2-edge recorded its "
+                                     "files: check it as a load does, then write its files' "
+                                     "sizes and sha256 into its manifest."),
 ):
     """Show what is in a model folder: files, sizes, types, dimensions."""
-    from owl2_edge.tools.info import describe, verify as verify_files
+    from owl2_edge.tools.info import describe, record as record_files, verify as verify_files
     from owl2_edge.model_dir import default_model_path
     if folder is not None and model is not None and folder != model:
         raise fail(f"two model folders given ({folder} and -m {model}); give one")
     path = folder or model or default_model_path()
+    if record:
+        try:
+            n = record_files(path)
+        except Owl2Error as e:
+            raise fail(str(e))
+        console.print(f"recorded the size and sha256 of {n} files in {escape(str(path))}")
+        return
     try:
         console.print(describe(path))
         if not verify:

@@ -54,11 +54,14 @@ class Reply:
     def stats(self) -> Stats:
         return self.job.stats if self.job is not None else Stats()
 
-    def start(self, prepared: Prepared, params: SamplingParams, trim: bool) -> None:
+    def start(self, prepared: Prepared, params: SamplingParams, trim: bool,
+              constraint=None) -> None:
         """Queue the answer for the engine (ContextFullError when it cannot fit a slot); trim:
-        its end whitespace is dropped (False: a raw completion's is kept)."""
+        its end whitespace is dropped (False: a raw completion's is kept); constraint: params'
+        grammar, compiled off the event loop (Owl2.constraint)."""
         loop = asyncio.get_running_loop()
-        self.job = self.owl.submit(prepared, params, started=self.started, trim=trim)
+        self.job = self.owl.submit(prepared, params, started=self.started, trim=trim,
+                                   constraint=constraint)
 
         def wake() -> None:  # on the engine's thread
             try:

@@ -8,9 +8,10 @@ Before any route, origin.py refuses Host names and web origins the server does n
 to. Each handler reads and checks the request here, on the event loop (cheap, and bounded before
 it is parsed); then, on a worker thread, refuses a prompt too long for the context from its
 length alone, reads its images and tokenizes it (Owl2.prepare), so that the model thread never
-spends time on a request it would refuse; then its answer joins the engine's (admission.py
-bounds the requests let in, answer.py's Reply reads each choice's answer). Everything a request does counts
-against its time limit.
+spends time on a request it would refuse, and compiles its grammar (within constraint_bounds'
+BOUNDS); then its answer joins the engine's (admission.py bounds the requests let in,
+answer.py's Reply reads each choice's answer). Everything a request does counts against its
+time limit.
 Every refusal is OpenAI's error object (limits.py).
 """
 
@@ -34,8 +35,9 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from owl2_edge import openai_chat
-from owl2_edge.errors import (ArgumentError, ContextFullError, ImageError, Owl2Error,
-                              PromptError)
+from owl2_edge.constraint_bounds import BOUNDS
+from owl2_edge.errors import (ArgumentError, ContextFullError, GrammarError, ImageError,
+                              Owl2Error, PromptError)
 from owl2_edge.serve import fields, memory
 from owl2_edge.serve.answer import ClientGone, Reply
 from owl2_edge.serve.fetch import Fetcher, IpNetwork
@@ -248,7 +250,8 @@ async def props(request: Request, server: Server) -> Response:
                    "remote_networks": [str(n) for n in reader.fetcher.allow_networks]
                    if reader.fetcher else [],
                    "api_key": bool(server.api_key), "host_allow": list(server.host_allow),
-                   "cors_origins": list(server.cors_origins)},
+                   "cors_origins": list(server.cors_origins),
+                   "constraints": BOUNDS.to_dict()},
         "concurrency": {"parallel": owl.parallel, "window": owl.window,
                         "prefill_chunk": owl.engine.prefill_chunk,
                         "slots": owl.engine.slots(), "waiting": owl.engine.queued()},
@@ -345,10 +348,11 @@ async def _reply(request: Request, server: Server, shape, prepare: Callable[[], 
     choices: list[Reply] = []
     try:
         prepared = await anyio.to_thread.run_sync(prepare)
+        constraint = await _compile(server, asked.params, deadline)
         for params in fields.choice_params(asked):
             choice = Reply(server.owl, server.metrics, len(prepared.pixels), deadline, started)
             choices.append(choice)
-            choice.start(prepared, params, trim)
+            choice.start(prepared, params, trim, constraint)
     except BaseException:
         await _close_all(choices)
         raise
@@ -386,6 +390,23 @@ async def _reply(request: Request, server: Server, shape, prepare: Callable[[], 
     reply["usage"] = _usage(choices)
     reply["timings"] = choices[0].timings()
     return JSONResponse(reply)
+
+
+async def _compile(server: Server, params, deadline: float):
+    """The request's grammar, compiled on a worker thread (up to about a second for a large
+    one: the event loop and the engine go on meanwhile) within BOUNDS.compile_seconds and the
+    request's time; None without one. Compiled grammars are kept per model (Owl2.constraint)."""
+    spec = params.constraint
+    if spec is None:
+        return None
+    limit = max(0.0, min(BOUNDS.compile_seconds, deadline - time.monotonic()))
+    try:
+        with anyio.fail_after(limit):
+            return await anyio.to_thread.run_sync(server.owl.constraint, spec,
+                                                  abandon_on_cancel=True)
+    except TimeoutError:
+        raise GrammarError(f"{spec.field} took longer than {limit:g} s to compile "
+                           f"(docs/structured.md, bounds)", spec.field) from None
 
 
 async def _close_all(choices: list[Reply], disconnected: bool = False) -> None:

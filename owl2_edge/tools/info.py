@@ -7,6 +7,7 @@ sha256 its manifest records.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from rich.table import Table
 from owl2_edge import gguf_names
 from owl2_edge.checks import display_path
 from owl2_edge.errors import ModelFolderError
-from owl2_edge.model_dir import Manifest
+from owl2_edge.model_dir import Manifest, UnrecordedFolderWarning
 from owl2_edge.owl2 import Owl2
 
 
@@ -89,6 +90,22 @@ def verify(folder: str | Path) -> dict[str, bool | None]:
     the manifest records none (a folder written before the records were)."""
     folder = Path(folder)
     return Manifest.load(folder).verify(folder)
+
+
+def record(folder: str | Path) -> int:
+    """Write the sizes and sha256 of a folder's files into its manifest, as they are now, for a
+    folder written before owl2-edge recorded them; the folder is first checked as a load checks
+    it (a swapped vision data file is refused by its graph's extents). Returns the files
+    recorded; ModelFolderError when the manifest has records already."""
+    folder = Path(folder)
+    with warnings.catch_warnings():  # (the note that says to do what this does)
+        warnings.simplefilter("ignore", UnrecordedFolderWarning)
+        manifest = Owl2.check_folder(folder)
+    if manifest.file_records:
+        raise ModelFolderError(f"{folder}: its files are recorded already (owl2 info --verify "
+                               f"checks them)")
+    manifest.recorded(folder).write(folder)
+    return len(manifest.files())
 
 
 def _size(path: Path) -> str:

@@ -1,0 +1,138 @@
+"""What hostile constraints cost another client of `owl2 serve` (issue 36, docs/structured.md,
+"Bounds"): a victim's time to first token with the server idle, against the same while
+attackers keep sending constraints that are refused (each bound of BOUNDS broken) or that
+compile slowly within the bounds (999 alternatives, a 3,000-value enum, each made unique so that
+the compile cache never helps).
+
+The server runs as a subprocess on loopback (`owl2 serve --port 0 --parallel 2`). The victim
+sends --requests streamed, greedy requests one after another and times each first content
+chunk; phases alternate idle, attacked, idle, attacked (--rounds pairs), so that the machine's
+drift falls on both. Reported: p50 and p95 time to first token per phase and their ratio, the
+attackers' requests by status (every one must be 200 or 400: a 5xx is counted as a finding).
+
+    python benchmarks/bench_hostile_constraints.py [-m MODEL_DIR] [--requests 40] [--rounds 2]
+
+A benchmark, not a test: it asserts nothing about time. Traffic goes to 127.0.0.1 only, bounded
+by --requests and --rounds. Default model: the demo model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+from owl2_edge.model_dir import default_model_path
+
+
+def hostile_bodies(k: int) -> list[dict]:
+    """The k-th attacker request's constraints: every bound broken once, and two compiles that
+    are slow but allowed (unique per k)."""
+    many = " | ".join(f'"w{i}x{k}"' for i in range(999))
+    return [
+        {"grammar": "root ::= " + " | ".join(f'"w{i}"' for i in range(20000))},
+        {"grammar": "root ::= " + " | ".join(f'"v{i}"' for i in range(3000))},
+        {"grammar": 'root ::= "a"{1000000}'},
+        {"json_schema": {"type": "string", "pattern": "^a{1000000}$"}},
+        {"json_schema": {"$ref": "#"}},
+        {"json_schema": {"type": "string", "minLength": 10**9}},
+        {"grammar": f"root ::= {many}"},
+        {"json_schema": {"enum": [f"e{i}-{k}" for i in range(3000)]}},
+    ]
+
+
+def post(url: str, body: dict, timeout: float = 120) -> tuple[int, str]:
+    request = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def first_token_seconds(url: str, tokens: int) -> float:
+    body = {"model": "owl2", "stream": True, "max_tokens": tokens, "temperature": 0,
+            "ignore_eos": True, "messages": [{"role": "user", "content": "Tell me a story."}]}
+    request = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    start = time.perf_counter()
+    first = None
+    with urllib.request.urlopen(request, timeout=120) as r:
+        for line in r:
+            if first is None and line.startswith(b"data: {") and b'"content"' in line:
+                first = time.perf_counter() - start
+    return first if first is not None else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-m", "--model", default=None)
+    parser.add_argument("--requests", type=int, default=40, help="victim requests per phase")
+    parser.add_argument("--rounds", type=int, default=2, help="idle/attacked pairs")
+    parser.add_argument("--attackers", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    model = args.model or str(default_model_path())
+    proc = subprocess.Popen([sys.executable, "-m", "owl2_edge.cli", "serve", "-m", model,
+                             "--port", "0", "--threads", str(args.threads), "--parallel", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    statuses: dict[int, int] = {}
+    try:
+        url = proc.stdout.readline().split()[2].rstrip("/")
+        first_token_seconds(url, args.tokens)  # warm up
+        phases: dict[str, list[float]] = {"idle": [], "attacked": []}
+        for _ in range(args.rounds):
+            for phase in ("idle", "attacked"):
+                stop = threading.Event()
+
+                def attack(worker: int) -> None:
+                    k = worker
+                    while not stop.is_set():
+                        for fields in hostile_bodies(k):
+                            status, _ = post(url, {"model": "owl2", "max_tokens": 4,
+                                                   "messages": [{"role": "user",
+                                                                 "content": "Go."}], **fields})
+                            statuses[status] = statuses.get(status, 0) + 1
+                            if stop.is_set():
+                                return
+                        k += args.attackers
+                attackers = [threading.Thread(target=attack, args=(w,), daemon=True)
+                             for w in range(args.attackers if phase == "attacked" else 0)]
+                for t in attackers:
+                    t.start()
+                phases[phase] += [first_token_seconds(url, args.tokens)
+                                  for _ in range(args.requests)]
+                stop.set()
+                for t in attackers:
+                    t.join(300)
+
+        def pct(values, q):
+            values = sorted(values)
+            return values[min(len(values) - 1, int(q * len(values)))]
+        props = json.loads(urllib.request.urlopen(url + "/props", timeout=60).read())
+        print(f"owl2 serve on {props['model']['id']}, {args.threads} threads, parallel 2; "
+              f"{args.attackers} attackers; {args.rounds} x {args.requests} victim requests "
+              f"per phase")
+        print("| phase | p50 first token | p95 first token |")
+        print("|---|---:|---:|")
+        for phase, values in phases.items():
+            print(f"| {phase} | {statistics.median(values) * 1e3:.1f} ms | "
+                  f"{pct(values, 0.95) * 1e3:.1f} ms |")
+        print(f"p95 attacked / idle: {pct(phases['attacked'], .95) / pct(phases['idle'], .95):.2f}"
+              f"; p50: {statistics.median(phases['attacked']) / statistics.median(phases['idle']):.2f}")
+        print(f"attackers' replies by status: {dict(sorted(statuses.items()))}")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+if __name__ == "__main__":
+    main()
