@@ -88,6 +88,9 @@ class ConstraintSpec:
         if kind == "text":
             return None
         if kind == "json_object":
+            # llama-server's extension: a "schema" beside the type constrains the object.
+            if "schema" in value:
+                return cls.json_schema(value["schema"], f"{field}.schema")
             return cls.json_schema({"type": "object"}, field)
         if kind == "json_schema":
             inner = value.get("json_schema")

@@ -126,8 +126,9 @@ class Completion:
         sent = 0
         for piece in pieces:
             entries = stats.logprobs
+            first = sent == 0
             new, sent = entries[sent:], len(entries)
-            logprobs = chat_logprobs(new, token_bytes) if token_bytes and new else None
+            logprobs = chat_logprobs(new, token_bytes, first) if token_bytes and new else None
             yield self.chunk({"content": piece}, logprobs=logprobs)
         yield self.chunk({}, finish_reason(stats))
 
@@ -142,24 +143,31 @@ def _token(token: int, token_bytes: Callable[[int], bytes]) -> tuple[str, list[i
     return raw.decode("utf-8", "replace"), list(raw)
 
 
-def chat_logprobs(entries, token_bytes: Callable[[int], bytes]) -> dict:
+def chat_logprobs(entries, token_bytes: Callable[[int], bytes], first: bool = True) -> dict:
     """OpenAI's chat logprobs object of sampling.TokenLogprob entries: {"content": [{token,
-    logprob, bytes, top_logprobs: [{token, logprob, bytes}]}], "refusal": None}."""
-    def one(token, logprob):
+    logprob, bytes, top_logprobs: [{token, logprob, bytes}]}], "refusal": None}. first: the
+    entries start at the answer's first token, whose text loses the word-start space that the
+    content drops too (answer_text.py), so that the tokens' texts join to the content; `bytes`
+    stay each token's own."""
+    def one(token, logprob, lead=False):
         text, raw = _token(token, token_bytes)
-        return {"token": text, "logprob": logprob, "bytes": raw}
-    return {"content": [{**one(e.token, e.logprob),
-                         "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries],
+        return {"token": text.lstrip() if lead else text, "logprob": logprob, "bytes": raw}
+    return {"content": [{**one(e.token, e.logprob, first and k == 0),
+                         "top_logprobs": [one(t, lp, first and k == 0) for t, lp in e.top]}
+                        for k, e in enumerate(entries)],
             "refusal": None}
 
 
 def text_logprobs(entries, token_bytes: Callable[[int], bytes], offset: int = 0) -> dict:
     """The legacy completions' logprobs object: tokens, token_logprobs, top_logprobs (a dict of
     token text: logprob per position) and text_offset (where each token starts, in characters,
-    from `offset`)."""
+    from `offset`). offset 0 is the answer's first token: its text loses the word-start space
+    that the text drops too (chat_logprobs)."""
     tokens, offsets = [], []
-    for e in entries:
+    for k, e in enumerate(entries):
         text, _ = _token(e.token, token_bytes)
+        if offset == 0 and k == 0:
+            text = text.lstrip()
         offsets.append(offset)
         offset += len(text)
         tokens.append(text)

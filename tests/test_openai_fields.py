@@ -5,6 +5,7 @@ the decoder's own logits of the same positions (teacher forcing), not against th
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -113,7 +114,9 @@ def test_chat_completion_api_returns_logprobs_streamed_and_not(owl):
                                        top_logprobs=2, ignore_eos=True)
     content = reply["choices"][0]["logprobs"]["content"]
     assert len(content) == 5 and all(len(e["top_logprobs"]) == 2 for e in content)
-    assert "".join(e["token"] for e in content).strip() == reply["choices"][0]["message"]["content"]
+    # The tokens' texts join to the content (its end whitespace aside, which the content drops):
+    # the first token's word-start space is dropped from its text as from the content.
+    assert "".join(e["token"] for e in content).rstrip() == reply["choices"][0]["message"]["content"]
     chunks = list(owl.create_chat_completion(messages, temperature=0, max_tokens=5, logprobs=True,
                                              ignore_eos=True, stream=True))
     streamed = [e for c in chunks if c["choices"][0]["logprobs"]
@@ -142,9 +145,10 @@ def test_the_server_returns_chat_logprobs_streamed_and_not(api):
                                         extra_body={"ignore_eos": True})
     entries = reply.choices[0].logprobs.content
     assert len(entries) == 6 and reply.usage.completion_tokens == 6
-    for e in entries:
+    for k, e in enumerate(entries):
         assert e.logprob <= 0 and len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token
-        assert bytes(e.bytes).decode("utf-8", "replace") == e.token
+        text = bytes(e.bytes).decode("utf-8", "replace")  # the token's own bytes
+        assert (text.lstrip() if k == 0 else text) == e.token
         assert math.isclose(sum(math.exp(t.logprob) for t in e.top_logprobs[:1]),
                             math.exp(e.logprob), rel_tol=1e-6)
     stream = api.chat.completions.create(model="owl2", messages=messages, temperature=0,
@@ -246,3 +250,81 @@ def test_every_response_names_the_model_as_v1_models_lists_it(api):
                                        messages=[{"role": "user", "content": "Hi"}])
     text = api.completions.create(model="whatever", prompt="Hi", temperature=0, max_tokens=2)
     assert chat.model == text.model == listed
+
+
+def test_the_first_token_s_text_loses_the_space_the_content_drops(api, tiny_server):
+    """The content drops sentencepiece's word-start space: so does the first token's text, and
+    the tokens then join to the content (streamed and not; an answer whose tokens are each
+    whole characters: a byte token's text alone is a replacement character, as OpenAI's)."""
+    messages = [{"role": "user", "content": "Say something."}]
+    owl = tiny_server.owl
+
+    def whole(entry) -> bool:
+        try:
+            bytes(entry.bytes).decode("utf-8")
+            return True
+        except UnicodeDecodeError:
+            return False
+    for seed in range(40):  # answers whose first token starts a word
+        reply = api.chat.completions.create(model="owl2", messages=messages, temperature=0.9,
+                                            seed=seed, max_tokens=6, logprobs=True)
+        entries = reply.choices[0].logprobs.content
+        if not all(whole(e) for e in entries):
+            continue
+        raw = bytes(entries[0].bytes).decode("utf-8")
+        joined = "".join(e.token for e in entries)
+        assert joined.rstrip() == reply.choices[0].message.content
+        if raw.startswith(" "):
+            assert entries[0].token == raw.lstrip()
+            break
+    else:
+        pytest.skip("no answer began with a word-start token")
+    stream = api.chat.completions.create(model="owl2", messages=messages, temperature=0.9,
+                                         seed=seed, max_tokens=6, logprobs=True, stream=True)
+    chunks = [c for c in stream if c.choices]
+    assert "".join(e.token for c in chunks if c.choices[0].logprobs
+                   for e in c.choices[0].logprobs.content) == joined
+    assert owl.engine.n_running == 0
+
+
+def test_fields_whose_values_ask_for_nothing_are_taken_and_others_refused(api):
+    messages = [{"role": "user", "content": "Say something."}]
+    base = dict(model="owl2", messages=messages, temperature=0, max_tokens=4)
+    plain = api.chat.completions.create(**base).choices[0].message.content
+    taken = api.chat.completions.create(**base, metadata={"app": "test"}, store=False,
+                                        service_tier="auto", parallel_tool_calls=False)
+    assert taken.choices[0].message.content == plain
+    for kwargs, param in (({"store": True}, "store"), ({"service_tier": "flex"}, "service_tier"),
+                          ({"metadata": {"k": 5}}, "metadata"),
+                          ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+                          ({"extra_body": {"parallel_tool_calls": "yes"}}, "parallel_tool_calls")):
+        with pytest.raises(openai.BadRequestError) as e:
+            api.chat.completions.create(**base, **kwargs)
+        assert e.value.body["param"] == param, e.value.body
+
+
+def test_json_object_with_llama_cpp_s_schema_key_follows_the_schema(api):
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}},
+              "required": ["answer"], "additionalProperties": False}
+    messages = [{"role": "user", "content": "Yes or no?"}]
+    reply = api.chat.completions.create(
+        model="owl2", messages=messages, temperature=0, max_tokens=30,
+        response_format={"type": "json_object", "schema": schema})
+    assert reply.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(model="owl2", messages=messages, max_tokens=4,
+                                    response_format={"type": "json_object",
+                                                     "schema": {"type": "objekt"}})
+    assert e.value.body["param"] == "response_format.schema", e.value.body
+
+
+def test_timings_per_token_puts_timings_in_every_streamed_chunk(api):
+    stream = api.chat.completions.create(
+        model="owl2", messages=[{"role": "user", "content": "Say something."}], temperature=0,
+        max_tokens=5, stream=True, extra_body={"ignore_eos": True, "timings_per_token": True})
+    content = [c for c in stream if c.choices and c.choices[0].delta.content]
+    assert content and all(c.model_extra["timings"]["predicted_n"] >= 1 for c in content)
+    counts = [c.model_extra["timings"]["predicted_n"] for c in content]
+    assert counts == sorted(counts)

@@ -128,11 +128,12 @@ class Reply:
         return {**timings(self.stats, self.stats.timings.get("decode", 0.0)),
                 "queue_ms": round(queued * 1e3, 3)}
 
-    def new_logprobs(self) -> list:
-        """The TokenLogprobs decided since the last call (a streamed chunk's tokens)."""
-        entries = self.stats.logprobs
+    def new_logprobs(self) -> tuple[list, bool]:
+        """The TokenLogprobs decided since the last call (a streamed chunk's tokens), and
+        whether they start at the answer's first token."""
+        entries, first = self.stats.logprobs, self._logprobs_sent == 0
         new, self._logprobs_sent = entries[self._logprobs_sent:], len(entries)
-        return new
+        return new, first
 
     def usage_stats(self) -> Stats:
         return self.stats

@@ -368,7 +368,7 @@ async def _reply(request: Request, server: Server, shape, prepare: Callable[[], 
         await _close_all(choices)
         raise
     if asked.stream:
-        return EventStream(_events(request, server, shape, choices, firsts, asked.include_usage),
+        return EventStream(_events(request, server, shape, choices, firsts, asked),
                            choices)
     try:
         texts = []
@@ -429,14 +429,21 @@ def _indexed(chunk: dict, index: int) -> dict:
 
 
 async def _events(request: Request, server: Server, shape, choices: list[Reply],
-                  firsts: list, include_usage: bool):
+                  firsts: list, asked: fields.Request):
     """The choices as server-sent events: the chunks (each choice's with its index, in turns:
     the engine decides a token of each per step), each choice's last chunk, the usage and
     timings with the last one, then [DONE]. With stream_options.include_usage, as OpenAI: every
     chunk has "usage": null and an extra last chunk with no choices holds usage and timings. A
-    client gone between two pieces ends the choices (EventStream closes them)."""
+    client gone between two pieces ends the choices (EventStream closes them). With llama-server's
+    timings_per_token, each content chunk carries its choice's timings so far."""
+    include_usage = asked.include_usage
+
     def sent(chunk: dict) -> str:
         return event({**chunk, "usage": None} if include_usage else chunk)
+
+    def content(choice: Reply, text: str, index: int) -> dict:
+        chunk = _indexed(shape.chunk(text, *choice.new_logprobs()), index)
+        return {**chunk, "timings": choice.timings()} if asked.timings_per_token else chunk
 
     for index in range(len(choices)):
         for chunk in shape.first_chunks():
@@ -447,7 +454,7 @@ async def _events(request: Request, server: Server, shape, choices: list[Reply],
             for index in list(active):
                 choice, text = choices[index], texts[index]
                 if text:
-                    yield sent(_indexed(shape.chunk(text, choice.new_logprobs()), index))
+                    yield sent(content(choice, text, index))
                 if choice.finish is not None:
                     active.remove(index)
                     last = _indexed(shape.last_chunk(choice.finish), index)

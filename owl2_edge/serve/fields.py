@@ -43,6 +43,11 @@ NOT_IMPLEMENTED = {
     "modalities": (_neutral(["text"]), '["text"]: answers are text'),
     "audio": (_neutral(), "absent: no audio"),
     "prediction": (_neutral(), "absent: no predicted outputs"),
+    # Fields whose documented values change nothing here: taken, as `user` is.
+    "store": (_neutral(False), "false: nothing is stored (so `metadata` changes nothing)"),
+    "service_tier": (_neutral("auto", "default"), '"auto" or "default": one tier'),
+    "parallel_tool_calls": (_neutral(True, False),
+                            "true or false: with no tools it cannot matter"),
 }
 # Fields that constrain the answer (owl2_edge/constrain.py), passed to SamplingParams as they
 # are: OpenAI's response_format, llama.cpp's json_schema and grammar (GBNF, or Lark).
@@ -54,7 +59,9 @@ SUPPORTED = ("messages (text and image_url parts)", "prompt", "images", "model",
              "ignore_eos", "stop", "n (1..8)", "response_format (text, json_object, json_schema)",
              "json_schema", "grammar (GBNF or Lark)", "frequency_penalty", "presence_penalty",
              "logit_bias", "logprobs", "top_logprobs (chat, 0..20)",
-             "logprobs (completions, 0..5)", "user (taken, changes nothing)")
+             "logprobs (completions, 0..5)", "user (taken, changes nothing)",
+             "metadata (taken, changes nothing without store)",
+             "timings_per_token (streamed chunks carry llama-server's timings)")
 # /props: each field with the one value it accepts and why.
 NOT_IMPLEMENTED_TEXT = {name: "accepted only as " + why for name, (_, why) in
                         NOT_IMPLEMENTED.items()}
@@ -64,7 +71,8 @@ NOT_IMPLEMENTED_TEXT = {name: "accepted only as " + why for name, (_, why) in
 # read in sampling_params): the model's name (any: this model answers), the input, the output
 # form.
 _COMMON = {"model", "stream", "stream_options", "stop", "n", "seed", "max_tokens",
-           "max_completion_tokens", "logprobs", "top_logprobs", "user"}
+           "max_completion_tokens", "logprobs", "top_logprobs", "user", "metadata",
+           "timings_per_token"}
 KNOWN = {
     "chat": _COMMON | {"messages"},
     "completions": _COMMON | {"prompt", "images"},
@@ -99,6 +107,7 @@ class Request:
     stream: bool
     include_usage: bool = False  # stream_options.include_usage
     n: int = 1                   # answers (choices) to the one prompt
+    timings_per_token: bool = False  # llama-server's: each streamed chunk carries `timings`
 
 
 def choice_params(asked: Request) -> list[SamplingParams]:
@@ -116,8 +125,21 @@ def parse(body: dict, limits: Limits, completions: bool = False) -> Request:
     check_known(body, "completions" if completions else "chat")
     check_not_implemented(body)
     stream = flag(body, "stream")
+    _check_metadata(body.get("metadata"))
     return Request(sampling_params(body, limits, completions), stream,
-                   include_usage(body, stream), n)
+                   include_usage(body, stream), n, flag(body, "timings_per_token"))
+
+
+def _check_metadata(value) -> None:
+    """OpenAI's metadata: at most 16 string pairs (keys up to 64 characters, values up to 512);
+    kept only with `store`, so here it changes nothing, but a malformed one is still refused."""
+    if value is None:
+        return
+    if (not isinstance(value, dict) or len(value) > 16
+            or not all(isinstance(k, str) and isinstance(v, str) and len(k) <= 64
+                       and len(v) <= 512 for k, v in value.items())):
+        raise bad_request("metadata must be an object of at most 16 string pairs (keys up to 64 "
+                          "characters, values up to 512)", param="metadata")
 
 
 def _logprobs(body: dict, completions: bool) -> dict:

@@ -27,9 +27,10 @@ class ChatShape:
     def first_chunks(self) -> list[dict]:
         return [self.completion.chunk({"role": "assistant"})]
 
-    def chunk(self, text: str, entries=()) -> dict:
-        """entries: the TokenLogprobs of the tokens that made `text`."""
-        logprobs = chat_logprobs(entries, self.token_bytes) if self.token_bytes else None
+    def chunk(self, text: str, entries=(), first: bool = False) -> dict:
+        """entries: the TokenLogprobs of the tokens that made `text`; first: they start at the
+        answer's first token."""
+        logprobs = chat_logprobs(entries, self.token_bytes, first) if self.token_bytes else None
         return self.completion.chunk({"content": text}, logprobs=logprobs)
 
     def last_chunk(self, finish: str) -> dict:
@@ -57,7 +58,7 @@ class TextShape:
     def first_chunks(self) -> list[dict]:
         return []
 
-    def chunk(self, text: str, entries=()) -> dict:
+    def chunk(self, text: str, entries=(), first: bool = False) -> dict:
         logprobs = None
         if self.token_bytes:
             logprobs = text_logprobs(entries, self.token_bytes, self._offset)
