@@ -197,8 +197,8 @@ def test_a_slow_compile_holds_neither_the_event_loop_nor_the_engine(tiny_server,
     # Past the compile deadline: refused by name, the compile left to finish on its own.
     short = ConstraintBounds(compile_seconds=0.5)
     monkeypatch.setattr(constraint_bounds, "BOUNDS", short)
-    from owl2_edge.serve import app as serve_app
-    monkeypatch.setattr(serve_app, "BOUNDS", short)
+    from owl2_edge.serve import answering
+    monkeypatch.setattr(answering, "BOUNDS", short)
     status, body = _post(tiny_server.url + "/v1/chat/completions",
                          _chat(grammar='root ::= "late"'))
     assert status == 400 and "took longer than 0.5 s to compile" in body, body

@@ -36,13 +36,14 @@ from starlette.routing import Route
 
 from owl2_edge import openai_chat
 from owl2_edge.constraint_bounds import BOUNDS
-from owl2_edge.errors import (ArgumentError, ContextFullError, GrammarError, ImageError,
-                              Owl2Error, PromptError)
-from owl2_edge.serve import fields, memory
+from owl2_edge.errors import ArgumentError, ContextFullError, ImageError, Owl2Error, PromptError
+from owl2_edge.serve import fields, memory, ollama
 from owl2_edge.serve.answer import ClientGone, Reply
+from owl2_edge.serve.answering import (check_image_count, close_all, prepare_request, read_body,
+                                       start_choices)
 from owl2_edge.serve.fetch import Fetcher, IpNetwork
 from owl2_edge.serve.images import ImageReader, count_image_parts
-from owl2_edge.serve.limits import ApiError, Limits, bad_request, error_body, read_json
+from owl2_edge.serve.limits import ApiError, Limits, bad_request, error_body
 from owl2_edge.serve.metrics import CountingMiddleware, Metrics
 from owl2_edge.serve.origin import BrowserGuard
 from owl2_edge.serve.prometheus import CONTENT_TYPE as PROMETHEUS_TYPE
@@ -116,6 +117,12 @@ def create_app(owl: Owl2, limits: Limits | None = None, api_key: str | None = No
         Route("/metrics", metrics_route),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        # ollama's API (ollama.py): its routes, its error shape.
+        *(Route(path, api(errors=ollama.error_body)(handler), methods=[method])
+          for path, handler, method in (
+              ("/api/chat", ollama.chat, "POST"), ("/api/generate", ollama.generate, "POST"),
+              ("/api/show", ollama.show, "POST"), ("/api/tags", ollama.tags, "GET"),
+              ("/api/ps", ollama.ps, "GET"), ("/api/version", ollama.version, "GET"))),
     ]
     app = Starlette(routes=routes,
                     middleware=[Middleware(CountingMiddleware, metrics=metrics),
@@ -126,8 +133,9 @@ def create_app(owl: Owl2, limits: Limits | None = None, api_key: str | None = No
     return app
 
 
-def api(auth: bool = True):
-    """A route that answers errors in OpenAI's shape and, with an API key set, checks it."""
+def api(auth: bool = True, errors: Callable[[ApiError], dict] | None = None):
+    """A route that answers errors in OpenAI's shape (or as `errors` writes an ApiError: ollama's
+    routes) and, with an API key set, checks it."""
     def decorate(handler):
         @functools.wraps(handler)
         async def route(request: Request) -> Response:
@@ -144,19 +152,19 @@ def api(auth: bool = True):
                     _check_key(request, server.api_key)
                 return await handler(request, server)
             except ApiError as e:
-                return _error_response(e)
+                return _error_response(e, errors)
             except ClientDisconnect:  # gone while its body was read: nobody reads a reply
                 return Response(status_code=499)
             except _REQUEST_ERRORS as e:  # a GrammarError names its field (param)
                 return _error_response(ApiError(400, str(e), getattr(e, "param", None),
-                                                code=_code(e)))
+                                                code=_code(e)), errors)
             except Owl2Error as e:
                 log.error("%s", e)
-                return _error_response(ApiError(500, str(e), code=_code(e)))
+                return _error_response(ApiError(500, str(e), code=_code(e)), errors)
             except Exception as e:  # a bug: one line to the client, the traceback to the log
                 log.exception("error in %s", request.url.path)
                 message = " ".join(f"internal error: {type(e).__name__}: {e}".split())
-                return _error_response(ApiError(500, message))
+                return _error_response(ApiError(500, message), errors)
         return route
     return decorate
 
@@ -170,9 +178,10 @@ def _then(first: BackgroundTask | None, fn) -> BackgroundTask:
     return tasks
 
 
-def _error_response(e: ApiError) -> JSONResponse:
+def _error_response(e: ApiError, errors: Callable[[ApiError], dict] | None = None
+                    ) -> JSONResponse:
     headers = {**e.headers, **({"WWW-Authenticate": "Bearer"} if e.status == 401 else {})}
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+    return JSONResponse(errors(e) if errors else e.body(), status_code=e.status, headers=headers)
 
 
 def _check_key(request: Request, key: str) -> None:
@@ -275,17 +284,17 @@ async def metrics_route(request: Request, server: Server) -> Response:
 @api()
 async def chat_completions(request: Request, server: Server) -> Response:
     started, deadline = time.perf_counter(), server.deadline()
-    body = await _read_body(request, server, deadline)
+    body = await read_body(request, server, deadline)
     asked = fields.parse(body, server.limits)
     messages = fields.required(body, "messages", list, "a list of {role, content} messages")
-    _check_image_count(count_image_parts(messages), server.limits, "messages")
+    check_image_count(count_image_parts(messages), server.limits, "messages")
 
     def prepare():
         try:  # the prompt first, the images' urls kept as they are: nothing is read yet
             prompt, urls = openai_chat.messages_to_prompt(messages, read_image=lambda url: url)
         except PromptError as e:
             raise bad_request(str(e), param="messages") from None
-        return _prepare(server, prompt, urls, "messages", lambda i: f"image {i + 1}", deadline)
+        return prepare_request(server, prompt, urls, "messages", lambda i: f"image {i + 1}", deadline)
 
     return await _reply(request, server, ChatShape(server.model_id, _token_bytes(server, asked)),
                          prepare, asked, trim=True, deadline=deadline, started=started)
@@ -294,14 +303,14 @@ async def chat_completions(request: Request, server: Server) -> Response:
 @api()
 async def completions(request: Request, server: Server) -> Response:
     started, deadline = time.perf_counter(), server.deadline()
-    body = await _read_body(request, server, deadline)
+    body = await read_body(request, server, deadline)
     asked = fields.parse(body, server.limits, completions=True)
     prompt = fields.prompt_text(body)
     sources = fields.image_list(body)
-    _check_image_count(len(sources), server.limits, "images")
+    check_image_count(len(sources), server.limits, "images")
     return await _reply(
         request, server, TextShape(server.model_id, _token_bytes(server, asked)),
-        lambda: _prepare(server, prompt, sources, "images", lambda i: f"images[{i}]", deadline),
+        lambda: prepare_request(server, prompt, sources, "images", lambda i: f"images[{i}]", deadline),
         asked, trim=False, deadline=deadline, started=started)
 
 
@@ -310,63 +319,17 @@ def _token_bytes(server: Server, asked: fields.Request):
     return server.owl.tokenizer.token_to_bytes if asked.params.logprobs else None
 
 
-async def _read_body(request: Request, server: Server, deadline: float) -> dict:
-    """The JSON body, read within the request's time (a client that sends it slowly holds a
-    connection, never the model)."""
-    try:
-        with anyio.fail_after(max(0.0, deadline - time.monotonic())):
-            return await read_json(request, server.limits.max_body_bytes, server.max_json_values)
-    except TimeoutError:
-        raise ApiError(408, f"the request body did not arrive within the request time limit "
-                            f"({server.limits.request_timeout_s:g} s)",
-                       code="request_timeout") from None
-
-
-def _prepare(server: Server, prompt: str, sources: list, param: str, label, deadline: float
-             ) -> Prepared:
-    """On a worker thread: refuse a prompt that cannot fit from its length (before reading an
-    image or tokenizing), read the images within the limits, tokenize (Owl2.prepare)."""
-    server.owl.check_prompt_size(prompt, len(sources))
-    images = [server.reader.read(source, param, label(i), deadline)
-              for i, source in enumerate(sources)]
-    return server.owl.prepare(prompt, images)
-
-
-def _check_image_count(n: int, limits: Limits, param: str) -> None:
-    if n > limits.max_images:
-        raise bad_request(f"{n} images: this server takes at most {limits.max_images} per request "
-                          f"(owl2 serve --max-images)", param=param, code="too_many_images")
-
-
 async def _reply(request: Request, server: Server, shape, prepare: Callable[[], Prepared],
                   asked: fields.Request, trim: bool, deadline: float, started: float
                   ) -> Response:
-    """Take a place in the queue (429 when it is full), prepare the request on a worker thread,
-    queue its choices for the engine (n of them: they share the prompt's cells), and reply: all
-    at once, or as events."""
-    server.queue.enter()
-    choices: list[Reply] = []
+    """Start the request's choices (answering.start_choices) and reply in OpenAI's shape: all at
+    once, or as events."""
     try:
-        prepared = await anyio.to_thread.run_sync(prepare)
-        constraint = await _compile(server, asked.params, deadline)
-        for params in fields.choice_params(asked):
-            choice = Reply(server.owl, server.metrics, len(prepared.pixels), deadline, started)
-            choices.append(choice)
-            choice.start(prepared, params, trim, constraint)
-    except BaseException:
-        await _close_all(choices)
-        raise
-    finally:
-        server.queue.submitted()
-    try:
-        # The first pieces (prefill) before any reply: their errors are still a plain 4xx.
-        firsts = [await choice.next(request) for choice in choices]
+        choices, firsts = await start_choices(request, server, prepare,
+                                              fields.choice_params(asked), trim, deadline,
+                                              started)
     except ClientGone:  # gone while it waited: its slots go to the next requests
-        await _close_all(choices, disconnected=True)
         return Response(status_code=499)
-    except BaseException:
-        await _close_all(choices)
-        raise
     if asked.stream:
         return EventStream(_events(request, server, shape, choices, firsts, asked),
                            choices)
@@ -376,12 +339,12 @@ async def _reply(request: Request, server: Server, shape, prepare: Callable[[], 
             parts = [first or ""]
             while choice.finish is None:
                 if await request.is_disconnected():
-                    await _close_all(choices, disconnected=True)
+                    await close_all(choices, disconnected=True)
                     return Response(status_code=499)  # nobody reads it: nginx's "client closed"
                 parts.append(await choice.next() or "")
             texts.append("".join(parts))
     finally:
-        await _close_all(choices)
+        await close_all(choices)
     replies = [shape.response(text, choice.finish, choice.usage_stats())
                for text, choice in zip(texts, choices)]
     reply = replies[0]
@@ -390,28 +353,6 @@ async def _reply(request: Request, server: Server, shape, prepare: Callable[[], 
     reply["usage"] = _usage(choices)
     reply["timings"] = choices[0].timings()
     return JSONResponse(reply)
-
-
-async def _compile(server: Server, params, deadline: float):
-    """The request's grammar, compiled on a worker thread (up to about a second for a large
-    one: the event loop and the engine go on meanwhile) within BOUNDS.compile_seconds and the
-    request's time; None without one. Compiled grammars are kept per model (Owl2.constraint)."""
-    spec = params.constraint
-    if spec is None:
-        return None
-    limit = max(0.0, min(BOUNDS.compile_seconds, deadline - time.monotonic()))
-    try:
-        with anyio.fail_after(limit):
-            return await anyio.to_thread.run_sync(server.owl.constraint, spec,
-                                                  abandon_on_cancel=True)
-    except TimeoutError:
-        raise GrammarError(f"{spec.field} took longer than {limit:g} s to compile "
-                           f"(docs/structured.md, bounds)", spec.field) from None
-
-
-async def _close_all(choices: list[Reply], disconnected: bool = False) -> None:
-    for choice in choices:
-        await choice.close(disconnected=disconnected)
 
 
 def _usage(choices: list[Reply]) -> dict:
@@ -466,12 +407,12 @@ async def _events(request: Request, server: Server, shape, choices: list[Reply],
                 texts[index] = await choice.next()
     except Owl2Error as e:
         # The 200 went out with the first event: the error becomes the stream's last event.
-        await _close_all(choices)
+        await close_all(choices)
         server.metrics.stream_errors += 1
         yield event(error_body(400 if isinstance(e, _REQUEST_ERRORS) else 500, str(e),
                                code=_code(e)))
         return
-    await _close_all(choices)
+    await close_all(choices)
     totals = {"usage": _usage(choices), "timings": choices[0].timings()}
     if include_usage:
         yield sent(last)

@@ -1,0 +1,112 @@
+"""One request's way to the engine, whatever its protocol (OpenAI's routes in app.py, ollama's in
+ollama.py): its body read within its time, its prompt and images prepared on a worker thread,
+its grammar compiled there within the bounds, a place taken in the admission (429 when full),
+its choices queued with the engine and their first pieces awaited. What each protocol then
+renders, and how, is its own module's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import anyio
+
+from owl2_edge.constraint_bounds import BOUNDS
+from owl2_edge.errors import GrammarError
+from owl2_edge.serve.answer import ClientGone, Reply
+from owl2_edge.serve.limits import ApiError, Limits, bad_request, read_json
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+    from owl2_edge.owl2 import Prepared
+    from owl2_edge.sampling import SamplingParams
+    from owl2_edge.serve.app import Server
+
+
+async def read_body(request: Request, server: "Server", deadline: float) -> dict:
+    """The JSON body, read within the request's time (a client that sends it slowly holds a
+    connection, never the model)."""
+    try:
+        with anyio.fail_after(max(0.0, deadline - time.monotonic())):
+            return await read_json(request, server.limits.max_body_bytes, server.max_json_values)
+    except TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within the request time limit "
+                            f"({server.limits.request_timeout_s:g} s)",
+                       code="request_timeout") from None
+
+
+def prepare_request(server: "Server", prompt: str, sources: list, param: str, label, deadline: float
+             ) -> "Prepared":
+    """On a worker thread: refuse a prompt that cannot fit from its length (before reading an
+    image or tokenizing), read the images within the limits, tokenize (Owl2.prepare)."""
+    server.owl.check_prompt_size(prompt, len(sources))
+    images = [server.reader.read(source, param, label(i), deadline)
+              for i, source in enumerate(sources)]
+    return server.owl.prepare(prompt, images)
+
+
+def check_image_count(n: int, limits: Limits, param: str) -> None:
+    if n > limits.max_images:
+        raise bad_request(f"{n} images: this server takes at most {limits.max_images} per request "
+                          f"(owl2 serve --max-images)", param=param, code="too_many_images")
+
+
+async def compile_constraint(server: "Server", params, deadline: float):
+    """The request's grammar, compiled on a worker thread (up to about a second for a large
+    one: the event loop and the engine go on meanwhile) within BOUNDS.compile_seconds and the
+    request's time; None without one. Compiled grammars are kept per model (Owl2.constraint)."""
+    spec = params.constraint
+    if spec is None:
+        return None
+    limit = max(0.0, min(BOUNDS.compile_seconds, deadline - time.monotonic()))
+    try:
+        with anyio.fail_after(limit):
+            return await anyio.to_thread.run_sync(server.owl.constraint, spec,
+                                                  abandon_on_cancel=True)
+    except TimeoutError:
+        raise GrammarError(f"{spec.field} took longer than {limit:g} s to compile "
+                           f"(docs/structured.md, bounds)", spec.field) from None
+
+
+async def start_choices(request: "Request", server: "Server", prepare: Callable[[], "Prepared"],
+                        choice_params: Sequence["SamplingParams"], trim: bool, deadline: float,
+                        started: float) -> tuple[list[Reply], list]:
+    """Take a place in the admission (429 when full), prepare the request on a worker thread,
+    compile its grammar, queue one answer per choice (they share the prompt's cells) and await
+    each first piece (the prefill): its errors are still a plain 4xx then. Returns the choices
+    and their first pieces (None: the answer ended without text); ClientGone when the client
+    left meanwhile (its slots are freed)."""
+    server.queue.enter()
+    choices: list[Reply] = []
+    try:
+        prepared = await anyio.to_thread.run_sync(prepare)
+        constraint = await compile_constraint(server, choice_params[0], deadline)
+        for params in choice_params:
+            choice = Reply(server.owl, server.metrics, len(prepared.pixels), deadline, started)
+            choices.append(choice)
+            choice.start(prepared, params, trim, constraint)
+    except BaseException:
+        await close_all(choices)
+        raise
+    finally:
+        server.queue.submitted()
+    try:
+        firsts = [await choice.next(request) for choice in choices]
+    except ClientGone:
+        await close_all(choices, disconnected=True)
+        raise
+    except BaseException:
+        await close_all(choices)
+        raise
+    return choices, firsts
+
+
+async def close_all(choices: list[Reply], disconnected: bool = False) -> None:
+    for choice in choices:
+        await choice.close(disconnected=disconnected)
+
+
+__all__ = ["check_image_count", "close_all", "compile_constraint", "prepare_request", "read_body",
+           "start_choices"]
