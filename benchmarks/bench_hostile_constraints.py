@@ -4,11 +4,16 @@ attackers keep sending constraints that are refused (each bound of BOUNDS broken
 compile slowly within the bounds (999 alternatives, a 3,000-value enum, each made unique so that
 the compile cache never helps).
 
-The server runs as a subprocess on loopback (`owl2 serve --port 0 --parallel 2`). The victim
+The server runs as a subprocess on loopback (`owl2 serve --port 0 --parallel 4`: more slots
+than clients, so that what is measured is the constraints' cost, not a wait for a slot; the
+attackers' allowed requests ask for one token). The victim
 sends --requests streamed, greedy requests one after another and times each first content
-chunk; phases alternate idle, attacked, idle, attacked (--rounds pairs), so that the machine's
-drift falls on both. Reported: p50 and p95 time to first token per phase and their ratio, the
-attackers' requests by status (every one must be 200 or 400: a 5xx is counted as a finding).
+chunk; phases alternate idle, loaded, attacked (--rounds times), so that the machine's drift
+falls on all three. "loaded": the same attackers send ordinary requests (no constraint, one
+token), the control: on 2 cores any other client's work takes CPU from the victim, constraint or
+not. Reported: p50 and p95 time to first token per phase, attacked against idle and against
+loaded, and the attackers' requests by status (every one must be 200 or 400: a 5xx is counted as
+a finding).
 
     python benchmarks/bench_hostile_constraints.py [-m MODEL_DIR] [--requests 40] [--rounds 2]
 
@@ -82,22 +87,23 @@ def main() -> None:
     args = parser.parse_args()
     model = args.model or str(default_model_path())
     proc = subprocess.Popen([sys.executable, "-m", "owl2_edge.cli", "serve", "-m", model,
-                             "--port", "0", "--threads", str(args.threads), "--parallel", "2"],
+                             "--port", "0", "--threads", str(args.threads), "--parallel", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     statuses: dict[int, int] = {}
     try:
         url = proc.stdout.readline().split()[2].rstrip("/")
         first_token_seconds(url, args.tokens)  # warm up
-        phases: dict[str, list[float]] = {"idle": [], "attacked": []}
+        phases: dict[str, list[float]] = {"idle": [], "loaded": [], "attacked": []}
         for _ in range(args.rounds):
-            for phase in ("idle", "attacked"):
+            for phase in phases:
                 stop = threading.Event()
 
                 def attack(worker: int) -> None:
                     k = worker
                     while not stop.is_set():
-                        for fields in hostile_bodies(k):
-                            status, _ = post(url, {"model": "owl2", "max_tokens": 4,
+                        bodies = hostile_bodies(k) if phase == "attacked" else [{}] * 8
+                        for fields in bodies:
+                            status, _ = post(url, {"model": "owl2", "max_tokens": 1,
                                                    "messages": [{"role": "user",
                                                                  "content": "Go."}], **fields})
                             statuses[status] = statuses.get(status, 0) + 1
@@ -105,7 +111,7 @@ def main() -> None:
                                 return
                         k += args.attackers
                 attackers = [threading.Thread(target=attack, args=(w,), daemon=True)
-                             for w in range(args.attackers if phase == "attacked" else 0)]
+                             for w in range(args.attackers if phase != "idle" else 0)]
                 for t in attackers:
                     t.start()
                 phases[phase] += [first_token_seconds(url, args.tokens)
@@ -118,7 +124,7 @@ def main() -> None:
             values = sorted(values)
             return values[min(len(values) - 1, int(q * len(values)))]
         props = json.loads(urllib.request.urlopen(url + "/props", timeout=60).read())
-        print(f"owl2 serve on {props['model']['id']}, {args.threads} threads, parallel 2; "
+        print(f"owl2 serve on {props['model']['id']}, {args.threads} threads, parallel 4; "
               f"{args.attackers} attackers; {args.rounds} x {args.requests} victim requests "
               f"per phase")
         print("| phase | p50 first token | p95 first token |")
@@ -126,8 +132,10 @@ def main() -> None:
         for phase, values in phases.items():
             print(f"| {phase} | {statistics.median(values) * 1e3:.1f} ms | "
                   f"{pct(values, 0.95) * 1e3:.1f} ms |")
-        print(f"p95 attacked / idle: {pct(phases['attacked'], .95) / pct(phases['idle'], .95):.2f}"
-              f"; p50: {statistics.median(phases['attacked']) / statistics.median(phases['idle']):.2f}")
+        for base in ("idle", "loaded"):
+            print(f"attacked / {base}: p95 "
+                  f"{pct(phases['attacked'], .95) / pct(phases[base], .95):.2f}, p50 "
+                  f"{statistics.median(phases['attacked']) / statistics.median(phases[base]):.2f}")
         print(f"attackers' replies by status: {dict(sorted(statuses.items()))}")
     finally:
         proc.terminate()

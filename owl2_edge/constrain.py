@@ -131,12 +131,12 @@ class Constraint:
             answer = {"json_schema": schema}
         else:
             from llguidance.gbnf_to_lark import any_to_lark
+            check_grammar_text(spec.source, spec.field)  # before the (Python) converter
             try:
                 lark = any_to_lark(spec.source)  # GBNF, or Lark as it is
             except Exception as e:  # its converter's errors are plain exceptions
                 raise GrammarError(f"{spec.field} cannot be compiled: {_first_line(e)}",
                                    spec.field) from None
-            check_grammar_text(lark, spec.field)
             answer = {"lark_grammar": lark}
         grammar = json.dumps({"grammars": [{"lark_grammar": _LEADING_SPACE},
                                            {"name": "answer", **answer}]})

@@ -53,10 +53,17 @@ def check_image_count(n: int, limits: Limits, param: str) -> None:
                           f"(owl2 serve --max-images)", param=param, code="too_many_images")
 
 
+# Grammars compiled at once, on their own threads: one, so that a stream of large grammars
+# takes at most one core from the answers (on 2 cores, half); the others wait their turn, in
+# their own time.
+_COMPILING = anyio.CapacityLimiter(1)
+
+
 async def compile_constraint(server: "Server", params, deadline: float):
     """The request's grammar, compiled on a worker thread (up to about a second for a large
-    one: the event loop and the engine go on meanwhile) within BOUNDS.compile_seconds and the
-    request's time; None without one. Compiled grammars are kept per model (Owl2.constraint)."""
+    one: the event loop and the engine go on meanwhile), one compile at a time, within
+    BOUNDS.compile_seconds and the request's time; None without one. Compiled grammars are
+    kept per model (Owl2.constraint)."""
     spec = params.constraint
     if spec is None:
         return None
@@ -64,7 +71,7 @@ async def compile_constraint(server: "Server", params, deadline: float):
     try:
         with anyio.fail_after(limit):
             return await anyio.to_thread.run_sync(server.owl.constraint, spec,
-                                                  abandon_on_cancel=True)
+                                                  abandon_on_cancel=True, limiter=_COMPILING)
     except TimeoutError:
         raise GrammarError(f"{spec.field} took longer than {limit:g} s to compile "
                            f"(docs/structured.md, bounds)", spec.field) from None
