@@ -8,23 +8,27 @@ Image parts are data: URLs (base64), file:// URLs or local paths; nothing is dow
 from __future__ import annotations
 
 import base64
+import json
 import time
 import uuid
 from typing import Callable, Iterable, Iterator
 
 from owl2_edge import names
 from owl2_edge.errors import ImageError, PromptError
-from owl2_edge.prompt import Turn, render
+from owl2_edge.prompt import TOOL_RESULT, Turn, render, tool_call_text, tools_text
 from owl2_edge.stats import Stats
 
 
-def messages_to_prompt(messages: list[dict], read_image: Callable | None = None
-                       ) -> tuple[str, list]:
+def messages_to_prompt(messages: list[dict], read_image: Callable | None = None,
+                       functions: list[dict] | None = None) -> tuple[str, list]:
     """Messages -> (the templated prompt, its images in order).
 
     read_image: an image_url part's url -> what Owl2 reads (bytes or a path); by default
     image_from_url. `owl2 serve` passes its own, which reads only what its options allow
-    (owl2_edge/serve/images.py)."""
+    (owl2_edge/serve/images.py). functions: the tools offered (tool_calls.functions_of),
+    put first in the system text (prompt.tools_text); an assistant message's tool_calls are
+    its turn (prompt.tool_call_text), a "tool" message's content the user's next turn
+    (prompt.TOOL_RESULT before it)."""
     read_image = read_image or image_from_url
     if not isinstance(messages, (list, tuple)) or not messages:
         raise PromptError("messages must be a non-empty list of {'role': ..., 'content': ...}")
@@ -35,23 +39,48 @@ def messages_to_prompt(messages: list[dict], read_image: Callable | None = None
             raise PromptError(f"messages[{i}] must be a dict with 'role' and 'content', "
                               f"not {type(m).__name__}")
         role, content = m.get("role"), m.get("content")
-        text = _content_text(content, images, read_image)
+        calls = m.get("tool_calls") if role == "assistant" else None
+        text = "" if content is None and (calls or role == "tool") else \
+            _content_text(content, images, read_image)
         if role == "system":
             system.append(text)
         elif role == "user":
             pending_user.append(text)
+        elif role == "tool":
+            pending_user.append(TOOL_RESULT + text)
         elif role == "assistant":
             if not pending_user:
                 raise PromptError("an assistant message must follow a user message")
-            turns.append(Turn(" ".join(pending_user), text))
+            said = [text] if text else []
+            turns.append(Turn(" ".join(pending_user), " ".join(said + _calls_text(calls, i))))
             pending_user = []
         else:
             raise PromptError(f"messages[{i}]: unknown role {str(role)[:40]!r} "
-                              f"(system, user or assistant)")
+                              f"(system, user, assistant or tool)")
     if not pending_user:
-        raise PromptError("the last message must be the user's")
+        raise PromptError("the last message must be the user's (or a tool's result)")
     turns.append(Turn(" ".join(pending_user)))
+    if functions:
+        system.insert(0, tools_text(functions))
     return render(turns, n_images=len(images), system=" ".join(system) or None), images
+
+
+def _calls_text(calls, i: int) -> list[str]:
+    """An assistant message's tool_calls as the model writes each (prompt.tool_call_text)."""
+    if calls is None:
+        return []
+    out = []
+    try:
+        for call in calls:
+            function = call["function"]
+            arguments = json.loads(function["arguments"])
+            if not isinstance(function["name"], str) or not isinstance(arguments, dict):
+                raise TypeError
+            out.append(tool_call_text(function["name"], arguments))
+    except (TypeError, KeyError, ValueError):
+        raise PromptError(f"messages[{i}].tool_calls: each must be {{\"function\": {{\"name\": "
+                          f"..., \"arguments\": \"<a JSON object>\"}}}}") from None
+    return out
 
 
 def _content_text(content, images: list, read_image: Callable) -> str:
@@ -107,13 +136,18 @@ class Completion:
         self.model = model
 
     def response(self, text: str, stats: Stats, finish: str | None = None,
-                 logprobs: dict | None = None) -> dict:
+                 logprobs: dict | None = None, call: tuple[str, dict] | None = None) -> dict:
         """`finish`: the finish reason when not the one `stats` gives (a stop string);
-        `logprobs`: chat_logprobs() when they were asked for."""
+        `logprobs`: chat_logprobs() when they were asked for; `call`: (name, arguments) when the
+        answer is a tool call (tool_calls.parse_call): the message then carries it."""
+        message = {"role": "assistant", "content": text}
+        if call is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": [tool_call(*call)]}
+            finish = "tool_calls"
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": logprobs, "finish_reason": finish or finish_reason(stats)}],
+            "choices": [{"index": 0, "message": message, "logprobs": logprobs,
+                         "finish_reason": finish or finish_reason(stats)}],
             "usage": usage(stats),
         }
 
@@ -136,6 +170,14 @@ class Completion:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.model, "choices": [{"index": 0, "delta": delta,
                                                   "logprobs": logprobs, "finish_reason": finish}]}
+
+
+def tool_call(name: str, arguments: dict, index: int | None = None) -> dict:
+    """OpenAI's tool_calls entry: an id of its own, the function's name and its arguments as a
+    JSON string (with `index` in a streamed chunk)."""
+    entry = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": name, "arguments": json.dumps(arguments)}}
+    return entry if index is None else {"index": index, **entry}
 
 
 def _token(token: int, token_bytes: Callable[[int], bytes]) -> tuple[str, list[int]]:

@@ -42,6 +42,10 @@ def tool_call_text(name: str, arguments: dict) -> str:
     return json.dumps({"name": name, "arguments": arguments})
 
 
+# What a tool's result is introduced by, as the user's next turn (an app's role "tool" message).
+TOOL_RESULT = "The tool answered: "
+
+
 def render(turns: list[Turn], n_images: int = 0, system: str | None = None) -> str:
     """The template applied to a conversation whose last turn is open (assistant None).
 

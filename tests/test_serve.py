@@ -265,8 +265,20 @@ BAD = {
                               "top_logprobs"),
     "top_logprobs without logprobs": (400, {"messages": [user()], "top_logprobs": 2},
                                       "top_logprobs"),
-    "tools": (400, {"messages": [user()], "tools": [{"type": "function", "function": {
-        "name": "f"}}]}, "tools"),
+    "a tool of no known type": (400, {"messages": [user()], "tools": [{"type": "retrieval"}]},
+                                "tools"),
+    "a tool whose name is not a name": (400, {"messages": [user()], "tools": [
+        {"type": "function", "function": {"name": "a b"}}]}, "tools"),
+    "a tool whose parameters cannot compile": (400, {"messages": [user()], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}]},
+        "tools"),
+    "tool_choice of no tool": (400, {"messages": [user()], "tools": [
+        {"type": "function", "function": {"name": "f"}}], "tool_choice": {
+        "type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    "tools beside a grammar": (400, {"messages": [user()], "tools": [
+        {"type": "function", "function": {"name": "f"}}], "grammar": 'root ::= "a"'}, "tools"),
+    "functions (the older form)": (400, {"messages": [user()], "functions": [{"name": "f"}]},
+                                   "functions"),
     "response_format of no known type": (400, {"messages": [user()], "response_format": {
         "type": "xml"}}, "response_format.type"),
     "a schema that cannot compile": (400, {"messages": [user()], "response_format": {
@@ -540,7 +552,8 @@ def test_models_health_props_and_metrics(tiny_server):
     assert props["concurrency"]["parallel"] == 1 and props["concurrency"]["window"] == 1024
     assert props["queue"] == {"busy": 0, "waiting": 0, "max_waiting": Limits().max_queue,
                               "parallel": 1}
-    assert "tools" in props["unsupported_fields"]
+    assert "functions" in props["unsupported_fields"]
+    assert "tool_choice" in " ".join(props["supported_fields"])
     assert "frequency_penalty" in " ".join(props["supported_fields"])
     m = metrics(url)
     assert {"requests", "errors", "images", "vision_runs", "image_cache_hits",

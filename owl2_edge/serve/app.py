@@ -21,7 +21,7 @@ import functools
 import hmac
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -34,9 +34,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from owl2_edge import openai_chat
+from owl2_edge import openai_chat, tool_calls
 from owl2_edge.constraint_bounds import BOUNDS
-from owl2_edge.errors import ArgumentError, ContextFullError, ImageError, Owl2Error, PromptError
+from owl2_edge.errors import (ArgumentError, ContextFullError, GrammarError, ImageError,
+                              Owl2Error, PromptError)
 from owl2_edge.serve import fields, memory, ollama
 from owl2_edge.serve.answer import ClientGone, Reply
 from owl2_edge.serve.answering import (check_image_count, close_all, prepare_request, read_body,
@@ -288,16 +289,46 @@ async def chat_completions(request: Request, server: Server) -> Response:
     asked = fields.parse(body, server.limits)
     messages = fields.required(body, "messages", list, "a list of {role, content} messages")
     check_image_count(count_image_parts(messages), server.limits, "messages")
+    functions, callable_ = _tools(body, asked)
+    if callable_:  # the answer held to a call (or with "auto", a call or a reply)
+        asked = replace(asked, params=replace(asked.params, grammar=tool_calls.grammar(*callable_)))
 
     def prepare():
         try:  # the prompt first, the images' urls kept as they are: nothing is read yet
-            prompt, urls = openai_chat.messages_to_prompt(messages, read_image=lambda url: url)
+            prompt, urls = openai_chat.messages_to_prompt(messages, read_image=lambda url: url,
+                                                          functions=functions)
         except PromptError as e:
             raise bad_request(str(e), param="messages") from None
         return prepare_request(server, prompt, urls, "messages", lambda i: f"image {i + 1}", deadline)
 
-    return await _reply(request, server, ChatShape(server.model_id, _token_bytes(server, asked)),
-                         prepare, asked, trim=True, deadline=deadline, started=started)
+    shape = ChatShape(server.model_id, _token_bytes(server, asked),
+                      callable_[1] if callable_ else None)
+    try:
+        return await _reply(request, server, shape, prepare, asked, trim=True, deadline=deadline,
+                            started=started)
+    except GrammarError as e:  # the tools' grammar: named as the client sent it
+        if not callable_ or e.param != "grammar":
+            raise
+        raise GrammarError(str(e).replace("grammar", "tools", 1), "tools") from None
+
+
+def _tools(body: dict, asked: fields.Request) -> tuple[list | None, tuple | None]:
+    """(the functions offered, (tool_choice's mode, the functions it may call) when an answer
+    may call one) from OpenAI's tools and tool_choice (tool_calls.py)."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools in (None, []):
+        if choice not in (None, "none", "auto"):
+            raise bad_request("tool_choice names a tool but no tools are given",
+                              param="tool_choice")
+        return None, None
+    functions = tool_calls.functions_of(tools)
+    mode, callable_ = tool_calls.chosen(functions, choice)
+    if mode == "none":
+        return functions, None
+    if asked.params.constraint is not None:
+        raise bad_request(f"tools cannot be combined with {asked.params.constraint.field}: an "
+                          f"answer follows one grammar", param="tools")
+    return functions, (mode, callable_)
 
 
 @api()
@@ -382,8 +413,11 @@ async def _events(request: Request, server: Server, shape, choices: list[Reply],
     def sent(chunk: dict) -> str:
         return event({**chunk, "usage": None} if include_usage else chunk)
 
-    def content(choice: Reply, text: str, index: int) -> dict:
-        chunk = _indexed(shape.chunk(text, *choice.new_logprobs()), index)
+    def content(choice: Reply, text: str, index: int) -> dict | None:
+        chunk = shape.chunk(text, *choice.new_logprobs(), index=index)
+        if chunk is None:  # held: a tool call being written
+            return None
+        chunk = _indexed(chunk, index)
         return {**chunk, "timings": choice.timings()} if asked.timings_per_token else chunk
 
     for index in range(len(choices)):
@@ -394,11 +428,14 @@ async def _events(request: Request, server: Server, shape, choices: list[Reply],
         while active:
             for index in list(active):
                 choice, text = choices[index], texts[index]
-                if text:
-                    yield sent(content(choice, text, index))
+                if text and (chunk := content(choice, text, index)) is not None:
+                    yield sent(chunk)
                 if choice.finish is not None:
                     active.remove(index)
-                    last = _indexed(shape.last_chunk(choice.finish), index)
+                    *before_last, last = [_indexed(c, index)
+                                          for c in shape.last_chunks(choice.finish, index)]
+                    for chunk in before_last:
+                        yield sent(chunk)
                     if active:
                         yield sent(last)
                     continue

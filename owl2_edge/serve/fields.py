@@ -31,12 +31,10 @@ def _neutral(*values):
                                               for v in values)
 
 
-_NO_TOOLS = "[]: this model was not trained for tool calls (and no emulation is offered)"
+_NO_FUNCTIONS = "[]: OpenAI's older form of tools; give tools and tool_choice"
 NOT_IMPLEMENTED = {
-    "tools": (_neutral([]), _NO_TOOLS),
-    "functions": (_neutral([]), _NO_TOOLS),
-    "tool_choice": (_neutral("none", "auto"), '"none" or "auto" (no tools)'),
-    "function_call": (_neutral("none", "auto"), '"none" or "auto" (no tools)'),
+    "functions": (_neutral([]), _NO_FUNCTIONS),
+    "function_call": (_neutral("none", "auto"), '"none" or "auto" (give tool_choice)'),
     "echo": (_neutral(False), "false: the prompt is not echoed"),
     "suffix": (_neutral(""), '"": no insertion after the answer'),
     "best_of": (_neutral(1), "1: one answer is made per request"),
@@ -47,7 +45,7 @@ NOT_IMPLEMENTED = {
     "store": (_neutral(False), "false: nothing is stored (so `metadata` changes nothing)"),
     "service_tier": (_neutral("auto", "default"), '"auto" or "default": one tier'),
     "parallel_tool_calls": (_neutral(True, False),
-                            "true or false: with no tools it cannot matter"),
+                            "true or false: an answer makes one call at most (tool_calls.py)"),
 }
 # Fields that constrain the answer (owl2_edge/constrain.py), passed to SamplingParams as they
 # are: OpenAI's response_format, llama.cpp's json_schema and grammar (GBNF, or Lark).
@@ -61,7 +59,8 @@ SUPPORTED = ("messages (text and image_url parts)", "prompt", "images", "model",
              "logit_bias", "logprobs", "top_logprobs (chat, 0..20)",
              "logprobs (completions, 0..5)", "user (taken, changes nothing)",
              "metadata (taken, changes nothing without store)",
-             "timings_per_token (streamed chunks carry llama-server's timings)")
+             "timings_per_token (streamed chunks carry llama-server's timings)",
+             "tools (functions; chat), tool_choice (none, auto, required, a function)")
 # /props: each field with the one value it accepts and why.
 NOT_IMPLEMENTED_TEXT = {name: "accepted only as " + why for name, (_, why) in
                         NOT_IMPLEMENTED.items()}
@@ -74,7 +73,7 @@ _COMMON = {"model", "stream", "stream_options", "stop", "n", "seed", "max_tokens
            "max_completion_tokens", "logprobs", "top_logprobs", "user", "metadata",
            "timings_per_token"}
 KNOWN = {
-    "chat": _COMMON | {"messages"},
+    "chat": _COMMON | {"messages", "tools", "tool_choice"},
     "completions": _COMMON | {"prompt", "images"},
 }
 

@@ -8,33 +8,54 @@ import json
 import time
 import uuid
 
-from owl2_edge.openai_chat import Completion, chat_logprobs, text_logprobs, usage
+from owl2_edge.openai_chat import Completion, chat_logprobs, text_logprobs, tool_call, usage
 from owl2_edge.stats import Stats
+from owl2_edge.tool_calls import parse_call
 
 
 class ChatShape:
     """POST /v1/chat/completions: `chat.completion`, or `chat.completion.chunk`s. token_bytes:
-    the vocabulary's, when the request asked for logprobs."""
+    the vocabulary's, when the request asked for logprobs; functions: the tools an answer may
+    call (tool_calls.py), when it may: an answer that is a call becomes `tool_calls`, and in a
+    stream it is held until it ends (a call's arguments are sent whole, in one chunk)."""
 
-    def __init__(self, model: str, token_bytes=None):
+    def __init__(self, model: str, token_bytes=None, functions: list[dict] | None = None):
         self.completion = Completion(model)
         self.token_bytes = token_bytes
+        self.functions = functions
+        self._held: dict[int, str] = {}    # each choice's call text so far, in a stream
+        self._begun: set[int] = set()      # the choices that have sent text
 
     def response(self, text: str, finish: str, stats: Stats) -> dict:
         logprobs = chat_logprobs(stats.logprobs, self.token_bytes) if self.token_bytes else None
-        return self.completion.response(text, stats, finish, logprobs)
+        call = parse_call(text, self.functions) if self.functions else None
+        return self.completion.response(text, stats, finish, logprobs, call)
 
     def first_chunks(self) -> list[dict]:
         return [self.completion.chunk({"role": "assistant"})]
 
-    def chunk(self, text: str, entries=(), first: bool = False) -> dict:
+    def chunk(self, text: str, entries=(), first: bool = False, index: int = 0) -> dict | None:
         """entries: the TokenLogprobs of the tokens that made `text`; first: they start at the
-        answer's first token."""
+        answer's first token. None while the text is held (a tool call being written)."""
+        if self.functions and (index in self._held or
+                               (index not in self._begun and text.lstrip().startswith("{"))):
+            self._held[index] = self._held.get(index, "") + text
+            return None
+        self._begun.add(index)
         logprobs = chat_logprobs(entries, self.token_bytes, first) if self.token_bytes else None
         return self.completion.chunk({"content": text}, logprobs=logprobs)
 
-    def last_chunk(self, finish: str) -> dict:
-        return self.completion.chunk({}, finish)
+    def last_chunks(self, finish: str, index: int = 0) -> list[dict]:
+        """What ends a choice's stream: its held call (or, when the text held turned out not
+        to be one, that text), then the finish reason."""
+        held = self._held.pop(index, None)
+        if held is None:
+            return [self.completion.chunk({}, finish)]
+        call = parse_call(held, self.functions)
+        if call is None:  # cut short (max_tokens): the text as it is
+            return [self.completion.chunk({"content": held}), self.completion.chunk({}, finish)]
+        return [self.completion.chunk({"tool_calls": [tool_call(*call, index=0)]}),
+                self.completion.chunk({}, "tool_calls")]
 
     def usage_chunk(self) -> dict:
         """stream_options.include_usage's extra last chunk, before its usage is added."""
@@ -58,15 +79,15 @@ class TextShape:
     def first_chunks(self) -> list[dict]:
         return []
 
-    def chunk(self, text: str, entries=(), first: bool = False) -> dict:
+    def chunk(self, text: str, entries=(), first: bool = False, index: int = 0) -> dict:
         logprobs = None
         if self.token_bytes:
             logprobs = text_logprobs(entries, self.token_bytes, self._offset)
         self._offset += len(text)
         return self._object(text, None, logprobs)
 
-    def last_chunk(self, finish: str) -> dict:
-        return self._object("", finish)
+    def last_chunks(self, finish: str, index: int = 0) -> list[dict]:
+        return [self._object("", finish)]
 
     def usage_chunk(self) -> dict:
         return {**self._object("", None), "choices": []}

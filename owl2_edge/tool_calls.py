@@ -1,0 +1,108 @@
+"""Tool calls for any model, through the grammar (docs/clients.md, "Tool calls").
+
+The functions an app offers go into the prompt in the one form the demo model was trained on
+(prompt.tools_text: a system text put first in the first question), and the answer is held by a
+grammar to what tool_choice allows:
+
+    "auto"      a call, or a plain reply (which then cannot begin with "{")
+    "required"  a call of one of the functions
+    a function  a call of that function
+    "none"      anything (no grammar: the functions are still shown, as OpenAI does)
+
+A call is one JSON object, {"name": ..., "arguments": {...}} (prompt.tool_call_text), whose
+arguments follow that function's `parameters` schema, in the grammar engine's JSON layout. One
+call per answer: a model trained on one call per answer (the demo's form) makes one; asking for
+none in parallel (`parallel_tool_calls: false`) changes nothing. The grammar guarantees the
+form, not the judgement: a model that was not trained for tools calls them as well as it can.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from owl2_edge.constrain import JSON_LAYOUT
+from owl2_edge.errors import GrammarError
+
+MAX_TOOLS = 128
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+CHOICES = ("none", "auto", "required")
+
+
+def functions_of(tools, field: str = "tools") -> list[dict]:
+    """OpenAI's tools ([{"type": "function", "function": {"name", "description",
+    "parameters"}}]) -> the functions, checked: [{"name", "description", "parameters"}]."""
+    if not isinstance(tools, list) or not 0 < len(tools) <= MAX_TOOLS:
+        raise GrammarError(f"{field} must be a list of 1 to {MAX_TOOLS} tools", field)
+    functions, seen = [], set()
+    for i, tool in enumerate(tools):
+        where = f"{field}[{i}]"
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or \
+                not isinstance(tool.get("function"), dict):
+            raise GrammarError(f'{where} must be {{"type": "function", "function": {{...}}}} '
+                               f"(function tools only)", field)
+        function = tool["function"]
+        name, parameters = function.get("name"), function.get("parameters",
+                                                                {"type": "object"})
+        if not isinstance(name, str) or not _NAME.match(name) or name in seen:
+            raise GrammarError(f"{where}.function.name must be 1-64 letters, digits, _ or -, "
+                               f"each name once", field)
+        if not isinstance(parameters, dict):
+            raise GrammarError(f"{where}.function.parameters must be a JSON schema object",
+                               field)
+        description = function.get("description", "")
+        if not isinstance(description, str):
+            raise GrammarError(f"{where}.function.description must be a string", field)
+        seen.add(name)
+        functions.append({"name": name, "description": description, "parameters": parameters})
+    return functions
+
+
+def chosen(functions: list[dict], tool_choice, field: str = "tool_choice") -> tuple[str, list]:
+    """tool_choice -> ("none" | "auto" | "required", the functions it may call)."""
+    if tool_choice is None:
+        return "auto", functions
+    if tool_choice in CHOICES:
+        return tool_choice, functions
+    name = (tool_choice.get("function") or {}).get("name") \
+        if isinstance(tool_choice, dict) and tool_choice.get("type") == "function" else None
+    named = [f for f in functions if f["name"] == name]
+    if not named:
+        raise GrammarError(f'{field} must be "none", "auto", "required" or {{"type": '
+                           f'"function", "function": {{"name": ...}}}} naming one of the tools',
+                           field)
+    return "required", named
+
+
+def grammar(mode: str, functions: list[dict]) -> str | None:
+    """The Lark grammar (llguidance's, with its %json) an answer follows, or None ("none")."""
+    if mode == "none":
+        return None
+    calls = [{"type": "object", "properties": {"name": {"const": f["name"]},
+                                               "arguments": f["parameters"]},
+              "required": ["name", "arguments"], "additionalProperties": False}
+             for f in functions]
+    call = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    lines = [f"call: %json {json.dumps({**call, 'x-guidance': JSON_LAYOUT})}"]
+    if mode == "auto":
+        # A reply is any text that does not begin as a call does.
+        return "\n".join(["start: call | reply", *lines, r"reply: /[^{\s][\s\S]*/"])
+    return "\n".join(["start: call", *lines])
+
+
+def parse_call(text: str, functions: list[dict]) -> tuple[str, dict] | None:
+    """(name, arguments) when `text` is a call of one of the functions, else None (a reply)."""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    names = {f["name"] for f in functions}
+    if isinstance(value, dict) and value.get("name") in names and \
+            isinstance(value.get("arguments"), dict) and set(value) == {"name", "arguments"}:
+        return value["name"], value["arguments"]
+    return None
+
+
+__all__ = ["CHOICES", "MAX_TOOLS", "chosen", "functions_of", "grammar", "parse_call"]
