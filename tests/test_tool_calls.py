@@ -45,6 +45,7 @@ def tiny(tiny_server):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """`owl2 serve` on the demo model (F32)."""
+    pytest.importorskip("torch", reason="needs the converter (pip install 'owl2-edge[convert]')")
     from owl2_edge.convert import DEMO_CHECKPOINT
     from owl2_edge.convert.converter import convert
     from owl2_edge.owl2 import Owl2
