@@ -89,6 +89,31 @@ def start_server(tiny_model_dir):
     return start
 
 
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory) -> Path:
+    """The trained demo model (convert/demo_model) converted: F32 decoder, fp32 vision."""
+    converter = _converter()[1]
+    from owl2_edge.convert import DEMO_CHECKPOINT
+    out = tmp_path_factory.mktemp("models") / "demo-F32"
+    converter.convert(DEMO_CHECKPOINT, out, quant="F32", vision=("fp32",))
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_server(demo_model_dir):
+    """`owl2 serve` on the demo model (F32, two slots), one per test module: .url, .owl, .app.
+    The client tests ask it what the demo can know, so each call shows a right answer."""
+    from types import SimpleNamespace
+
+    from owl2_edge.owl2 import Owl2
+    from owl2_edge.serve.app import create_app
+    from owl2_edge.serve.server import running
+    with Owl2.load(demo_model_dir, device="cpu", n_ctx=2048, parallel=2) as owl:
+        app = create_app(owl)
+        with running(app) as url:
+            yield SimpleNamespace(url=url, owl=owl, app=app)
+
+
 @pytest.fixture(scope="module")
 def tiny_server(start_server):
     """`owl2 serve` on the tiny model with the default options, one per test module (see

@@ -43,19 +43,9 @@ def tiny(tiny_server):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """`owl2 serve` on the demo model (F32)."""
-    pytest.importorskip("torch", reason="needs the converter (pip install 'owl2-edge[convert]')")
-    from owl2_edge.convert import DEMO_CHECKPOINT
-    from owl2_edge.convert.converter import convert
-    from owl2_edge.owl2 import Owl2
-    from owl2_edge.serve.app import create_app
-    from owl2_edge.serve.server import running
-    folder = tmp_path_factory.mktemp("tools") / "demo-F32"
-    convert(DEMO_CHECKPOINT, folder, quant="F32", vision=("fp32",))
-    with Owl2.load(folder, device="cpu", n_ctx=1024) as owl:
-        with running(create_app(owl)) as url:
-            yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+def demo(demo_server):
+    return openai.OpenAI(base_url=demo_server.url + "/v1", api_key="none", max_retries=0,
+                         timeout=60)
 
 
 def _call(reply):

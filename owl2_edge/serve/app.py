@@ -2,6 +2,8 @@
 
     POST /v1/chat/completions   messages with text and image_url parts; stream: server-sent events
     POST /v1/completions        a raw prompt with <|image|> marks and an `images` list
+    POST /v1/responses          OpenAI's Responses API (responses.py); /responses too
+    /api/...                    ollama's API (ollama.py)
     GET  /v1/models  /health  /props  /metrics  /   (the chat page)
 
 Before any route, origin.py refuses Host names and web origins the server does not answer
@@ -34,14 +36,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from owl2_edge import openai_chat, tool_calls
+from owl2_edge import openai_chat
 from owl2_edge.constraint_bounds import BOUNDS
 from owl2_edge.errors import (ArgumentError, ContextFullError, GrammarError, ImageError,
                               Owl2Error, PromptError)
-from owl2_edge.serve import fields, memory, ollama
+from owl2_edge.serve import fields, memory, ollama, responses
 from owl2_edge.serve.answer import ClientGone, Reply
-from owl2_edge.serve.answering import (check_image_count, close_all, prepare_request, read_body,
-                                       start_choices)
+from owl2_edge.serve.answering import (check_image_count, close_all, offered_tools,
+                                       prepare_request, read_body, start_choices)
 from owl2_edge.serve.fetch import Fetcher, IpNetwork
 from owl2_edge.serve.images import ImageReader, count_image_parts
 from owl2_edge.serve.limits import ApiError, Limits, bad_request, error_body
@@ -118,6 +120,9 @@ def create_app(owl: Owl2, limits: Limits | None = None, api_key: str | None = No
         Route("/metrics", metrics_route),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        # OpenAI's Responses API (responses.py), also where llama-server mirrors it.
+        Route("/v1/responses", api()(responses.create), methods=["POST"]),
+        Route("/responses", api()(responses.create), methods=["POST"]),
         # ollama's API (ollama.py): its routes, its error shape.
         *(Route(path, api(errors=ollama.error_body)(handler), methods=[method])
           for path, handler, method in (
@@ -289,9 +294,9 @@ async def chat_completions(request: Request, server: Server) -> Response:
     asked = fields.parse(body, server.limits)
     messages = fields.required(body, "messages", list, "a list of {role, content} messages")
     check_image_count(count_image_parts(messages), server.limits, "messages")
-    functions, callable_ = _tools(body, asked)
-    if callable_:  # the answer held to a call (or with "auto", a call or a reply)
-        asked = replace(asked, params=replace(asked.params, grammar=tool_calls.grammar(*callable_)))
+    functions, callable_, params = offered_tools(body.get("tools"), body.get("tool_choice"),
+                                                 asked.params)
+    asked = replace(asked, params=params)
 
     def prepare():
         try:  # the prompt first, the images' urls kept as they are: nothing is read yet
@@ -310,25 +315,6 @@ async def chat_completions(request: Request, server: Server) -> Response:
         if not callable_ or e.param != "grammar":
             raise
         raise GrammarError(str(e).replace("grammar", "tools", 1), "tools") from None
-
-
-def _tools(body: dict, asked: fields.Request) -> tuple[list | None, tuple | None]:
-    """(the functions offered, (tool_choice's mode, the functions it may call) when an answer
-    may call one) from OpenAI's tools and tool_choice (tool_calls.py)."""
-    tools, choice = body.get("tools"), body.get("tool_choice")
-    if tools in (None, []):
-        if choice not in (None, "none", "auto"):
-            raise bad_request("tool_choice names a tool but no tools are given",
-                              param="tool_choice")
-        return None, None
-    functions = tool_calls.functions_of(tools)
-    mode, callable_ = tool_calls.chosen(functions, choice)
-    if mode == "none":
-        return functions, None
-    if asked.params.constraint is not None:
-        raise bad_request(f"tools cannot be combined with {asked.params.constraint.field}: an "
-                          f"answer follows one grammar", param="tools")
-    return functions, (mode, callable_)
 
 
 @api()

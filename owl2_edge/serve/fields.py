@@ -18,6 +18,7 @@ _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "
              "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
              "ignore_eos": "ignore_eos", "frequency_penalty": "frequency_penalty",
              "presence_penalty": "presence_penalty", "logit_bias": "logit_bias", "stop": "stop"}
+SAMPLING_FIELDS = tuple(_SAMPLING)
 # Answers one request may ask for (n): each takes a slot of the engine.
 MAX_CHOICES = 8
 # /v1/completions' logprobs: how many alternatives (0..5), as OpenAI's legacy endpoint.
@@ -124,12 +125,12 @@ def parse(body: dict, limits: Limits, completions: bool = False) -> Request:
     check_known(body, "completions" if completions else "chat")
     check_not_implemented(body)
     stream = flag(body, "stream")
-    _check_metadata(body.get("metadata"))
+    check_metadata(body.get("metadata"))
     return Request(sampling_params(body, limits, completions), stream,
                    include_usage(body, stream), n, flag(body, "timings_per_token"))
 
 
-def _check_metadata(value) -> None:
+def check_metadata(value) -> None:
     """OpenAI's metadata: at most 16 string pairs (keys up to 64 characters, values up to 512);
     kept only with `store`, so here it changes nothing, but a malformed one is still refused."""
     if value is None:
