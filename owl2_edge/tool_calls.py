@@ -78,16 +78,67 @@ def grammar(mode: str, functions: list[dict]) -> str | None:
     """The Lark grammar (llguidance's, with its %json) an answer follows, or None ("none")."""
     if mode == "none":
         return None
+    definitions: dict = {}
     calls = [{"type": "object", "properties": {"name": {"const": f["name"]},
-                                               "arguments": f["parameters"]},
+                                               "arguments": _lifted(f["parameters"], k,
+                                                                    definitions)},
               "required": ["name", "arguments"], "additionalProperties": False}
-             for f in functions]
+             for k, f in enumerate(functions)]
     call = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    if definitions:
+        call = {**call, "$defs": definitions}
     lines = [f"call: %json {json.dumps({**call, 'x-guidance': JSON_LAYOUT})}"]
     if mode == "auto":
         # A reply is any text that does not begin as a call does.
         return "\n".join(["start: call | reply", *lines, r"reply: /[^{\s][\s\S]*/"])
     return "\n".join(["start: call", *lines])
+
+
+def _lifted(parameters: dict, k: int, definitions: dict) -> dict:
+    """Function k's parameters schema, placed inside the call's schema: its own definitions
+    ($defs, or the older `definitions`) moved to the call's top as f{k}_NAME, and every local
+    $ref rewritten to where its target now is ("#/$defs/X" -> "#/$defs/f{k}_X"; "#" or
+    "#/properties/..." -> into the copy of the whole schema at "#/$defs/f{k}"). Pydantic's and
+    zod's schemas use $defs for every nested model; left in place, their refs point nowhere."""
+    def rewrite(node):
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for key, value in node.items():
+            if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+                out[key] = _moved_ref(value, k)
+            else:
+                out[key] = rewrite(value)
+        return out
+    own = {}
+    for key in ("$defs", "definitions"):
+        if isinstance(parameters.get(key), dict):
+            own.update(parameters[key])
+    if not own and not _has_local_ref(parameters):
+        return parameters
+    for name, schema in own.items():
+        definitions[f"f{k}_{name}"] = rewrite(schema)
+    body = rewrite({key: v for key, v in parameters.items() if key not in ("$defs", "definitions")})
+    definitions[f"f{k}"] = body
+    return {"$ref": f"#/$defs/f{k}"}
+
+
+def _moved_ref(ref: str, k: int) -> str:
+    for prefix in ("#/$defs/", "#/definitions/"):
+        if ref.startswith(prefix):
+            return f"#/$defs/f{k}_" + ref[len(prefix):]
+    return f"#/$defs/f{k}" + ref[1:]
+
+
+def _has_local_ref(node) -> bool:
+    if isinstance(node, dict):
+        return any((key == "$ref" and isinstance(v, str) and v.startswith("#"))
+                   or _has_local_ref(v) for key, v in node.items())
+    if isinstance(node, list):
+        return any(_has_local_ref(v) for v in node)
+    return False
 
 
 def parse_call(text: str, functions: list[dict]) -> tuple[str, dict] | None:

@@ -136,3 +136,31 @@ def test_a_call_and_its_result_go_back_into_the_prompt(tiny, tiny_server):
     expected = "".join(tiny_server.owl.generate(prompt, [], SamplingParams(temperature=0,
                                                                            max_tokens=8)))
     assert reply.choices[0].message.content == expected
+
+
+def test_parameters_with_their_own_definitions_compile_and_validate(tiny):
+    """Pydantic writes nested models as $defs and $refs: in the call's schema they must still
+    point at their targets, each function's own (two functions here name a def alike)."""
+    def function(name: str, item: dict) -> dict:
+        return {"type": "function", "function": {"name": name, "parameters": {
+            "type": "object", "$defs": {"Item": item},
+            "properties": {"items": {"type": "array", "items": {"$ref": "#/$defs/Item"},
+                                     "minItems": 1, "maxItems": 2}},
+            "required": ["items"], "additionalProperties": False}}}
+    shape = function("shapes", {"type": "object", "properties": {"shape": {"enum": ["a", "b"]}},
+                                "required": ["shape"], "additionalProperties": False})
+    size = function("sizes", {"type": "integer", "minimum": 1, "maximum": 9})
+    tools, checked = [shape, size], 0
+    for seed, choice in enumerate(["required", {"type": "function",
+                                                "function": {"name": "sizes"}}] * 2):
+        reply = tiny.chat.completions.create(
+            model="owl2", temperature=0.8, seed=seed, max_tokens=80, tools=tools,
+            tool_choice=choice, messages=[{"role": "user", "content": "Go."}])
+        if reply.choices[0].finish_reason == "length":
+            continue
+        name, arguments = _call(reply)
+        schema = {"shapes": shape, "sizes": size}[name]["function"]["parameters"]
+        jsonschema.validate(arguments, schema)
+        assert choice == "required" or name == "sizes"
+        checked += 1
+    assert checked >= 2
