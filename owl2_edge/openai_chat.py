@@ -17,6 +17,7 @@ from owl2_edge import names
 from owl2_edge.errors import ImageError, PromptError
 from owl2_edge.prompt import TOOL_RESULT, Turn, render, tool_call_text, tools_text
 from owl2_edge.stats import Stats
+from owl2_edge.tool_calls import HeldCall
 
 
 def messages_to_prompt(messages: list[dict], read_image: Callable | None = None,
@@ -152,19 +153,33 @@ class Completion:
         }
 
     def chunks(self, pieces: Iterable[str], stats: Stats,
-               token_bytes: Callable[[int], bytes] | None = None) -> Iterator[dict]:
+               token_bytes: Callable[[int], bytes] | None = None,
+               functions: list[dict] | None = None) -> Iterator[dict]:
         """chat.completion.chunk dicts: the role, one per piece, then the finish reason.
         stats: the answer's own (read as the pieces come); token_bytes: with it, each chunk
-        carries the logprobs of the tokens new since the last."""
+        carries the logprobs of the tokens new since the last; functions: the tools the answer
+        may call (a call is held and sent whole: tool_calls.HeldCall)."""
         yield self.chunk({"role": "assistant"})
-        sent = 0
+        sent, held = 0, HeldCall(functions)
         for piece in pieces:
             entries = stats.logprobs
             first = sent == 0
             new, sent = entries[sent:], len(entries)
+            if held.hold(piece):
+                continue
             logprobs = chat_logprobs(new, token_bytes, first) if token_bytes and new else None
             yield self.chunk({"content": piece}, logprobs=logprobs)
-        yield self.chunk({}, finish_reason(stats))
+        yield from self.last_chunks(held, finish_reason(stats))
+
+    def last_chunks(self, held: HeldCall, finish: str) -> list[dict]:
+        """What ends a streamed answer: its held call as one tool_calls delta and the finish
+        reason "tool_calls", or the text held (not a call after all) and `finish`."""
+        call = held.end()
+        if call is not None:
+            return [self.chunk({"tool_calls": [tool_call(*call, index=0)]}),
+                    self.chunk({}, "tool_calls")]
+        text = [self.chunk({"content": held.text})] if held.text else []
+        return [*text, self.chunk({}, finish)]
 
     def chunk(self, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,

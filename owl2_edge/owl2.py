@@ -22,7 +22,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from owl2_edge import checks, names, openai_chat
+from owl2_edge import checks, names, openai_chat, tool_calls
 from owl2_edge.answer import check_finite
 from owl2_edge.batch.engine import BatchResult, answer_all
 from owl2_edge.chat import Chat
@@ -272,22 +272,27 @@ class Owl2:
         """A conversation whose history is kept (and whose KV cache is reused turn to turn)."""
         return Chat(self.generate, _as_list(images))
 
-    def create_chat_completion(self, messages: list[dict], stream: bool = False, **sampling):
+    def create_chat_completion(self, messages: list[dict], stream: bool = False, tools=None,
+                               tool_choice=None, **sampling):
         """llama-cpp-python's / OpenAI's chat completion: messages with text and image_url parts
-        (data: URLs, file:// URLs or local paths). A dict, or with stream=True an iterator of
-        chunk dicts."""
+        (data: URLs, file:// URLs or local paths), OpenAI's tools and tool_choice
+        (tool_calls.py: a call comes back as message.tool_calls). A dict, or with stream=True
+        an iterator of chunk dicts."""
         checks.flag("stream", stream)
-        prompt, images = openai_chat.messages_to_prompt(messages)
         params = SamplingParams.of(sampling)
+        functions, callable_, params = tool_calls.offer(tools, tool_choice, params)
+        may_call = callable_[1] if callable_ else None
+        prompt, images = openai_chat.messages_to_prompt(messages, functions=functions)
         pieces = self.generate(prompt, images, params)
         completion = openai_chat.Completion(model=self.folder.name)
         token_bytes = self.tokenizer.token_to_bytes if params.logprobs else None
         if stream:
-            return completion.chunks(pieces, pieces.stats, token_bytes)
+            return completion.chunks(pieces, pieces.stats, token_bytes, may_call)
         text = "".join(pieces)
         logprobs = (openai_chat.chat_logprobs(pieces.stats.logprobs, token_bytes)
                     if token_bytes else None)
-        return completion.response(text, pieces.stats, logprobs=logprobs)
+        call = tool_calls.parse_call(text, may_call) if may_call else None
+        return completion.response(text, pieces.stats, logprobs=logprobs, call=call)
 
     def prepare(self, prompt: str, images: Sequence = (), window: int | None = None
                 ) -> "Prepared":

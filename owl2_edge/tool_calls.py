@@ -20,9 +20,14 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from owl2_edge.constrain import JSON_LAYOUT
-from owl2_edge.errors import GrammarError
+from owl2_edge.errors import ArgumentError, GrammarError
+
+if TYPE_CHECKING:
+    from owl2_edge.sampling import SamplingParams
 
 MAX_TOOLS = 128
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -141,6 +146,59 @@ def _has_local_ref(node) -> bool:
     return False
 
 
+def offer(tools, tool_choice, params: "SamplingParams"
+          ) -> tuple[list[dict] | None, tuple[str, list[dict]] | None, "SamplingParams"]:
+    """OpenAI's tools and tool_choice, as any caller gives them (the API, every route) ->
+    (the functions to show in the prompt, (tool_choice's mode, the functions an answer may
+    call) when it may call one, params with the calls' grammar). ArgumentError (GrammarError
+    for the tools themselves) naming the field at fault."""
+    if tools in (None, []):
+        if tool_choice not in (None, "none", "auto"):
+            raise ArgumentError("tool_choice names a tool but no tools are given",
+                                "tool_choice")
+        return None, None, params
+    functions = functions_of(tools)
+    mode, callable_ = chosen(functions, tool_choice)
+    if mode == "none":
+        return functions, None, params
+    if params.constraint is not None:
+        raise ArgumentError(f"tools cannot be combined with {params.constraint.field}: an "
+                            f"answer follows one grammar", "tools")
+    return functions, (mode, callable_), replace(params, grammar=grammar(mode, callable_))
+
+
+class HeldCall:
+    """A streamed answer that may be a call: its text is held from a first "{" to the end (a
+    call's arguments go out whole, as one delta), then it is the call, or when it turned out
+    not to be one (cut by max_tokens) the text as it was. functions: those it may call."""
+
+    def __init__(self, functions: list[dict] | None):
+        self.functions = functions
+        self.text: str | None = None  # held so far (None: nothing held)
+        self._begun = False           # text already went out: not a call
+
+    def hold(self, text: str) -> bool:
+        """True when `text` is held (the caller sends nothing for it now)."""
+        if not text:
+            return self.text is not None
+        if self.text is not None or (self.functions and not self._begun
+                                     and text.lstrip().startswith("{")):
+            self.text = (self.text or "") + text
+            return True
+        self._begun = True
+        return False
+
+    def end(self) -> tuple[str, dict] | None:
+        """At the answer's end: (name, arguments) when the held text is a call, else None
+        (then self.text, if not None, is text still to send)."""
+        if self.text is None:
+            return None
+        call = parse_call(self.text, self.functions)
+        if call is not None:
+            self.text = None
+        return call
+
+
 def parse_call(text: str, functions: list[dict]) -> tuple[str, dict] | None:
     """(name, arguments) when `text` is a call of one of the functions, else None (a reply)."""
     if not text.lstrip().startswith("{"):
@@ -156,4 +214,5 @@ def parse_call(text: str, functions: list[dict]) -> tuple[str, dict] | None:
     return None
 
 
-__all__ = ["CHOICES", "MAX_TOOLS", "chosen", "functions_of", "grammar", "parse_call"]
+__all__ = ["CHOICES", "MAX_TOOLS", "chosen", "functions_of", "grammar", "offer", "parse_call",
+           "HeldCall"]

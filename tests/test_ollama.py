@@ -100,7 +100,7 @@ def test_the_model_is_listed_shown_and_loaded(client, tiny_server):
     assert [m.model for m in listed] == [name]
     assert listed[0].size > 0 and listed[0].details.family == "llama"
     shown = client.show(name)
-    assert set(shown.capabilities) == {"completion", "vision"}
+    assert set(shown.capabilities) == {"completion", "vision", "tools"}
     assert shown.modelinfo["llama.block_count"] == tiny_server.owl.manifest.decoder.n_layer
     running = client.ps().models
     assert [m.model for m in running] == [name] and running[0].context_length > 0
@@ -119,9 +119,13 @@ def test_the_model_is_listed_shown_and_loaded(client, tiny_server):
                       options={"num_ctx": 10**6}), "options.num_ctx 1000000"),
     (lambda c: c.chat(model="owl2", messages=[{"role": "user", "content": "Hi"}],
                       options={"temperature": -1}), "options.temperature"),
-    (lambda c: c.chat(model="owl2", messages=[{"role": "user", "content": "Hi"}],
+    (lambda c: c.chat(model="owl2", messages=[{"role": "user", "content": "Hi"}], format="json",
                       tools=[{"type": "function", "function": {"name": "f", "parameters": {
-                          "type": "object", "properties": {}}}}]), "tools is not supported"),
+                          "type": "object", "properties": {}}}}]),
+     "tools cannot be combined with format"),
+    (lambda c: c.chat(model="owl2", messages=[{"role": "user", "content": "Hi"}],
+                      tools=[{"type": "function", "function": {"name": "f g"}}]),
+     "tools[0].function.name"),
     (lambda c: c.chat(model="owl2", messages=[{"role": "user", "content": "Hi"}], think=True),
      "think is not supported"),
     (lambda c: c.chat(model="owl2", messages=[{"role": "user", "content": "Hi"}],
@@ -210,5 +214,61 @@ def test_the_snippet_in_docs_clients_runs(tiny_server, photo, capsys):
     exec(compile(snippet, "docs/clients.md", "exec"), {})
     out = capsys.readouterr().out
     last = out.splitlines()[-1]
-    assert last.endswith("['completion', 'vision']") and tiny_server.owl.folder.name in last
+    assert last.endswith("['completion', 'vision', 'tools']") and tiny_server.owl.folder.name in last
     assert re.search(r" (stop|length) \d+\n", out), out
+
+
+def test_the_demo_calls_its_tool_through_ollamas_client(demo_server, tmp_path):
+    """tools on /api/chat: the demo's right call, whole in one streamed line too; a plain
+    question keeps its plain answer."""
+    from owl2_edge import scenes
+    from owl2_edge.scenes import Scene, Thing
+    scene = Scene((Thing("square", "red", "left"), Thing("circle", "blue", "right")), seed=3)
+    picture = tmp_path / "scene.png"
+    scene.draw(224).save(picture)
+    demo = ollama.Client(host=demo_server.url, timeout=60)
+    tools = [{"type": "function", "function": scenes.REPORT_TOOL}]
+    asked = [{"role": "user", "content": "Report the blue shape.", "images": [str(picture)]}]
+    reply = demo.chat(model="demo", messages=asked, tools=tools, options={"temperature": 0})
+    [call] = reply.message.tool_calls
+    assert call.function.name == "report_shape"
+    assert dict(call.function.arguments) == {"color": "blue", "shape": "circle"}
+    assert reply.message.content == "" and reply.done_reason == "stop"
+    parts = list(demo.chat(model="demo", messages=asked, tools=tools, stream=True,
+                           options={"temperature": 0}))
+    calls = [p.message.tool_calls for p in parts if p.message.tool_calls]
+    assert len(calls) == 1 and dict(calls[0][0].function.arguments) == \
+        {"color": "blue", "shape": "circle"}
+    assert "".join(p.message.content for p in parts) == ""
+    plain = demo.chat(model="demo", tools=tools, options={"temperature": 0}, messages=[
+        {"role": "user", "content": "How many shapes are there?", "images": [str(picture)]}])
+    assert plain.message.content == "Two." and not plain.message.tool_calls
+
+
+def test_a_call_and_the_tools_answer_go_back_as_on_the_openai_route(client, tiny_server):
+    # As ollama's client writes a tool (its Tool model keeps these keys, in this order).
+    weather = {"type": "function", "function": {"name": "weather", "parameters": {
+        "type": "object", "required": ["city"], "properties": {"city": {"type": "string"}}}}}
+    ours = client.chat(model="owl2", tools=[weather], options={"temperature": 0,
+                                                               "num_predict": 8}, messages=[
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "weather", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "content": "Sunny.", "tool_name": "weather"}])
+    request = urllib.request.Request(tiny_server.url + "/v1/chat/completions", json.dumps({
+        "model": "owl2", "temperature": 0, "max_tokens": 8, "tools": [weather],
+        "messages": [{"role": "user", "content": "Weather in Oslo?"},
+                     {"role": "assistant", "content": None, "tool_calls": [{
+                         "id": "call_1", "type": "function", "function": {
+                             "name": "weather", "arguments": json.dumps({"city": "Oslo"})}}]},
+                     {"role": "tool", "tool_call_id": "call_1", "content": "Sunny."}]}).encode(),
+        {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as r:
+        theirs = json.load(r)["choices"][0]["message"]
+    if theirs.get("tool_calls"):
+        function = theirs["tool_calls"][0]["function"]
+        assert ours.message.tool_calls[0].function.name == function["name"]
+        assert dict(ours.message.tool_calls[0].function.arguments) == \
+            json.loads(function["arguments"])
+    else:
+        assert ours.message.content == theirs["content"]

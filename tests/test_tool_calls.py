@@ -164,3 +164,32 @@ def test_parameters_with_their_own_definitions_compile_and_validate(tiny):
         assert choice == "required" or name == "sizes"
         checked += 1
     assert checked >= 2
+
+
+def test_the_python_api_calls_tools_as_the_server_does(demo_server):
+    """Owl2.create_chat_completion(tools=...): the same call as the route, streamed whole."""
+    owl = demo_server.owl
+    scene = Scene((Thing("square", "red", "left"), Thing("circle", "blue", "right")), seed=3)
+    messages = [_message(scene.draw(224), "Report the blue shape.")]
+    reply = owl.create_chat_completion(messages, tools=[REPORT], temperature=0)
+    [call] = reply["choices"][0]["message"]["tool_calls"]
+    assert reply["choices"][0]["finish_reason"] == "tool_calls"
+    assert reply["choices"][0]["message"]["content"] is None
+    assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == \
+        ("report_shape", {"color": "blue", "shape": "circle"})
+    chunks = list(owl.create_chat_completion(messages, tools=[REPORT], temperature=0,
+                                             stream=True))
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert [d for d in deltas if "content" in d] == []
+    [streamed] = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert json.loads(streamed["function"]["arguments"]) == {"color": "blue", "shape": "circle"}
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    # tool_choice "none" shows the tool and answers plainly; a bad tool_choice is named.
+    plain = owl.create_chat_completion([_message(scene.draw(224), "How many shapes are there?")],
+                                       tools=[REPORT], tool_choice="none", temperature=0)
+    assert plain["choices"][0]["message"]["content"] == "Two."
+    from owl2_edge.errors import ArgumentError
+    with pytest.raises(ArgumentError, match="tool_choice"):
+        owl.create_chat_completion(messages, tools=[REPORT], tool_choice={"type": "function",
+                                                                          "function": {"name": "x"}})
+    assert owl.ask(scene.draw(224), "What color is the square?", temperature=0) == "Red."

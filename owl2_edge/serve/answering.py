@@ -8,12 +8,10 @@ renders, and how, is its own module's.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import anyio
 
-from owl2_edge import tool_calls
 from owl2_edge.constraint_bounds import BOUNDS
 from owl2_edge.errors import GrammarError
 from owl2_edge.serve.answer import ClientGone, Reply
@@ -112,31 +110,10 @@ async def start_choices(request: "Request", server: "Server", prepare: Callable[
     return choices, firsts
 
 
-def offered_tools(tools, choice, params: "SamplingParams"
-                  ) -> tuple[list | None, tuple | None, "SamplingParams"]:
-    """OpenAI's tools and tool_choice (tool_calls.py) -> (the functions offered, (tool_choice's
-    mode, the functions it may call) when an answer may call one, params with the calls'
-    grammar: an answer then is a call, or with "auto" a call or a reply)."""
-    if tools in (None, []):
-        if choice not in (None, "none", "auto"):
-            raise bad_request("tool_choice names a tool but no tools are given",
-                              param="tool_choice")
-        return None, None, params
-    functions = tool_calls.functions_of(tools)
-    mode, callable_ = tool_calls.chosen(functions, choice)
-    if mode == "none":
-        return functions, None, params
-    if params.constraint is not None:
-        raise bad_request(f"tools cannot be combined with {params.constraint.field}: an "
-                          f"answer follows one grammar", param="tools")
-    return functions, (mode, callable_), replace(params, grammar=tool_calls.grammar(mode,
-                                                                                     callable_))
-
-
 async def close_all(choices: list[Reply], disconnected: bool = False) -> None:
     for choice in choices:
         await choice.close(disconnected=disconnected)
 
 
-__all__ = ["check_image_count", "close_all", "compile_constraint", "offered_tools",
-           "prepare_request", "read_body", "start_choices"]
+__all__ = ["check_image_count", "close_all", "compile_constraint", "prepare_request", "read_body",
+           "start_choices"]

@@ -36,14 +36,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from owl2_edge import openai_chat
+from owl2_edge import openai_chat, tool_calls
 from owl2_edge.constraint_bounds import BOUNDS
 from owl2_edge.errors import (ArgumentError, ContextFullError, GrammarError, ImageError,
                               Owl2Error, PromptError)
 from owl2_edge.serve import fields, memory, ollama, responses
 from owl2_edge.serve.answer import ClientGone, Reply
-from owl2_edge.serve.answering import (check_image_count, close_all, offered_tools,
-                                       prepare_request, read_body, start_choices)
+from owl2_edge.serve.answering import (check_image_count, close_all, prepare_request,
+                                       read_body, start_choices)
 from owl2_edge.serve.fetch import Fetcher, IpNetwork
 from owl2_edge.serve.images import ImageReader, count_image_parts
 from owl2_edge.serve.limits import ApiError, Limits, bad_request, error_body
@@ -294,8 +294,8 @@ async def chat_completions(request: Request, server: Server) -> Response:
     asked = fields.parse(body, server.limits)
     messages = fields.required(body, "messages", list, "a list of {role, content} messages")
     check_image_count(count_image_parts(messages), server.limits, "messages")
-    functions, callable_, params = offered_tools(body.get("tools"), body.get("tool_choice"),
-                                                 asked.params)
+    functions, callable_, params = tool_calls.offer(body.get("tools"), body.get("tool_choice"),
+                                                    asked.params)
     asked = replace(asked, params=params)
 
     def prepare():

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from owl2_edge import names, openai_chat
+from owl2_edge import names, openai_chat, tool_calls
 from owl2_edge.errors import GrammarError, Owl2Error, PromptError
 from owl2_edge.prompt import Turn, render
 from owl2_edge.serve import fields
@@ -47,8 +47,7 @@ _GENERATE_FIELDS = {"model", "prompt", "suffix", "images", "system", "template",
                     "stream", "raw", "format", "options", "keep_alive", "think", "logprobs",
                     "top_logprobs"}
 # Fields taken only with the value that asks for nothing, and why.
-_ONLY_EMPTY = {"tools": "tool calls are not offered on this route yet",
-               "suffix": "no insertion after the answer",
+_ONLY_EMPTY = {"suffix": "no insertion after the answer",
                "template": "the model's own template is used",
                "context": "a conversation goes in messages (/api/chat)"}
 _ONLY_FALSE = {"think": "this model does not think apart from its answer",
@@ -148,18 +147,32 @@ def _images(value, param: str) -> list:
     return value
 
 
-def _chat_prompt(messages) -> tuple[str, list]:
+def _calls(calls, i: int) -> list[dict]:
+    """An assistant message's ollama tool_calls ({"function": {"name", "arguments": {...}}})
+    in the OpenAI route's form (arguments as a JSON string)."""
+    if not isinstance(calls, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("function"), dict)
+            and isinstance(c["function"].get("name"), str)
+            and isinstance(c["function"].get("arguments"), dict) for c in calls):
+        raise bad_request(f'messages[{i}].tool_calls: each must be {{"function": {{"name": ..., '
+                          f'"arguments": {{...}}}}}}', param="messages")
+    return [{"type": "function", "function": {"name": c["function"]["name"],
+                                              "arguments": json.dumps(c["function"]["arguments"])}}
+            for c in calls]
+
+
+def _chat_prompt(messages, functions: list[dict] | None = None) -> tuple[str, list]:
     """ollama's messages (content a string, images a list of base64 strings beside it) -> the
-    templated prompt and its images' sources, through the OpenAI route's rules."""
+    templated prompt and its images' sources, through the OpenAI route's rules; functions: the
+    tools offered (tool_calls.py)."""
     if not isinstance(messages, list):
         raise bad_request("messages must be a list of {role, content, images}", param="messages")
     converted = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise bad_request(f"messages[{i}] must be an object", param="messages")
-        if m.get("tool_calls") or m.get("role") == "tool":
-            raise bad_request(f"messages[{i}]: tool calls are not offered on this route yet",
-                              param="messages")
+        # tool_name (which tool answered) is not part of the prompt form (tool_calls.py), as
+        # tool_call_id is not on the OpenAI route: the answer follows the call it answers.
         unknown = set(m) - {"role", "content", "images", "thinking", "tool_calls", "tool_name"}
         if unknown or m.get("thinking"):
             raise bad_request(f"messages[{i}]: {sorted(unknown or {'thinking'})[0]!r} is not "
@@ -169,10 +182,13 @@ def _chat_prompt(messages) -> tuple[str, list]:
             raise bad_request(f"messages[{i}].content must be a string", param="messages")
         parts = [{"type": "image_url", "image_url": {"url": image}}
                  for image in _images(m.get("images"), f"messages[{i}].images")]
-        converted.append({"role": m.get("role"),
-                          "content": [*parts, {"type": "text", "text": text}]})
+        message = {"role": m.get("role"), "content": [*parts, {"type": "text", "text": text}]}
+        if m.get("tool_calls"):
+            message["tool_calls"] = _calls(m["tool_calls"], i)
+        converted.append(message)
     try:
-        return openai_chat.messages_to_prompt(converted, read_image=lambda url: url)
+        return openai_chat.messages_to_prompt(converted, read_image=lambda url: url,
+                                              functions=functions)
     except PromptError as e:
         raise bad_request(str(e), param="messages") from None
 
@@ -188,15 +204,29 @@ async def chat(request: Request, server: Server) -> Response:
         return JSONResponse({"model": body["model"], "created_at": _now(),
                              "message": {"role": "assistant", "content": ""}, "done": True,
                              "done_reason": "load"})
-    prompt, sources = _chat_prompt(body["messages"])
+    # ollama has no tool_choice: with tools, an answer is a call or a reply (tool_calls.py).
+    if body.get("tools") and body.get("format"):
+        raise bad_request("tools cannot be combined with format: an answer follows one grammar",
+                          param="tools")
+    functions, callable_, params = tool_calls.offer(body.get("tools"), None, params)
+    may_call = callable_[1] if callable_ else None
+    prompt, sources = _chat_prompt(body["messages"], functions)
     check_image_count(len(sources), server.limits, "messages")
 
     def prepare():
         return prepare_request(server, prompt, sources, "messages", lambda i: f"image {i + 1}",
                                deadline)
-    return await _answer(request, server, prepare, params, stream, started, deadline,
-                         lambda text: {"message": {"role": "assistant", "content": text}},
-                         body["model"])
+
+    def message(text: str, call: tuple[str, dict] | None = None) -> dict:
+        if call is None and may_call and text:
+            call = tool_calls.parse_call(text, may_call)
+        if call is not None:
+            name, arguments = call
+            return {"message": {"role": "assistant", "content": "", "tool_calls": [
+                {"function": {"name": name, "arguments": arguments}}]}}
+        return {"message": {"role": "assistant", "content": text}}
+    return await _answer(request, server, prepare, params, stream, started, deadline, message,
+                         body["model"], may_call)
 
 
 async def generate(request: Request, server: Server) -> Response:
@@ -228,20 +258,25 @@ async def generate(request: Request, server: Server) -> Response:
 
 
 async def _answer(request: Request, server: Server, prepare, params, stream: bool,
-                  started: float, deadline: float, content, model: str) -> Response:
-    """The one answer, as one object or as lines. content(text) -> the fields that carry text
-    (chat's message, generate's response)."""
+                  started: float, deadline: float, content, model: str,
+                  may_call: list[dict] | None = None) -> Response:
+    """The one answer, as one object or as lines. content(text[, call]) -> the fields that
+    carry text (chat's message, generate's response) or a tool call; may_call: the functions
+    an answer may call (chat's tools)."""
     try:
         (choice,), (first,) = await start_choices(request, server, prepare, [params], True,
                                                   deadline, started)
     except ClientGone:
         return Response(status_code=499)
-    except GrammarError as e:  # `format`'s schema, named as the client sent it
-        if e.param not in ("json_schema", "response_format"):
+    except GrammarError as e:  # `format`'s schema or the tools' grammar, as the client named it
+        theirs = {"json_schema": "format", "response_format": "format", "grammar": "tools"}
+        if e.param not in theirs:
             raise
-        raise bad_request(str(e).replace(e.param, "format", 1), param="format") from None
+        raise bad_request(str(e).replace(e.param, theirs[e.param], 1),
+                          param=theirs[e.param]) from None
     if stream:
-        return _Lines(_lines(request, choice, first, content, model, started), choice)
+        return _Lines(_lines(request, choice, first, content, model, started, may_call),
+                      choice)
     try:
         parts = [first or ""]
         while choice.finish is None:
@@ -271,15 +306,18 @@ def _done(choice: Reply, started: float) -> dict:
             "eval_duration": int(t.get("decode", 0.0) * ns)}
 
 
-async def _lines(request: Request, choice: Reply, first, content, model: str, started: float):
+async def _lines(request: Request, choice: Reply, first, content, model: str, started: float,
+                 may_call: list[dict] | None = None):
     """One JSON object per line: each piece, then the last with `done`; an error after the
-    first line is the stream's last line ({"error": ...}, as ollama writes it)."""
+    first line is the stream's last line ({"error": ...}, as ollama writes it). A text that may
+    be a tool call is held to the end and sent as one line with the call (as ollama sends
+    tool_calls)."""
     def line(obj: dict) -> str:
         return json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
-    text = first
+    text, held = first, tool_calls.HeldCall(may_call)
     try:
         while True:
-            if text:
+            if text and not held.hold(text):
                 yield line({**_head(model), **content(text), "done": False})
             if choice.finish is not None:
                 break
@@ -291,6 +329,11 @@ async def _lines(request: Request, choice: Reply, first, content, model: str, st
         yield line({"error": str(e)})
         return
     await close_all([choice])
+    call = held.end()
+    if call is not None:
+        yield line({**_head(model), **content("", call), "done": False})
+    elif held.text:  # it looked like a call and was not one (cut short)
+        yield line({**_head(model), **content(held.text), "done": False})
     yield line({**_head(model), **content(""), **_done(choice, started)})
 
 
@@ -353,7 +396,7 @@ async def show(request: Request, server: Server) -> Response:
                        "llama.embedding_length": d.n_embd,
                        "llama.context_length": server.owl.engine.n_ctx,
                        "llama.vocab_size": d.n_vocab},
-        "capabilities": ["completion", "vision"],
+        "capabilities": ["completion", "vision", "tools"],
         "modified_at": _entry(server)["modified_at"]})
 
 

@@ -29,15 +29,14 @@ from typing import TYPE_CHECKING
 import anyio
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from owl2_edge import openai_chat
+from owl2_edge import openai_chat, tool_calls
 from owl2_edge.errors import GrammarError, Owl2Error, PromptError
 from owl2_edge.serve import fields
 from owl2_edge.serve.answer import ClientGone, Reply
-from owl2_edge.serve.answering import (check_image_count, close_all, offered_tools,
-                                       prepare_request, read_body, start_choices)
+from owl2_edge.serve.answering import (check_image_count, close_all, prepare_request,
+                                       read_body, start_choices)
 from owl2_edge.serve.images import count_image_parts
 from owl2_edge.serve.limits import ApiError, bad_request, error_body
-from owl2_edge.tool_calls import parse_call
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -262,7 +261,7 @@ async def create(request: Request, server: Server) -> Response:
     params = _sampling(body, server)
     messages = _messages(body)
     tools, choice = _functions(body)
-    functions, callable_, params = offered_tools(tools, choice, params)
+    functions, callable_, params = tool_calls.offer(tools, choice, params)
     check_image_count(count_image_parts(messages), server.limits, "input")
 
     def prepare():
@@ -306,7 +305,7 @@ class ResponseShape:
 
     def output(self, text: str) -> list[dict]:
         """The answer's output items: its call, or its message."""
-        call = parse_call(text, self.functions) if self.functions else None
+        call = tool_calls.parse_call(text, self.functions) if self.functions else None
         if call is not None:
             return [self.call_item(*call)]
         return [self.message_item(text)]
@@ -377,23 +376,22 @@ async def _events(request: Request, server: Server, shape: ResponseShape, reply:
     yield sent("response.created", response=shape.response([], status="in_progress"))
     yield sent("response.in_progress", response=shape.response([], status="in_progress"))
     where = {"item_id": shape.message_id, "output_index": 0, "content_index": 0}
-    text, held, shown = first, None, []
-    opened = False
+    held, shown = tool_calls.HeldCall(shape.functions), []
+
+    def opening() -> list[str]:  # the message item and its text part, before its first delta
+        return [sent("response.output_item.added", output_index=0,
+                     item=shape.message_item(None, "in_progress")),
+                sent("response.content_part.added", **where, part=shape.text_part(""))]
+
+    text = first
     try:
         while True:
-            if text:
-                if held is not None or (shape.functions and not opened
-                                        and text.lstrip().startswith("{")):
-                    held = (held or "") + text
-                else:
-                    if not opened:
-                        opened = True
-                        yield sent("response.output_item.added", output_index=0,
-                                   item=shape.message_item(None, "in_progress"))
-                        yield sent("response.content_part.added", **where,
-                                   part=shape.text_part(""))
-                    shown.append(text)
-                    yield sent("response.output_text.delta", **where, delta=text, logprobs=[])
+            if text and not held.hold(text):
+                if not shown:
+                    for line in opening():
+                        yield line
+                shown.append(text)
+                yield sent("response.output_text.delta", **where, delta=text, logprobs=[])
             if reply.finish is not None:
                 break
             if await request.is_disconnected():
@@ -410,7 +408,7 @@ async def _events(request: Request, server: Server, shape: ResponseShape, reply:
             [], status="failed", error={"code": error["code"], "message": error["message"]}))
         return
     await close_all([reply])
-    call = parse_call(held, shape.functions) if held is not None else None
+    call = held.end()
     if call is not None:
         item = shape.call_item(*call)
         where_call = {"item_id": item["id"], "output_index": 0}
@@ -422,17 +420,13 @@ async def _events(request: Request, server: Server, shape: ResponseShape, reply:
                    arguments=item["arguments"], name=item["name"])
         yield sent("response.output_item.done", output_index=0, item=item)
     else:
-        if held is not None:  # a text that looked like a call and was not (cut short)
-            shown.append(held)
+        if not shown:
+            for line in opening():
+                yield line
+        if held.text:  # a text that looked like a call and was not (cut short)
+            shown.append(held.text)
+            yield sent("response.output_text.delta", **where, delta=held.text, logprobs=[])
         whole = "".join(shown)
-        if not opened:
-            yield sent("response.output_item.added", output_index=0,
-                       item=shape.message_item(None, "in_progress"))
-            yield sent("response.content_part.added", **where, part=shape.text_part(""))
-            if whole:
-                yield sent("response.output_text.delta", **where, delta=whole, logprobs=[])
-        elif held is not None:
-            yield sent("response.output_text.delta", **where, delta=held, logprobs=[])
         yield sent("response.output_text.done", **where, text=whole, logprobs=[])
         yield sent("response.content_part.done", **where, part=shape.text_part(whole))
         item = shape.message_item(whole)

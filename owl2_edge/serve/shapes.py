@@ -8,9 +8,9 @@ import json
 import time
 import uuid
 
-from owl2_edge.openai_chat import Completion, chat_logprobs, text_logprobs, tool_call, usage
+from owl2_edge.openai_chat import Completion, chat_logprobs, text_logprobs, usage
 from owl2_edge.stats import Stats
-from owl2_edge.tool_calls import parse_call
+from owl2_edge.tool_calls import HeldCall, parse_call
 
 
 class ChatShape:
@@ -23,8 +23,7 @@ class ChatShape:
         self.completion = Completion(model)
         self.token_bytes = token_bytes
         self.functions = functions
-        self._held: dict[int, str] = {}    # each choice's call text so far, in a stream
-        self._begun: set[int] = set()      # the choices that have sent text
+        self._held: dict[int, HeldCall] = {}  # each choice's, in a stream
 
     def response(self, text: str, finish: str, stats: Stats) -> dict:
         logprobs = chat_logprobs(stats.logprobs, self.token_bytes) if self.token_bytes else None
@@ -37,25 +36,15 @@ class ChatShape:
     def chunk(self, text: str, entries=(), first: bool = False, index: int = 0) -> dict | None:
         """entries: the TokenLogprobs of the tokens that made `text`; first: they start at the
         answer's first token. None while the text is held (a tool call being written)."""
-        if self.functions and (index in self._held or
-                               (index not in self._begun and text.lstrip().startswith("{"))):
-            self._held[index] = self._held.get(index, "") + text
+        if self._held.setdefault(index, HeldCall(self.functions)).hold(text):
             return None
-        self._begun.add(index)
         logprobs = chat_logprobs(entries, self.token_bytes, first) if self.token_bytes else None
         return self.completion.chunk({"content": text}, logprobs=logprobs)
 
     def last_chunks(self, finish: str, index: int = 0) -> list[dict]:
         """What ends a choice's stream: its held call (or, when the text held turned out not
         to be one, that text), then the finish reason."""
-        held = self._held.pop(index, None)
-        if held is None:
-            return [self.completion.chunk({}, finish)]
-        call = parse_call(held, self.functions)
-        if call is None:  # cut short (max_tokens): the text as it is
-            return [self.completion.chunk({"content": held}), self.completion.chunk({}, finish)]
-        return [self.completion.chunk({"tool_calls": [tool_call(*call, index=0)]}),
-                self.completion.chunk({}, "tool_calls")]
+        return self.completion.last_chunks(self._held.pop(index, HeldCall(None)), finish)
 
     def usage_chunk(self) -> dict:
         """stream_options.include_usage's extra last chunk, before its usage is added."""
