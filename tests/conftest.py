@@ -122,6 +122,15 @@ def tiny_server(start_server):
         yield served
 
 
+def like_a_terminal() -> None:
+    """preexec_fn of a child that a test interrupts as a terminal's Ctrl-C would: SIGINT to its
+    default action, so that Python in the child raises KeyboardInterrupt. (A suite started in
+    the background by a non-interactive shell runs with SIGINT ignored, and a child inherits
+    that: it would never see the test's SIGINT.)"""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 # -- holding the engine still (serve and concurrency tests) ----------------------------------------
 
 def hold_slot(owl, timeout: float = 60.0):

@@ -16,6 +16,7 @@ from owl2_edge.batch.inputs import image_items, question_items, read_items
 from owl2_edge.batch.output import Output, OutputError
 from owl2_edge.tools.bench.runner import child_env
 from owl2_edge.errors import ArgumentError
+from conftest import like_a_terminal  # noqa: E402
 
 QUESTION = "What is in the picture?"
 # Greedy, short answers, the tiny model on the CPU with an exact (f32) cache: as the owl fixture.
@@ -31,7 +32,7 @@ def owl2(*args, timeout=300) -> subprocess.CompletedProcess:
 def start_owl2(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "owl2_edge.cli", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=child_env())
+                            env=child_env(), preexec_fn=like_a_terminal)
 
 
 def draw(path, k: int) -> None:

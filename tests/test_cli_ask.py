@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import torch
+from conftest import like_a_terminal  # noqa: E402
 from PIL import Image
 
 from owl2_edge import names
@@ -176,7 +177,8 @@ def test_ctrl_c_stops_generation_with_exit_130_and_no_traceback(tiny_model_dir, 
     import time
     proc = subprocess.Popen([sys.executable, "-m", "owl2_edge.cli", "ask", str(photo), "Go on.", "-m",
                              str(tiny_model_dir), "--ctx", "200000", "-n", "200000", "--ignore-eos"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=like_a_terminal)
     # Wait until the answer is streaming, then interrupt it as a terminal's Ctrl-C would.
     assert proc.stdout.read(1)
     time.sleep(0.3)

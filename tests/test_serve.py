@@ -26,7 +26,7 @@ import pytest
 openai = pytest.importorskip("openai", reason="needs the openai client (the dev extra)")
 
 import numpy as np  # noqa: E402
-from conftest import hold_slot, slow_steps  # noqa: E402
+from conftest import hold_slot, like_a_terminal, slow_steps  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from owl2_edge.serve.fetch import parse_networks  # noqa: E402
@@ -565,7 +565,8 @@ def test_models_health_props_and_metrics(tiny_server):
 
 def owl2(*args, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "owl2_edge.cli", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=like_a_terminal, **kwargs)
 
 
 def test_owl2_serve_prints_its_url_serves_and_stops_quietly_on_ctrl_c(tiny_model_dir):
