@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import urllib.request
 
 import numpy as np
 import pytest
@@ -328,3 +329,23 @@ def test_timings_per_token_puts_timings_in_every_streamed_chunk(api):
     assert content and all(c.model_extra["timings"]["predicted_n"] >= 1 for c in content)
     counts = [c.model_extra["timings"]["predicted_n"] for c in content]
     assert counts == sorted(counts)
+
+
+def test_each_field_is_declared_once_and_props_lists_the_table(tiny_server):
+    """serve/field_table.py: one entry per name and route, each sampling field a
+    SamplingParams field, and /props' lists made from it."""
+    import dataclasses
+
+    from owl2_edge.sampling import SamplingParams
+    from owl2_edge.serve import field_table
+    for route in field_table.EVERY:
+        names = [f.name for f in field_table.FIELDS if route in f.routes]
+        assert len(names) == len(set(names)), route
+    params = {f.name for f in dataclasses.fields(SamplingParams)}
+    assert {f.sets for f in field_table.FIELDS if f.sets} <= params
+    props = json.loads(urllib.request.urlopen(tiny_server.url + "/props", timeout=30).read())
+    assert props["supported_fields"] == field_table.acted_on()
+    assert set(props["unsupported_fields"]) == {
+        f.name for f in field_table.FIELDS if f.neutral and set(f.routes) & {"chat", "completions"}}
+    assert "store" in props["responses_fields"]["unsupported"]
+    assert any(line.startswith("instructions:") for line in props["responses_fields"]["supported"])

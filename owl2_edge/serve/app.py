@@ -40,7 +40,7 @@ from owl2_edge import openai_chat, tool_calls
 from owl2_edge.constraint_bounds import BOUNDS
 from owl2_edge.errors import (ArgumentError, ContextFullError, GrammarError, ImageError,
                               Owl2Error, PromptError)
-from owl2_edge.serve import fields, memory, ollama, responses
+from owl2_edge.serve import field_table, fields, memory, ollama, responses
 from owl2_edge.serve.answer import ClientGone, Reply
 from owl2_edge.serve.answering import (check_image_count, close_all, prepare_request,
                                        read_body, start_choices)
@@ -271,8 +271,11 @@ async def props(request: Request, server: Server) -> Response:
                         "prefill_chunk": owl.engine.prefill_chunk,
                         "slots": owl.engine.slots(), "waiting": owl.engine.queued()},
         "queue": queue.to_dict(),
-        "supported_fields": list(fields.SUPPORTED),
-        "unsupported_fields": fields.NOT_IMPLEMENTED_TEXT,
+        "supported_fields": field_table.acted_on(),
+        "unsupported_fields": field_table.accepted_only_as(),
+        "responses_fields": {"supported": field_table.acted_on((field_table.RESPONSES,)),
+                             "unsupported": field_table.accepted_only_as(
+                                 (field_table.RESPONSES,))},
         "image_forms": "image_url parts and `images` items: data: URLs, raw base64; file:// "
                        "only under --allow-path folders; http(s) only with --allow-remote-images",
     })

@@ -1,9 +1,8 @@
 """The fields of an OpenAI request body -> what Owl2 takes: SamplingParams, stop strings, the
-stream flag, n. No field is accepted and ignored: a field of the wrong type or out of range is a
-400 naming it, an OpenAI field this server does not implement is one unless its value asks for
-nothing (NOT_IMPLEMENTED), and so is any field it does not know (a typo such as "temprature"
-would otherwise be answered as if it were not there). `user` is taken: it identifies the end
-user to OpenAI and changes nothing in an answer; this server keeps it nowhere."""
+stream flag, n. Which fields each route reads, and what each does, is field_table.py's one
+table. No field is accepted and ignored: a field of the wrong type or out of range is a 400
+naming it, a field this server does not implement is one unless its value asks for nothing, and
+so is any field it does not know."""
 
 from __future__ import annotations
 
@@ -11,76 +10,21 @@ from dataclasses import dataclass, fields, replace
 
 from owl2_edge.errors import ArgumentError
 from owl2_edge.sampling import SamplingParams
+from owl2_edge.serve import field_table
+from owl2_edge.serve.field_table import CHAT, COMPLETIONS
 from owl2_edge.serve.limits import Limits, bad_request
 
-# Request field -> SamplingParams field. max_tokens and seed are handled on their own.
-_SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
-             "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
-             "ignore_eos": "ignore_eos", "frequency_penalty": "frequency_penalty",
-             "presence_penalty": "presence_penalty", "logit_bias": "logit_bias", "stop": "stop"}
-SAMPLING_FIELDS = tuple(_SAMPLING)
+# Request name -> SamplingParams field, for the fields passed as they are (field_table.py);
+# max_tokens, seed and logprobs are read on their own.
+_SETS = {**field_table.sampling(CHAT), **field_table.sampling(COMPLETIONS)}
 # Answers one request may ask for (n): each takes a slot of the engine.
 MAX_CHOICES = 8
 # /v1/completions' logprobs: how many alternatives (0..5), as OpenAI's legacy endpoint.
 MAX_COMPLETION_LOGPROBS = 5
 
-# OpenAI fields this server does not implement: each is accepted only with a value that asks
-# for nothing (what clients send as a default), and otherwise refused with a 400 naming it, never
-# silently ignored. /props lists them with why.
-def _neutral(*values):
-    return lambda value: value is None or any(value == v and type(value) is type(v)
-                                              for v in values)
 
-
-_NO_FUNCTIONS = "[]: OpenAI's older form of tools; give tools and tool_choice"
-NOT_IMPLEMENTED = {
-    "functions": (_neutral([]), _NO_FUNCTIONS),
-    "function_call": (_neutral("none", "auto"), '"none" or "auto" (give tool_choice)'),
-    "echo": (_neutral(False), "false: the prompt is not echoed"),
-    "suffix": (_neutral(""), '"": no insertion after the answer'),
-    "best_of": (_neutral(1), "1: one answer is made per request"),
-    "modalities": (_neutral(["text"]), '["text"]: answers are text'),
-    "audio": (_neutral(), "absent: no audio"),
-    "prediction": (_neutral(), "absent: no predicted outputs"),
-    # Fields whose documented values change nothing here: taken, as `user` is.
-    "store": (_neutral(False), "false: nothing is stored (so `metadata` changes nothing)"),
-    "service_tier": (_neutral("auto", "default"), '"auto" or "default": one tier'),
-    "parallel_tool_calls": (_neutral(True, False),
-                            "true or false: an answer makes one call at most (tool_calls.py)"),
-}
-# Fields that constrain the answer (owl2_edge/constrain.py), passed to SamplingParams as they
-# are: OpenAI's response_format, llama.cpp's json_schema and grammar (GBNF, or Lark).
-CONSTRAINTS = ("response_format", "json_schema", "grammar")
-# /props: every request field this server acts on.
-SUPPORTED = ("messages (text and image_url parts)", "prompt", "images", "model", "stream",
-             "stream_options.include_usage", "max_tokens", "max_completion_tokens",
-             "temperature", "top_p", "top_k", "min_p", "repeat_penalty", "repeat_last_n", "seed",
-             "ignore_eos", "stop", "n (1..8)", "response_format (text, json_object, json_schema)",
-             "json_schema", "grammar (GBNF or Lark)", "frequency_penalty", "presence_penalty",
-             "logit_bias", "logprobs", "top_logprobs (chat, 0..20)",
-             "logprobs (completions, 0..5)", "user (taken, changes nothing)",
-             "metadata (taken, changes nothing without store)",
-             "timings_per_token (streamed chunks carry llama-server's timings)",
-             "tools (functions; chat), tool_choice (none, auto, required, a function)")
-# /props: each field with the one value it accepts and why.
-NOT_IMPLEMENTED_TEXT = {name: "accepted only as " + why for name, (_, why) in
-                        NOT_IMPLEMENTED.items()}
-
-
-# What each endpoint acts on besides the sampling fields (_SAMPLING, CONSTRAINTS and the rest
-# read in sampling_params): the model's name (any: this model answers), the input, the output
-# form.
-_COMMON = {"model", "stream", "stream_options", "stop", "n", "seed", "max_tokens",
-           "max_completion_tokens", "logprobs", "top_logprobs", "user", "metadata",
-           "timings_per_token"}
-KNOWN = {
-    "chat": _COMMON | {"messages", "tools", "tool_choice"},
-    "completions": _COMMON | {"prompt", "images"},
-}
-
-
-def check_known(body: dict, endpoint: str) -> None:
-    known = KNOWN[endpoint] | set(_SAMPLING) | set(CONSTRAINTS) | set(NOT_IMPLEMENTED)
+def check_known(body: dict, route: str) -> None:
+    known = field_table.of(route)
     for name in body:
         if name not in known:
             raise bad_request(f"unknown field {name!r}: this server does not act on it (the "
@@ -88,11 +32,11 @@ def check_known(body: dict, endpoint: str) -> None:
                               code="unknown_field")
 
 
-def check_not_implemented(body: dict) -> None:
-    for name, (neutral, why) in NOT_IMPLEMENTED.items():
-        if name in body and not neutral(body[name]):
+def check_not_implemented(body: dict, route: str) -> None:
+    for name, field in field_table.of(route).items():
+        if field.neutral is not None and name in body and not field.neutral(body[name]):
             raise bad_request(f"{name} is not supported by this server (accepted only as "
-                              f"{why})", param=name, code="unsupported_field")
+                              f"{field.text})", param=name, code="unsupported_field")
 
 
 def default_sampling() -> dict:
@@ -122,8 +66,9 @@ def parse(body: dict, limits: Limits, completions: bool = False) -> Request:
     """The fields both endpoints share; `completions`: /v1/completions, whose logprobs is a
     count of alternatives rather than chat's flag."""
     n = _choices(body)
-    check_known(body, "completions" if completions else "chat")
-    check_not_implemented(body)
+    route = COMPLETIONS if completions else CHAT
+    check_known(body, route)
+    check_not_implemented(body, route)
     stream = flag(body, "stream")
     check_metadata(body.get("metadata"))
     return Request(sampling_params(body, limits, completions), stream,
@@ -176,12 +121,9 @@ def include_usage(body: dict, stream: bool) -> bool:
 
 def sampling_params(body: dict, limits: Limits, completions: bool = False) -> SamplingParams:
     chosen = _logprobs(body, completions)
-    for name, field in _SAMPLING.items():
+    for name, field in _SETS.items():
         if body.get(name) is not None:
             chosen[field] = body[name]
-    for name in CONSTRAINTS:
-        if body.get(name) is not None:
-            chosen[name] = body[name]
     seed = body.get("seed")
     if seed is not None and seed != -1:  # -1: a random seed, as llama-server
         chosen["seed"] = seed
@@ -191,8 +133,8 @@ def sampling_params(body: dict, limits: Limits, completions: bool = False) -> Sa
     if max_tokens is not None:
         chosen["max_tokens"] = max_tokens
     # Each field on its own first, so that the 400 names the field at fault.
-    names = {v: k for k, v in _SAMPLING.items()} | {"seed": "seed", "max_tokens": param} | \
-        {name: name for name in (*CONSTRAINTS, "logprobs", "top_logprobs")}
+    names = {v: k for k, v in _SETS.items()} | {"seed": "seed", "max_tokens": param} | \
+        {name: name for name in ("logprobs", "top_logprobs")}
     for field, value in chosen.items():
         try:  # (top_logprobs is judged beside logprobs, below)
             SamplingParams(**{field: value, **({"logprobs": True} if field == "top_logprobs"

@@ -31,7 +31,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from owl2_edge import openai_chat, tool_calls
 from owl2_edge.errors import GrammarError, Owl2Error, PromptError
-from owl2_edge.serve import fields
+from owl2_edge.serve import field_table, fields
+from owl2_edge.serve.field_table import RESPONSES
 from owl2_edge.serve.answer import ClientGone, Reply
 from owl2_edge.serve.answering import (check_image_count, close_all, prepare_request,
                                        read_body, start_choices)
@@ -43,39 +44,9 @@ if TYPE_CHECKING:
 
     from owl2_edge.serve.app import Server
 
-# Responses fields -> the chat route's names, read by fields.sampling_params (so each is checked
-# as it is there, and a 400 is renamed back to the Responses name).
-_SAMPLING = {"temperature": "temperature", "top_p": "top_p",
-             "max_output_tokens": "max_tokens"}
-# llama-server's sampling fields, taken here as on its /v1/responses.
-_LLAMA_SAMPLING = {name: name for name in (*fields.SAMPLING_FIELDS, "seed")}
-# Fields taken only with a value that asks for nothing here (each: the test, why).
-_NEUTRAL = {
-    "store": (lambda v: v is False, "false: nothing is stored here"),
-    "background": (lambda v: v is False, "false: an answer is made while the request waits"),
-    "truncation": (lambda v: v == "disabled", '"disabled": a prompt that does not fit is '
-                                              "refused, never cut"),
-    "reasoning": (lambda v: v in ({}, {"effort": None}), "{}: this model does not reason apart "
-                                                         "from its answer"),
-    "include": (lambda v: v == [], "[]: no extra output items"),
-    "service_tier": (lambda v: v in ("auto", "default"), '"auto" or "default": one tier'),
-    "parallel_tool_calls": (lambda v: isinstance(v, bool),
-                            "true or false: an answer makes one call at most (tool_calls.py)"),
-    "max_tool_calls": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-                       "at least 1: an answer makes one call at most"),
-    "top_logprobs": (lambda v: v == 0, "0: log probabilities are offered on "
-                                       "/v1/chat/completions"),
-    "previous_response_id": (lambda v: False, "absent: responses are not stored here; send "
-                                              "the conversation in input"),
-    "conversation": (lambda v: False, "absent: conversations are not stored here; send them "
-                                      "in input"),
-    "prompt": (lambda v: False, "absent: stored prompt templates are OpenAI's"),
-}
-# Taken, changing nothing in an answer (as `user` on the chat route): metadata is kept only
-# with store; the others identify the caller or hint at caching, which here is by content.
-_TAKEN = {"user", "safety_identifier", "prompt_cache_key", "metadata"}
-_KNOWN = {"model", "input", "instructions", "stream", "text", "tools", "tool_choice",
-          *_SAMPLING, *_LLAMA_SAMPLING, *_NEUTRAL, *_TAKEN}
+# Read here and turned into the chat route's names, so that fields.sampling_params checks each
+# as it does there (a 400 is renamed back to the Responses name).
+_BUDGET = {"max_output_tokens": "max_tokens"}
 _INPUT_HINT = ("a string, or a list of items: messages ({role, content} with input_text and "
                "input_image parts), function_call and function_call_output")
 
@@ -87,13 +58,8 @@ def _new_id(prefix: str) -> str:
 # -- the request ----------------------------------------------------------------------------------
 
 def _check_fields(body: dict) -> None:
-    for name, value in body.items():
-        if name not in _KNOWN:
-            raise bad_request(f"unknown field {name!r}: this server does not act on it",
-                              param=name, code="unknown_field")
-        if name in _NEUTRAL and value is not None and not _NEUTRAL[name][0](value):
-            raise bad_request(f"{name} is not supported by this server (accepted only as "
-                              f"{_NEUTRAL[name][1]})", param=name, code="unsupported_field")
+    fields.check_known(body, RESPONSES)
+    fields.check_not_implemented(body, RESPONSES)
     for name in ("user", "safety_identifier", "prompt_cache_key", "instructions"):
         value = body.get(name)
         # Echoed in the response: a text that UTF-8 can carry (no lone surrogates).
@@ -128,8 +94,8 @@ def _text_format(body: dict) -> dict:
 
 
 def _sampling(body: dict, server: Server):
-    chosen = {ours: body[theirs] for theirs, ours in {**_SAMPLING, **_LLAMA_SAMPLING}.items()
-              if body.get(theirs) is not None}
+    names = {**field_table.sampling(RESPONSES), "seed": "seed", **_BUDGET}
+    chosen = {ours: body[theirs] for theirs, ours in names.items() if body.get(theirs) is not None}
     chosen.update(_text_format(body))
     try:
         return fields.sampling_params(chosen, server.limits)
