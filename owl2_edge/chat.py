@@ -11,33 +11,54 @@ from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 from owl2_edge import names
 from owl2_edge.errors import PromptError
 from owl2_edge.image import load_image
-from owl2_edge.prompt import Turn, render
+from owl2_edge.prompt import Turn, before_question, render
 from owl2_edge.sampling import SamplingParams
 from owl2_edge.stats import Stats
 
 if TYPE_CHECKING:
-    from owl2_edge.engine import Pieces
+    from owl2_edge.engine import Job, Pieces
 
 # What answers a turn: Owl2.generate (a templated prompt, its images, sampling -> its Pieces).
 Generate = Callable[[str, Sequence, SamplingParams], "Pieces"]
+# What reads a prompt's beginning ahead: Owl2.warm_prompt (the beginning, its images -> a Job).
+Warm = Callable[[str, Sequence], "Job"]
 
 
 class Chat:
-    """Images added with add_image() are placed in the next question."""
+    """Images added with add_image() are placed in the next question. warm: Owl2.warm_prompt;
+    with it, the next question's beginning (the pictures given, the history) is read ahead as
+    soon as a picture is given, while the user types (docs/api.md, "Warming")."""
 
-    def __init__(self, generate: Generate, images: list):
+    def __init__(self, generate: Generate, images: list, warm: Warm | None = None):
         self.generate = generate
         self.turns: list[Turn] = []
         self.images: list = []
         self._new_images: list = list(images)
         self.stats = Stats()  # the last turn's answer's (its counts fill in as it is read)
+        self._warm, self.warming = warm, None  # the warm of the next question, if any
+        self._read_ahead()
 
     def add_image(self, image) -> None:
         load_image(image)  # fail now, with the file's name, rather than at the next question
         self._new_images.append(image)
+        self._read_ahead()
 
     def clear(self) -> None:
         self.turns, self.images, self._new_images = [], [], []
+        self._read_ahead()
+
+    def _read_ahead(self) -> None:
+        """Warm the next question's beginning when it holds a picture not yet asked about; the
+        previous warm, if still going, is dropped (its pictures changed)."""
+        if self.warming is not None:
+            self.warming.cancel()
+            self.warming = None
+        if self._warm is None or not self._new_images:
+            return
+        images = self.images + self._new_images
+        prefix = before_question([*self.turns, Turn(names.IMAGE_PLACEHOLDER *
+                                                    len(self._new_images))], n_images=len(images))
+        self.warming = self._warm(prefix, images)
 
     def send(self, question: str, **sampling) -> Iterator[str]:
         if names.IMAGE_PLACEHOLDER in question:

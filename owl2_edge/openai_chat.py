@@ -15,13 +15,15 @@ from typing import Callable, Iterable, Iterator
 
 from owl2_edge import names
 from owl2_edge.errors import ImageError, PromptError
-from owl2_edge.prompt import TOOL_RESULT, Turn, render, tool_call_text, tools_text
+from owl2_edge.prompt import (TOOL_RESULT, Turn, before_question, render, tool_call_text,
+                              tools_text)
 from owl2_edge.stats import Stats
 from owl2_edge.tool_calls import HeldCall
 
 
 def messages_to_prompt(messages: list[dict], read_image: Callable | None = None,
-                       functions: list[dict] | None = None) -> tuple[str, list]:
+                       functions: list[dict] | None = None, until_question: bool = False
+                       ) -> tuple[str, list]:
     """Messages -> (the templated prompt, its images in order).
 
     read_image: an image_url part's url -> what Owl2 reads (bytes or a path); by default
@@ -29,7 +31,9 @@ def messages_to_prompt(messages: list[dict], read_image: Callable | None = None,
     (owl2_edge/serve/images.py). functions: the tools offered (tool_calls.functions_of),
     put first in the system text (prompt.tools_text); an assistant message's tool_calls are
     its turn (prompt.tool_call_text), a "tool" message's content the user's next turn
-    (prompt.TOOL_RESULT before it)."""
+    (prompt.TOOL_RESULT before it). until_question: the prompt only up to where the last
+    message's text goes (prompt.before_question: what a warm prefills; that message then holds
+    images and no text)."""
     read_image = read_image or image_from_url
     if not isinstance(messages, (list, tuple)) or not messages:
         raise PromptError("messages must be a non-empty list of {'role': ..., 'content': ...}")
@@ -63,7 +67,8 @@ def messages_to_prompt(messages: list[dict], read_image: Callable | None = None,
     turns.append(Turn(" ".join(pending_user)))
     if functions:
         system.insert(0, tools_text(functions))
-    return render(turns, n_images=len(images), system=" ".join(system) or None), images
+    shape = before_question if until_question else render
+    return shape(turns, n_images=len(images), system=" ".join(system) or None), images
 
 
 def _calls_text(calls, i: int) -> list[str]:

@@ -37,7 +37,7 @@ from owl2_edge.image import content_hash, load_image, preprocess
 from owl2_edge.kv_prefix import check_fits, positions, prompt_items, runs_of
 from owl2_edge.load_options import LoadOptions
 from owl2_edge.model_dir import MODEL_ENV, Manifest, default_model_path, note_unrecorded
-from owl2_edge.prompt import Turn, check_image_count, render
+from owl2_edge.prompt import Turn, before_question, check_image_count, render
 from owl2_edge.sampling import SamplingParams, check_vocabulary
 from owl2_edge.stats import Stats
 from owl2_edge.tokenizer import Tokenizer
@@ -269,8 +269,40 @@ class Owl2:
         return answer_all(self, items, parallel, params)
 
     def chat(self, images=()) -> Chat:
-        """A conversation whose history is kept (and whose KV cache is reused turn to turn)."""
-        return Chat(self.generate, _as_list(images))
+        """A conversation whose history is kept (and whose KV cache is reused turn to turn).
+        Its pictures are read ahead (warm) as soon as they are given: at the start, and with
+        each add_image."""
+        return Chat(self.generate, _as_list(images), warm=self.warm_prompt)
+
+    def warm(self, images, history: Sequence[tuple[str, str]] = (), system: str | None = None
+             ) -> Job:
+        """Read ahead what a question about `images` (after `history`, with `system`) will
+        start with: the pictures encoded and that part of the prompt prefilled, in steps no
+        answer uses (docs/api.md, "Warming"). Returns at once. The question asked later (ask,
+        stream, chat, or a server request: the same prompt) then evaluates only its own words;
+        asked before warming is done, it takes over what is done. The Job: cancel() drops it,
+        `finished` says it is done. Costs: one vision run per new picture, and the cells, kept
+        until the room is needed (least recently used first)."""
+        images = _as_list(images)
+        prefix = before_question([*(Turn(q, a) for q, a in history), Turn("")],
+                                 n_images=len(images), system=system)
+        return self.warm_prompt(prefix, images)
+
+    def warm_prompt(self, prefix: str, images: Sequence = ()) -> Job:
+        """warm() for a templated prompt's beginning (prompt.before_question) and its images."""
+        return self.submit_warm(self.prepare(prefix, images))
+
+    def submit_warm(self, prepared: "Prepared") -> Job:
+        """warm() for what prepare() made of a prompt's beginning (a server reads its images
+        under its own limits first)."""
+        held = positions(prepared.items, self.manifest.n_visual)
+        # Its window is what it holds (and the one token a window must have room for): the
+        # answer that takes its cells over brings its own.
+        job = Job(prepared.items, prepared.pixels, SamplingParams(), window=held + 1,
+                  positions=held)
+        job.disk_prefix = prepared.disk_prefix
+        job.prefill_only = job.low_priority = True
+        return self.engine.submit(job)
 
     def create_chat_completion(self, messages: list[dict], stream: bool = False, tools=None,
                                tool_choice=None, **sampling):

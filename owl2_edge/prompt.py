@@ -78,6 +78,21 @@ def render(turns: list[Turn], n_images: int = 0, system: str | None = None) -> s
     return "".join(parts)
 
 
+# Stands for the question while a prompt is rendered only up to it (before_question): a
+# private-use character, which no question of a user's holds by accident.
+_QUESTION_MARK = "\ue000"
+
+
+def before_question(turns: list[Turn], n_images: int = 0, system: str | None = None) -> str:
+    """render(turns, ...) cut where the open turn's question text would begin (after its image
+    marks, if it has any): the part of a prompt known before the question is typed, which
+    Owl2.warm prefills ahead. A question's prompt starts with it, up to the tokenization of its
+    last characters (the KV prefix reuse keeps what is common)."""
+    *done, open_turn = turns
+    text = render([*done, Turn(open_turn.user + _QUESTION_MARK)], n_images, system)
+    return text[:text.index(_QUESTION_MARK)]
+
+
 def check_image_count(marks: int, n_images: int) -> None:
     if marks != n_images:
         raise PromptError(f"the prompt has {marks} {names.IMAGE_PLACEHOLDER} mark(s) but "

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
-import io
 import sys
 import threading
 from collections import OrderedDict
@@ -122,7 +121,9 @@ class VisionEncoder:
         try:
             # onnxruntime's Python wrapper print()s its provider fallbacks ("EP Error ...") to
             # stdout, where they would mix with an answer: the error below says it in one line.
-            with contextlib.redirect_stdout(io.StringIO()):
+            # Only this thread's prints are dropped: the session may open on the vision
+            # worker's thread while the main thread writes (a chat's ">>> " prompt).
+            with _this_thread_quiet():
                 session = ort.InferenceSession(str(self.path), options, providers=wanted)
         except Exception as e:  # ONNX Runtime's error types derive from Exception directly
             raise ModelFolderError(f"{self.path}: not a usable ONNX model "
@@ -295,6 +296,39 @@ def _interface(session: ort.InferenceSession, path: Path) -> tuple[int, int, int
                                f"float [N,3,S,S] -> {ONNX_OUTPUT} float [N,n_visual,n_embd]; "
                                f"found {found})")
     return in_shape[2], out_shape[1], out_shape[2]
+
+
+class _QuietFor:
+    """sys.stdout that drops what one thread writes and passes every other thread's on."""
+
+    def __init__(self, stream, thread: int):
+        self._stream, self._thread = stream, thread
+
+    def write(self, text: str) -> int:
+        if threading.get_ident() == self._thread:
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name):  # flush, fileno, encoding, isatty...: the real stream's
+        return getattr(self._stream, name)
+
+
+_QUIETING = threading.Lock()  # one swap of sys.stdout at a time, undone in the order made
+
+
+@contextlib.contextmanager
+def _this_thread_quiet():
+    """contextlib.redirect_stdout for the calling thread only (it swaps sys.stdout for every
+    thread: another thread's print in the meantime would be lost)."""
+    with _QUIETING:
+        real = sys.stdout
+        quiet = _QuietFor(real, threading.get_ident())
+        sys.stdout = quiet
+        try:
+            yield
+        finally:
+            if sys.stdout is quiet:
+                sys.stdout = real
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,8 +1,9 @@
 """The chat page of `owl2 serve` (owl2_edge/serve/static/index.html), driven in a real headless
 Chromium through Playwright against the server's app on the tiny model (conftest's start_server):
 
-- a picture and a question give a streamed answer, with its timings under it; the follow-up is
-  sent with the history, and the server's KV cache serves the earlier turn (cached positions);
+- a picture and a question give a streamed answer, with its timings under it; the picture is
+  read ahead as soon as it is picked (/v1/warm), so the question finds its cells; the follow-up
+  is sent with the history, and the server's KV cache serves the earlier turn (cached positions);
 - both answers are what the Python API answers greedily for the same conversation;
 - the server's error message is shown (a wrong API key), and the key field then works;
 - Stop aborts the request and hands the page back; New chat forgets the conversation;
@@ -111,7 +112,9 @@ def test_page_streams_answers_with_history_and_shows_the_servers_errors(page, pi
 
     # The right key; the picture again, the question, then a follow-up in the same conversation.
     page.fill("#api-key", API_KEY)
-    page.set_input_files("#file", str(picture))
+    with page.expect_response(lambda r: r.url.endswith("/v1/warm")) as warmed:
+        page.set_input_files("#file", str(picture))  # read ahead at once (/v1/warm)
+    assert warmed.value.status == 200
     sync_api.expect(page.locator("#attachments img")).to_have_count(1)
     first = _ask(page, QUESTIONS[0])
     assert first.locator(".error").count() == 0, first.locator(".error").text_content()
@@ -123,8 +126,11 @@ def test_page_streams_answers_with_history_and_shows_the_servers_errors(page, pi
     assert all(shown), shown
     for m in (first, second):
         sync_api.expect(m.locator(".timings")).to_contain_text("cached")
-    assert int(first.locator(".timings").get_attribute("data-cache-n")) == 0
-    assert int(second.locator(".timings").get_attribute("data-cache-n")) > 0
+    # The picture was read ahead when it was picked (/v1/warm): the first question found its
+    # cells; the follow-up finds the whole first turn.
+    first_cached = int(first.locator(".timings").get_attribute("data-cache-n"))
+    assert first_cached >= owl.manifest.n_visual
+    assert int(second.locator(".timings").get_attribute("data-cache-n")) > first_cached
     assert shown == _python_answers(owl, picture)
     # The key is remembered for the next visit.
     assert page.evaluate("localStorage.getItem('owl2.apiKey')") == API_KEY

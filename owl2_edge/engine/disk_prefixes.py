@@ -71,9 +71,10 @@ class DiskPrefixes:
     def _kv_key(self, items: Sequence) -> str:
         return json.dumps({"decoder": self._decoder_id, "items": [list(item) for item in items]})
 
-    def boundaries(self, items: Sequence) -> list[int]:
+    def boundaries(self, items: Sequence, whole: bool = False) -> list[int]:
         """The item counts n at which items[:n] is kept: after each picture, and before each
-        end-of-answer token that follows one. Never len(items): the last position must run."""
+        end-of-answer token that follows one. len(items) only when `whole` (a warm's: its
+        question comes after it); an answer's prompt never, its last position must run."""
         out, seen_image = [], False
         for n, (kind, value) in enumerate(items):
             if kind == TEXT and value == self.eos_id and seen_image and n > 0:
@@ -81,7 +82,7 @@ class DiskPrefixes:
             if kind == IMAGE:
                 seen_image = True
                 out.append(n + 1)
-        return sorted({n for n in out if n < len(items)})
+        return sorted({n for n in out if n < len(items) or (whole and n == len(items))})
 
     # -- embeddings ---------------------------------------------------------------------------------
 
@@ -117,9 +118,9 @@ class DiskPrefixes:
             self.store.count(KV, hit=found is not None)  # one lookup, whatever it tried
         return found
 
-    def missing(self, items: Sequence, longer_than: int = 0) -> list[int]:
+    def missing(self, items: Sequence, longer_than: int = 0, whole: bool = False) -> list[int]:
         """The boundaries of `items` past `longer_than` items that have no entry yet."""
-        return [n for n in self.boundaries(items)
+        return [n for n in self.boundaries(items, whole)
                 if n > longer_than and not self.store.has(KV, self._kv_key(items[:n]))]
 
     @property

@@ -54,6 +54,10 @@ class Job:
         self.constraint = None
         # (item count, KVState): the longest prefix of items kept on disk (Engine.find_on_disk)
         self.disk_prefix: tuple | None = None
+        # A warm (Owl2.warm): its prompt is prefilled and kept, nothing is answered. It waits
+        # while any answer runs or waits (low_priority) until an answer needs its cells.
+        self.prefill_only = False
+        self.low_priority = False
         self._pieces: deque[str] = deque()
         self._lock = threading.Condition()
         self._finished = False

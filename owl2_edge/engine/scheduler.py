@@ -11,10 +11,13 @@ MAX_SEQUENCES sequences; each answer being decided owns one. One thread runs thi
      over in place (the next chat turn), a running one is shared (copy_sequence: its cells, not
      a copy) — so a question about a picture that another answer has prefilled evaluates only
      its own words. A prompt whose picture (or SHARE_WAIT_MIN text positions) another answer is
-     about to prefill waits a step for those cells rather than computing them twice;
+     about to prefill waits a step for those cells rather than computing them twice. A warm
+     (Owl2.warm: a prompt's beginning read ahead, nothing answered) is placed only when no
+     answer waits or runs;
   2. plan one decoder pass: the last token of every answer decoding, and the next chunk of each
      prompt still being prefilled (at most prefill_chunk positions in all while others decode,
-     so their tokens keep flowing; the whole prompt when nothing else runs). A chunk stops
+     so their tokens keep flowing; the whole prompt when nothing else runs; a warm's, a
+     chunk at a time and only in a step no answer uses). A chunk stops
      before an image whose embeddings are not ready: the vision worker computes them meanwhile,
      and the text before it is evaluated already;
   3. evaluate it (Decoder.eval_sequences) and step each answer's Answer (the one answer loop,
@@ -263,8 +266,25 @@ class Engine:
     # -- admission --------------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        while self._waiting and not self._exclusive_wanted and self._place(self._waiting[0]):
-            self._waiting.popleft()
+        while self._waiting and not self._exclusive_wanted:
+            job = self._next_waiting()
+            if job is None or not self._place(job):
+                return
+            self._waiting.remove(job)
+            for warm in [w for w in self._waiting if w.prefill_only]:
+                if common_prefix(warm.items, job.items) == len(warm.items):
+                    self._waiting.remove(warm)  # this answer prefills its cells: done by it
+                    warm.finish()
+
+    def _next_waiting(self) -> Job | None:
+        """The answer to place next: the first waiting answer; a warm only when no answer waits
+        or runs (warms are work done ahead, in time nobody else uses)."""
+        answers = [j for j in self._waiting if not j.low_priority]
+        if answers:
+            return answers[0]
+        if any(not s.job.low_priority for s in self._running):
+            return None
+        return self._waiting[0]
 
     def _place(self, job: Job) -> bool:
         """Give `job` a sequence, in three steps: choose what it starts from, make room, attach.
@@ -292,6 +312,8 @@ class Engine:
                 planned, have = common_prefix(items, s.job.items), max(n, on_disk)
                 if planned > have and (_images_in(items[have:planned])
                                        or planned - have >= SHARE_WAIT_MIN):
+                    # A warm whose cells an answer waits for is that answer's work now.
+                    s.job.low_priority = False
                     return _Source(wait_for=f"sequence {s.seq} is prefilling cells this prompt "
                                             f"shares ({planned - have} items)")
             if n > shared or (n == shared and n and s.job is None and best.job is not None):
@@ -384,11 +406,17 @@ class Engine:
         prompts being prefilled."""
         decode = [s for s in self._running if s.job.state == DECODE]
         budget = self.prefill_chunk if decode else None
+        # A warm yields to every answer: it is prefilled only in steps no answer takes, a chunk
+        # at a time, so that an answer arriving meanwhile waits one chunk at most.
+        answering = bool(decode) or any(s.job.state == PREFILL and not s.job.low_priority
+                                        for s in self._running)
         prefill = []
         for s in [s for s in self._running if s.job.state == PREFILL]:
             if budget is not None and budget <= 0:
                 break
-            chunk = self._chunk(s, budget)
+            if s.job.low_priority and (answering or prefill):
+                continue
+            chunk = self._chunk(s, self.prefill_chunk if s.job.low_priority else budget)
             if chunk is None:
                 continue
             prefill.append(chunk)
@@ -452,7 +480,9 @@ class Engine:
                 s.cached.extend(taken)
                 job = s.job
                 job.stats.timings["prefill"] = job.stats.timings.get("prefill", 0.0) + now - t
-                if len(s.cached) == len(job.items):
+                if len(s.cached) == len(job.items) and job.prefill_only:
+                    self._end_warm(s)
+                elif len(s.cached) == len(job.items):
                     self._begin(s, now)
                     self._advance(s, row, now)
             for s, row in zip(decode, logits[len(prefill):]):
@@ -490,10 +520,22 @@ class Engine:
         s.answer = Answer(job.params, self.tokenizer, prompt_ids, job.positions, job.window,
                           job.stats, job.constraint, job.trim)
 
-    def _keep_on_disk(self, s: _Sequence) -> None:
+    def _end_warm(self, s: _Sequence) -> None:
+        """A warm's prompt is in its sequence: kept there (idle, for the answer that shares
+        it) and on the disk, and the warm is over."""
+        job = s.job
+        job.stats.images_encoded = count_runs(f.result() for f, mine in job.embeds
+                                              if mine and f.done() and f.exception() is None)
+        if self.disk is not None:
+            self._keep_on_disk(s, whole=True)
+        self._release(s)
+        job.finish()
+
+    def _keep_on_disk(self, s: _Sequence, whole: bool = False) -> None:
         """Hand the disk the prompt's prefixes it does not keep yet (right after each picture,
-        before each earlier answer's end), now that the sequence holds them all."""
-        for n in self.disk.missing(s.cached):
+        before each earlier answer's end; with `whole`, a warm's whole prompt), now that the
+        sequence holds them all."""
+        for n in self.disk.missing(s.cached, whole=whole):
             if self.disk.busy:  # the disk is behind: keep the memory, not the entry
                 return
             try:

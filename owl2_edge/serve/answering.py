@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import anyio
 
+from owl2_edge import openai_chat
 from owl2_edge.constraint_bounds import BOUNDS
-from owl2_edge.errors import GrammarError
+from owl2_edge.errors import GrammarError, PromptError
 from owl2_edge.serve.answer import ClientGone, Reply
 from owl2_edge.serve.limits import ApiError, Limits, bad_request, read_json
 
@@ -45,6 +46,21 @@ def prepare_request(server: "Server", prompt: str, sources: list, param: str, la
     images = [server.reader.read(source, param, label(i), deadline)
               for i, source in enumerate(sources)]
     return server.owl.prepare(prompt, images)
+
+
+def prepare_messages(server: "Server", messages: list, param: str, deadline: float,
+                     functions: list[dict] | None = None, until_question: bool = False
+                     ) -> "Prepared":
+    """prepare_request for chat messages (openai_chat.messages_to_prompt): the prompt first,
+    the images' urls kept as they are until the reader reads them under the limits; `param`
+    names the field they came in."""
+    try:
+        prompt, urls = openai_chat.messages_to_prompt(messages, read_image=lambda url: url,
+                                                      functions=functions,
+                                                      until_question=until_question)
+    except PromptError as e:
+        raise bad_request(str(e), param=param) from None
+    return prepare_request(server, prompt, urls, param, lambda i: f"image {i + 1}", deadline)
 
 
 def check_image_count(n: int, limits: Limits, param: str) -> None:
@@ -115,5 +131,5 @@ async def close_all(choices: list[Reply], disconnected: bool = False) -> None:
         await choice.close(disconnected=disconnected)
 
 
-__all__ = ["check_image_count", "close_all", "compile_constraint", "prepare_request", "read_body",
-           "start_choices"]
+__all__ = ["check_image_count", "close_all", "compile_constraint", "prepare_messages",
+           "prepare_request", "read_body", "start_choices"]

@@ -3,6 +3,7 @@
     POST /v1/chat/completions   messages with text and image_url parts; stream: server-sent events
     POST /v1/completions        a raw prompt with <|image|> marks and an `images` list
     POST /v1/responses          OpenAI's Responses API (responses.py); /responses too
+    POST /v1/warm               pictures read ahead while the question is typed (warm.py)
     /api/...                    ollama's API (ollama.py)
     GET  /v1/models  /health  /props  /metrics  /   (the chat page)
 
@@ -23,7 +24,8 @@ import functools
 import hmac
 import logging
 import time
-from dataclasses import dataclass, replace
+from collections import deque
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -40,13 +42,13 @@ from owl2_edge import openai_chat, tool_calls
 from owl2_edge.constraint_bounds import BOUNDS
 from owl2_edge.errors import (ArgumentError, ContextFullError, GrammarError, ImageError,
                               Owl2Error, PromptError)
-from owl2_edge.serve import field_table, fields, memory, ollama, responses
+from owl2_edge.serve import field_table, fields, memory, ollama, responses, warm
 from owl2_edge.serve.answer import ClientGone, Reply
-from owl2_edge.serve.answering import (check_image_count, close_all, prepare_request,
-                                       read_body, start_choices)
+from owl2_edge.serve.answering import (check_image_count, close_all, prepare_messages,
+                                       prepare_request, read_body, start_choices)
 from owl2_edge.serve.fetch import Fetcher, IpNetwork
 from owl2_edge.serve.images import ImageReader, count_image_parts
-from owl2_edge.serve.limits import ApiError, Limits, bad_request, error_body
+from owl2_edge.serve.limits import ApiError, Limits, error_body
 from owl2_edge.serve.metrics import CountingMiddleware, Metrics
 from owl2_edge.serve.origin import BrowserGuard
 from owl2_edge.serve.prometheus import CONTENT_TYPE as PROMETHEUS_TYPE
@@ -79,6 +81,7 @@ class Server:
     started: int
     host_allow: tuple[str, ...] = ()
     cors_origins: tuple[str, ...] = ()
+    warms: deque = field(default_factory=deque)  # the warms going (warm.py bounds them)
 
     @property
     def model_id(self) -> str:
@@ -123,6 +126,8 @@ def create_app(owl: Owl2, limits: Limits | None = None, api_key: str | None = No
         # OpenAI's Responses API (responses.py), also where llama-server mirrors it.
         Route("/v1/responses", api()(responses.create), methods=["POST"]),
         Route("/responses", api()(responses.create), methods=["POST"]),
+        # Pictures read ahead while a question is typed (warm.py): owl2-edge's own.
+        Route("/v1/warm", api()(warm.warm), methods=["POST"]),
         # ollama's API (ollama.py): its routes, its error shape.
         *(Route(path, api(errors=ollama.error_body)(handler), methods=[method])
           for path, handler, method in (
@@ -302,12 +307,7 @@ async def chat_completions(request: Request, server: Server) -> Response:
     asked = replace(asked, params=params)
 
     def prepare():
-        try:  # the prompt first, the images' urls kept as they are: nothing is read yet
-            prompt, urls = openai_chat.messages_to_prompt(messages, read_image=lambda url: url,
-                                                          functions=functions)
-        except PromptError as e:
-            raise bad_request(str(e), param="messages") from None
-        return prepare_request(server, prompt, urls, "messages", lambda i: f"image {i + 1}", deadline)
+        return prepare_messages(server, messages, "messages", deadline, functions)
 
     shape = ChatShape(server.model_id, _token_bytes(server, asked),
                       callable_[1] if callable_ else None)

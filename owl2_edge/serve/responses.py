@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING
 import anyio
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from owl2_edge import openai_chat, tool_calls
-from owl2_edge.errors import GrammarError, Owl2Error, PromptError
+from owl2_edge import tool_calls
+from owl2_edge.errors import GrammarError, Owl2Error
 from owl2_edge.serve import field_table, fields
 from owl2_edge.serve.field_table import RESPONSES
 from owl2_edge.serve.answer import ClientGone, Reply
-from owl2_edge.serve.answering import (check_image_count, close_all, prepare_request,
+from owl2_edge.serve.answering import (check_image_count, close_all, prepare_messages,
                                        read_body, start_choices)
 from owl2_edge.serve.images import count_image_parts
 from owl2_edge.serve.limits import ApiError, bad_request, error_body
@@ -231,13 +231,7 @@ async def create(request: Request, server: Server) -> Response:
     check_image_count(count_image_parts(messages), server.limits, "input")
 
     def prepare():
-        try:
-            prompt, urls = openai_chat.messages_to_prompt(messages, read_image=lambda url: url,
-                                                          functions=functions)
-        except PromptError as e:
-            raise bad_request(str(e), param="input") from None
-        return prepare_request(server, prompt, urls, "input", lambda i: f"image {i + 1}",
-                               deadline)
+        return prepare_messages(server, messages, "input", deadline, functions)
 
     shape = ResponseShape(server.model_id, body, params, callable_[1] if callable_ else None)
     try:
