@@ -268,11 +268,12 @@ class Owl2:
                                 "answers")
         return answer_all(self, items, parallel, params)
 
-    def chat(self, images=()) -> Chat:
+    def chat(self, images=(), warm: bool = True) -> Chat:
         """A conversation whose history is kept (and whose KV cache is reused turn to turn).
         Its pictures are read ahead (warm) as soon as they are given: at the start, and with
-        each add_image."""
-        return Chat(self.generate, _as_list(images), warm=self.warm_prompt)
+        each add_image (warm=False: when the question is sent)."""
+        checks.flag("warm", warm)
+        return Chat(self.generate, _as_list(images), warm=self.warm_prompt if warm else None)
 
     def warm(self, images, history: Sequence[tuple[str, str]] = (), system: str | None = None
              ) -> Job:

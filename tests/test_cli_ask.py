@@ -160,7 +160,7 @@ def test_ask_and_chat_list_the_same_options():
     group = typer.main.get_group(app)
     options = {name: {o for p in group.commands[name].params for o in p.opts if o.startswith("--")}
                for name in ("ask", "chat")}
-    assert options["ask"] - {"--raw", "--no-stream"} == options["chat"]
+    assert options["ask"] - {"--raw", "--no-stream"} == options["chat"] - {"--warm", "--no-warm"}
 
 
 def test_info_defaults_to_the_model_ask_uses(tiny_model_dir):

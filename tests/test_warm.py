@@ -126,6 +126,7 @@ def test_a_chat_reads_its_pictures_ahead(tiny_model_dir, unwarmed):
         # Without a picture nothing is read ahead; clearing drops the conversation.
         chat.clear()
         assert chat.warming is None
+        assert owl.chat(picture(6), warm=False).warming is None  # `owl2 chat --no-warm`
 
 
 def test_warming_never_changes_an_answer_with_sampling(tiny_model_dir):

@@ -69,13 +69,16 @@ def ask_cmd(
 @with_options(RUNTIME, SAMPLING, OUTPUT, CACHE)
 def chat_cmd(
     image: Optional[Path] = typer.Argument(None, help="An image to talk about (more with /image)."),
+    warm: bool = typer.Option(True, "--warm/--no-warm",
+                              help="Read each picture as soon as it is given, while the question "
+                                   "is typed (--no-warm: when the question is sent)."),
     *, runtime: dict, sampling: dict, output: dict, cache: dict,
 ):
     """Talk about images: /image PATH adds one, /clear starts over, /exit (or Ctrl-D) leaves."""
     try:
         check_sampling(sampling)
         owl = load_owl(runtime, cache)
-        chat = owl.chat([image] if image else [])
+        chat = owl.chat([image] if image else [], warm=warm)
     except Owl2Error as e:
         raise fail(str(e))
     while True:

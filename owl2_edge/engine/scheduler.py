@@ -124,13 +124,8 @@ class Engine:
         with self._cond:
             if self._closing:
                 raise Owl2Error("the model is closed")
-        if job.pixels:
-            # The pictures inside a prefix read from the disk are never needed: not encoded.
-            covered = _images_in(job.items[:job.disk_prefix[0]]) if job.disk_prefix else 0
-            job.embeds = [(NOT_NEEDED, False)] * covered + self.vision.encode(
-                job.pixels[covered:], job.image_keys[covered:])
-            for future, _ in job.embeds[covered:]:
-                future.add_done_callback(lambda f, job=job: self._vision_done(job))
+        if job.pixels and not job.low_priority:  # a warm's wait for its admission (_attach)
+            self._encode(job)
         job._wake_engine = self._wake
         with self._cond:
             if self._closing:
@@ -142,6 +137,15 @@ class Engine:
                 self._thread.start()
             self._cond.notify_all()
         return job
+
+    def _encode(self, job: Job) -> None:
+        """Send the job's pictures to the vision worker (the pictures inside a prefix read from
+        the disk are never needed: not encoded)."""
+        covered = _images_in(job.items[:job.disk_prefix[0]]) if job.disk_prefix else 0
+        job.embeds = [(NOT_NEEDED, False)] * covered + self.vision.encode(
+            job.pixels[covered:], job.image_keys[covered:])
+        for future, _ in job.embeds[covered:]:
+            future.add_done_callback(lambda f, job=job: self._vision_done(job))
 
     def find_on_disk(self, items: list):
         """The longest prefix of `items` that the disk keeps and no sequence holds as far:
@@ -369,6 +373,10 @@ class Engine:
                 else:  # not this prompt's cells after all: evaluate it whole
                     shared = keep = 0
             self._seqs[s.seq] = s
+        if job.pixels and not job.embeds:
+            # A warm's pictures are encoded once it is admitted, when no answer runs: the
+            # vision model would take the cores from their tokens.
+            self._encode(job)
         job.disk_prefix = None  # its state's memory is not needed any more
         s.cached, s.job = list(items[:shared]), job
         self._running.append(s)
