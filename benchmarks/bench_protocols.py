@@ -96,7 +96,7 @@ def main() -> int:
     asked = bodies(url, question, args.tokens)
     times: dict[str, list[float]] = {route: [] for route in ROUTES}
     with ServerProcess(owl2_serve_argv(model, port, threads=args.threads, parallel=1),
-                       port).start():
+                       port):
         # Warm: the picture encoded and prefilled once, for all three.
         texts = {route: timed(port, route, asked[route])[1] for route in ROUTES}
         if len(set(texts.values())) != 1:

@@ -78,7 +78,7 @@ def main() -> int:
     pictures = [url for url, _ in scene_pictures(args.rounds * args.warms, seed=7)]
     gaps: dict[str, list[float]] = {"alone": [], "with warms": []}
     with ServerProcess(owl2_serve_argv(model, port, threads=args.threads, parallel=4,
-                                       ctx=4096), port).start():
+                                       ctx=4096), port):
         streams(port, 8, [])  # warm-up
         for round_no in range(args.rounds):
             new = pictures[round_no * args.warms:(round_no + 1) * args.warms]

@@ -248,3 +248,20 @@ def test_a_warm_survives_a_restart_through_the_disk_cache(tiny_model_dir, tmp_pa
         "".join(pieces)
         assert pieces.stats.disk_positions >= fresh.manifest.n_visual
         assert pieces.stats.images_encoded == 0
+
+
+def test_the_demo_answers_the_same_with_and_without_warming(demo_model_dir):
+    """Greedy answers of the trained demo model, each question asked about a picture read
+    ahead and about the same picture in a process that never warmed: equal, and right."""
+    from owl2_edge.scenes import Scene, Thing
+    scene = Scene((Thing("square", "red", "left"), Thing("circle", "blue", "right")), seed=3)
+    questions = {"What color is the square?": "Red.", "How many shapes are there?": "Two."}
+    with Owl2.load(demo_model_dir, device="cpu", cache=False) as cold:
+        expected = {q: cold.ask(scene.draw(224), q, temperature=0) for q in questions}
+    assert expected == questions
+    with Owl2.load(demo_model_dir, device="cpu", cache=False) as owl:
+        for q in questions:
+            chat = owl.chat(scene.draw(224))
+            wait(chat.warming)
+            assert "".join(chat.send(q, temperature=0)) == expected[q]
+            assert chat.stats.images_encoded == 0
