@@ -11,6 +11,7 @@ import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import anyio
+from starlette.responses import StreamingResponse
 
 from owl2_edge import openai_chat
 from owl2_edge.constraint_bounds import BOUNDS
@@ -126,10 +127,46 @@ async def start_choices(request: "Request", server: "Server", prepare: Callable[
     return choices, firsts
 
 
+async def read_whole(request: "Request", reply: Reply, first) -> str | None:
+    """One answer read to its end and closed: its text, or None when the client left
+    meanwhile (its slot is freed)."""
+    try:
+        parts = [first or ""]
+        while reply.finish is None:
+            if await request.is_disconnected():
+                await close_all([reply], disconnected=True)
+                return None
+            parts.append(await reply.next() or "")
+    finally:
+        await close_all([reply])
+    return "".join(parts)
+
+
+class AnswerStream(StreamingResponse):
+    """A streamed response whose answers are closed however it ends: at its end, or when the
+    client leaves (Starlette then cancels the stream, possibly between two events, where the
+    body's own `finally` would wait for the garbage collector). Server-sent events by default."""
+
+    def __init__(self, body, choices: list[Reply], media_type: str = "text/event-stream"):
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"} \
+            if media_type == "text/event-stream" else None
+        super().__init__(body, media_type=media_type, headers=headers)
+        self.choices = choices
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+                for choice in self.choices:
+                    await choice.close(disconnected=choice.finish is None)
+
+
 async def close_all(choices: list[Reply], disconnected: bool = False) -> None:
     for choice in choices:
         await choice.close(disconnected=disconnected)
 
 
-__all__ = ["check_image_count", "close_all", "compile_constraint", "prepare_messages",
+__all__ = ["AnswerStream", "check_image_count", "close_all", "compile_constraint", "prepare_messages",
            "prepare_request", "read_body", "start_choices"]

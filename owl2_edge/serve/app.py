@@ -29,13 +29,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-import anyio
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask, BackgroundTasks
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from owl2_edge import openai_chat, tool_calls
@@ -44,8 +43,9 @@ from owl2_edge.errors import (ArgumentError, ContextFullError, GrammarError, Ima
                               Owl2Error, PromptError)
 from owl2_edge.serve import field_table, fields, memory, ollama, responses, warm
 from owl2_edge.serve.answer import ClientGone, Reply
-from owl2_edge.serve.answering import (check_image_count, close_all, prepare_messages,
-                                       prepare_request, read_body, start_choices)
+from owl2_edge.serve.answering import (AnswerStream, check_image_count, close_all,
+                                       prepare_messages, prepare_request, read_body,
+                                       start_choices)
 from owl2_edge.serve.fetch import Fetcher, IpNetwork
 from owl2_edge.serve.images import ImageReader, count_image_parts
 from owl2_edge.serve.limits import ApiError, Limits, error_body
@@ -351,8 +351,7 @@ async def _reply(request: Request, server: Server, shape, prepare: Callable[[], 
     except ClientGone:  # gone while it waited: its slots go to the next requests
         return Response(status_code=499)
     if asked.stream:
-        return EventStream(_events(request, server, shape, choices, firsts, asked),
-                           choices)
+        return AnswerStream(_events(request, server, shape, choices, firsts, asked), choices)
     try:
         texts = []
         for choice, first in zip(choices, firsts):  # decoded together; read one after another
@@ -395,7 +394,7 @@ async def _events(request: Request, server: Server, shape, choices: list[Reply],
     the engine decides a token of each per step), each choice's last chunk, the usage and
     timings with the last one, then [DONE]. With stream_options.include_usage, as OpenAI: every
     chunk has "usage": null and an extra last chunk with no choices holds usage and timings. A
-    client gone between two pieces ends the choices (EventStream closes them). With llama-server's
+    client gone between two pieces ends the choices (AnswerStream closes them). With llama-server's
     timings_per_token, each content chunk carries its choice's timings so far."""
     include_usage = asked.include_usage
 
@@ -446,23 +445,3 @@ async def _events(request: Request, server: Server, shape, choices: list[Reply],
     else:
         yield event({**last, **totals})
     yield DONE
-
-
-class EventStream(StreamingResponse):
-    """text/event-stream whose choices are closed however the response ends: at its end, or when
-    the client leaves (Starlette then cancels the stream, possibly between two events, where the
-    body's own `finally` would wait for the garbage collector)."""
-
-    def __init__(self, events, choices: list[Reply]):
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.choices = choices
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()
-                for choice in self.choices:
-                    await choice.close(disconnected=choice.finish is None)

@@ -17,15 +17,15 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from owl2_edge import names, openai_chat, tool_calls
 from owl2_edge.errors import GrammarError, Owl2Error, PromptError
 from owl2_edge.prompt import Turn, render
 from owl2_edge.serve import fields
 from owl2_edge.serve.answer import ClientGone, Reply
-from owl2_edge.serve.answering import (check_image_count, close_all, prepare_request, read_body,
-                                       start_choices)
+from owl2_edge.serve.answering import (AnswerStream, check_image_count, close_all,
+                                       prepare_request, read_body, read_whole, start_choices)
 from owl2_edge.serve.limits import ApiError, bad_request
 
 if TYPE_CHECKING:
@@ -275,18 +275,12 @@ async def _answer(request: Request, server: Server, prepare, params, stream: boo
         raise bad_request(str(e).replace(e.param, theirs[e.param], 1),
                           param=theirs[e.param]) from None
     if stream:
-        return _Lines(_lines(request, choice, first, content, model, started, may_call),
-                      choice)
-    try:
-        parts = [first or ""]
-        while choice.finish is None:
-            if await request.is_disconnected():
-                await close_all([choice], disconnected=True)
-                return Response(status_code=499)
-            parts.append(await choice.next() or "")
-    finally:
-        await close_all([choice])
-    return JSONResponse({**_head(model), **content("".join(parts)), **_done(choice, started)})
+        return AnswerStream(_lines(request, choice, first, content, model, started, may_call),
+                            [choice], media_type="application/x-ndjson")
+    text = await read_whole(request, choice, first)
+    if text is None:
+        return Response(status_code=499)
+    return JSONResponse({**_head(model), **content(text), **_done(choice, started)})
 
 
 def _head(model: str) -> dict:
@@ -335,24 +329,6 @@ async def _lines(request: Request, choice: Reply, first, content, model: str, st
     elif held.text:  # it looked like a call and was not one (cut short)
         yield line({**_head(model), **content(held.text), "done": False})
     yield line({**_head(model), **content(""), **_done(choice, started)})
-
-
-class _Lines(StreamingResponse):
-    """application/x-ndjson whose answer is closed however the response ends (as app.py's
-    EventStream)."""
-
-    def __init__(self, lines, choice: Reply):
-        super().__init__(lines, media_type="application/x-ndjson")
-        self.choice = choice
-
-    async def __call__(self, scope, receive, send) -> None:
-        import anyio
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()
-                await self.choice.close(disconnected=self.choice.finish is None)
 
 
 # -- the model ------------------------------------------------------------------------------------

@@ -26,16 +26,15 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
-import anyio
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from owl2_edge import tool_calls
 from owl2_edge.errors import GrammarError, Owl2Error
 from owl2_edge.serve import field_table, fields
 from owl2_edge.serve.field_table import RESPONSES
 from owl2_edge.serve.answer import ClientGone, Reply
-from owl2_edge.serve.answering import (check_image_count, close_all, prepare_messages,
-                                       read_body, start_choices)
+from owl2_edge.serve.answering import (AnswerStream, check_image_count, close_all,
+                                       prepare_messages, read_body, read_whole, start_choices)
 from owl2_edge.serve.images import count_image_parts
 from owl2_edge.serve.limits import ApiError, bad_request, error_body
 
@@ -242,17 +241,11 @@ async def create(request: Request, server: Server) -> Response:
     except GrammarError as e:
         raise _renamed(ApiError(400, str(e), e.param, "grammar_error")) from None
     if stream:
-        return _Events(_events(request, server, shape, reply, first), reply)
-    try:
-        parts = [first or ""]
-        while reply.finish is None:
-            if await request.is_disconnected():
-                await close_all([reply], disconnected=True)
-                return Response(status_code=499)
-            parts.append(await reply.next() or "")
-    finally:
-        await close_all([reply])
-    return JSONResponse(shape.response(shape.output("".join(parts)), reply))
+        return AnswerStream(_events(request, server, shape, reply, first), [reply])
+    text = await read_whole(request, reply, first)
+    if text is None:
+        return Response(status_code=499)  # nobody reads it
+    return JSONResponse(shape.response(shape.output(text), reply))
 
 
 class ResponseShape:
@@ -394,24 +387,6 @@ async def _events(request: Request, server: Server, shape: ResponseShape, reply:
     final = shape.response([item], reply)
     yield sent("response.incomplete" if final["status"] == "incomplete" else
                "response.completed", response=final)
-
-
-class _Events(StreamingResponse):
-    """text/event-stream whose answer is closed however the response ends (as app.py's
-    EventStream)."""
-
-    def __init__(self, events, reply: Reply):
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.reply = reply
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await self.body_iterator.aclose()
-                await self.reply.close(disconnected=self.reply.finish is None)
 
 
 __all__ = ["create", "ResponseShape"]
