@@ -9,7 +9,8 @@ than clients, so that what is measured is the constraints' cost, not a wait for 
 attackers' allowed requests ask for one token). The victim
 sends --requests streamed, greedy requests one after another and times each first content
 chunk; phases alternate idle, loaded, attacked (--rounds times), so that the machine's drift
-falls on all three. "loaded": the same attackers send ordinary requests (no constraint, one
+falls on all three. The attackers are processes of their own (a real attacker's work is not
+in the victim's process). "loaded": the same attackers send ordinary requests (no constraint, one
 token), the control: on 2 cores any other client's work takes CPU from the victim, constraint or
 not. Reported: p50 and p95 time to first token per phase, attacked against idle and against
 loaded, and the attackers' requests by status (every one must be 200 or 400: a 5xx is counted as
@@ -28,7 +29,7 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
+import multiprocessing
 import time
 import urllib.error
 import urllib.request
@@ -62,6 +63,24 @@ def post(url: str, body: dict, timeout: float = 120) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
+def attack(url: str, phase: str, worker: int, n_attackers: int, stop, reports) -> None:
+    """One attacker, in its own process (so that its requests' JSON work does not hold the
+    measuring process's GIL): hostile bodies in the attacked phase, ordinary ones in the loaded
+    phase, until `stop`; then its replies by status on `reports`."""
+    statuses: dict[int, int] = {}
+    k = worker
+    while not stop.is_set():
+        bodies = hostile_bodies(k) if phase == "attacked" else [{}] * 8
+        for fields in bodies:
+            status, _ = post(url, {"model": "owl2", "max_tokens": 1,
+                                   "messages": [{"role": "user", "content": "Go."}], **fields})
+            statuses[status] = statuses.get(status, 0) + 1
+            if stop.is_set():
+                break
+        k += n_attackers
+    reports.put(statuses)
+
+
 def first_token_seconds(url: str, tokens: int) -> float:
     body = {"model": "owl2", "stream": True, "max_tokens": tokens, "temperature": 0,
             "ignore_eos": True, "messages": [{"role": "user", "content": "Tell me a story."}]}
@@ -90,35 +109,28 @@ def main() -> None:
                              "--port", "0", "--threads", str(args.threads), "--parallel", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     statuses: dict[int, int] = {}
+    spawn = multiprocessing.get_context("spawn")
+    reports = spawn.Queue()
     try:
         url = proc.stdout.readline().split()[2].rstrip("/")
         first_token_seconds(url, args.tokens)  # warm up
         phases: dict[str, list[float]] = {"idle": [], "loaded": [], "attacked": []}
         for _ in range(args.rounds):
             for phase in phases:
-                stop = threading.Event()
-
-                def attack(worker: int) -> None:
-                    k = worker
-                    while not stop.is_set():
-                        bodies = hostile_bodies(k) if phase == "attacked" else [{}] * 8
-                        for fields in bodies:
-                            status, _ = post(url, {"model": "owl2", "max_tokens": 1,
-                                                   "messages": [{"role": "user",
-                                                                 "content": "Go."}], **fields})
-                            statuses[status] = statuses.get(status, 0) + 1
-                            if stop.is_set():
-                                return
-                        k += args.attackers
-                attackers = [threading.Thread(target=attack, args=(w,), daemon=True)
+                stop = spawn.Event()
+                attackers = [spawn.Process(target=attack, daemon=True,
+                                           args=(url, phase, w, args.attackers, stop, reports))
                              for w in range(args.attackers if phase != "idle" else 0)]
-                for t in attackers:
-                    t.start()
+                for p in attackers:
+                    p.start()
                 phases[phase] += [first_token_seconds(url, args.tokens)
                                   for _ in range(args.requests)]
                 stop.set()
-                for t in attackers:
-                    t.join(300)
+                for _ in attackers:
+                    for status, n in reports.get(timeout=300).items():
+                        statuses[status] = statuses.get(status, 0) + n
+                for p in attackers:
+                    p.join(60)
 
         def pct(values, q):
             values = sorted(values)

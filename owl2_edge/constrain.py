@@ -114,6 +114,9 @@ class Constraint:
     def __init__(self, spec: ConstraintSpec, matcher, n_vocab: int):
         self.spec, self._matcher, self.n_vocab = spec, matcher, n_vocab
         self.field = spec.field
+        # The mask at the grammar's start, the same for every answer: computed once, at compile
+        # (off the engine's thread), instead of at each answer's first token on it.
+        self._first_allowed: np.ndarray | None = None
 
     @classmethod
     def compile(cls, spec: ConstraintSpec, tokenizer) -> "Constraint":
@@ -147,21 +150,27 @@ class Constraint:
                                spec.field)
         constraint = cls(spec, LLMatcher(llg, grammar, log_level=0, limits=limits),
                          tokenizer.n_vocab)
-        constraint.start().allowed()  # the first mask: a grammar that fails at once is refused
+        # The first mask: a grammar that fails at once is refused here, and every answer
+        # starts with this mask.
+        first = constraint.start().allowed()
+        first.flags.writeable = False
+        constraint._first_allowed = first
         return constraint
 
     def start(self) -> "ConstraintState":
         """A fresh place at the grammar's start, for one answer."""
-        return ConstraintState(self._matcher.deep_copy(), self.n_vocab, self.field)
+        return ConstraintState(self._matcher.deep_copy(), self.n_vocab, self.field,
+                               self._first_allowed)
 
 
 class ConstraintState:
     """One answer's place in the grammar. A limit the grammar engine reaches (its parser
     limits, BOUNDS) ends the answer with a GrammarError naming the field."""
 
-    def __init__(self, matcher, n_vocab: int, field: str):
+    def __init__(self, matcher, n_vocab: int, field: str, first_allowed: np.ndarray | None = None):
         self.matcher, self.n_vocab, self.field = matcher, n_vocab, field
         self._bits = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
+        self._known_allowed = first_allowed  # the mask here, when known (read-only)
         self._check()
 
     def _check(self) -> None:
@@ -171,6 +180,8 @@ class ConstraintState:
 
     def allowed(self) -> np.ndarray:
         """bool [n_vocab]: the tokens the grammar allows next (EOS only where it accepts)."""
+        if self._known_allowed is not None:
+            return self._known_allowed
         self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
         self._check()
         bits = np.unpackbits(self._bits.view(np.uint8), bitorder="little")
@@ -183,6 +194,7 @@ class ConstraintState:
         return out
 
     def advance(self, token: int) -> None:
+        self._known_allowed = None
         if not self.matcher.consume_token(int(token)):
             # A token the mask allowed was refused: a limit reached (or a bug); the answer ends.
             self._check()

@@ -7,6 +7,8 @@ never a 5xx, never a stuck slot; a slow compile never holds the event loop."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 import threading
 import time
 import urllib.error
@@ -204,3 +206,34 @@ def test_a_slow_compile_holds_neither_the_event_loop_nor_the_engine(tiny_server,
     assert status == 400 and "took longer than 0.5 s to compile" in body, body
     compiled.clear()
     assert compiled.wait(30)  # the abandoned compile ends on its own, its grammar kept
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own priority is Linux's")
+def test_the_server_compiles_on_one_thread_at_the_lowest_priority(tiny_server):
+    """The compile thread runs at nice 19, and only it: the engine and the event loop keep the
+    process's priority, so a stream of compiles runs on what the answers leave."""
+    status, _ = _post(tiny_server.url + "/v1/chat/completions",
+                      _chat(grammar='root ::= "low" | "priority"'))
+    assert status == 200
+    compilers = [t for t in threading.enumerate() if t.name.startswith("owl2-compile")]
+    assert len(compilers) == 1
+    assert os.getpriority(os.PRIO_PROCESS, compilers[0].native_id) == 19
+    others = [t for t in threading.enumerate() if t is not compilers[0]]
+    assert {os.getpriority(os.PRIO_PROCESS, t.native_id) for t in others
+            if t.native_id is not None} == {os.getpriority(os.PRIO_PROCESS, 0)}
+
+
+def test_every_answer_starts_from_the_mask_computed_at_compile(owl):
+    """The first mask is computed once, at compile (off the engine's thread); it equals the
+    mask a fresh matcher computes, and after a token each answer computes its own."""
+    spec = constrain.ConstraintSpec.json_schema({"enum": ["alpha", "beta"]}, "json_schema")
+    constraint = owl.constraint(spec)
+    first, second = constraint.start(), constraint.start()
+    assert first.allowed() is second.allowed()  # not computed again
+    fresh = constrain.ConstraintState(constraint._matcher.deep_copy(), constraint.n_vocab, "x")
+    assert np.array_equal(first.allowed(), fresh.allowed())
+    token = int(np.flatnonzero(first.allowed())[0])
+    first.advance(token)
+    fresh.advance(token)
+    assert np.array_equal(first.allowed(), fresh.allowed())
+    assert not np.array_equal(first.allowed(), second.allowed())

@@ -7,6 +7,11 @@ renders, and how, is its own module's.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import os
+import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -70,25 +75,34 @@ def check_image_count(n: int, limits: Limits, param: str) -> None:
                           f"(owl2 serve --max-images)", param=param, code="too_many_images")
 
 
-# Grammars compiled at once, on their own threads: one, so that a stream of large grammars
-# takes at most one core from the answers (on 2 cores, half); the others wait their turn, in
-# their own time.
-_COMPILING = anyio.CapacityLimiter(1)
+def _yield_the_cores() -> None:
+    """The compile thread's OS priority lowered (nice 19, this thread only: Linux's
+    setpriority takes a thread id), so that a compile runs on what the engine and the event
+    loop leave. Elsewhere the thread keeps the process's priority."""
+    if sys.platform == "linux":
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+
+
+# Grammars are compiled on one thread of their own, one at a time, at the lowest priority: a
+# stream of large grammars then takes from the answers neither a core (on 2 cores, half) nor
+# time they would have run in; the compiles wait their turn, in their own time.
+_COMPILER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="owl2-compile",
+                                                  initializer=_yield_the_cores)
 
 
 async def compile_constraint(server: "Server", params, deadline: float):
-    """The request's grammar, compiled on a worker thread (up to about a second for a large
-    one: the event loop and the engine go on meanwhile), one compile at a time, within
-    BOUNDS.compile_seconds and the request's time; None without one. Compiled grammars are
-    kept per model (Owl2.constraint)."""
+    """The request's grammar, compiled on the compile thread (up to about a second for a
+    large one: the event loop and the engine go on meanwhile), within BOUNDS.compile_seconds
+    and the request's time, its wait for the thread included; None without one. Compiled
+    grammars are kept per model (Owl2.constraint). A compile past its time is left to finish
+    and its result dropped."""
     spec = params.constraint
     if spec is None:
         return None
     limit = max(0.0, min(BOUNDS.compile_seconds, deadline - time.monotonic()))
     try:
         with anyio.fail_after(limit):
-            return await anyio.to_thread.run_sync(server.owl.constraint, spec,
-                                                  abandon_on_cancel=True, limiter=_COMPILING)
+            return await asyncio.wrap_future(_COMPILER.submit(server.owl.constraint, spec))
     except TimeoutError:
         raise GrammarError(f"{spec.field} took longer than {limit:g} s to compile "
                            f"(docs/structured.md, bounds)", spec.field) from None
