@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
-from owl2_edge import names
+from owl2_edge import clips, names
 from owl2_edge.errors import PromptError
 from owl2_edge.image import load_image
 from owl2_edge.prompt import Turn, before_question, render
@@ -39,7 +39,13 @@ class Chat:
         self._read_ahead()
 
     def add_image(self, image) -> None:
-        load_image(image)  # fail now, with the file's name, rather than at the next question
+        """A picture, or a clip (clips.py: its frames, one image slot each)."""
+        # Read now, to fail with the file's name rather than at the next question (a clip's
+        # frames are kept, so the question does not decode them again).
+        if clips.clip_kind(image) is not None:
+            clips.read_frames(image if isinstance(image, clips.Clip) else clips.Clip(image))
+        else:
+            load_image(image)
         self._new_images.append(image)
         self._read_ahead()
 

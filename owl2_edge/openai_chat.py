@@ -2,7 +2,9 @@
 create_chat_completion and the OpenAI API use), over the Owl2 prompt template.
 
 mPLUG-Owl2 has no system prompt: a system message's text goes before the first user message.
-Image parts are data: URLs (base64), file:// URLs or local paths; nothing is downloaded.
+Image parts are data: URLs (base64), file:// URLs or local paths; nothing is downloaded. A
+video_url or input_video part, or an image_url whose bytes are a video or an animated picture,
+is a clip: its frames take the part's place (clips.py).
 """
 
 from __future__ import annotations
@@ -104,14 +106,33 @@ def _content_text(content, images: list, read_image: Callable) -> str:
             if not isinstance(text, str):
                 raise PromptError(f"a text part's text must be a string, not {type(text).__name__}")
             parts.append(text)
-        elif kind == "image_url":
-            url = part.get("image_url")
+        elif kind in ("image_url", "video_url"):
+            # A clip (video or animated picture) is known by its content, whichever part it
+            # comes in: Owl2 makes its frames (clips.py).
+            url = part.get(kind)
             url = url.get("url") if isinstance(url, dict) else url
             images.append(read_image(url))
             parts.append(names.IMAGE_PLACEHOLDER)
+        elif kind == "input_video":
+            images.append(read_image(_input_video_url(part.get("input_video"))))
+            parts.append(names.IMAGE_PLACEHOLDER)
         else:
-            raise PromptError(f"unknown content part type {str(kind)[:40]!r} (text or image_url)")
+            raise PromptError(f"unknown content part type {str(kind)[:40]!r} (text, image_url, "
+                              f"video_url or input_video)")
     return "".join(parts)
+
+
+def _input_video_url(value) -> str:
+    """An input_video part's {"data": base64, "format": ...} (llama-cpp-python's server's form,
+    after OpenAI's input_audio) -> a data: URL. The format is not needed: the bytes say what
+    they are."""
+    if not isinstance(value, dict) or not isinstance(value.get("data"), str):
+        raise ImageError("input_video must be {\"data\": \"<base64>\", \"format\": ...}")
+    unknown = sorted(set(value) - {"data", "format"})
+    if unknown:
+        raise PromptError(f"input_video.{unknown[0]} is not a field this server reads "
+                          f"(data, format)")
+    return "data:video/*;base64," + value["data"]
 
 
 def image_from_url(url) -> bytes | str:

@@ -22,7 +22,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from owl2_edge import checks, names, openai_chat, tool_calls
+from owl2_edge import checks, clips, names, openai_chat, tool_calls
 from owl2_edge.answer import check_finite
 from owl2_edge.batch.engine import BatchResult, answer_all
 from owl2_edge.chat import Chat
@@ -229,14 +229,17 @@ class Owl2:
     # -- asking ------------------------------------------------------------------------------------
 
     def stream(self, images, question: str, history: Sequence[tuple[str, str]] = (),
-               raw: bool = False, system: str | None = None, **sampling) -> Pieces:
+               raw: bool = False, system: str | None = None, frames: int | None = None,
+               start: float | None = None, end: float | None = None, **sampling) -> Pieces:
         """Text pieces of the answer as they are decided (an iterator; its `stats` are the
-        answer's). `images`: one or a list (paths, bytes,
-        PIL images; a clip's frames in time order). `history`: earlier (question, answer) turns.
+        answer's). `images`: one or a list (paths, bytes, PIL images), where a video or an
+        animated picture (a path or bytes, or a clips.Clip) is a clip: `frames` of its frames
+        (default clips.DEFAULT_FRAMES) evenly spaced over [start, end) seconds, one image slot
+        each, in time order (docs/video.md). `history`: earlier (question, answer) turns.
         `system`: a text put first in the first question (instructions, or prompt.tools_text's
         offer of tools). raw=True takes `question` as the whole prompt (no template; <|image|>
-        marks each image's place)."""
-        images = _as_list(images)
+        marks each image's place, a clip's one mark becoming one per frame)."""
+        images = clips.sampled(_as_list(images), frames, start, end)
         checks.text("question", question)
         checks.flag("raw", raw)
         if raw:
@@ -335,8 +338,13 @@ class Owl2:
         request on a worker thread while the engine answers others). A prompt that cannot fit is
         refused from its length alone, before any of that (check_prompt_size). window: the
         positions the answer will have, when not self.window (Owl2.batch's share)."""
-        images = _as_list(images)
+        prompt, images, clip_frames = clips.expand(prompt, _as_list(images))
         window = self._window(window)
+        if clip_frames and len(images) * self.manifest.n_visual >= window:
+            raise ContextFullError(
+                f"{len(images)} images, {clip_frames} of them a clip's frames, take "
+                f"{len(images) * self.manifest.n_visual:,} positions but an answer may hold "
+                f"{window:,}: ask for fewer frames (frames=, --frames) or load with a larger n_ctx")
         self.check_prompt_size(prompt, len(images), window)
         ids = self.tokenize(prompt)
         if not ids:

@@ -14,7 +14,7 @@ python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
 # llama-cpp-python is pinned exactly: its ggml is the ggml our decoder links against. Set
 # CMAKE_ARGS="-DGGML_CUDA=on" before running this script for an NVIDIA GPU build.
-python -m pip install -q -e '.[convert,dev,ray]'
+python -m pip install -q -e '.[convert,dev,ray,video]'
 # The chat page's browser test (tests/test_serve_page.py) drives Debian's Chromium through
 # Playwright (the dev extra); Playwright's own browser download is not used. Without root or apt
 # the test skips and says why.
@@ -30,4 +30,4 @@ if ! command -v chromium >/dev/null; then
     echo "note: no chromium, and not root with apt-get to install it; $skip"
   fi
 fi
-python -c "import owl2_edge._decoder, llama_cpp, torch, onnxruntime; print('owl2-edge is set up in .venv')"
+python -c "import owl2_edge._decoder, llama_cpp, torch, onnxruntime, av; print('owl2-edge is set up in .venv')"

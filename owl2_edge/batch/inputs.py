@@ -6,7 +6,8 @@ Two forms, exactly one per run:
         FOLDER: its image files, sorted by name, not recursive
         FILE.txt: one path per line, relative to the list's folder; blank lines and # comments skipped
     question_items(FILE.jsonl)             {"image": PATH or null, "question": TEXT} per line
-        relative paths against the file's folder; other keys ignored
+        ("video": PATH instead of "image" for a clip); relative paths against the file's
+        folder; other keys ignored
 
 Every problem with a file or a line's form is an ArgumentError naming the file (and line)
 before any model loads (the file is read as owl2_edge/textfiles.py reads: a regular file, its
@@ -118,12 +119,17 @@ def question_items(path: str | os.PathLike) -> list[BatchItem]:
         question = row.get("question")
         if not isinstance(question, str) or not question.strip():
             raise ArgumentError(f"{where}: needs a \"question\" (non-empty text)")
-        image = row.get("image")
+        # "video" names a clip (a video or an animated picture: its frames are asked about,
+        # clips.py); "image" may name one too, as the content decides. One of them at most.
+        key = "video" if row.get("video") is not None else "image"
+        if key == "video" and row.get("image") is not None:
+            raise ArgumentError(f"{where}: give \"image\" or \"video\", not both")
+        image = row.get(key)
         if image is not None:
             if not isinstance(image, str) or not image:
-                raise ArgumentError(f"{where}: \"image\" must be a path (text) or null")
+                raise ArgumentError(f"{where}: \"{key}\" must be a path (text) or null")
             image = path.parent / image
-        problem = textfiles.unicode_problem(line, {"question": question, "image": row.get("image")})
+        problem = textfiles.unicode_problem(line, {"question": question, key: row.get(key)})
         items.append(BatchItem(len(items), image, question) if problem is None
                      else RefusedItem(len(items), image, question, f"{where}: {problem}"))
     if not items:

@@ -10,7 +10,8 @@ from typing import Optional
 import typer
 
 from owl2_edge.cli.app import app, check_sampling, err, fail, load_owl, write
-from owl2_edge.cli.options import CACHE, OUTPUT, RUNTIME, SAMPLING, with_options
+from owl2_edge.cli.options import CACHE, CLIPS, OUTPUT, RUNTIME, SAMPLING, with_options
+from owl2_edge import clips
 from owl2_edge.errors import Owl2Error
 
 def report_answer(owl, stats, output: dict, text: str) -> None:
@@ -34,21 +35,22 @@ def report_answer(owl, stats, output: dict, text: str) -> None:
 
 
 @app.command("ask")
-@with_options(RUNTIME, SAMPLING, OUTPUT, CACHE)
+@with_options(RUNTIME, SAMPLING, OUTPUT, CACHE, CLIPS)
 def ask_cmd(
     args: list[str] = typer.Argument(..., metavar="IMAGE... QUESTION",
                                      help="Zero or more images, then the question."),
     raw: bool = typer.Option(False, "--raw", help="QUESTION is the whole prompt (no template); "
                                                   "<|image|> marks each image's place."),
     no_stream: bool = typer.Option(False, "--no-stream", help="Print the answer at the end."),
-    *, runtime: dict, sampling: dict, output: dict, cache: dict,
+    *, runtime: dict, sampling: dict, output: dict, cache: dict, clip: dict,
 ):
-    """Ask a question about images: owl2 ask photo.jpg "What is written on the sign?"."""
+    """Ask a question about images or clips: owl2 ask photo.jpg "What is written on the sign?"."""
     images, question = args[:-1], args[-1]
     streaming = not (no_stream or output["as_json"])
     pieces: list[str] = []
     try:
         check_sampling(sampling)
+        images = clips.sampled(images, **clip)  # refused before the model loads
         owl = load_owl(runtime, cache)
         answer = owl.stream(images, question, raw=raw, **sampling)
         for piece in answer:
@@ -66,17 +68,26 @@ def ask_cmd(
 
 
 @app.command("chat")
-@with_options(RUNTIME, SAMPLING, OUTPUT, CACHE)
+@with_options(RUNTIME, SAMPLING, OUTPUT, CACHE, CLIPS)
 def chat_cmd(
     image: Optional[Path] = typer.Argument(None, help="An image to talk about (more with /image)."),
     warm: bool = typer.Option(True, "--warm/--no-warm",
                               help="Read each picture as soon as it is given, while the question "
                                    "is typed (--no-warm: when the question is sent)."),
-    *, runtime: dict, sampling: dict, output: dict, cache: dict,
+    *, runtime: dict, sampling: dict, output: dict, cache: dict, clip: dict,
 ):
-    """Talk about images: /image PATH adds one, /clear starts over, /exit (or Ctrl-D) leaves."""
+    """Talk about images: /image PATH adds one (/video PATH a clip), /clear starts over, /exit
+    (or Ctrl-D) leaves."""
+
+    def sampled(path):
+        """A clip sampled as --frames/--start/--end say; a picture as it is."""
+        if any(v is not None for v in clip.values()) and clips.clip_kind(path) is not None:
+            return clips.Clip(path, **{k: v for k, v in clip.items() if v is not None})
+        return path
     try:
         check_sampling(sampling)
+        if image is not None:
+            image = sampled(image)
         owl = load_owl(runtime, cache)
         chat = owl.chat([image] if image else [], warm=warm)
     except Owl2Error as e:
@@ -95,9 +106,9 @@ def chat_cmd(
         if line == "/clear":
             chat.clear()
             continue
-        if line.startswith("/image"):
+        if line.startswith(("/image", "/video")):
             try:
-                chat.add_image(line[len("/image"):].strip())
+                chat.add_image(sampled(line[len("/image"):].strip()))  # a clip, or a picture
             except Owl2Error as e:
                 err.print(f"error: {e}", markup=False)
             continue

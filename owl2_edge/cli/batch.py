@@ -38,8 +38,8 @@ def batch_cmd(
                                            help="The question asked of every --images picture."),
     questions: Optional[Path] = typer.Option(
         None, "--questions", metavar="FILE.jsonl",
-        help='{"image": PATH or null, "question": TEXT} per line (paths relative to the file\'s '
-             "folder; other keys ignored; a line that is not valid Unicode gets an error row). "
+        help='{"image": PATH or null, "question": TEXT} per line ("video": PATH for a clip; '
+             "paths relative to the file's folder; other keys ignored; a line that is not valid Unicode gets an error row). "
              "Instead of --images and --question."),
     out: Path = typer.Option(..., "-o", "--out", metavar="OUT.jsonl", help=_BATCH_OUT_HELP),
     parallel: int = typer.Option(4, "--parallel",

@@ -22,6 +22,7 @@ from typing import Optional
 import typer
 
 from owl2_edge import names
+from owl2_edge.clips import DEFAULT_FRAMES, MAX_FRAMES
 from owl2_edge.disk_cache import parse_size
 from owl2_edge.errors import ArgumentError
 from owl2_edge.load_options import LoadOptions
@@ -101,6 +102,17 @@ OUTPUT = Group("output", (
          help="One JSON object per answer: text, token_ids, counts, timings."),
     _opt("verbose", bool, False, "--verbose", "-v", panel=_O,
          help="Load, vision, prefill and decode times and tokens/s on stderr."),
+))
+
+_V = "Clips (videos, animated pictures)"
+CLIPS = Group("clip", (
+    _opt("frames", Optional[int], None, "--frames", panel=_V,
+         help=f"Frames taken from each clip, evenly spaced in time (1-{MAX_FRAMES}; default "
+              f"{DEFAULT_FRAMES}); each takes an image's positions."),
+    _opt("start", Optional[float], None, "--start", panel=_V,
+         help="Take a clip's frames from this second on."),
+    _opt("end", Optional[float], None, "--end", panel=_V,
+         help="Take a clip's frames before this second."),
 ))
 
 

@@ -1,6 +1,6 @@
 """The routes of `owl2 serve`: an OpenAI-compatible API over one Owl2 (docs/design.md §13).
 
-    POST /v1/chat/completions   messages with text and image_url parts; stream: server-sent events
+    POST /v1/chat/completions   messages with text, image_url and video parts; stream: server-sent events
     POST /v1/completions        a raw prompt with <|image|> marks and an `images` list
     POST /v1/responses          OpenAI's Responses API (responses.py); /responses too
     POST /v1/warm               pictures read ahead while the question is typed (warm.py)
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import importlib.util
 import logging
 import time
 from collections import deque
@@ -37,7 +38,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from owl2_edge import openai_chat, tool_calls
+from owl2_edge import clips, openai_chat, tool_calls
 from owl2_edge.constraint_bounds import BOUNDS
 from owl2_edge.errors import (ArgumentError, ContextFullError, GrammarError, ImageError,
                               Owl2Error, PromptError)
@@ -283,6 +284,11 @@ async def props(request: Request, server: Server) -> Response:
                                  (field_table.RESPONSES,))},
         "image_forms": "image_url parts and `images` items: data: URLs, raw base64; file:// "
                        "only under --allow-path folders; http(s) only with --allow-remote-images",
+        "clips": {"parts": ["video_url", "input_video", "image_url (an animated picture)"],
+                  "frames_per_clip": clips.DEFAULT_FRAMES,
+                  "decode_seconds": clips.BOUNDS.seconds,
+                  "decode_memory_bytes": clips.BOUNDS.memory_bytes,
+                  "video": importlib.util.find_spec("av") is not None},
     })
 
 

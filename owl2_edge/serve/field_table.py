@@ -49,7 +49,8 @@ def _sampling(name: str, text: str, routes=EVERY) -> Field:
 
 FIELDS: tuple[Field, ...] = (
     # The input.
-    Field("messages", (CHAT,), "text and image_url parts; tool calls and tool results"),
+    Field("messages", (CHAT,), "text, image_url, video_url and input_video parts; tool calls and "
+                               "tool results"),
     Field("prompt", (COMPLETIONS,), "one string; <|image|> marks each image's place"),
     Field("images", (COMPLETIONS,), "the prompt's images in order (data:, base64, file://, http(s))"),
     Field("input", (RESPONSES,), "a string, or message, function_call and function_call_output "

@@ -157,12 +157,12 @@ class ImageReader:
 
 
 def count_image_parts(messages) -> int:
-    """The image_url parts of chat messages, counted before any is read (a request over the
+    """The image and clip parts of chat messages (image_url, video_url, input_video), counted before any is read (a request over the
     limit must not make the server download its first images)."""
     n = 0
     for m in messages if isinstance(messages, list) else ():
         content = m.get("content") if isinstance(m, dict) else None
         if isinstance(content, list):
             n += sum(1 for part in content if isinstance(part, dict)
-                     and part.get("type") == "image_url")
+                     and part.get("type") in ("image_url", "video_url", "input_video"))
     return n
