@@ -1,7 +1,7 @@
-"""A bounded run of the file fuzzer (tests/fuzz_model_files.py) on the tiny model: every mutated
-GGUF, manifest, ONNX or image must end in an answer or an Owl2Error; never another exception, a
-crash of the process or a hang. OWL2_FUZZ_SECONDS sets the budget (default 120); the README
-gives the longer run."""
+"""Bounded runs of the fuzzers on the tiny model. The file fuzzer (tests/fuzz_model_files.py):
+every mutated GGUF, manifest, ONNX or image must end in an answer or an Owl2Error; never another
+exception, a crash of the process or a hang. OWL2_FUZZ_SECONDS sets the budget (default 120);
+the README gives the longer run. Then the constraint fuzzer and the clip fuzzer."""
 
 import pytest
 
@@ -118,3 +118,46 @@ def test_constraints_through_the_api_and_the_server_are_refused_by_name_or_answe
     assert outcomes.get("refused", 0) > n // 10 and \
         sum(k for o, k in outcomes.items() if o.startswith("answered")) > n // 3
     assert not findings, "\n".join(findings[:30])
+
+
+def test_mutated_clips_are_refused_in_one_line_or_read_and_never_hurt_the_server(
+        tiny_server, tmp_path):
+    """The clip fuzzer (tests/fuzz_clips.py, issue 40): OWL2_FUZZ_CLIPS (default 150) mutated
+    MP4, WebM, MKV, MOV and GIF clips read as a user's clip: frames or one refusal line, within
+    the clip bounds' time; then every fifth mutant as a video_url part to the server: a 200 or
+    a 400, never a 5xx, and the server answers the next request."""
+    pytest.importorskip("av", reason="videos need PyAV (pip install 'owl2-edge[video]')")
+    import base64
+    import json
+    import random
+    import urllib.error
+    import urllib.request
+    from fuzz_clips import fuzz as fuzz_clips, mutate, seed_clips
+    n = int(os.environ.get("OWL2_FUZZ_CLIPS", "150"))
+    seed = int(os.environ.get("OWL2_FUZZ_SEED", "7"))
+    result = fuzz_clips(n, seed, tmp_path, log=lambda line: None)
+    print(f"fuzz clips: {result['outcomes']}, slowest {result['slowest']:.2f} s")
+    assert not result["findings"], "\n".join(map(str, result["findings"]))
+    outcomes = {outcome for _, outcome in result["outcomes"]}
+    assert outcomes == {"frames", "refused"}  # both reached; nothing escaped
+
+    def post(data: bytes):
+        body = {"model": "owl2", "max_tokens": 2, "temperature": 0, "messages": [
+            {"role": "user", "content": [
+                {"type": "video_url",
+                 "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(data).decode()}},
+                {"type": "text", "text": "What happens?"}]}]}
+        request = urllib.request.Request(tiny_server.url + "/v1/chat/completions",
+                                         json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+    rng = random.Random(seed)
+    seeds = seed_clips(tmp_path)
+    statuses = [post(mutate(rng, rng.choice(list(seeds.values())), list(seeds.values()))[1])
+                for _ in range(max(1, n // 5))]
+    assert set(statuses) <= {200, 400}, statuses
+    assert post(seeds[".mp4"]) == 200
