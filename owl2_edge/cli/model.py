@@ -299,9 +299,9 @@ def demo_cmd(
         if not question:
             clip = folder / "sample-clip.gif"
             frames = demo_image.save_sample_clip(clip)
-            console.print(f"[bold]clip:[/] {escape(str(clip))} ({len(frames)} frames, asked as "
-                          f"{len(frames)} pictures in time order)")
-            ask(frames, *demo_image.sample_clip_question())
+            console.print(f"[bold]clip:[/] {escape(str(clip))} (an animated GIF of "
+                          f"{len(frames)} frames: each is an image slot, in time order)")
+            ask(clip, *demo_image.sample_clip_question())
     except Owl2Error as e:
         raise fail(str(e))
     t = owl.stats.rates(owl.load_seconds)
