@@ -63,12 +63,15 @@ def post(url: str, body: dict, timeout: float = 120) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def attack(url: str, phase: str, worker: int, n_attackers: int, stop, reports) -> None:
+def attack(url: str, phase: str, worker: int, n_attackers: int, stop, ready, reports) -> None:
     """One attacker, in its own process (so that its requests' JSON work does not hold the
-    measuring process's GIL): hostile bodies in the attacked phase, ordinary ones in the loaded
-    phase, until `stop`; then its replies by status on `reports`."""
+    measuring process's GIL): once started (`ready` released: a process's start-up must not
+    fall on the victim's first requests), hostile bodies in the attacked phase, ordinary ones
+    in the loaded phase, until `stop`; then its replies by status on `reports`."""
     statuses: dict[int, int] = {}
     k = worker
+    hostile_bodies(k)  # built once before the phase: the bodies of the first round are ready
+    ready.release()
     while not stop.is_set():
         bodies = hostile_bodies(k) if phase == "attacked" else [{}] * 8
         for fields in bodies:
@@ -117,12 +120,16 @@ def main() -> None:
         phases: dict[str, list[float]] = {"idle": [], "loaded": [], "attacked": []}
         for _ in range(args.rounds):
             for phase in phases:
-                stop = spawn.Event()
+                stop, ready = spawn.Event(), spawn.Semaphore(0)
                 attackers = [spawn.Process(target=attack, daemon=True,
-                                           args=(url, phase, w, args.attackers, stop, reports))
+                                           args=(url, phase, w, args.attackers, stop, ready,
+                                                 reports))
                              for w in range(args.attackers if phase != "idle" else 0)]
                 for p in attackers:
                     p.start()
+                for _ in attackers:
+                    ready.acquire()
+                time.sleep(0.5)  # the attack under way
                 phases[phase] += [first_token_seconds(url, args.tokens)
                                   for _ in range(args.requests)]
                 stop.set()
