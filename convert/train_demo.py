@@ -4,6 +4,7 @@ questions about generated pictures of shapes and clips of them (owl2_edge/scenes
 
     python -m owl2_edge.convert.train_demo OUT_DIR [--seed 0] [--stage1-steps 1400]
                                                    [--stage2-steps 3200] [--stage3-steps 800]
+                                                   [--stage4-steps 1400]
                                                    [--init CHECKPOINT] [--threads N]
 
 OUT_DIR is a checkpoint in the release's layout (tiny.make_tiny_checkpoint writes it, with a
@@ -23,14 +24,19 @@ learn to read them, which its visual route (MAM, learning rate 3× the rest) doe
 minutes. Stage 2 trains on every kind of answer at once (plain questions, the picture as JSON,
 calls of the report_shape tool, clips); stage 3, at 0.3× the rate, dwells on the calls and the
 JSON, which stage 2 left weakest (a shape named by its colour, three shapes in one object).
+Stage 4, at 0.4× the rate, weighs each answer alike instead of each token (answer_loss: a
+call's or a JSON object's few deciding tokens were a tenth of a plain answer's weight), offers
+the tool in half the pictures, and asks the colour at a place as a plain question (the lookup
+a call by place makes first; color_at_questions, a training aid never scored).
 
 The schedules are cosine over STEPS (they were over wall time, which gave a faster machine a
 better model), so every machine makes the same steps on the same pictures and questions, and
 runs with one seed are alike everywhere (bit-equal only on one CPU at one thread count).
 `--init` starts from a checkpoint's weights (a stage of 0 steps is skipped): the committed model
-is stages 1-2 written to a checkpoint, then stage 3 from it (scripts/train_demo.sh), which
+is stages 1-2 written to a checkpoint, stage 3 from it, then stage 4 from that
+(scripts/train_demo.sh: each stage was added once the one before it had been seen), which
 differs from one uninterrupted run by the bfloat16 rounding of the weights between them and the
-random draws of stage 3. Times are in docs/measurements.md ("The demo model's training runs").
+random draws of stages 3 and 4. Times are in docs/measurements.md ("The demo model's training runs").
 """
 
 from __future__ import annotations
@@ -250,6 +256,14 @@ def tool_dialogue_questions(rng: random.Random, scene: scenes.Scene, turns: int,
     return [rng.choice(calls if rng.random() < call_share else plain) for _ in range(turns)]
 
 
+def color_at_questions(scene: scenes.Scene) -> list[scenes.Question]:
+    """A training aid of stage 4, never scored: "What color is the shape on the left?" ->
+    "Red.", the lookup a call by place makes for its first argument, asked where the answer
+    follows at once."""
+    return [scenes.Question("color_at", f"What color is the shape {scenes.PLACE_PHRASES[t.place]}?",
+                            f"{t.color.capitalize()}.") for t in scene.things]
+
+
 @dataclass
 class TextBatch:
     """Rows of spliced sequences, right-padded: token ids where the position is text, the index
@@ -260,12 +274,13 @@ class TextBatch:
     rows: torch.Tensor         # [A] the row of each answer token
     predicted_at: torch.Tensor # [A] the position whose logits predict it
     targets: torch.Tensor      # [A] the token
+    answer_of: torch.Tensor    # [A] which answer (numbered across the batch) the token is in
 
 
 def text_batch(dialogues: list[Dialogue], n_visual: int, eos: int) -> TextBatch:
     """The dialogues' ids spliced as the runtime splices them: each IMAGE_TOKEN_ID becomes the
     next image's n_visual positions, the images numbered across the batch in row order."""
-    spliced, answers, image = [], [], 0
+    spliced, answers, answer_of, image = [], [], [], 0
     for d in dialogues:
         seq, pos_of = [], []
         for tok in d.ids:
@@ -277,6 +292,8 @@ def text_batch(dialogues: list[Dialogue], n_visual: int, eos: int) -> TextBatch:
                 seq.append(tok)
         spliced.append(seq)
         answers.append([(pos_of[i] - 1, d.ids[i]) for a, b in d.answer_spans for i in range(a, b)])
+        first = answer_of[-1] + 1 if answer_of else 0
+        answer_of.extend(first + k for k, (a, b) in enumerate(d.answer_spans) for _ in range(a, b))
     length = max(len(x) for x in spliced)
     grid = torch.full((len(spliced), length), eos, dtype=torch.long)
     for i, seq in enumerate(spliced):
@@ -287,7 +304,8 @@ def text_batch(dialogues: list[Dialogue], n_visual: int, eos: int) -> TextBatch:
                      image_rows=torch.where(is_image, -grid - 1, -1),
                      rows=torch.tensor(rows),
                      predicted_at=torch.tensor([p for a in answers for p, _ in a]),
-                     targets=torch.tensor([t for a in answers for _, t in a]))
+                     targets=torch.tensor([t for a in answers for _, t in a]),
+                     answer_of=torch.tensor(answer_of))
 
 
 # --- The forward pass, batched (the reference's math, checked against it at start) --------------
@@ -332,10 +350,20 @@ def splice(dec: reference.MamDecoder, batch: TextBatch, image_embeds: torch.Tens
     return embeds, visual
 
 
-def answer_loss(dec, batch: TextBatch, image_embeds) -> torch.Tensor:
+def answer_loss(dec, batch: TextBatch, image_embeds, per_answer: bool = False) -> torch.Tensor:
+    """The mean loss per answer token, or with per_answer the mean over answers of each
+    answer's summed token losses: a call's or a JSON object's few deciding tokens (a colour, a
+    shape among forty tokens of syntax the model already writes) then weigh as much as a plain
+    answer's one word, instead of a tenth of it."""
     embeds, visual = splice(dec, batch, image_embeds)
     logits = decoder_logits(dec, embeds, visual)
-    return F.cross_entropy(logits[batch.rows, batch.predicted_at], batch.targets)
+    token_losses = F.cross_entropy(logits[batch.rows, batch.predicted_at], batch.targets,
+                                   reduction="none")
+    if not per_answer:
+        return token_losses.mean()
+    n_answers = int(batch.answer_of.max()) + 1
+    summed = token_losses.new_zeros(n_answers).index_add_(0, batch.answer_of, token_losses)
+    return summed.mean()
 
 
 def check_batched_math(model: reference.Owl2Reference, sp, cfg: Owl2Config) -> None:
@@ -421,6 +449,8 @@ class Mix:
     clips: int            # clips of 2-8 frames (one count per step), `clip_turns` each
     tool_turns: int = 2
     call_share: float = 0.5   # of the tool dialogues' turns that ask for a call
+    per_answer: bool = False  # the loss per answer rather than per token (answer_loss)
+    color_at: bool = False    # color_at_questions among the plain questions
 
 
 @dataclass
@@ -428,11 +458,17 @@ class Recipe:
     stage1_steps: int = 1400
     stage2_steps: int = 3200
     stage3_steps: int = 800
+    stage4_steps: int = 1400
     stage1_batch: int = 64
     stage2_mix: Mix = Mix(plain=20, json=6, tools=4, clips=8)
     # Stage 3 dwells on what stage 2 left weakest (a shape named by its colour or place in a
     # call, and the three-shape JSON), keeping some of everything.
     stage3_mix: Mix = Mix(plain=8, json=12, tools=12, clips=4, tool_turns=3, call_share=0.75)
+    # Stage 4 weighs each answer alike (answer_loss): the deciding tokens of calls and JSON
+    # were a tenth of a plain answer's weight in stages 2-3, and stayed wrong on the training
+    # pictures themselves. Calls in most tool turns, and the colour at a place asked plainly.
+    stage4_mix: Mix = Mix(plain=10, json=8, tools=20, clips=4, tool_turns=2, call_share=0.8,
+                          per_answer=True, color_at=True)
     turns: int = 3
     clip_turns: int = 2
     vision_lr: float = 2e-3
@@ -440,6 +476,7 @@ class Recipe:
     lr: float = 1e-3
     visual_route_lr: float = 3e-3
     stage3_lr_scale: float = 0.3
+    stage4_lr_scale: float = 0.4
     aux_weight: float = 0.5   # stage 2; stage 3 trains on the answers alone
 
 
@@ -475,7 +512,9 @@ def train(cfg: Owl2Config, sp, recipe: Recipe, seed: int = 0,
             aux, acc = heads.loss_and_hits(image_embeds[:len(picked)], targets)
             a, b = mix.plain, mix.plain + mix.json
             families = [
-                [dialogue(sp, _asked(rng, sc.questions(), recipe.turns)) for sc in picked[:a]],
+                [dialogue(sp, _asked(rng, sc.questions() + (color_at_questions(sc) if mix.color_at
+                                                            else []), recipe.turns))
+                 for sc in picked[:a]],
                 [dialogue(sp, [scenes.json_question(sc)]) for sc in picked[a:b]],
                 [dialogue(sp, tool_dialogue_questions(rng, sc, mix.tool_turns, mix.call_share),
                           system=tools) for sc in picked[b:]],
@@ -486,7 +525,7 @@ def train(cfg: Owl2Config, sp, recipe: Recipe, seed: int = 0,
             # them.
             bounds = [0, a, b, len(picked), len(picked) + len(frames)]
             losses = [answer_loss(model.decoder, text_batch(ds, cfg.n_visual, eos),
-                                  image_embeds[bounds[i]:bounds[i + 1]])
+                                  image_embeds[bounds[i]:bounds[i + 1]], mix.per_answer)
                       for i, ds in enumerate(families) if ds]
             ans = sum(losses) / len(losses)
             loss = ans + aux_weight * aux if aux_weight else ans
@@ -508,6 +547,11 @@ def train(cfg: Owl2Config, sp, recipe: Recipe, seed: int = 0,
         # Stage 3: everything, on the answers, at a lower rate, dwelling on calls and JSON.
         scale = recipe.stage3_lr_scale
         _run_stage("stage 3", recipe.stage3_steps, answers(recipe.stage3_mix, 0.0),
+                   _groups(model.named_parameters(), recipe.lr * scale,
+                           recipe.visual_route_lr * scale), bar)
+        # Stage 4: the same, each answer weighing alike.
+        scale = recipe.stage4_lr_scale
+        _run_stage("stage 4", recipe.stage4_steps, answers(recipe.stage4_mix, 0.0),
                    _groups(model.named_parameters(), recipe.lr * scale,
                            recipe.visual_route_lr * scale), bar)
     return model.eval().requires_grad_(False)  # the heads are not part of the model
@@ -559,6 +603,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stage1-steps", type=int, default=Recipe.stage1_steps)
     parser.add_argument("--stage2-steps", type=int, default=Recipe.stage2_steps)
     parser.add_argument("--stage3-steps", type=int, default=Recipe.stage3_steps)
+    parser.add_argument("--stage4-steps", type=int, default=Recipe.stage4_steps)
     parser.add_argument("--init", type=Path, default=None,
                         help="start from this checkpoint's weights (one this script wrote)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -572,7 +617,7 @@ def main(argv: list[str] | None = None) -> None:
     sp_bytes = tokenizer_model()
     sp = spm.SentencePieceProcessor(model_proto=sp_bytes)
     recipe = Recipe(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
-                    stage3_steps=args.stage3_steps)
+                    stage3_steps=args.stage3_steps, stage4_steps=args.stage4_steps)
     init = None
     if args.init is not None:
         from owl2_edge.convert.checkpoint import Checkpoint

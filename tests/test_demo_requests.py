@@ -16,17 +16,17 @@ from owl2_edge.prompt import TOOLS_INTRO, Turn, render, tool_call_text, tools_te
 from owl2_edge.scenes import Clip, Scene, Thing
 
 N_PER_TYPE = 100
-# Held-out accuracy each type must reach on these questions, per decoder type. Measured at F32 on
-# 200 per type (docs/measurements.md, "The demo model's training runs", run 9): JSON 0.910 (free
-# and under the schema alike), calls 0.645 (the issue's 0.95 is not reached: by place 0.53, by
-# colour 0.83), plain replies with the tool offered 0.975, clips at 4 frames 0.960 / 0.965 /
-# 0.990. The bounds leave a few answers' room for float differences between machines, and Q4_K_M
-# a little more.
+# Held-out accuracy each type must reach on these questions, per decoder type. Measured on 200
+# per type (docs/measurements.md, "The demo model's training runs", run 10), F32 / Q4_K_M: JSON
+# 0.975 / 0.965 (free and under the schema alike), calls 0.82 / 0.815 (the issue's 0.95 is not
+# reached), plain replies with the tool offered 0.98 / 0.975, clips at 4 frames 0.995 / 0.985 /
+# 0.975 and 0.995 / 0.985 / 0.97. The bounds leave a few answers' room for the 100 asked here
+# and for float differences between machines.
 BOUNDS = {
-    "F32": {"json": 0.85, "json_schema": 0.85, "tool_call": 0.55, "tool_reply": 0.93,
-            "clip_move": 0.9, "clip_appear": 0.9, "clip_disappear": 0.93},
-    "Q4_K_M": {"json": 0.83, "json_schema": 0.83, "tool_call": 0.5, "tool_reply": 0.9,
-               "clip_move": 0.88, "clip_appear": 0.88, "clip_disappear": 0.9},
+    "F32": {"json": 0.92, "json_schema": 0.92, "tool_call": 0.72, "tool_reply": 0.93,
+            "clip_move": 0.95, "clip_appear": 0.93, "clip_disappear": 0.92},
+    "Q4_K_M": {"json": 0.9, "json_schema": 0.9, "tool_call": 0.7, "tool_reply": 0.92,
+               "clip_move": 0.93, "clip_appear": 0.92, "clip_disappear": 0.9},
 }
 
 
