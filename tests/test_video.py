@@ -149,6 +149,20 @@ def test_damaged_and_hostile_clips_are_refused_in_one_line(clip_files, tmp_path)
 
 
 @needs_pyav
+def test_empty_and_mislabelled_files_take_the_picture_path_and_its_one_line(demo, tmp_path):
+    """A zero-length file and text named .mp4 are no clip (by content): the picture path
+    refuses them as it refuses any file that is not a picture, in one line."""
+    from owl2_edge.errors import ImageError
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "notes.mp4").write_text("not a video at all\n")
+    for name in ("empty.mp4", "notes.mp4"):
+        assert clips.clip_kind(tmp_path / name) is None
+        with pytest.raises(ImageError) as e:
+            demo.ask(tmp_path / name, "What happens?")
+        assert name in str(e.value) and "\n" not in str(e.value)
+
+
+@needs_pyav
 def test_the_bounds_end_a_decode(clip_files, monkeypatch):
     long_frames = [Image.new("RGB", (32, 32), (i % 256, 0, 0)) for i in range(60)]
     path = Path(clip_files["mp4"]).with_name("long.mkv")
