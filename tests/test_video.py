@@ -307,6 +307,20 @@ def test_batch_rows_name_a_video(demo_model_dir, clip_files, tmp_path):
     assert r.returncode == 0, r.stderr
     answers = [json.loads(line) for line in out.read_text().splitlines()]
     assert [a["answer"] for a in sorted(answers, key=lambda a: a["index"])] == [answer, answer]
+    assert {a["image"] for a in answers} == {str(clip_files["mp4"]), str(clip_files["gif"])}
+    # --frames samples each clip (2 frames: fewer positions), and the rows name the files.
+    out2 = tmp_path / "out2.jsonl"
+    r = _owl2("batch", "-m", demo_model_dir, "--questions", rows, "-o", out2, "--frames", 2)
+    assert r.returncode == 0, r.stderr
+    two = [json.loads(line) for line in out2.read_text().splitlines()]
+    assert all(b["prompt_tokens"] < a["prompt_tokens"] for a, b in zip(
+        sorted(answers, key=lambda a: a["index"]), sorted(two, key=lambda a: a["index"])))
+    assert {a["image"] for a in two} == {str(clip_files["mp4"]), str(clip_files["gif"])}
+    pictures = tmp_path / "p.jsonl"
+    pictures.write_text(json.dumps({"image": str(clip_files["frame0"]), "question": "Go."}) + "\n")
+    r = _owl2("batch", "-m", demo_model_dir, "--questions", pictures, "-o", tmp_path / "o3.jsonl",
+              "--frames", 2)
+    assert r.returncode == 1 and "no input is one" in r.stderr
 
 
 # --- The server ---------------------------------------------------------------------------------

@@ -83,7 +83,9 @@ def as_items(items: Iterable) -> Iterator[BatchItem]:
 
 
 def image_label(image) -> str | None:
-    """The "image" of an item's result and row: str(path) for a path, None otherwise."""
+    """The "image" of an item's result and row: str(path) for a path (a clip's too), None
+    otherwise."""
+    image = getattr(image, "source", image)  # a clips.Clip: its file
     return str(image) if isinstance(image, (str, os.PathLike)) else None
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 import typer
 
 from owl2_edge.cli.app import EXIT_INTERRUPTED, app, check_sampling, err, fail
-from owl2_edge.cli.options import CACHE, RUNTIME, SAMPLING, load_kwargs, with_options
+from owl2_edge.cli.options import CACHE, CLIPS, RUNTIME, SAMPLING, load_kwargs, with_options
 from owl2_edge.errors import Owl2Error
 
 _BATCH_OUT_HELP = ("JSONL to write (a regular file, not a folder or a device): one row per input "
@@ -28,7 +28,7 @@ _RAY_ADDRESS_HELP = ("The Ray cluster to run on (implies --ray): auto, ray://HOS
 
 
 @app.command("batch")
-@with_options(RUNTIME, SAMPLING, CACHE)
+@with_options(RUNTIME, SAMPLING, CACHE, CLIPS)
 def batch_cmd(
     images: Optional[Path] = typer.Option(
         None, "--images", metavar="FOLDER|FILE.txt",
@@ -54,7 +54,7 @@ def batch_cmd(
     ray_actors: int = typer.Option(1, "--ray-actors",
                                    help="With --ray: model copies (Ray actors), one Owl2 each."),
     as_json: bool = typer.Option(False, "--json", help="The summary as one JSON object on stdout."),
-    *, runtime: dict, sampling: dict, cache: dict,
+    *, runtime: dict, sampling: dict, cache: dict, clip: dict,
 ):
     """Answer many questions into a resumable JSONL: owl2 batch --images pics/ --question
     "What is this?" -o answers.jsonl."""
@@ -66,6 +66,7 @@ def batch_cmd(
     try:
         items, load = _batch_setting(images, question, questions, parallel, ray, ray_actors,
                                      runtime, sampling, cache)
+        items = _sampled(items, clip)
         with Output.open(out, items, retry_errors) as output:
             todo, refused = run.split_refused(run.pending(items, output))
             with _batch_progress(len(items), len(output.done)) as on_row:
@@ -110,6 +111,24 @@ def _batch_setting(images, question, questions, parallel, ray, ray_actors, runti
         import_ray()
         Manifest.load(load["path"] or default_model_path())  # here, not in every actor
     return items, load
+
+
+def _sampled(items: list, clip: dict) -> list:
+    """With --frames/--start/--end, each item whose file is a clip asks about it so sampled
+    (refused when none is: the options would be ignored)."""
+    if all(v is None for v in clip.values()):
+        return items
+    import dataclasses
+
+    from owl2_edge import clips
+    given = {k: v for k, v in clip.items() if v is not None}
+    out = [dataclasses.replace(item, image=clips.Clip(item.image, **given))
+           if item.image is not None and clips.clip_kind(item.image) is not None else item
+           for item in items]
+    if not any(isinstance(item.image, clips.Clip) for item in out):
+        raise Owl2Error(f"{', '.join('--' + k for k in given)} sample a clip (a video or an "
+                        f"animated picture), and no input is one")
+    return out
 
 
 def _local_rows(load: dict, todo, parallel: int, sampling: dict):
