@@ -217,10 +217,15 @@ def _frames_of(out: bytes, name: str) -> list[Image.Image]:
     return frames
 
 
-# Decoded clips kept (a chat asks about the same clip turn after turn), least recent first.
-_KEPT = 8
+# Decoded clips kept (a chat asks about the same clip turn after turn), least recent first: the
+# last 8, within 256 MiB of frames (32 frames of 2 x 1080p are 400 MiB: such a clip is not kept).
+_KEPT, _KEPT_BYTES = 8, 256 * 2**20
 _kept: collections.OrderedDict = collections.OrderedDict()
 _kept_lock = threading.Lock()
+
+
+def _frames_bytes(frames: list[Image.Image]) -> int:
+    return sum(f.width * f.height * 3 for f in frames)
 
 
 def _identity(source) -> tuple:
@@ -249,7 +254,7 @@ def read_frames(clip: Clip, kind: str | None = None) -> list[Image.Image]:
     frames = _decode(clip, kind, source)
     with _kept_lock:
         _kept[key] = frames
-        while len(_kept) > _KEPT:
+        while len(_kept) > _KEPT or sum(map(_frames_bytes, _kept.values())) > _KEPT_BYTES:
             _kept.popitem(last=False)
     return list(frames)
 

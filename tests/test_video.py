@@ -386,3 +386,15 @@ def test_a_video_without_pyav_says_how_to_add_it(tmp_path):
     assert clips.clip_kind(path) == "video"
     with pytest.raises(ClipError, match=r"needs PyAV \(pip install 'owl2-edge\[video\]'"):
         clips.read_frames(Clip(path))
+
+
+@needs_pyav
+def test_decoded_clips_kept_are_bounded_in_bytes(clip_files, monkeypatch):
+    """The kept decoded clips stay within their byte bound: a clip over it is not kept."""
+    monkeypatch.setattr(clips, "_kept", __import__("collections").OrderedDict())
+    monkeypatch.setattr(clips, "_KEPT_BYTES", 4 * 336 * 336 * 3)  # one 4-frame sample clip
+    clips.read_frames(Clip(clip_files["gif"]))
+    assert len(clips._kept) == 1
+    clips.read_frames(Clip(clip_files["mp4"]))  # the two together are over: the older goes
+    assert len(clips._kept) == 1 and next(iter(clips._kept))[0][0] == "path"
+    assert str(clip_files["mp4"]) in next(iter(clips._kept))[0][1]
