@@ -190,7 +190,10 @@ def _decode(clip: Clip, kind: str, source) -> list[Image.Image]:
     if done.returncode == EXIT_REFUSED:
         raise ClipError(f"{name}: {why}")
     if done.returncode < 0:
-        signame = signal.Signals(-done.returncode).name
+        try:
+            signame = signal.Signals(-done.returncode).name
+        except ValueError:  # a signal without a name here
+            signame = f"signal {-done.returncode}"
         if signame == "SIGXCPU":
             raise ClipError(f"{name}: decoding took more than {BOUNDS.cpu_seconds} s of CPU time")
         raise ClipError(f"{name}: the {kind} decoder crashed on it ({signame})")

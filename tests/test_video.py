@@ -183,6 +183,18 @@ def test_the_bounds_end_a_decode(clip_files, monkeypatch):
 
 
 @needs_pyav
+def test_a_decoder_killed_by_a_signal_is_one_line(clip_files, monkeypatch):
+    """A CPU-time limit the child has already passed: the kernel kills it (SIGXCPU), as it
+    would a decoder spinning; the caller gets one line and goes on."""
+    monkeypatch.setattr(clips, "BOUNDS", ClipBounds(cpu_seconds=0))
+    with pytest.raises(ClipError, match="more than 0 s of CPU time") as e:
+        clips.read_frames(Clip(clip_files["webm"], frames=3))
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(clips, "BOUNDS", ClipBounds())
+    assert len(clips.read_frames(Clip(clip_files["webm"], frames=3))) == 3
+
+
+@needs_pyav
 def test_a_decoder_that_runs_out_of_memory_is_one_line(clip_files, monkeypatch):
     monkeypatch.setattr(clips, "BOUNDS", ClipBounds(memory_bytes=64 * 2**20))
     with pytest.raises(ClipError) as e:
