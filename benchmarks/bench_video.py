@@ -23,7 +23,6 @@ A benchmark, not a test: it asserts nothing about time.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import random
@@ -32,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -151,7 +149,7 @@ def _vision_batch(model: Path, frames, threads: int | None) -> dict[int, float]:
 
 
 def hostile(args) -> None:
-    from fuzz_clips import mutate, seed_clips
+    from fuzz_clips import mutate, post_clip, seed_clips
     from owl2_edge.model_dir import default_model_path
     from serve_clients import ServerProcess, free_port, owl2_serve_argv
     model = args.model or default_model_path()
@@ -165,19 +163,7 @@ def hostile(args) -> None:
         url = f"http://127.0.0.1:{port}"
 
         def post(data: bytes) -> int:
-            body = {"model": "owl2", "max_tokens": 4, "temperature": 0, "messages": [
-                {"role": "user", "content": [
-                    {"type": "video_url", "video_url": {
-                        "url": "data:video/mp4;base64," + base64.b64encode(data).decode()}},
-                    {"type": "text", "text": "Which way does the square move?"}]}]}
-            request = urllib.request.Request(url + "/v1/chat/completions",
-                                             json.dumps(body).encode(),
-                                             {"Content-Type": "application/json"})
-            try:
-                with urllib.request.urlopen(request, timeout=120) as r:
-                    return r.status
-            except urllib.error.HTTPError as e:
-                return e.code
+            return post_clip(url, data, "Which way does the square move?", max_tokens=4)
         t = time.perf_counter()
         for _ in range(args.n):
             data = mutate(rng, rng.choice(list(seeds.values())), list(seeds.values()))[1]

@@ -292,32 +292,26 @@ def expand(prompt: str, images) -> tuple[str, list, int]:
     """Each clip among `images` (a Clip, or a path / bytes whose content is a clip) -> its
     frames, and the clip's <|image|> mark in `prompt` -> one mark per frame, in a row (the form
     the demo model was trained on). A clip given bare gives DEFAULT_FRAMES over its whole
-    length (a Clip says its own). Returns (prompt, images, the number of frames clips gave). Pictures pass unchanged;
-    with as many marks as images, or none (the template puts them first), else the prompt is
-    left for the image-count check to refuse."""
+    length (a Clip says its own). Returns (prompt, images, the number of frames clips gave).
+    Pictures pass unchanged. The marks are rewritten when there is one per image; otherwise
+    the prompt is left for the image-count check to refuse."""
     images = list(images)
-    found = [(i, image if isinstance(image, Clip) else None, clip_kind(image))
-             for i, image in enumerate(images)]
-    found = [(i, c, kind) for i, c, kind in found if kind is not None]
-    if not found:
-        return prompt, images, 0
-    per_image = [1] * len(images)
-    out_images: list = []
-    by_index = {i: (c, kind) for i, c, kind in found}
-    for i, image in enumerate(images):
-        if i not in by_index:
+    per_image, out_images, from_clips = [], [], 0  # slots per image; the images; clips' frames
+    for image in images:
+        kind = clip_kind(image)
+        if kind is None:
+            per_image.append(1)
             out_images.append(image)
             continue
-        given, kind = by_index[i]
-        clip = given or Clip(image)
-        clip_frames = read_frames(clip, kind)
-        per_image[i] = len(clip_frames)
+        clip_frames = read_frames(image if isinstance(image, Clip) else Clip(image), kind)
+        per_image.append(len(clip_frames))
         out_images.extend(clip_frames)
+        from_clips += len(clip_frames)
     parts = prompt.split(names.IMAGE_PLACEHOLDER)
     if len(parts) - 1 == len(images):
         prompt = parts[0] + "".join(names.IMAGE_PLACEHOLDER * n + part
                                     for n, part in zip(per_image, parts[1:]))
-    return prompt, out_images, sum(per_image[i] for i in by_index)
+    return prompt, out_images, from_clips
 
 
 __all__ = ["BOUNDS", "Clip", "ClipBounds", "ClipError", "DEFAULT_FRAMES", "MAX_FRAMES",

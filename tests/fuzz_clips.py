@@ -9,9 +9,13 @@ never another exception, a crash of this process, or a read beyond the clip boun
 
 from __future__ import annotations
 
+import base64
+import json
 import random
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from PIL import Image
@@ -71,6 +75,23 @@ def mutate(rng: random.Random, data: bytes, others: list[bytes]) -> tuple[str, b
         n = rng.randint(1, 1024)
         b[i:i + n] = bytes(min(n, len(b) - i))
     return how, bytes(b)
+
+
+def post_clip(url: str, data: bytes, question: str, max_tokens: int) -> int:
+    """A clip's bytes as a video_url part of a chat request to the server at `url` (loopback):
+    the reply's HTTP status."""
+    body = {"model": "owl2", "max_tokens": max_tokens, "temperature": 0, "messages": [
+        {"role": "user", "content": [
+            {"type": "video_url",
+             "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(data).decode()}},
+            {"type": "text", "text": question}]}]}
+    request = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
 
 
 def fuzz(n: int, seed: int, folder: Path, log=print) -> dict:

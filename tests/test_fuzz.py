@@ -127,12 +127,8 @@ def test_mutated_clips_are_refused_in_one_line_or_read_and_never_hurt_the_server
     the clip bounds' time; then every fifth mutant as a video_url part to the server: a 200 or
     a 400, never a 5xx, and the server answers the next request."""
     pytest.importorskip("av", reason="videos need PyAV (pip install 'owl2-edge[video]')")
-    import base64
-    import json
     import random
-    import urllib.error
-    import urllib.request
-    from fuzz_clips import fuzz as fuzz_clips, mutate, seed_clips
+    from fuzz_clips import fuzz as fuzz_clips, mutate, post_clip, seed_clips
     n = int(os.environ.get("OWL2_FUZZ_CLIPS", "150"))
     seed = int(os.environ.get("OWL2_FUZZ_SEED", "7"))
     result = fuzz_clips(n, seed, tmp_path, log=lambda line: None)
@@ -141,20 +137,8 @@ def test_mutated_clips_are_refused_in_one_line_or_read_and_never_hurt_the_server
     outcomes = {outcome for _, outcome in result["outcomes"]}
     assert outcomes == {"frames", "refused"}  # both reached; nothing escaped
 
-    def post(data: bytes):
-        body = {"model": "owl2", "max_tokens": 2, "temperature": 0, "messages": [
-            {"role": "user", "content": [
-                {"type": "video_url",
-                 "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(data).decode()}},
-                {"type": "text", "text": "What happens?"}]}]}
-        request = urllib.request.Request(tiny_server.url + "/v1/chat/completions",
-                                         json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=120) as r:
-                return r.status
-        except urllib.error.HTTPError as e:
-            return e.code
+    def post(data: bytes) -> int:
+        return post_clip(tiny_server.url, data, "What happens?", max_tokens=2)
     rng = random.Random(seed)
     seeds = seed_clips(tmp_path)
     statuses = [post(mutate(rng, rng.choice(list(seeds.values())), list(seeds.values()))[1])
