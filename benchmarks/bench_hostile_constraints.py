@@ -17,6 +17,7 @@ loaded, and the attackers' requests by status (every one must be 200 or 400: a 5
 a finding).
 
     python benchmarks/bench_hostile_constraints.py [-m MODEL_DIR] [--requests 40] [--rounds 2]
+                                                   [--attacker-nice 0]
 
 A benchmark, not a test: it asserts nothing about time. Traffic goes to 127.0.0.1 only, bounded
 by --requests and --rounds. Default model: the demo model.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -63,11 +65,15 @@ def post(url: str, body: dict, timeout: float = 120) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def attack(url: str, phase: str, worker: int, n_attackers: int, stop, ready, reports) -> None:
+def attack(url: str, phase: str, worker: int, n_attackers: int, stop, ready, reports,
+           nice: int = 0) -> None:
     """One attacker, in its own process (so that its requests' JSON work does not hold the
     measuring process's GIL): once started (`ready` released: a process's start-up must not
     fall on the victim's first requests), hostile bodies in the attacked phase, ordinary ones
-    in the loaded phase, until `stop`; then its replies by status on `reports`."""
+    in the loaded phase, until `stop`; then its replies by status on `reports`. `nice`: its own
+    OS priority (19 stands in for an attacker on another machine: its client's work then takes
+    only what the server and the victim leave, and what the server does for it still counts)."""
+    os.nice(nice)
     statuses: dict[int, int] = {}
     k = worker
     hostile_bodies(k)  # built once before the phase: the bodies of the first round are ready
@@ -106,6 +112,8 @@ def main() -> None:
     parser.add_argument("--attackers", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--attacker-nice", type=int, default=0,
+                        help="the attacker processes' OS priority (19: as if on another machine)")
     args = parser.parse_args()
     model = args.model or str(default_model_path())
     proc = subprocess.Popen([sys.executable, "-m", "owl2_edge.cli", "serve", "-m", model,
@@ -123,7 +131,7 @@ def main() -> None:
                 stop, ready = spawn.Event(), spawn.Semaphore(0)
                 attackers = [spawn.Process(target=attack, daemon=True,
                                            args=(url, phase, w, args.attackers, stop, ready,
-                                                 reports))
+                                                 reports, args.attacker_nice))
                              for w in range(args.attackers if phase != "idle" else 0)]
                 for p in attackers:
                     p.start()
@@ -144,7 +152,7 @@ def main() -> None:
             return values[min(len(values) - 1, int(q * len(values)))]
         props = json.loads(urllib.request.urlopen(url + "/props", timeout=60).read())
         print(f"owl2 serve on {props['model']['id']}, {args.threads} threads, parallel 4; "
-              f"{args.attackers} attackers; {args.rounds} x {args.requests} victim requests "
+              f"{args.attackers} attackers at nice {args.attacker_nice}; {args.rounds} x {args.requests} victim requests "
               f"per phase")
         print("| phase | p50 first token | p95 first token |")
         print("|---|---:|---:|")

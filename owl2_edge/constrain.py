@@ -29,11 +29,13 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from owl2_edge.constraint_bounds import BOUNDS, check_grammar_text, check_schema, check_size
+from owl2_edge.constraint_bounds import BOUNDS, check_schema, check_size
 from owl2_edge.errors import GrammarError, Owl2Error
+from owl2_edge.grammar_worker import first_line, lark_of
 
 # The template's answer starts right after "ASSISTANT:" and the model's first token carries
 # sentencepiece's word-start space (answer.py strips it from the text): the grammar lets the
@@ -119,10 +121,12 @@ class Constraint:
         self._first_allowed: np.ndarray | None = None
 
     @classmethod
-    def compile(cls, spec: ConstraintSpec, tokenizer) -> "Constraint":
+    def compile(cls, spec: ConstraintSpec, tokenizer,
+                to_lark: Callable[[str, str], str] = lark_of) -> "Constraint":
         """GrammarError when the spec cannot be compiled within BOUNDS, or its first mask
         cannot be computed. Slow for a large grammar (up to about a second): call it off any
-        thread that others wait on."""
+        thread that others wait on. `to_lark(text, field)` turns a grammar into Lark (the server
+        passes its child process's, grammar_worker.LarkWorker)."""
         from llguidance import LLMatcher
         if spec.kind == "json_schema":
             schema = json.loads(spec.source)
@@ -133,20 +137,13 @@ class Constraint:
                 schema.setdefault("x-guidance", JSON_LAYOUT)
             answer = {"json_schema": schema}
         else:
-            from llguidance.gbnf_to_lark import any_to_lark
-            check_grammar_text(spec.source, spec.field)  # before the (Python) converter
-            try:
-                lark = any_to_lark(spec.source)  # GBNF, or Lark as it is
-            except Exception as e:  # its converter's errors are plain exceptions
-                raise GrammarError(f"{spec.field} cannot be compiled: {_first_line(e)}",
-                                   spec.field) from None
-            answer = {"lark_grammar": lark}
+            answer = {"lark_grammar": to_lark(spec.source, spec.field)}
         grammar = json.dumps({"grammars": [{"lark_grammar": _LEADING_SPACE},
                                            {"name": "answer", **answer}]})
         llg, limits = grammar_tokenizer(tokenizer), BOUNDS.parser_limits()
         error, messages = LLMatcher.validate_grammar_with_warnings(grammar, llg, limits=limits)
         if error:
-            raise GrammarError(f"{spec.field} cannot be compiled: {_first_line(messages[0])}",
+            raise GrammarError(f"{spec.field} cannot be compiled: {first_line(messages[0])}",
                                spec.field)
         constraint = cls(spec, LLMatcher(llg, grammar, log_level=0, limits=limits),
                          tokenizer.n_vocab)
@@ -176,7 +173,7 @@ class ConstraintState:
     def _check(self) -> None:
         if self.matcher.is_error():
             raise GrammarError(f"{self.field}: the grammar engine stopped: "
-                               f"{_first_line(self.matcher.get_error())}", self.field)
+                               f"{first_line(self.matcher.get_error())}", self.field)
 
     def allowed(self) -> np.ndarray:
         """bool [n_vocab]: the tokens the grammar allows next (EOS only where it accepts)."""
@@ -199,7 +196,7 @@ class ConstraintState:
             # A token the mask allowed was refused: a limit reached (or a bug); the answer ends.
             self._check()
             raise Owl2Error(f"the grammar refused token {token}: "
-                            f"{_first_line(self.matcher.get_error())}")
+                            f"{first_line(self.matcher.get_error())}")
 
     @property
     def complete(self) -> bool:
@@ -222,11 +219,6 @@ def grammar_tokenizer(tokenizer):
                 llg = lltokenizer_from_vocab(tokenizer.vocab, eos_token=tokenizer.eos_id)
             _tokenizers[tokenizer] = llg
         return llg
-
-
-def _first_line(message) -> str:
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    return " ".join(lines[:3])[:300] if lines else "unknown error"
 
 
 __all__ = ["BOUNDS", "ConstraintSpec", "Constraint", "ConstraintState", "GrammarError"]

@@ -438,15 +438,17 @@ class Owl2:
         self.stats = job.stats
         return job
 
-    def constraint(self, spec: ConstraintSpec) -> Constraint:
+    def constraint(self, spec: ConstraintSpec, to_lark=None) -> Constraint:
         """The compiled grammar of a spec (GrammarError when it cannot be, within
         constraint_bounds.BOUNDS); the last few are kept (a server's clients send the same
         schema again and again). Up to about a second for a large grammar: a server calls it
-        on a worker thread."""
+        on a worker thread, with its child process's GBNF converter as `to_lark`
+        (Constraint.compile)."""
         with self._constraints_lock:
             constraint = self._constraints.pop(spec, None)
         if constraint is None:
-            constraint = Constraint.compile(spec, self.tokenizer)
+            constraint = (Constraint.compile(spec, self.tokenizer) if to_lark is None
+                          else Constraint.compile(spec, self.tokenizer, to_lark))
         with self._constraints_lock:
             self._constraints[spec] = constraint
             while len(self._constraints) > CONSTRAINTS_KEPT:

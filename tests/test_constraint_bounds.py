@@ -175,11 +175,11 @@ def test_a_slow_compile_holds_neither_the_event_loop_nor_the_engine(tiny_server,
     another client's answer come meanwhile; past BOUNDS.compile_seconds the request is a 400."""
     real, started, compiled = constrain.Constraint.compile, threading.Event(), threading.Event()
 
-    def slow(spec, tokenizer):
+    def slow(spec, tokenizer, *to_lark):
         started.set()
         time.sleep(3.0)
         try:
-            return real(spec, tokenizer)
+            return real(spec, tokenizer, *to_lark)
         finally:
             compiled.set()
     monkeypatch.setattr(constrain.Constraint, "compile", staticmethod(slow))
@@ -221,6 +221,50 @@ def test_the_server_compiles_on_one_thread_at_the_lowest_priority(tiny_server):
     others = [t for t in threading.enumerate() if t is not compilers[0]]
     assert {os.getpriority(os.PRIO_PROCESS, t.native_id) for t in others
             if t.native_id is not None} == {os.getpriority(os.PRIO_PROCESS, 0)}
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a process's priority read as Linux's")
+def test_the_server_converts_gbnf_in_a_child_process_at_the_lowest_priority(tiny_server):
+    """GBNF becomes Lark (Python work, holding the interpreter lock) in the compile thread's
+    child process, at nice 19: the server's own process does none of it."""
+    from owl2_edge.serve import answering
+    grammar = 'root ::= "child" | "process"'
+    status, body = _post(tiny_server.url + "/v1/chat/completions", _chat(grammar=grammar))
+    assert status == 200, body
+    assert json.loads(body)["choices"][0]["message"]["content"] in ("child", "process")
+    pid = answering._CONVERTER.pid
+    assert pid is not None and pid != os.getpid()
+    assert os.getpriority(os.PRIO_PROCESS, pid) == 19
+    # A bound broken is refused there, with the message the server's own check gives.
+    status, body = _post(tiny_server.url + "/v1/chat/completions",
+                         _chat(grammar=_alternatives(1001)))
+    assert status == 400 and "more than 1,000 alternatives" in body, body
+    assert answering._CONVERTER.pid == pid  # a refusal ends nothing
+
+
+def test_a_conversion_past_its_time_kills_its_child_and_the_next_one_starts_afresh():
+    """The converter is killed past the request's time (its CPU is bounded, not only its
+    reply): a GrammarError naming the field, and the next grammar gets a new child; a child
+    that died between grammars is replaced too."""
+    from owl2_edge.grammar_worker import LarkWorker, lark_of
+    worker = LarkWorker()
+    try:
+        grammar = _alternatives(900)
+        with pytest.raises(GrammarError, match="grammar took longer than 0 s") as e:
+            worker.lark(grammar, "grammar", seconds=0.0)
+        assert e.value.param == "grammar"
+        assert worker.pid is None
+        assert worker.lark(grammar, "grammar", seconds=30) == lark_of(grammar, "grammar")
+        first = worker.pid
+        os.kill(first, 9)
+        assert worker.lark('root ::= "again"', "grammar", seconds=30) == \
+            lark_of('root ::= "again"', "grammar")
+        assert worker.pid != first
+        with pytest.raises(GrammarError, match="cannot be compiled") as e:
+            worker.lark("root ::= (", "x.grammar", seconds=30)
+        assert e.value.param == "x.grammar"
+    finally:
+        worker.close()
 
 
 def test_every_answer_starts_from_the_mask_computed_at_compile(owl):

@@ -21,6 +21,7 @@ from starlette.responses import StreamingResponse
 from owl2_edge import openai_chat
 from owl2_edge.constraint_bounds import BOUNDS
 from owl2_edge.errors import GrammarError, PromptError
+from owl2_edge.grammar_worker import LarkWorker
 from owl2_edge.serve.answer import ClientGone, Reply
 from owl2_edge.serve.limits import ApiError, Limits, bad_request, read_json
 
@@ -78,31 +79,46 @@ def check_image_count(n: int, limits: Limits, param: str) -> None:
 def _yield_the_cores() -> None:
     """The compile thread's OS priority lowered (nice 19, this thread only: Linux's
     setpriority takes a thread id), so that a compile runs on what the engine and the event
-    loop leave. Elsewhere the thread keeps the process's priority."""
+    loop leave, and its GBNF converter started (it inherits the priority)."""
     if sys.platform == "linux":
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    _CONVERTER.start()
 
 
 # Grammars are compiled on one thread of their own, one at a time, at the lowest priority: a
 # stream of large grammars then takes from the answers neither a core (on 2 cores, half) nor
-# time they would have run in; the compiles wait their turn, in their own time.
+# time they would have run in; the compiles wait their turn, in their own time. What of a
+# compile is Python (GBNF to Lark) runs in a child process (grammar_worker): on this thread it
+# would hold the interpreter lock while the OS, honouring the low priority, runs other work.
+_CONVERTER = LarkWorker()
 _COMPILER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="owl2-compile",
                                                   initializer=_yield_the_cores)
+
+
+def start_compiler() -> None:
+    """The compile thread and its converter started now (at a server's start), not at the first
+    grammar a client sends."""
+    _COMPILER.submit(lambda: None).result()
 
 
 async def compile_constraint(server: "Server", params, deadline: float):
     """The request's grammar, compiled on the compile thread (up to about a second for a
     large one: the event loop and the engine go on meanwhile), within BOUNDS.compile_seconds
     and the request's time, its wait for the thread included; None without one. Compiled
-    grammars are kept per model (Owl2.constraint). A compile past its time is left to finish
-    and its result dropped."""
+    grammars are kept per model (Owl2.constraint). A conversion past its time is killed; a
+    compile past its time is left to finish and its result dropped."""
     spec = params.constraint
     if spec is None:
         return None
     limit = max(0.0, min(BOUNDS.compile_seconds, deadline - time.monotonic()))
+    until = time.monotonic() + limit
+
+    def to_lark(text: str, field: str) -> str:
+        return _CONVERTER.lark(text, field, max(0.0, until - time.monotonic()))
     try:
         with anyio.fail_after(limit):
-            return await asyncio.wrap_future(_COMPILER.submit(server.owl.constraint, spec))
+            return await asyncio.wrap_future(_COMPILER.submit(server.owl.constraint, spec,
+                                                              to_lark))
     except TimeoutError:
         raise GrammarError(f"{spec.field} took longer than {limit:g} s to compile "
                            f"(docs/structured.md, bounds)", spec.field) from None
@@ -183,4 +199,4 @@ async def close_all(choices: list[Reply], disconnected: bool = False) -> None:
 
 
 __all__ = ["AnswerStream", "check_image_count", "close_all", "compile_constraint", "prepare_messages",
-           "prepare_request", "read_body", "start_choices"]
+           "prepare_request", "read_body", "start_choices", "start_compiler"]

@@ -46,7 +46,7 @@ from owl2_edge.serve import field_table, fields, memory, ollama, responses, warm
 from owl2_edge.serve.answer import ClientGone, Reply
 from owl2_edge.serve.answering import (AnswerStream, check_image_count, close_all,
                                        prepare_messages, prepare_request, read_body,
-                                       start_choices)
+                                       start_choices, start_compiler)
 from owl2_edge.serve.fetch import Fetcher, IpNetwork
 from owl2_edge.serve.images import ImageReader, count_image_parts
 from owl2_edge.serve.limits import ApiError, Limits, error_body
@@ -110,6 +110,7 @@ def create_app(owl: Owl2, limits: Limits | None = None, api_key: str | None = No
     limits = limits or Limits()
     metrics = Metrics()
     memory.map_large_blocks()
+    start_compiler()
     if allow_remote_images and fetcher is None:
         fetcher = Fetcher(limits.max_image_bytes, limits.remote_timeout_s, allow_networks)
     reader = ImageReader(limits, tuple(Path(p) for p in allow_paths),
