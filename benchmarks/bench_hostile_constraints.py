@@ -17,7 +17,7 @@ loaded, and the attackers' requests by status (every one must be 200 or 400: a 5
 a finding).
 
     python benchmarks/bench_hostile_constraints.py [-m MODEL_DIR] [--requests 40] [--rounds 2]
-                                                   [--attacker-nice 0]
+                                                   [--attacker-nice 0] [--only all]
 
 A benchmark, not a test: it asserts nothing about time. Traffic goes to 127.0.0.1 only, bounded
 by --requests and --rounds. Default model: the demo model.
@@ -39,20 +39,23 @@ import urllib.request
 from owl2_edge.model_dir import default_model_path
 
 
-def hostile_bodies(k: int) -> list[dict]:
+def hostile_bodies(k: int, only: str = "all") -> list[dict]:
     """The k-th attacker request's constraints: every bound broken once, and two compiles that
-    are slow but allowed (unique per k)."""
+    are slow but allowed (unique per k); `only` "refused" or "allowed" keeps one kind."""
     many = " | ".join(f'"w{i}x{k}"' for i in range(999))
-    return [
+    refused = [
         {"grammar": "root ::= " + " | ".join(f'"w{i}"' for i in range(20000))},
         {"grammar": "root ::= " + " | ".join(f'"v{i}"' for i in range(3000))},
         {"grammar": 'root ::= "a"{1000000}'},
         {"json_schema": {"type": "string", "pattern": "^a{1000000}$"}},
         {"json_schema": {"$ref": "#"}},
         {"json_schema": {"type": "string", "minLength": 10**9}},
+    ]
+    allowed = [
         {"grammar": f"root ::= {many}"},
         {"json_schema": {"enum": [f"e{i}-{k}" for i in range(3000)]}},
     ]
+    return {"all": refused + allowed, "refused": refused, "allowed": allowed}[only]
 
 
 def post(url: str, body: dict, timeout: float = 120) -> tuple[int, str]:
@@ -66,7 +69,7 @@ def post(url: str, body: dict, timeout: float = 120) -> tuple[int, str]:
 
 
 def attack(url: str, phase: str, worker: int, n_attackers: int, stop, ready, reports,
-           nice: int = 0) -> None:
+           nice: int = 0, only: str = "all") -> None:
     """One attacker, in its own process (so that its requests' JSON work does not hold the
     measuring process's GIL): once started (`ready` released: a process's start-up must not
     fall on the victim's first requests), hostile bodies in the attacked phase, ordinary ones
@@ -76,10 +79,10 @@ def attack(url: str, phase: str, worker: int, n_attackers: int, stop, ready, rep
     os.nice(nice)
     statuses: dict[int, int] = {}
     k = worker
-    hostile_bodies(k)  # built once before the phase: the bodies of the first round are ready
+    hostile_bodies(k, only)  # built once before the phase: the bodies of the first round are ready
     ready.release()
     while not stop.is_set():
-        bodies = hostile_bodies(k) if phase == "attacked" else [{}] * 8
+        bodies = hostile_bodies(k, only) if phase == "attacked" else [{}] * 8
         for fields in bodies:
             status, _ = post(url, {"model": "owl2", "max_tokens": 1,
                                    "messages": [{"role": "user", "content": "Go."}], **fields})
@@ -114,6 +117,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--attacker-nice", type=int, default=0,
                         help="the attacker processes' OS priority (19: as if on another machine)")
+    parser.add_argument("--only", choices=("all", "refused", "allowed"), default="all",
+                        help="the hostile constraints sent: all, or only those refused or allowed")
     args = parser.parse_args()
     model = args.model or str(default_model_path())
     proc = subprocess.Popen([sys.executable, "-m", "owl2_edge.cli", "serve", "-m", model,
@@ -131,7 +136,7 @@ def main() -> None:
                 stop, ready = spawn.Event(), spawn.Semaphore(0)
                 attackers = [spawn.Process(target=attack, daemon=True,
                                            args=(url, phase, w, args.attackers, stop, ready,
-                                                 reports, args.attacker_nice))
+                                                 reports, args.attacker_nice, args.only))
                              for w in range(args.attackers if phase != "idle" else 0)]
                 for p in attackers:
                     p.start()
@@ -152,7 +157,7 @@ def main() -> None:
             return values[min(len(values) - 1, int(q * len(values)))]
         props = json.loads(urllib.request.urlopen(url + "/props", timeout=60).read())
         print(f"owl2 serve on {props['model']['id']}, {args.threads} threads, parallel 4; "
-              f"{args.attackers} attackers at nice {args.attacker_nice}; {args.rounds} x {args.requests} victim requests "
+              f"{args.attackers} attackers at nice {args.attacker_nice} ({args.only}); {args.rounds} x {args.requests} victim requests "
               f"per phase")
         print("| phase | p50 first token | p95 first token |")
         print("|---|---:|---:|")
