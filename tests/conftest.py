@@ -18,6 +18,8 @@ def _own_disk_cache(tmp_path_factory, monkeypatch):
     """Each test its own disk cache folder ($OWL2_CACHE_DIR, which the CLI's commands use by
     default): never the user's, and no test sees another's entries."""
     monkeypatch.setenv("OWL2_CACHE_DIR", str(tmp_path_factory.mktemp("owl2-cache")))
+    # and the recipe chooser's kept costs (tools/kept_costs.py) likewise.
+    monkeypatch.setenv("OWL2_SENSITIVITY_DIR", str(tmp_path_factory.mktemp("owl2-costs")))
 
 
 def _converter():

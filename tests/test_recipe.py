@@ -218,7 +218,8 @@ def test_resolve_refuses_what_it_cannot_do():
     (["--target-size", "lots"], "--target-size 'lots' is not a size"),
     (["--target-bpw", "0.5"], "--target-bpw must be between 1 and 32"),
     (["--target-size", "100KiB"], "below the smallest recipe"),
-    (["-q", "Q4_K_M", "--calibration", "3"], "--calibration, --data and --estimate go with"),
+    (["-q", "Q4_K_M", "--calibration", "3"], "--calibration, --data, --estimate and --fresh go"),
+    (["-q", "Q4_K_M", "--fresh"], "--calibration, --data, --estimate and --fresh go"),
     ([], "give --quant TYPE, or --target-size"),
     (["--target-size", "2MiB", "--estimate", "guess"], "--estimate must be one of measured, sca"),
 ])
@@ -324,6 +325,54 @@ def test_the_chooser_keeps_a_stock_type_that_measures_as_well(f16_dir, root):
         rival = chosen["rivals"]["Q8_0"]
         assert chosen["recipe_kl"] < rival["kl"] and rival["recipe_lower"] >= choose.CONFIDENCE
         assert choose.pair_bytes([out / manifest.decoder_file, out / manifest.mam_file]) <= target
+
+
+class _Cut(Exception):
+    """Stands for Ctrl-C in the middle of the measuring."""
+
+
+def test_group_costs_are_kept_for_the_next_size_and_a_run_cut_short(f16_dir, q2k_dir, tmp_path,
+                                                                     monkeypatch):
+    """Each group cost measured is kept on disk at once (kept_costs.py): a run cut short keeps
+    what it measured, the next run measures only the rest, a second size measures nothing and
+    chooses as a fresh run would, and --fresh (fresh=True) measures everything again."""
+    from owl2_edge.tools import kept_costs
+    monkeypatch.setenv(kept_costs.FOLDER_ENV, str(tmp_path / "kept"))
+    m = Manifest.load(f16_dir)
+    target = choose.pair_bytes([q2k_dir / Manifest.load(q2k_dir).decoder_file,
+                                q2k_dir / Manifest.load(q2k_dir).mam_file])
+    items = evaluate.generated_items(1, choose.CALIBRATION_SEED)
+
+    def cut_after_three(stage, done, total):
+        if stage == "sensitivity" and done == 3:
+            raise _Cut
+    with _load(f16_dir) as owl:
+        with pytest.raises(_Cut):
+            choose.choose(f16_dir, m, target, owl, items=items, estimate="scaled",
+                          progress=cut_after_three)
+        first = choose.choose(f16_dir, m, target, owl, items=items, estimate="scaled")
+        assert first.kept_costs == 3 and first.passes == sum(
+            len(choose._anchors(g)) for g in first.groups) - 3
+        again = choose.choose(f16_dir, m, int(target * 1.2), owl, items=items,
+                              estimate="scaled")
+        fresh = choose.choose(f16_dir, m, int(target * 1.2), owl, items=items,
+                              estimate="scaled", fresh=True)
+        # Other calibration questions are another measurement: nothing kept for them.
+        other = choose.choose(f16_dir, m, target, owl, estimate="scaled",
+                              items=evaluate.generated_items(1, choose.CALIBRATION_SEED + 7))
+    assert again.passes == 0 and again.kept_costs == first.passes + 3
+    assert fresh.passes == first.passes + 3 and fresh.kept_costs == 0
+    assert other.kept_costs == 0
+    assert again.types == fresh.types and again.predicted_kl == pytest.approx(fresh.predicted_kl)
+    for a, b in zip(again.groups, fresh.groups):
+        assert a.cost == pytest.approx(b.cost, rel=1e-6)
+    assert any("kept from an earlier run" in line for line in choose.describe(again))
+    # A damaged file is measured afresh, never trusted.
+    for f in (tmp_path / "kept").glob("*.json"):
+        f.write_text("{not json")
+    with _load(f16_dir) as owl:
+        redo = choose.choose(f16_dir, m, target, owl, items=items, estimate="scaled")
+    assert redo.kept_costs == 0 and redo.passes == fresh.passes
 
 
 def test_target_bpw_counts_every_weight_of_the_pair(f16_dir):

@@ -31,9 +31,11 @@ def fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
 
 
 def progress():
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (BarColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
     return Progress(TextColumn("{task.description:<8}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TimeElapsedColumn(), console=err, transient=False)
+                    TimeElapsedColumn(), TextColumn("·"), TimeRemainingColumn(), console=err,
+                    transient=False)
 
 
 def load_owl(runtime: dict, cache: dict | None = None):

@@ -131,6 +131,10 @@ def quantize_cmd(
         help="With --target-*: measured (a KL pass for every type of every tensor group) or "
              "scaled (two per group, at its lowest type and Q4_K, the others from their "
              "rounding errors: 3.5x fewer passes, for large models)."),
+    fresh: bool = typer.Option(
+        False, "--fresh", help="With --target-*: measure every group again, not taking the costs "
+                               "an earlier run on this source kept (~/.cache/owl2-edge/"
+                               "sensitivities)."),
     vision: Optional[list[str]] = typer.Option(
         None, "--vision", help=_VISION_HELP + " Default: the source folder's."),
     imatrix: Optional[Path] = typer.Option(None, "--imatrix", help=_IMATRIX_HELP),
@@ -158,13 +162,13 @@ def quantize_cmd(
         if not targeted and quant is None:
             raise ArgumentError("give --quant TYPE, or --target-size/--target-bpw")
         if not targeted and (data is not None or calibration is not None
-                             or estimate != "measured"):
-            raise ArgumentError("--calibration, --data and --estimate go with "
+                             or estimate != "measured" or fresh):
+            raise ArgumentError("--calibration, --data, --estimate and --fresh go with "
                                 "--target-size/--target-bpw")
         importance = _read_imatrix(imatrix)
         if targeted:
             manifest = _quantize_to_target(src, out, target_size, target_bpw, calibration, data,
-                                           estimate, vision, importance, force, runtime)
+                                           estimate, vision, importance, force, runtime, fresh)
         else:
             with progress() as bar:
                 manifest = quantize_folder(src, out, quant, vision, importance, allow_requantize,
@@ -184,7 +188,7 @@ def quantize_cmd(
 
 
 def _quantize_to_target(src, out, target_size, target_bpw, calibration, data, estimate,
-                        vision, importance, force, runtime):
+                        vision, importance, force, runtime, fresh):
     from owl2_edge import checks
     from owl2_edge.owl2 import Owl2
     from owl2_edge.tools import choose, evaluate
@@ -201,7 +205,7 @@ def _quantize_to_target(src, out, target_size, target_bpw, calibration, data, es
     with progress() as bar:
         manifest, choice = choose.quantize_to_target(
             src, out, target, lambda path: Owl2.load(**{**kwargs, "path": path}), importance,
-            vision, force, items, stage_reporter(bar), estimate, check_items)
+            vision, force, items, stage_reporter(bar), estimate, check_items, fresh=fresh)
     for line in choose.describe(choice):
         err.print(escape(line), highlight=False)
     return manifest

@@ -43,7 +43,7 @@ import numpy as np
 from owl2_edge import _decoder, names, quant, recipe
 from owl2_edge.decoder import Decoder
 from owl2_edge.errors import ArgumentError
-from owl2_edge.tools import compare, evaluate
+from owl2_edge.tools import compare, evaluate, kept_costs
 
 BANDS = 4
 ESTIMATES = ("measured", "scaled")
@@ -101,6 +101,8 @@ class Choice:
     estimate: str = "measured"
     check_questions: int = 0           # what recipe_kl and the rivals' KL are measured on
     check_positions: int = 0
+    kept_costs: int = 0                # group costs taken from earlier runs (kept_costs.py)
+    passes: int = 0                    # group costs measured by this run
 
     def tensor_types(self) -> dict[str, str]:
         """Matrix key -> type, for every matrix of the chosen recipe."""
@@ -114,8 +116,8 @@ class Choice:
                 "recipe_bytes": self.recipe_bytes, "recipe_kl": self.recipe_kl,
                 "rivals": self.rivals, "questions": self.questions,
                 "positions": self.positions, "check_questions": self.check_questions,
-                "check_positions": self.check_positions,
-                "seconds": {k: round(v, 2) for k, v in self.seconds.items()}}
+                "check_positions": self.check_positions, "kept_costs": self.kept_costs,
+                "passes": self.passes, "seconds": {k: round(v, 2) for k, v in self.seconds.items()}}
 
 
 # --- Groups --------------------------------------------------------------------------------------
@@ -356,12 +358,16 @@ def pair_bytes(folder_or_paths) -> int:
 
 def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
            items: Sequence[evaluate.Item] | None = None, progress: Progress | None = None, estimate: str = "measured",
-           check_items: Sequence[evaluate.Item] | None = None) -> Choice:
+           check_items: Sequence[evaluate.Item] | None = None, keep: bool = True,
+           fresh: bool = False) -> Choice:
     """Measure and choose (module docstring). owl: the source folder loaded (Owl2), for the
     reference answers and the pictures' embeddings. estimate: "measured" (every type of every
     group a pass of its own) or "scaled" (two passes per group, scale_costs). items: the
     calibration questions; check_items: those the chosen pair and the stock types are measured
-    on (default: with generated calibration, CHECK_PER_TYPE others; else the same items)."""
+    on (default: with generated calibration, CHECK_PER_TYPE others; else the same items).
+    keep: each group cost measured is kept on disk, and a cost kept by an earlier run on the
+    same source, importance matrix and calibration is taken instead of measured again
+    (kept_costs.py); fresh: measure every one again (and keep the new ones)."""
     _check_estimate(estimate)
     from owl2_edge.tools.quantize import quantize_decoder
 
@@ -396,19 +402,30 @@ def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
     probe = Probe(owl, items)
     check = probe if check_items is items else Probe(owl, check_items)
     seconds = {"reference": time.perf_counter() - started}
+    kept = kept_costs.KeptCosts.open(kept_costs.source_digest(manifest, [base, mam]),
+                                     kept_costs.importance_digest(importance),
+                                     kept_costs.probe_digest(probe.questions, probe.options),
+                                     fresh) if keep else None
     with tempfile.TemporaryDirectory(prefix=".owl2-choose-", dir=src.parent) as scratch:
         bench = _Workbench(base, mam, Path(scratch), importance)
         t0 = time.perf_counter()
         measured = {g.name: list(g.size) if estimate == "measured" else _anchors(g)
                     for g in groups}
-        steps = sum(len(ts) for ts in measured.values())
-        done = 0
-        report("sensitivity", 0, steps)
+        taken = 0
         for g in groups:
             for t in measured[g.name]:
-                g.cost[t] = probe.kl(*bench.pair({k: recipe.TENSOR_TYPES[t] for k in g.keys}))
-                done += 1
-                report("sensitivity", done, steps)
+                if kept is not None and (cost := kept.get(g, t)) is not None:
+                    g.cost[t] = cost
+                    taken += 1
+        # What is left to measure, the bar (and its time left) counting only that.
+        todo = [(g, t) for g in groups for t in measured[g.name] if t not in g.cost]
+        report("sensitivity", 0, len(todo))
+        for done, (g, t) in enumerate(todo, 1):
+            g.cost[t] = probe.kl(*bench.pair({k: recipe.TENSOR_TYPES[t] for k in g.keys}))
+            if kept is not None:
+                kept.put(g, t, g.cost[t])  # at once: a run cut short keeps what it measured
+            report("sensitivity", done, len(todo))
+        steps = len(todo)
         seconds["sensitivity"] = time.perf_counter() - t0
         seconds["per_pass"] = seconds["sensitivity"] / max(steps, 1)
         if estimate == "scaled":
@@ -463,7 +480,7 @@ def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
     seconds["total"] = time.perf_counter() - started
     return Choice(target_bytes, groups, types, predicted, recipe_bytes, recipe_kl, rivals,
                   winner, len(probe.questions), probe.positions, seconds, estimate,
-                  len(check.questions), check.positions)
+                  len(check.questions), check.positions, taken, steps)
 
 
 def quantize_to_target(src, out, target_bytes: int, load: Callable, importance=None,
@@ -471,7 +488,8 @@ def quantize_to_target(src, out, target_bytes: int, load: Callable, importance=N
                        items: Sequence[evaluate.Item] | None = None,
                        progress: Progress | None = None,
                        estimate: str = "measured",
-                       check_items: Sequence[evaluate.Item] | None = None):
+                       check_items: Sequence[evaluate.Item] | None = None,
+                       keep: bool = True, fresh: bool = False):
     """Choose a recipe for `target_bytes` (both GGUF files) and write `out` with it; returns
     (the new Manifest, the Choice). load(path) opens a folder as an Owl2 (the caller's runtime
     options). The output folder is checked before anything is measured."""
@@ -490,7 +508,7 @@ def quantize_to_target(src, out, target_bytes: int, load: Callable, importance=N
     check_output_folder(out, force)
     with load(src) as owl:
         choice = choose(src, manifest, target_bytes, owl, importance, items, progress,
-                        estimate, check_items)
+                        estimate, check_items, keep, fresh)
     overrides = [] if choice.winner != "recipe" else \
         [recipe.Override(g.pattern, choice.types[g.name]) for g in choice.groups]
     new = quantize_folder(src, out, label_type(choice), vision, importance, force=force,
@@ -544,10 +562,10 @@ def describe(choice: Choice) -> list[str]:
                      f"{r['recipe_lower']:.0%} of resampled checks)")
     lines.append("kept: the recipe" if choice.winner == "recipe" else
                  f"kept: stock {choice.winner} (the recipe did not measure surely better)")
-    passes = sum(len(g.cost) for g in choice.groups) if choice.estimate == "measured" \
-        else len(choice.groups)
-    lines.append(f"chosen in {choice.seconds['total']:.1f} s: {passes} measured passes of "
-                 f"{choice.seconds['per_pass']:.2f} s"
+    lines.append(f"chosen in {choice.seconds['total']:.1f} s: {choice.passes} passes measured"
+                 + (f" ({choice.seconds['per_pass']:.2f} s each)" if choice.passes else "")
+                 + (f", {choice.kept_costs} group costs kept from an earlier run (--fresh "
+                    f"measures them again)" if choice.kept_costs else "")
                  + (", the other types scaled by rounding error" if choice.estimate == "scaled"
                     else ""))
     return lines
