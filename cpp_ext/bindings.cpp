@@ -242,6 +242,18 @@ NB_MODULE(_decoder, m) {
             },
             "What start_importance collected, and stop: {ggml weight name: (sum of squared inputs "
             "per column float32 [n_per_row], positions)}.")
+        .def(
+            "override_weight",
+            [](owl2::decoder & d, const std::string & name, bool visual, int type,
+               nb::ndarray<const uint8_t, nb::ndim<1>, nb::c_contig, nb::device::cpu> data) {
+                nb::gil_scoped_release release;
+                d.override_weight(name, visual, type, data.data(), data.size());
+            },
+            nb::arg("name"), nb::arg("visual"), nb::arg("type"), nb::arg("data"),
+            "Replace one weight matrix (as the base names it; visual: the sidecar's copy) by "
+            "another type's encoding of it (uint8 [n_bytes]) until clear_overrides().")
+        .def("clear_overrides", &owl2::decoder::clear_overrides, without_gil)
+        .def_prop_ro("n_overrides", &owl2::decoder::n_overrides, without_gil)
         .def("save_state", &owl2::decoder::save_state, nb::arg("seq") = 0, nb::arg("n_positions") = -1, without_gil)
         .def("restore_state", &owl2::decoder::restore_state, nb::arg("state"), nb::arg("seq") = 0, without_gil)
         .def_prop_ro("n_vocab", &owl2::decoder::n_vocab, without_gil)

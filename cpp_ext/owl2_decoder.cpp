@@ -350,6 +350,18 @@ std::map<std::string, importance_entry> decoder::take_importance() {
     return out;
 }
 
+void decoder::override_weight(const std::string & name, bool visual, int type, const uint8_t * data, size_t n_bytes) {
+    call_lock hold(mutex_);
+    owl2::override_weight(ready(), name, visual, (ggml_type) type, data, n_bytes);
+}
+
+void decoder::clear_overrides() {
+    call_lock hold(mutex_);
+    owl2::clear_overrides(ready());
+}
+
+int decoder::n_overrides() const { return read([](const model & m) { return (int) m.overrides.size(); }); }
+
 int decoder::n_vocab() const { return read([](const model & m) { return m.hp.n_vocab; }); }
 int decoder::n_embd() const { return read([](const model & m) { return m.hp.n_embd; }); }
 int decoder::n_ctx() const { return read([](const model & m) { return m.n_ctx; }); }

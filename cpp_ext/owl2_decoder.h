@@ -140,6 +140,13 @@ public:
     void start_importance();
     std::map<std::string, importance_entry> take_importance();
 
+    // A weight matrix replaced by other data (another type's encoding of it) until
+    // clear_overrides(): the recipe chooser measures a lowered group without writing a pair.
+    // `name` as the base names it; `visual`: the sidecar's copy.
+    void override_weight(const std::string & name, bool visual, int ggml_type, const uint8_t * data, size_t n_bytes);
+    void clear_overrides();
+    int n_overrides() const;
+
     void close();  // waits for a running call, then frees everything; any later call raises decoder_error
     bool closed() const;
 

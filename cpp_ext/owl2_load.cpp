@@ -289,6 +289,7 @@ model::model() = default;
 
 model::~model() {
     pending.reset();
+    clear_overrides(*this);
     if (sched) ggml_backend_sched_free(sched);
     for (auto * b : buffers) ggml_backend_buffer_free(b);
     for (auto * c : contexts) ggml_free(c);
@@ -328,11 +329,12 @@ static std::vector<ggml_backend_buffer_type_t> cpu_repack_bufts(ggml_backend_dev
 
 // Whether a weight of this type and shape, held in `buft`, can be multiplied there (the extra
 // buffer types take only some types and widths): ask the device about a stand-in mul_mat.
-static bool buft_takes_matmul(ggml_backend_dev_t dev, ggml_backend_buffer_type_t buft, const gguf_tensor_info & info) {
+static bool buft_takes_matmul(ggml_backend_dev_t dev, ggml_backend_buffer_type_t buft, ggml_type type, int n_dims,
+                              const int64_t * ne) {
     ggml_init_params ip = {ggml_tensor_overhead() * 4, nullptr, true};
     ggml_context * ctx = ggml_init(ip);
-    ggml_tensor * w = ggml_new_tensor(ctx, info.type, info.n_dims, info.ne);
-    ggml_tensor * op = ggml_mul_mat(ctx, w, ggml_new_tensor_2d(ctx, GGML_TYPE_F32, info.ne[0], 512));
+    ggml_tensor * w = ggml_new_tensor(ctx, type, n_dims, ne);
+    ggml_tensor * op = ggml_mul_mat(ctx, w, ggml_new_tensor_2d(ctx, GGML_TYPE_F32, ne[0], 512));
     ggml_backend_buffer_t probe = ggml_backend_buft_alloc_buffer(buft, 0);
     w->buffer = probe;
     const bool ok = probe != nullptr && ggml_backend_dev_supports_op(dev, op);
@@ -376,7 +378,7 @@ static ggml_tensor * new_weight(pair_weights & w, const model & m, pair_file fil
     weight_set * s = on_gpu ? &fw.gpu : &fw.mapped_cpu;
     if (!on_gpu && info.n_dims == 2 && name != names::TOKEN_EMBD) {
         for (weight_set & r : fw.repacked_cpu) {
-            if (buft_takes_matmul(m.dev_cpu, r.repack_buft, info)) {
+            if (buft_takes_matmul(m.dev_cpu, r.repack_buft, info.type, info.n_dims, info.ne)) {
                 s = &r;
                 break;
             }
@@ -620,6 +622,82 @@ void place(model & m, const std::atomic<bool> & cancel) {
     allocate_kv_cache(m);
     start_backends(m);
     m.placed = true;
+}
+
+
+// --- weights replaced for a while (override_weight)
+
+// The model's field that holds one weight matrix of the pair: `name` as the base names it,
+// `visual` for the sidecar's copy. nullptr for anything else (the norms are never retyped).
+static ggml_tensor ** matrix_field(model & m, const std::string & name, bool visual) {
+    if (!visual && name == names::OUTPUT) return &m.output;
+    if (!visual && name == names::TOKEN_EMBD) return &m.token_embd;
+    for (int i = 0; i < m.hp.n_layer; ++i) {
+        for (int p = 0; p < names::N_LAYER_PARTS; ++p) {
+            if (names::blk(i, names::LAYER_PARTS[p].name) != name) continue;
+            const names::layer_part part = (names::layer_part) p;
+            if (part == names::ATTN_NORM || part == names::FFN_NORM || (visual && !names::LAYER_PARTS[p].routed)) {
+                return nullptr;
+            }
+            return &layer_weight(m.layers[i], part, visual ? names::VISUAL_ROUTE : names::TEXT_ROUTE);
+        }
+    }
+    return nullptr;
+}
+
+void override_weight(model & m, const std::string & name, bool visual, ggml_type type, const uint8_t * data,
+                     size_t n_bytes) {
+    const std::string shown = name + (visual ? " (the sidecar's)" : "");
+    ggml_tensor ** field = matrix_field(m, name, visual);
+    if (field == nullptr) throw decoder_error("no weight matrix " + shown);
+    for (const auto & o : m.overrides) {
+        if (o.field == field) throw decoder_error(shown + " is replaced already");
+    }
+    ggml_tensor * original = *field;
+    if (type < 0 || type >= GGML_TYPE_COUNT || ggml_blck_size(type) <= 0 || original->ne[0] % ggml_blck_size(type) != 0) {
+        throw decoder_error(shown + ": its rows cannot take type " + std::to_string((int) type));
+    }
+    const size_t want = ggml_row_size(type, original->ne[0]) * (size_t) original->ne[1];
+    if (n_bytes != want) {
+        throw decoder_error(shown + ": " + std::to_string(n_bytes) + " bytes given; " + ggml_type_name(type) +
+                            " takes " + std::to_string(want));
+    }
+    // Placed as load() places a matrix: where the original is (a GPU), or on the CPU in a
+    // repacked layout when ggml has one that takes this type, so that the passes compute as
+    // they would with the pair written and loaded.
+    ggml_backend_buffer_type_t buft = ggml_backend_cpu_buffer_type();
+    if (original->buffer != nullptr && !ggml_backend_buffer_is_host(original->buffer)) {
+        buft = ggml_backend_buffer_get_type(original->buffer);
+    } else if (m.params.repack && field != &m.token_embd) {
+        for (ggml_backend_buffer_type_t r : cpu_repack_bufts(m.dev_cpu)) {
+            if (buft_takes_matmul(m.dev_cpu, r, type, 2, original->ne)) {
+                buft = r;
+                break;
+            }
+        }
+    }
+    ggml_context * ctx = new_meta_context(1);
+    ggml_tensor * t = ggml_new_tensor(ctx, type, 2, original->ne);
+    ggml_set_name(t, original->name);
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
+    if (buf == nullptr) {
+        ggml_free(ctx);
+        throw decoder_error("out of memory for " + shown);
+    }
+    ggml_backend_tensor_set(t, data, 0, n_bytes);
+    m.overrides.push_back({field, original, ctx, buf});
+    *field = t;
+    if (auto it = m.weight_names.find(original); it != m.weight_names.end()) m.weight_names[t] = it->second;
+}
+
+void clear_overrides(model & m) {
+    for (auto it = m.overrides.rbegin(); it != m.overrides.rend(); ++it) {
+        m.weight_names.erase(*it->field);
+        *it->field = it->original;
+        ggml_backend_buffer_free(it->buf);
+        ggml_free(it->ctx);
+    }
+    m.overrides.clear();
 }
 
 }  // namespace owl2

@@ -120,6 +120,16 @@ struct model {
     std::unique_ptr<pair_weights> pending;
     bool placed = false;
 
+    // Weight matrices replaced for a while (override_weight): the field, what it held, and the
+    // replacement's own metadata and buffer. clear_overrides() puts every original back.
+    struct weight_override {
+        ggml_tensor ** field;
+        ggml_tensor * original;
+        ggml_context * ctx;
+        ggml_backend_buffer_t buf;
+    };
+    std::vector<weight_override> overrides;
+
     // Importance collection (start_importance): the weight matrices by tensor, and what their
     // inputs added up to so far.
     bool collecting = false;
@@ -190,6 +200,14 @@ void check_architecture(const gguf_file & f);
 // backends); place() does nothing when it has run.
 void open(model & m, const std::string & base_path, const std::string & mam_path);
 void place(model & m, const std::atomic<bool> & cancel);
+
+// One weight matrix replaced by other data, of any type its rows take (the recipe chooser lowers a
+// group this way instead of writing and loading a pair): `name` as the base names it, `visual`
+// for the sidecar's copy; n_bytes must be the type's size for the matrix's shape. It is placed as
+// load() would place it (the GPU, or a repacked CPU layout where ggml has one for the type).
+void override_weight(model & m, const std::string & name, bool visual, ggml_type type, const uint8_t * data,
+                     size_t n_bytes);
+void clear_overrides(model & m);
 
 // --- owl2_graph.cpp ------------------------------------------------------------------------------------
 

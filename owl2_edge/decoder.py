@@ -272,6 +272,27 @@ class Decoder:
         with _native_errors():
             return self._native.take_importance()
 
+    def override_weights(self, matrices: dict[tuple[str, bool], tuple[int, np.ndarray]]) -> None:
+        """Replace weight matrices until clear_overrides(): {(name as the base names it, whether
+        the sidecar's copy): (ggml type, its encoding of the matrix, uint8)}. The recipe chooser
+        measures a group lowered this way, without writing a pair (tools/choose.py). All or
+        none: on an error the ones replaced so far are put back."""
+        self.wait()
+        with _native_errors():
+            try:
+                for (name, visual), (ggml_type, data) in matrices.items():
+                    self._native.override_weight(name, bool(visual), int(ggml_type),
+                                                 np.ascontiguousarray(data, dtype=np.uint8).reshape(-1))
+            except BaseException:
+                self._native.clear_overrides()
+                raise
+
+    def clear_overrides(self) -> None:
+        """Every weight replaced by override_weights back to the loaded one."""
+        self.wait()
+        with _native_errors():
+            self._native.clear_overrides()
+
     def save_state(self, seq: int = 0, n_positions: int | None = None) -> KVState:
         """A copy of a sequence's first n_positions positions (None: all it holds), to resume
         from later (prefix reuse; owl2_edge/disk_cache.py writes it out)."""

@@ -327,6 +327,44 @@ def test_the_chooser_keeps_a_stock_type_that_measures_as_well(f16_dir, root):
         assert choose.pair_bytes([out / manifest.decoder_file, out / manifest.mam_file]) <= target
 
 
+def test_a_group_lowered_in_memory_measures_as_the_pair_written(f16_dir, tmp_path):
+    """The chooser lowers a group inside the loaded source (Decoder.override_weights) instead of
+    writing a pair per pass: the bytes it places are the bytes retype_gguf writes, the KL is the
+    written pair's, and clear_overrides gives the source back."""
+    from owl2_edge.decoder import DecoderError
+    m = Manifest.load(f16_dir)
+    base, mam = f16_dir / m.decoder_file, f16_dir / m.mam_file
+    groups = {g.name: g for g in choose.groups_of(recipe.matrices(base, mam), m.decoder.n_layer)}
+    visual = next(n for n in groups if n.startswith(recipe.SIDECAR_PREFIX) and "attn_v" in n)
+    text = next(n for n in groups if n.startswith("blk.") and n.endswith("ffn_down"))
+    types = {k: T.Q3_K for n in (visual, text, "output") for k in groups[n].keys}
+    bench = choose._Workbench(base, mam, tmp_path, None)
+    written, encoded = bench.pair(types), bench.encoded(types)
+    on_disk = {(t.name, sidecar): t for sidecar, path in ((False, written[0]), (True, written[1]))
+               for t in gguf.GGUFReader(path).tensors}
+    assert ("output.weight", False) in encoded and any(v for _, v in encoded)
+    for key, (ggml_type, data) in encoded.items():
+        assert int(on_disk[key].tensor_type) == ggml_type == T.Q3_K
+        assert data.tobytes() == np.ascontiguousarray(on_disk[key].data).tobytes()
+    items = evaluate.generated_items(1, choose.CALIBRATION_SEED)
+    with _load(f16_dir) as owl:
+        probe = choose.Probe(owl, items)
+    from_files = probe.kl(*written)
+    with probe.open(base, mam) as source:
+        in_memory = probe.kl_lowered(source, encoded)
+        assert source._native.n_overrides == 0
+        assert probe.kl_lowered(source, {}) == pytest.approx(0, abs=1e-9)  # the source again
+        output = encoded[("output.weight", False)]
+        with pytest.raises(DecoderError, match="no weight matrix blk.0.attn_norm.weight"):
+            source.override_weights({("blk.0.attn_norm.weight", False): output})
+        with pytest.raises(DecoderError, match="bytes given"):
+            source.override_weights({("output.weight", False): (output[0], output[1][:-1])})
+        assert source._native.n_overrides == 0
+        assert probe.kl_lowered(source, {}) == pytest.approx(0, abs=1e-9)
+    assert from_files > 1e-7
+    assert in_memory == pytest.approx(from_files, rel=1e-6, abs=1e-12)
+
+
 class _Cut(Exception):
     """Stands for Ctrl-C in the middle of the measuring."""
 

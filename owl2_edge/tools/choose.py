@@ -5,9 +5,10 @@
    layers (BANDS of them) each role: attn_q, attn_k, attn_v, attn_output, ffn_gate, ffn_up,
    ffn_down, and the visual route's attn_k and attn_v (the sidecar) as groups of their own.
 2. Sensitivity. The full-precision source answers calibration image questions greedily. For
-   each group and each type of the ladder, the pair with that group alone at that type (all else
-   at the source's precision) reads the same prompts and answers (teacher forcing); the mean
-   KL(source || lowered) over the answer positions is that group's cost at that type. The
+   each group and each type of the ladder, the source with that group alone at that type (its
+   matrices re-encoded and swapped in the loaded pair, then back: Decoder.override_weights)
+   reads the same prompts and answers (teacher forcing); the mean KL(source || lowered) over the
+   answer positions is that group's cost at that type. Costs are kept on disk (kept_costs.py). The
    questions are about pictures, so they decide the visual route's types as much as the text's.
    With estimate="scaled" only two types per group are measured (its lowest and SCALED_ANCHOR)
    and the others follow from their rounding errors (scale_costs).
@@ -22,12 +23,13 @@
    measures better.
 
 Everything runs with the runtime's packages (no torch), on the device and threads the source was
-loaded with. The cost is one load and one teacher-forced pass of the calibration questions per
-measured (group, type).
+loaded with. The cost is one encoding of the group and one teacher-forced pass of the
+calibration questions per measured (group, type), on one load of the source.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
@@ -199,14 +201,30 @@ class Probe:
 
     def kl_sums(self, base: Path, mam: Path) -> np.ndarray:
         """KL(source || this pair) summed over each question's answer positions."""
-        sums = np.zeros(len(self.questions))
         with Decoder(base, mam, self.options) as dec:
-            for i, q in enumerate(self.questions):
-                dec.clear_sequence(0)
-                logits = dec.eval_runs(q.runs, all_logits=True)
-                rows = compare._log_softmax(logits[len(logits) - q.n_answer - 1:-1])
-                p = q.logprobs
-                sums[i] = (np.exp(p) * (p - rows.astype(np.float64))).sum(-1).clip(min=0).sum()
+            return self._sums(dec)
+
+    def open(self, base: Path, mam: Path) -> Decoder:
+        """A pair loaded for kl_lowered (the caller closes it)."""
+        return Decoder(base, mam, self.options)
+
+    def kl_lowered(self, dec: Decoder, matrices: dict) -> float:
+        """Mean KL(source || the loaded pair with `matrices` replaced, Decoder.override_weights),
+        the pair as it was afterwards."""
+        dec.override_weights(matrices)
+        try:
+            return float(self._sums(dec).sum() / self.positions)
+        finally:
+            dec.clear_overrides()
+
+    def _sums(self, dec: Decoder) -> np.ndarray:
+        sums = np.zeros(len(self.questions))
+        for i, q in enumerate(self.questions):
+            dec.clear_sequence(0)
+            logits = dec.eval_runs(q.runs, all_logits=True)
+            rows = compare._log_softmax(logits[len(logits) - q.n_answer - 1:-1])
+            p = q.logprobs
+            sums[i] = (np.exp(p) * (p - rows.astype(np.float64))).sum(-1).clip(min=0).sum()
         return sums
 
     def surely_lower(self, a: np.ndarray, b: np.ndarray) -> float:
@@ -223,11 +241,32 @@ def _aligned(n: int) -> int:
 
 
 class _Workbench:
-    """Pairs written from the source with some matrices at other types, in a scratch folder."""
+    """Pairs written from the source with some matrices at other types, in a scratch folder, and
+    the same matrices' encodings for a loaded pair (Decoder.override_weights)."""
 
     def __init__(self, base: Path, mam: Path, scratch: Path, importance):
         self.base, self.mam, self.scratch = base, mam, scratch
         self.importance = importance
+        self._tensors: dict[bool, dict] = {}
+
+    def encoded(self, types: dict[str, int]) -> dict[tuple[str, bool], tuple[int, np.ndarray]]:
+        """{(name, sidecar's): (type, bytes)} for the keys given, encoded from the source as
+        retype_gguf encodes them (the same routine and importance): a recipe measured in memory
+        is the recipe written."""
+        import gguf
+        out = {}
+        for key, ggml_type in types.items():
+            sidecar = key.startswith(recipe.SIDECAR_PREFIX)
+            name = key[len(recipe.SIDECAR_PREFIX):] if sidecar else key
+            if sidecar not in self._tensors:
+                self._tensors[sidecar] = {t.name: t for t in gguf.GGUFReader(
+                    self.mam if sidecar else self.base).tensors}
+            weights = None if self.importance is None else (
+                self.importance.for_sidecar() if sidecar else self.importance.for_base()).get(name)
+            data = quant.encode(quant.decode(self._tensors[sidecar][name]), name, ggml_type,
+                                weights)
+            out[(name, sidecar)] = (int(ggml_type), np.ascontiguousarray(data).view(np.uint8))
+        return out
 
     def pair(self, types: dict[str, int]) -> tuple[Path, Path]:
         """The source pair with types[key] for the keys given (the source's files where none)."""
@@ -420,11 +459,14 @@ def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
         # What is left to measure, the bar (and its time left) counting only that.
         todo = [(g, t) for g in groups for t in measured[g.name] if t not in g.cost]
         report("sensitivity", 0, len(todo))
-        for done, (g, t) in enumerate(todo, 1):
-            g.cost[t] = probe.kl(*bench.pair({k: recipe.TENSOR_TYPES[t] for k in g.keys}))
-            if kept is not None:
-                kept.put(g, t, g.cost[t])  # at once: a run cut short keeps what it measured
-            report("sensitivity", done, len(todo))
+        # One load of the source; each pass lowers its group in memory and puts it back.
+        with probe.open(base, mam) if todo else contextlib.nullcontext() as source:
+            for done, (g, t) in enumerate(todo, 1):
+                g.cost[t] = probe.kl_lowered(source, bench.encoded(
+                    {k: recipe.TENSOR_TYPES[t] for k in g.keys}))
+                if kept is not None:
+                    kept.put(g, t, g.cost[t])  # at once: a run cut short keeps what it measured
+                report("sensitivity", done, len(todo))
         steps = len(todo)
         seconds["sensitivity"] = time.perf_counter() - t0
         seconds["per_pass"] = seconds["sensitivity"] / max(steps, 1)
