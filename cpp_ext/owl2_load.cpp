@@ -684,7 +684,10 @@ void override_weight(model & m, const std::string & name, bool visual, ggml_type
         ggml_free(ctx);
         throw decoder_error("out of memory for " + shown);
     }
-    ggml_backend_tensor_set(t, data, 0, n_bytes);
+    {
+        ggml_log_scope quiet(ggml_log_scope::mode::quiet);  // ggml says each repack, as at load
+        ggml_backend_tensor_set(t, data, 0, n_bytes);
+    }
     m.overrides.push_back({field, original, ctx, buf});
     *field = t;
     if (auto it = m.weight_names.find(original); it != m.weight_names.end()) m.weight_names[t] = it->second;
