@@ -64,8 +64,8 @@ class LarkWorker:
         with self._lock:
             for tries_left in (1, 0):
                 fresh = self._child is None or self._child.poll() is not None
-                child = self._started()
                 try:
+                    child = self._started()
                     child.stdin.write(request)
                     child.stdin.flush()
                     line = self._read_line(child, deadline)

@@ -267,6 +267,25 @@ def test_a_conversion_past_its_time_kills_its_child_and_the_next_one_starts_afre
         worker.close()
 
 
+def test_a_converter_that_cannot_start_is_one_grammar_error(monkeypatch):
+    """No process to convert in (out of processes, say): the grammar is refused by name, as
+    GrammarError, not a server error, and a later grammar may start one."""
+    from owl2_edge import grammar_worker
+
+    def no_process(*args, **kwargs):
+        raise OSError(11, "Resource temporarily unavailable")
+    worker = grammar_worker.LarkWorker()
+    with monkeypatch.context() as patched:
+        patched.setattr(grammar_worker.subprocess, "Popen", no_process)
+        with pytest.raises(GrammarError, match="could not be converted") as e:
+            worker.lark('root ::= "x"', "grammar", seconds=5)
+    assert e.value.param == "grammar" and worker.pid is None
+    try:
+        assert worker.lark('root ::= "x"', "grammar", seconds=30)
+    finally:
+        worker.close()
+
+
 def test_every_answer_starts_from_the_mask_computed_at_compile(owl):
     """The first mask is computed once, at compile (off the engine's thread); it equals the
     mask a fresh matcher computes, and after a token each answer computes its own."""

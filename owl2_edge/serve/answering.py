@@ -82,7 +82,10 @@ def _yield_the_cores() -> None:
     loop leave, and its GBNF converter started (it inherits the priority)."""
     if sys.platform == "linux":
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    _CONVERTER.start()
+    try:
+        _CONVERTER.start()
+    except OSError:
+        pass  # the first grammar tries again, and fails as one GrammarError if it must
 
 
 # Grammars are compiled on one thread of their own, one at a time, at the lowest priority: a
