@@ -605,6 +605,47 @@ def _gpu_decoder(pair, **kw) -> Decoder:
         raise
 
 
+def _matrices_of(pair) -> dict:
+    """Every weight matrix of a pair as Decoder.override_weights takes it: {(name, the sidecar's):
+    (type, bytes)}."""
+    import gguf
+    out = {}
+    for path, visual in ((pair[0], False), (pair[1], True)):
+        for t in gguf.GGUFReader(path).tensors:
+            if len(t.shape) == 2:
+                out[(t.name, visual)] = (int(t.tensor_type),
+                                         np.ascontiguousarray(t.data).view(np.uint8).reshape(-1))
+    return out
+
+
+@pytest.mark.parametrize("repack", [False, True])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_weights_overridden_in_memory_compute_as_the_pair_written(device, repack, ref, images, pairs):
+    """Decoder.override_weights (the recipe chooser lowers a group this way, on the device the
+    source runs on): the F32 pair with every matrix replaced by the Q4_0 pair's gives the Q4_0
+    pair's logits, and clear_overrides gives the F32 pair's back."""
+    ids, embeds = prompt("two_images", ref, images)
+    opened = ((lambda pair: _gpu_decoder(pair, repack=repack)) if device == "cuda"
+              else (lambda pair: open_decoder(pair, repack=repack)))
+    with opened(pairs("Q4_0")) as q4:
+        want_q4 = feed(q4, ids, embeds)
+    with opened(pairs("F32")) as dec:
+        want_f32 = feed(dec, ids, embeds)
+        matrices = _matrices_of(pairs("Q4_0"))
+        assert any(visual for _, visual in matrices)
+        dec.override_weights(matrices)
+        assert dec._native.n_overrides == len(matrices)
+        dec.clear_sequence(0)
+        got_q4 = feed(dec, ids, embeds)
+        dec.clear_overrides()
+        assert dec._native.n_overrides == 0
+        dec.clear_sequence(0)
+        got_f32 = feed(dec, ids, embeds)
+    assert max_diff(got_q4, want_q4) <= 1e-4
+    assert max_diff(want_q4, want_f32) > 1e-3  # the replacement was not a no-op
+    assert max_diff(got_f32, want_f32) <= 1e-6
+
+
 @pytest.mark.parametrize("n_gpu_layers", [-1, 1])
 @pytest.mark.parametrize("flash_attn", [False, True])
 def test_gpu_offload_matches_reference(n_gpu_layers, flash_attn, ref, images, pairs):
