@@ -33,6 +33,7 @@ from owl2_edge.engine import Engine, Job, Pieces
 from owl2_edge.engine.disk_prefixes import DiskPrefixes, identities
 from owl2_edge.engine.vision_worker import count_runs
 from owl2_edge.errors import ArgumentError, ContextFullError, ModelFolderError, PromptError
+from owl2_edge.grammar_worker import lark_of
 from owl2_edge.image import content_hash, load_image, preprocess
 from owl2_edge.kv_prefix import check_fits, positions, prompt_items, runs_of
 from owl2_edge.load_options import LoadOptions
@@ -438,7 +439,7 @@ class Owl2:
         self.stats = job.stats
         return job
 
-    def constraint(self, spec: ConstraintSpec, to_lark=None) -> Constraint:
+    def constraint(self, spec: ConstraintSpec, to_lark=lark_of) -> Constraint:
         """The compiled grammar of a spec (GrammarError when it cannot be, within
         constraint_bounds.BOUNDS); the last few are kept (a server's clients send the same
         schema again and again). Up to about a second for a large grammar: a server calls it
@@ -447,8 +448,7 @@ class Owl2:
         with self._constraints_lock:
             constraint = self._constraints.pop(spec, None)
         if constraint is None:
-            constraint = (Constraint.compile(spec, self.tokenizer) if to_lark is None
-                          else Constraint.compile(spec, self.tokenizer, to_lark))
+            constraint = Constraint.compile(spec, self.tokenizer, to_lark)
         with self._constraints_lock:
             self._constraints[spec] = constraint
             while len(self._constraints) > CONSTRAINTS_KEPT:

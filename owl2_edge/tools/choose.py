@@ -247,6 +247,7 @@ class _Workbench:
     def __init__(self, base: Path, mam: Path, scratch: Path, importance):
         self.base, self.mam, self.scratch = base, mam, scratch
         self.importance = importance
+        self._weights = recipe.importance_by_key(importance)  # by key, computed once
         self._tensors: dict[bool, dict] = {}
 
     def encoded(self, types: dict[str, int]) -> dict[tuple[str, bool], tuple[int, np.ndarray]]:
@@ -261,10 +262,8 @@ class _Workbench:
             if sidecar not in self._tensors:
                 self._tensors[sidecar] = {t.name: t for t in gguf.GGUFReader(
                     self.mam if sidecar else self.base).tensors}
-            weights = None if self.importance is None else (
-                self.importance.for_sidecar() if sidecar else self.importance.for_base()).get(name)
             data = quant.encode(quant.decode(self._tensors[sidecar][name]), name, ggml_type,
-                                weights)
+                                self._weights.get(key))
             out[(name, sidecar)] = (int(ggml_type), np.ascontiguousarray(data).view(np.uint8))
         return out
 
