@@ -10,11 +10,13 @@ attackers' allowed requests ask for one token). The victim
 sends --requests streamed, greedy requests one after another and times each first content
 chunk; phases alternate idle, loaded, attacked (--rounds times), so that the machine's drift
 falls on all three. The attackers are processes of their own (a real attacker's work is not
-in the victim's process). "loaded": the same attackers send ordinary requests (no constraint, one
-token), the control: on 2 cores any other client's work takes CPU from the victim, constraint or
-not. Reported: p50 and p95 time to first token per phase, attacked against idle and against
-loaded, and the attackers' requests by status (every one must be 200 or 400: a 5xx is counted as
-a finding).
+in the victim's process). Two controls: "loaded", the same attackers send ordinary requests (no
+constraint, one token): on 2 cores any other client's work takes CPU from the victim, constraint
+or not; "refused", they send the very bodies of the attack, each refused for an ordinary field
+(`stream` not a flag, checked before the constraint is read): what receiving, parsing and
+refusing a body costs, with the constraint's own work taken out. Reported: p50 and p95 time to
+first token per phase, attacked against idle and against each control, and the attackers'
+requests by status (every one must be 200 or 400: a 5xx is counted as a finding).
 
     python benchmarks/bench_hostile_constraints.py [-m MODEL_DIR] [--requests 40] [--rounds 2]
                                                    [--attacker-nice 0] [--only all]
@@ -82,7 +84,12 @@ def attack(url: str, phase: str, worker: int, n_attackers: int, stop, ready, rep
     hostile_bodies(k, only)  # built once before the phase: the bodies of the first round are ready
     ready.release()
     while not stop.is_set():
-        bodies = hostile_bodies(k, only) if phase == "attacked" else [{}] * 8
+        if phase == "loaded":
+            bodies = [{}] * 8
+        else:
+            bodies = hostile_bodies(k, only)
+            if phase == "refused":  # the same bodies, refused before the constraint is read
+                bodies = [{**fields, "stream": "not a flag"} for fields in bodies]
         for fields in bodies:
             status, _ = post(url, {"model": "owl2", "max_tokens": 1,
                                    "messages": [{"role": "user", "content": "Go."}], **fields})
@@ -130,7 +137,8 @@ def main() -> None:
     try:
         url = proc.stdout.readline().split()[2].rstrip("/")
         first_token_seconds(url, args.tokens)  # warm up
-        phases: dict[str, list[float]] = {"idle": [], "loaded": [], "attacked": []}
+        phases: dict[str, list[float]] = {"idle": [], "loaded": [], "refused": [],
+                                          "attacked": []}
         for _ in range(args.rounds):
             for phase in phases:
                 stop, ready = spawn.Event(), spawn.Semaphore(0)
@@ -164,7 +172,7 @@ def main() -> None:
         for phase, values in phases.items():
             print(f"| {phase} | {statistics.median(values) * 1e3:.1f} ms | "
                   f"{pct(values, 0.95) * 1e3:.1f} ms |")
-        for base in ("idle", "loaded"):
+        for base in ("idle", "loaded", "refused"):
             print(f"attacked / {base}: p95 "
                   f"{pct(phases['attacked'], .95) / pct(phases[base], .95):.2f}, p50 "
                   f"{statistics.median(phases['attacked']) / statistics.median(phases[base]):.2f}")

@@ -152,14 +152,37 @@ def test_a_body_of_too_many_json_values_is_refused_before_it_is_parsed(tiny_serv
                                                                         name, body):
     from owl2_edge.serve import limits as limits_module
     parsed = []
-    real = limits_module.json.loads
-    monkeypatch.setattr(limits_module.json, "loads", lambda b, **kw: parsed.append(len(b))
-                        or real(b, **kw))
+    real = limits_module.parse_json
+    monkeypatch.setattr(limits_module, "parse_json", lambda b: parsed.append(len(b)) or real(b))
     status, reply_ = post(tiny_server.url, CHAT, body)
     assert status == 400 and reply_["error"]["code"] == "too_many_values", reply_
     assert not [n for n in parsed if n == len(body)]  # (the test's own client parses replies)
     props = get(tiny_server.url, "/props")[1]
     assert props["limits"]["max_json_values"] < body.count(b",") + body.count(b"[")
+
+
+@pytest.mark.parametrize("body", [
+    b'{"seed": 123456789012345678901234567890, "x": [-9223372036854775809, 18446744073709551616]}',
+    b'{"a": 1, "a": 2, "b": [0.1, -0.0, 1E5, 1e400], "c": "\\u00e9\\ud83d\\ude00 \\ud800"}',
+    '{"a": "é"}'.encode("utf-16"),
+    b'{"grammar": "root ::= ' + b' | '.join(b'\\"w%d\\"' % i for i in range(20000)) + b'"}',
+])
+def test_bodies_are_read_as_pythons_json_reads_them(body):
+    """parse_json takes orjson's speed only where it reads a body as Python's json does: an
+    integer beyond 64 bits stays an integer (orjson would make it a float), a lone surrogate and
+    another encoding are still read, and what is not JSON is refused with json's message."""
+    from owl2_edge.serve.limits import parse_json
+    assert repr(parse_json(body)) == repr(json.loads(body))
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"a": NaN}', "NaN is not JSON"), (b'{"a": -Infinity}', "-Infinity is not JSON"),
+    (b'{"a": 1', "Expecting"), (b'\xff', "can't decode"),
+])
+def test_what_is_not_json_is_refused_by_parse_json(body, message):
+    from owl2_edge.serve.limits import parse_json
+    with pytest.raises(ValueError, match=message):
+        parse_json(body)
 
 
 def rss_mb() -> float:

@@ -8,6 +8,8 @@ import json
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+import orjson
+
 from owl2_edge import checks
 
 if TYPE_CHECKING:
@@ -96,7 +98,7 @@ async def read_json(request: Request, max_bytes: int, max_values: int) -> dict:
                           f"most {max_values:,} (what the longest prompt that fits the context "
                           f"needs)", code="too_many_values")
     try:
-        data = json.loads(body, parse_constant=_refuse_constant)
+        data = parse_json(body)
     except RecursionError:
         raise bad_request("the body is JSON nested too deeply", code="invalid_json") from None
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
@@ -105,6 +107,27 @@ async def read_json(request: Request, max_bytes: int, max_values: int) -> dict:
         raise bad_request(f"the body must be a JSON object, not {type(data).__name__}",
                           code="invalid_json")
     return data
+
+
+def parse_json(body: bytes):
+    """The body's JSON value. orjson where it reads JSON as Python's json does: the event loop
+    parses each body between other clients' work, and on a large string-heavy one (a 250 KB
+    grammar) orjson and the digit check below take 0.5 ms where Python's json takes 1.4. orjson
+    makes an integer beyond 64 bits a float (a schema's `const` would change) and refuses lone
+    surrogates: a body with a run of 19 digits anywhere, or one orjson refuses, goes to
+    Python's json, which reads it or says why it is not JSON."""
+    if _LONG_INTEGER not in body.translate(_DIGITS_AS_ZERO):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(body, parse_constant=_refuse_constant)
+
+
+# parse_json's check, at memory speed: every digit made "0", everything else " ", then one
+# search for 19 of them in a row (2**63 has 19 digits).
+_DIGITS_AS_ZERO = bytes(b"0"[0] if chr(i).isdigit() and i < 128 else b" "[0] for i in range(256))
+_LONG_INTEGER = b"0" * 19
 
 
 def json_values(body: bytes) -> int:
