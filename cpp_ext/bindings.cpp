@@ -177,7 +177,8 @@ NB_MODULE(_decoder, m) {
         .def("cancel_loading", &owl2::decoder::cancel_loading)
         .def(
             "eval_runs",
-            [](owl2::decoder & d, const std::vector<std::tuple<nb::object, int, int>> & runs, bool all_logits) {
+            [](owl2::decoder & d, const std::vector<std::tuple<nb::object, int, int>> & runs, bool all_logits,
+               int first_layer, const std::vector<int> & capture) -> nb::object {
                 // Token ids are copied; embeddings are read in place (the caller's list keeps them).
                 std::vector<std::vector<int32_t>> ids(runs.size());
                 std::vector<owl2::run_input> inputs;
@@ -208,15 +209,22 @@ NB_MODULE(_decoder, m) {
                     inputs.push_back(in);
                 }
                 std::vector<float> out;
+                std::vector<std::vector<float>> captured;
                 {
                     nb::gil_scoped_release release;
-                    out = d.eval_runs(inputs, all_logits);
+                    out = d.eval_runs(inputs, all_logits, owl2::pass_range{first_layer, capture}, &captured);
                 }
-                return to_numpy(std::move(out), (size_t) std::max<int64_t>(all_logits ? total : n_seq, 1));
+                nb::object logits = to_numpy(std::move(out), (size_t) std::max<int64_t>(all_logits ? total : n_seq, 1));
+                if (capture.empty()) return logits;
+                nb::list states;
+                for (std::vector<float> & rows : captured) states.append(to_numpy(std::move(rows), (size_t) total));
+                return nb::make_tuple(logits, states);
             },
-            nb::arg("runs"), nb::arg("all_logits"),
+            nb::arg("runs"), nb::arg("all_logits"), nb::arg("first_layer") = 0, nb::arg("capture") = std::vector<int>(),
             "runs: (int32 ids [n] or float32 embeddings [n, n_embd], route, sequence) each. Logits "
-            "[positions, n_vocab], or [sequences, n_vocab]: each sequence's last position.")
+            "[positions, n_vocab], or [sequences, n_vocab]: each sequence's last position. "
+            "first_layer: the runs are hidden states at that layer's input (pass_range); capture: "
+            "layers whose input states are returned too, as (logits, [float32 [positions, n_embd]]).")
         .def("n_past", &owl2::decoder::n_past, nb::arg("seq") = 0, without_gil)
         .def("n_free", &owl2::decoder::n_free, without_gil)
         .def("rewind", &owl2::decoder::rewind, nb::arg("n"), nb::arg("seq") = 0, without_gil)

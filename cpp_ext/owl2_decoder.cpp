@@ -126,11 +126,35 @@ static int prepare_pieces(const model & m, std::vector<piece> & pieces) {
     return (int) total;
 }
 
+// A pass from the middle takes hidden states only (token ids enter at layer 0), and gives out
+// only the layers it runs through.
+static void check_range(const model & m, const std::vector<piece> & pieces, const pass_range & range) {
+    const int L = m.hp.n_layer;
+    if (range.first_layer < 0 || range.first_layer > L) {
+        throw decoder_error("first_layer " + std::to_string(range.first_layer) + " is outside [0, " + std::to_string(L) + "]");
+    }
+    for (size_t k = 0; k < range.capture.size(); ++k) {
+        const int il = range.capture[k];
+        if (il < range.first_layer || il > L || (k > 0 && il <= range.capture[k - 1])) {
+            throw decoder_error("the layers to capture must ascend within [first_layer, n_layer] = [" +
+                                std::to_string(range.first_layer) + ", " + std::to_string(L) + "]");
+        }
+    }
+    if (range.first_layer > 0) {
+        for (const piece & p : pieces) {
+            if (p.tokens) throw decoder_error("a pass from layer " + std::to_string(range.first_layer) + " takes hidden states, not token ids");
+        }
+    }
+}
+
 // Runs the pieces' positions through the model in ubatches (a piece may be split between two, and
 // a ubatch is cut short where the free cells are) and returns the logits of every position
 // [total, n_vocab] row-major, or only of each sequence's last position.
-static std::vector<float> eval(model & m, std::vector<piece> pieces, bool all_logits) {
+static std::vector<float> eval(model & m, std::vector<piece> pieces, bool all_logits, const pass_range & range = {},
+                               std::vector<std::vector<float>> * captured = nullptr) {
+    check_range(m, pieces, range);
     const int total = prepare_pieces(m, pieces);
+    if (captured) captured->assign(range.capture.size(), {});
 
     // The rows (of all `total`) whose logits are returned.
     std::vector<char> wanted(total, all_logits);
@@ -177,6 +201,8 @@ static std::vector<float> eval(model & m, std::vector<piece> pieces, bool all_lo
             }
         }
         find_spans(r);
+        r.first_layer = range.first_layer;
+        r.capture = range.capture;
         for (int i = 0; i < r.n; ++i) {
             if (wanted[start + i]) r.outputs.push_back(i);
         }
@@ -205,6 +231,12 @@ static std::vector<float> eval(model & m, std::vector<piece> pieces, bool all_lo
                 const size_t old = out.size();
                 out.resize(old + ggml_nelements(g.logits));
                 ggml_backend_tensor_get(g.logits, out.data() + old, 0, ggml_nbytes(g.logits));
+            }
+            for (size_t k = 0; captured && k < g.captured.size(); ++k) {  // this ubatch's rows, appended
+                std::vector<float> & to = (*captured)[k];
+                const size_t old = to.size();
+                to.resize(old + ggml_nelements(g.captured[k]));
+                ggml_backend_tensor_get(g.captured[k], to.data() + old, 0, ggml_nbytes(g.captured[k]));
             }
         } catch (...) {
             for (int i = 0; i < r.n; ++i) m.cells[head + i] = kv_cell{};
@@ -285,7 +317,8 @@ template <typename Fact> auto decoder::read(Fact fact) const {
     return fact(live());
 }
 
-std::vector<float> decoder::eval_runs(const std::vector<run_input> & runs, bool all_logits) {
+std::vector<float> decoder::eval_runs(const std::vector<run_input> & runs, bool all_logits, const pass_range & range,
+                                      std::vector<std::vector<float>> * captured) {
     call_lock hold(mutex_);
     model & m = ready();
     std::vector<piece> pieces;
@@ -293,7 +326,7 @@ std::vector<float> decoder::eval_runs(const std::vector<run_input> & runs, bool 
         if (in.n > INT32_MAX) throw context_full_error("far too many positions");
         pieces.push_back(piece{in.tokens, in.embeds, (int) in.n, in.route, in.seq});
     }
-    return eval(m, pieces, all_logits);
+    return eval(m, pieces, all_logits, range, captured);
 }
 
 int decoder::n_past(int seq) const {

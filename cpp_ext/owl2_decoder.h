@@ -83,6 +83,15 @@ struct run_input {
     int seq = 0;
 };
 
+// Which layers a pass runs (decoder::eval_runs): from first_layer's input to the end, its runs
+// then being the hidden states at that input (embeddings, each with its route), and the layers
+// whose input hidden states it gives out (ascending; n_layer: the final norm's input). The
+// recipe chooser runs a lowered group's layers and those after it only, from states it kept.
+struct pass_range {
+    int first_layer = 0;
+    std::vector<int> capture;
+};
+
 // Importance statistics of one weight matrix (an importance matrix's entry, llama.cpp's
 // imatrix): per input column, the sum over every position that went through the matrix of the
 // squared input value, and how many positions that was.
@@ -112,7 +121,11 @@ public:
     // a call (a decode step: one token of each). A query sees only its own sequence's keys.
     // Returns the logits of every position [n, n_vocab] row-major, or of the last position of each
     // sequence in the call [n_seq, n_vocab], in the order the sequences come.
-    std::vector<float> eval_runs(const std::vector<run_input> & runs, bool all_logits);
+    // With a pass_range: from its first layer (the cache cells of the layers before it are left
+    // unwritten for these positions: such a sequence is only continued by passes from that layer
+    // or later), and with `captured` [capture layer][n * n_embd] its hidden states.
+    std::vector<float> eval_runs(const std::vector<run_input> & runs, bool all_logits, const pass_range & range = {},
+                                 std::vector<std::vector<float>> * captured = nullptr);
 
     // The cache, per sequence (0 unless said otherwise; 0 <= seq < MAX_SEQUENCES).
     int n_past(int seq = 0) const;               // positions the sequence holds

@@ -148,15 +148,31 @@ void build_graph(graph & g, model & m, const run & r) {
         g.inputs.push_back(in);
         x = x ? ggml_concat(ctx, x, rows, 1) : rows;
     }
-    g.inp_pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
-    ggml_set_input(g.inp_pos);
-    g.inp_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, r.n_kv, n);
-    ggml_set_input(g.inp_mask);
+    // Positions and mask for the attention (none in a pass of the head alone: an input no node
+    // reads gets no buffer).
+    ggml_tensor * kq_mask = nullptr;
+    if (r.first_layer < hp.n_layer) {
+        g.inp_pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+        ggml_set_input(g.inp_pos);
+        g.inp_mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, r.n_kv, n);
+        ggml_set_input(g.inp_mask);
+        // Flash attention takes its mask in f16; one cast serves every layer.
+        kq_mask = m.params.flash_attn ? ggml_cast(ctx, g.inp_mask, GGML_TYPE_F16) : g.inp_mask;
+    }
 
-    // Flash attention takes its mask in f16; one cast serves every layer.
-    ggml_tensor * kq_mask = m.params.flash_attn ? ggml_cast(ctx, g.inp_mask, GGML_TYPE_F16) : g.inp_mask;
+    // A layer's input hidden states given out (run.capture); n_layer: the final norm's input.
+    size_t next_capture = 0;
+    auto capture_at = [&](int il) {
+        if (next_capture < r.capture.size() && r.capture[next_capture] == il) {
+            ggml_set_output(x);  // kept whole until the graph is read
+            g.captured.push_back(x);
+            ++next_capture;
+        }
+    };
 
-    for (const layer & L : m.layers) {
+    for (int il = r.first_layer; il < hp.n_layer; ++il) {
+        const layer & L = m.layers[il];
+        capture_at(il);
         // h = x + o_proj(attention(RMS_in[route](x)))
         ggml_tensor * cur = routed_rms_norm(ctx, r, x, L.attn_norm, hp.rms_eps);
         ggml_tensor * q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.wq, cur), hd, hp.n_head, n);
@@ -172,6 +188,8 @@ void build_graph(graph & g, model & m, const run & r) {
         cur = ggml_swiglu_split(ctx, ggml_mul_mat(ctx, L.ffn_gate, cur), ggml_mul_mat(ctx, L.ffn_up, cur));
         x = ggml_add(ctx, ggml_mul_mat(ctx, L.ffn_down, cur), h);
     }
+    capture_at(hp.n_layer);
+    for (ggml_tensor * t : g.captured) ggml_build_forward_expand(g.gf, t);
 
     // The head only for the rows whose logits are wanted: all, the last one, or a few (the last
     // position of each sequence in a decode step).
@@ -216,8 +234,10 @@ void set_inputs(const graph & g, const model & m, const run & r) {
             }
         }
     }
-    ggml_backend_tensor_set(g.inp_pos, pos.data(), 0, ggml_nbytes(g.inp_pos));
-    ggml_backend_tensor_set(g.inp_mask, mask.data(), 0, ggml_nbytes(g.inp_mask));
+    if (g.inp_pos) {
+        ggml_backend_tensor_set(g.inp_pos, pos.data(), 0, ggml_nbytes(g.inp_pos));
+        ggml_backend_tensor_set(g.inp_mask, mask.data(), 0, ggml_nbytes(g.inp_mask));
+    }
     if (g.inp_outputs) ggml_backend_tensor_set(g.inp_outputs, r.outputs.data(), 0, ggml_nbytes(g.inp_outputs));
 }
 

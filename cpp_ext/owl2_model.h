@@ -174,6 +174,11 @@ struct run {
     int head = 0;  // the cache cells [head, head + n) take this run's K/V rows
     int n_kv = 0;  // cells attention reads, [0, n_kv) (the ones of other sequences are masked)
     std::vector<int32_t> outputs;  // the rows (of n) whose logits are wanted, ascending
+    // A pass from the middle (decoder::eval_runs): the pieces are the hidden states at this
+    // layer's input and the layers before it are skipped; `capture`: the layers (n_layer: the
+    // final norm) whose input hidden states the graph gives out, ascending.
+    int first_layer = 0;
+    std::vector<int> capture;
 };
 
 struct graph {
@@ -184,6 +189,7 @@ struct graph {
     ggml_tensor * inp_mask = nullptr;  // [n_kv, n] 0 where a query may look, -inf elsewhere
     ggml_tensor * inp_outputs = nullptr;  // I32 [outputs] when more than the last row is wanted
     ggml_tensor * logits = nullptr;
+    std::vector<ggml_tensor *> captured;  // F32 [n_embd, n] per run.capture layer
     ~graph() {
         if (ctx) ggml_free(ctx);
     }

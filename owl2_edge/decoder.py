@@ -155,6 +155,36 @@ class Decoder:
         logits = self._eval([(seq, runs, routes)], all_logits)
         return logits if all_logits else logits[0]
 
+    def eval_capturing(self, runs: Sequence, layers: Sequence[int], seq: int = 0
+                       ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """eval_runs with all_logits, also giving the hidden states at the input of each of
+        `layers` (n_layer: the final norm's input): (logits, {layer: float32 [positions,
+        n_embd]}). What eval_from_layer starts from."""
+        seq = self._checked_seq(seq)
+        layers = sorted(set(layers))
+        logits, states = self._eval([(seq, runs, None)], True, capture=layers)
+        return logits, dict(zip(layers, states))
+
+    def eval_from_layer(self, states: np.ndarray, routes: Sequence[int] | np.ndarray,
+                        first_layer: int, seq: int = 0) -> np.ndarray:
+        """The logits of every position [positions, n_vocab] of a pass that starts at layer
+        `first_layer`'s input from `states` [positions, n_embd] (eval_capturing's), each position
+        through its route (`routes`, one per position) in the layers from there on; the layers
+        before are skipped, and their cache cells for these positions are left unwritten (go on
+        with such a sequence only by passes from the same layer or later). The recipe chooser's
+        pass for a group in a later band of layers (docs/design.md §11)."""
+        seq = self._checked_seq(seq)
+        first_layer = checks.integer("first_layer", first_layer, 0, self.n_layer)
+        states = self._checked_embeds(states)
+        routes = np.asarray(routes)
+        if routes.shape != (len(states),) or not np.isin(routes, (TEXT_ROUTE, VISUAL_ROUTE)).all():
+            raise DecoderError(f"routes must hold one of {TEXT_ROUTE}, {VISUAL_ROUTE} per position "
+                               f"({len(states)}), got shape {routes.shape}")
+        cuts = np.flatnonzero(np.diff(routes)) + 1  # runs of one route
+        runs = np.split(states, cuts)
+        run_routes = [int(routes[0])] + [int(routes[c]) for c in cuts]
+        return self._eval([(seq, runs, run_routes)], True, first_layer=first_layer)
+
     def eval_sequences(self, batch: Sequence[tuple[int, Sequence]], all_logits: bool = False
                        ) -> np.ndarray:
         """Several sequences in one pass: (seq, runs) pairs, each sequence at most once, its runs
@@ -167,7 +197,7 @@ class Decoder:
             raise DecoderError("each sequence at most once in eval_sequences")
         return self._eval([(seq, runs, None) for seq, (_, runs) in zip(seqs, batch)], all_logits)
 
-    def _eval(self, batch, all_logits: bool) -> np.ndarray:
+    def _eval(self, batch, all_logits: bool, first_layer: int = 0, capture: Sequence[int] = ()):
         native_runs = []
         for seq, runs, routes in batch:
             checked = [self._checked_embeds(run) if isinstance(run, np.ndarray)
@@ -184,7 +214,7 @@ class Decoder:
             raise DecoderError("nothing to evaluate (no sequences)")
         self.wait()
         with _native_errors():
-            return self._native.eval_runs(native_runs, bool(all_logits))
+            return self._native.eval_runs(native_runs, bool(all_logits), first_layer, list(capture))
 
     def _checked_seq(self, seq) -> int:
         return checks.integer("seq", seq, 0, MAX_SEQUENCES - 1)

@@ -237,6 +237,77 @@ def test_mixed_runs_keep_each_runs_route(ref, images, pairs):
     assert max_diff(right, wrong) > 100 * F32_TOL
 
 
+def _reference_states(ref, ids, embeds, layer: int) -> np.ndarray:
+    """The reference's hidden states at `layer`'s input (the final norm's at n_layer)."""
+    with torch.no_grad():
+        x, modality = ref.splice(ids, embeds)
+        positions = torch.arange(x.shape[0])
+        for i, block in enumerate(ref.decoder.layers[:layer]):
+            x = block(x, modality, positions, i, None)
+    return x.numpy()
+
+
+@pytest.mark.parametrize("n_ubatch", [512, 3])
+def test_a_pass_from_a_later_layer_continues_the_reference(n_ubatch, ref, images, pairs):
+    """eval_capturing gives the hidden states at each layer's input as the reference computes
+    them, and eval_from_layer run from those states (each position on its route) gives the
+    logits of the whole pass; from the states of one route only, they are wrong (the layers
+    after still read MAM's routes)."""
+    ids, embeds = prompt("multi_turn", ref, images)
+    expected = ref.logits(ids, embeds).numpy()
+    _, modality = ref.splice(ids, embeds)
+    routes = modality.numpy()
+    pieces = [np.asarray(x) if kind == "image" else x for kind, x in runs(ids, embeds)]
+    n_layer = ref.cfg.text.num_layers
+    layers = list(range(n_layer + 1))
+    with open_decoder(pairs("F32"), n_ubatch=n_ubatch) as dec:
+        whole, states = dec.eval_capturing(pieces, layers)
+        assert sorted(states) == layers
+        for b in layers:
+            assert states[b].shape == (len(routes), ref.cfg.text.hidden_size)
+            assert max_diff(states[b], _reference_states(ref, ids, embeds, b)) <= F32_TOL
+            dec.clear_sequence(0)
+            from_b = dec.eval_from_layer(states[b], routes, b)
+            assert max_diff(from_b, whole) <= 1e-5, b
+            assert max_diff(from_b, expected) <= F32_TOL
+        dec.clear_sequence(0)
+        all_text = dec.eval_from_layer(states[1], np.zeros_like(routes), 1)
+    assert max_diff(whole, expected) <= F32_TOL
+    assert max_diff(all_text, expected) > 100 * F32_TOL
+
+
+def test_a_pass_from_a_later_layer_refuses_bad_input(ref, images, pairs):
+    """A layer outside the model, states of another width, routes that do not match, capture
+    layers out of order, token ids into a later layer: one error each, nothing kept in the
+    cache, and the decoder still answers."""
+    ids, embeds = prompt("one_image", ref, images)
+    pieces = [np.asarray(x) if kind == "image" else x for kind, x in runs(ids, embeds)]
+    n_layer, width = ref.cfg.text.num_layers, ref.cfg.text.hidden_size
+    states = np.zeros((4, width), np.float32)
+    with open_decoder(pairs("F32")) as dec:
+        with pytest.raises(ArgumentError, match="first_layer"):
+            dec.eval_from_layer(states, [0] * 4, n_layer + 1)
+        with pytest.raises(DecoderError, match="embeddings must be"):
+            dec.eval_from_layer(np.zeros((4, width + 1), np.float32), [0] * 4, 1)
+        with pytest.raises(DecoderError, match="routes must"):
+            dec.eval_from_layer(states, [0, 1, 2, 0], 1)
+        with pytest.raises(DecoderError, match="routes must"):
+            dec.eval_from_layer(states, [0] * 3, 1)
+        # The native guards, under what the Python API checks first:
+        native = dec._native.eval_runs
+        ids = np.asarray(pieces[0], np.int32)
+        with pytest.raises(_decoder.NativeDecoderError, match="ascend"):
+            native([(ids, 0, 0)], True, 0, [1, 0])
+        with pytest.raises(_decoder.NativeDecoderError, match="ascend"):
+            native([(states, 0, 0)], True, 1, [0])
+        with pytest.raises(_decoder.NativeDecoderError, match="not token ids"):
+            native([(ids, 0, 0)], True, 1, [])
+        with pytest.raises(_decoder.NativeDecoderError, match="first_layer"):
+            native([(states, 0, 0)], True, -1, [])
+        assert dec.n_past == 0
+        assert np.isfinite(dec.eval_runs(pieces, all_logits=True)).all()
+
+
 def test_text_route_on_an_image_run_breaks_the_logits(ref, images, pairs):
     """Routing the image run through the text weights is what ignoring MAM does: it must not
     pass for the right answer, and must equal the reference's ignore_mam output."""

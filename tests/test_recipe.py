@@ -365,6 +365,33 @@ def test_a_group_lowered_in_memory_measures_as_the_pair_written(f16_dir, tmp_pat
     assert in_memory == pytest.approx(from_files, rel=1e-6, abs=1e-12)
 
 
+def test_each_group_measured_from_its_first_layer_measures_as_a_whole_pass(f16_dir, tmp_path):
+    """The chooser's passes start at the first layer a group changes, from the source's hidden
+    states kept there (Probe.open): every group's KL so is the whole pass's KL; token_embd's
+    passes start at layer 0, output's at the final norm."""
+    m = Manifest.load(f16_dir)
+    base, mam = f16_dir / m.decoder_file, f16_dir / m.mam_file
+    n_layer = m.decoder.n_layer
+    groups = choose.groups_of(recipe.matrices(base, mam), n_layer)
+    first = {g.name: g.first_layer for g in groups}
+    assert first["token_embd"] == 0 and first["output"] == n_layer
+    for g in groups:
+        layers = {int(k.split(".")[-3]) for k in g.keys if ".blk." in "." + k}
+        assert not layers or g.first_layer == min(layers), g.name
+    assert len({g.first_layer for g in groups}) == choose.BANDS + 1
+    bench = choose._Workbench(base, mam, tmp_path, None)
+    items = evaluate.generated_items(1, choose.CALIBRATION_SEED)
+    with _load(f16_dir) as owl:
+        probe = choose.Probe(owl, items)
+    with probe.open(base, mam, [g.first_layer for g in groups]) as source:
+        for g in groups:
+            encoded = bench.encoded({k: T.Q2_K for k in g.keys})
+            whole = probe.kl_lowered(source, encoded)
+            from_first = probe.kl_lowered(source, encoded, g.first_layer)
+            assert whole > 1e-9, g.name
+            assert from_first == pytest.approx(whole, rel=1e-5), g.name
+
+
 class _Cut(Exception):
     """Stands for Ctrl-C in the middle of the measuring."""
 

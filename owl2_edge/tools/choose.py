@@ -8,7 +8,9 @@
    each group and each type of the ladder, the source with that group alone at that type (its
    matrices re-encoded and swapped in the loaded pair, then back: Decoder.override_weights)
    reads the same prompts and answers (teacher forcing); the mean KL(source || lowered) over the
-   answer positions is that group's cost at that type. Costs are kept on disk (kept_costs.py). The
+   answer positions is that group's cost at that type. A pass runs only the layers its group
+   changes, from the source's hidden states kept at that band's input (Probe.open). Costs are
+   kept on disk (kept_costs.py). The
    questions are about pictures, so they decide the visual route's types as much as the text's.
    With estimate="scaled" only two types per group are measured (its lowest and SCALED_ANCHOR)
    and the others follow from their rounding errors (scale_costs).
@@ -85,6 +87,9 @@ class Group:
     pattern: str                   # the --tensor-type pattern that names exactly its matrices
     cost: dict[str, float] = field(default_factory=dict)   # type -> measured mean KL
     size: dict[str, int] = field(default_factory=dict)     # type -> bytes of its matrices
+    # The first layer its matrices change: its passes start there, from the source's hidden
+    # states (token_embd: 0, output: n_layer, the final norm's input).
+    first_layer: int = 0
 
 
 @dataclass
@@ -141,12 +146,15 @@ def groups_of(pair: Sequence[recipe.Matrix], n_layer: int, bands: int = BANDS) -
         if match is None:
             name = prefix + m.name.removesuffix(".weight")
             pattern = "^" + re.escape(m.key) + "$"
+            # token_embd changes the first layer's input; output only the head's
+            first = 0 if re.match(recipe.TOKEN_EMBD_PATTERN, m.name) else n_layer
         else:
             name = f"{prefix}blk.{band(int(match.group(1)))}.{match.group(2)}"
             layers.setdefault(name, []).append(match.group(1))
             pattern = (f"^{re.escape(prefix)}blk\\.({'|'.join(layers[name])})\\."
                        f"{match.group(2)}\\.weight$")
-        g = groups.setdefault(name, Group(name, [], pattern))
+            first = min(int(i) for i in layers[name])
+        g = groups.setdefault(name, Group(name, [], pattern, first_layer=first))
         g.keys.append(m.key)
         g.pattern = pattern
     return list(groups.values())
@@ -159,6 +167,10 @@ class _Question:
     runs: list                     # token id lists and image embeddings, as Decoder.eval_runs
     n_answer: int                  # answer positions (the reference's continuation)
     logprobs: np.ndarray           # the source's, float64 [n_answer, n_vocab]
+    routes: np.ndarray | None = None   # each position's route (Probe.open)
+    # The source's hidden states at the input of each layer a pass starts from, float32
+    # [positions, n_embd] (Probe.open): a group's pass runs only its layers and those after.
+    states: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 class Probe:
@@ -204,24 +216,45 @@ class Probe:
         with Decoder(base, mam, self.options) as dec:
             return self._sums(dec)
 
-    def open(self, base: Path, mam: Path) -> Decoder:
-        """A pair loaded for kl_lowered (the caller closes it)."""
-        return Decoder(base, mam, self.options)
+    def open(self, base: Path, mam: Path, first_layers: Sequence[int] = ()) -> Decoder:
+        """The source pair loaded for kl_lowered (the caller closes it), and for each question
+        the source's hidden states at the input of each of `first_layers` kept (one pass of the
+        questions; in memory: questions x positions x n_embd x 4 bytes per layer, about 0.3 GB
+        at 7B with 4 bands and 16 questions per type, docs/quantize.md)."""
+        dec = Decoder(base, mam, self.options)
+        layers = sorted(set(first_layers) - {0})
+        try:
+            for q in self.questions:
+                q.routes = np.concatenate([
+                    np.full(len(run), names.VISUAL_ROUTE if isinstance(run, np.ndarray)
+                            else names.TEXT_ROUTE, np.int32) for run in q.runs])
+                if layers:
+                    dec.clear_sequence(0)
+                    q.states = dec.eval_capturing(q.runs, layers)[1]
+        except BaseException:
+            dec.close()
+            raise
+        return dec
 
-    def kl_lowered(self, dec: Decoder, matrices: dict) -> float:
+    def kl_lowered(self, dec: Decoder, matrices: dict, first_layer: int = 0) -> float:
         """Mean KL(source || the loaded pair with `matrices` replaced, Decoder.override_weights),
-        the pair as it was afterwards."""
+        the pair as it was afterwards. first_layer: the first layer the matrices change; the
+        passes start there from the states open() kept (the layers before compute what the
+        source computed)."""
         dec.override_weights(matrices)
         try:
-            return float(self._sums(dec).sum() / self.positions)
+            return float(self._sums(dec, first_layer).sum() / self.positions)
         finally:
             dec.clear_overrides()
 
-    def _sums(self, dec: Decoder) -> np.ndarray:
+    def _sums(self, dec: Decoder, first_layer: int = 0) -> np.ndarray:
         sums = np.zeros(len(self.questions))
         for i, q in enumerate(self.questions):
             dec.clear_sequence(0)
-            logits = dec.eval_runs(q.runs, all_logits=True)
+            if first_layer and first_layer in q.states:
+                logits = dec.eval_from_layer(q.states[first_layer], q.routes, first_layer)
+            else:
+                logits = dec.eval_runs(q.runs, all_logits=True)
             rows = compare._log_softmax(logits[len(logits) - q.n_answer - 1:-1])
             p = q.logprobs
             sums[i] = (np.exp(p) * (p - rows.astype(np.float64))).sum(-1).clip(min=0).sum()
@@ -459,10 +492,12 @@ def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
         todo = [(g, t) for g in groups for t in measured[g.name] if t not in g.cost]
         report("sensitivity", 0, len(todo))
         # One load of the source; each pass lowers its group in memory and puts it back.
-        with probe.open(base, mam) if todo else contextlib.nullcontext() as source:
+        # Each pass from its group's first layer: the source's states there are kept at open.
+        with probe.open(base, mam, [g.first_layer for g, _ in todo]) if todo \
+                else contextlib.nullcontext() as source:
             for done, (g, t) in enumerate(todo, 1):
                 g.cost[t] = probe.kl_lowered(source, bench.encoded(
-                    {k: recipe.TENSOR_TYPES[t] for k in g.keys}))
+                    {k: recipe.TENSOR_TYPES[t] for k in g.keys}), g.first_layer)
                 if kept is not None:
                     kept.put(g, t, g.cost[t])  # at once: a run cut short keeps what it measured
                 report("sensitivity", done, len(todo))
