@@ -2,13 +2,14 @@
 parts (docs/quantize.md, "Recipes chosen by measurement").
 
 Builds (once, cached) the 7B shape with random weights at F16 (`owl2 bench --shape`'s cache),
-then times what the chooser does, on this machine: the source's reference pass per question, one
-pair written whole (the check writes the chosen recipe once), and for a few groups of different
-sizes one measured pass (the group encoded at the type, swapped into the loaded source, the
-calibration questions read with teacher forcing). The estimate for the whole choice multiplies
-by the chooser's counts (groups x ladder passes with --estimate measured, groups x 2 with
-scaled, plus its rounding errors; the default calibration and check questions; two stock types
-quantized and checked), since every group of the 7B spans eight layers.
+then times what the chooser does, on this machine: the source's reference pass per question, the
+pass that keeps the hidden states at each band's input, one pair written whole (the check writes
+the chosen recipe once), and for groups of each band and size one measured pass (the group
+encoded at the type, swapped into the loaded source, the calibration questions read with teacher
+forcing from the group's first layer on). The estimate for the whole choice multiplies by the
+chooser's counts (groups x ladder passes with --estimate measured, groups x 2 with scaled, plus
+its rounding errors; the default calibration and check questions; two stock types quantized and
+checked), each group's passes timed as those of the timed group that starts at the same layer.
 
     python benchmarks/choose_cost_7b.py [--threads 2] [--questions 2]
 """
@@ -27,9 +28,12 @@ from owl2_edge.owl2 import Owl2
 from owl2_edge.tools import choose, evaluate
 from owl2_edge.tools.bench.shapes import shape_folder
 
-# Groups of each kind the chooser makes at 7B: an MLP band (8 x 45 M weights), an attention
-# band (8 x 16.8 M), the visual route's V band (8 x 16.8 M in the sidecar), the embedding.
-TIMED_GROUPS = ("blk.0-7.ffn_down", "blk.8-15.attn_q", "owl2.mam.blk.16-23.attn_v", "token_embd")
+# Groups of each kind the chooser makes at 7B, one starting at each layer a pass can start at:
+# an MLP band (8 x 45 M weights), an attention band (8 x 16.8 M), the visual route's V band
+# (8 x 16.8 M in the sidecar), the last band's MLP, the embedding (from layer 0), the output
+# (the head alone).
+TIMED_GROUPS = ("blk.0-7.ffn_down", "blk.8-15.attn_q", "owl2.mam.blk.16-23.attn_v",
+                "blk.24-31.ffn_up", "token_embd", "output")
 
 
 def main() -> None:
@@ -67,7 +71,10 @@ def main() -> None:
         bench.pair({k: recipe.TENSOR_TYPES[args.type] for k in groups[TIMED_GROUPS[0]].keys})
         write = time.perf_counter() - t0
         print(json.dumps({"write_pair_s": round(write, 1)}), flush=True)
-        with probe.open(base, mam) as source:
+        t0 = time.perf_counter()
+        with probe.open(base, mam, [g.first_layer for g in groups.values()]) as source:
+            states = time.perf_counter() - t0  # the load, and the pass that keeps the states
+            print(json.dumps({"open_and_keep_states_s": round(states, 1)}), flush=True)
             for name in TIMED_GROUPS:
                 g = groups[name]
                 t0 = time.perf_counter()
@@ -78,9 +85,10 @@ def main() -> None:
                 source.clear_overrides()
                 place = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                kl = probe.kl_lowered(source, encoded)
+                kl = probe.kl_lowered(source, encoded, g.first_layer)
                 read = time.perf_counter() - t0 - place
-                rows.append({"group": name, "matrices": len(g.keys), "encode_s": round(encode, 1),
+                rows.append({"group": name, "first_layer": g.first_layer,
+                             "matrices": len(g.keys), "encode_s": round(encode, 1),
                              "place_s": round(place, 2), "measure_s": round(read, 1), "kl": kl})
                 print(json.dumps(rows[-1]), flush=True)
 
@@ -95,21 +103,32 @@ def main() -> None:
     n_groups = len(groups)
     per_question_ref = reference / len(probe.questions)
     fixed = sum(r["encode_s"] + r["place_s"] for r in rows) / len(rows)  # per pass, besides reading
-    forward = sum(r["measure_s"] for r in rows) / len(rows) / len(probe.questions)
+    # A question's pass from each first layer (the mean of the timed groups starting there).
+    by_first: dict[int, list[float]] = {}
+    for r in rows:
+        by_first.setdefault(r["first_layer"], []).append(r["measure_s"] / len(probe.questions))
+    forward_from = {layer: sum(v) / len(v) for layer, v in by_first.items()}
+    whole = forward_from[0]
+    forward = sum(forward_from[g.first_layer] for g in groups.values()) / len(groups)
     calibration = choose.DEFAULT_CALIBRATION * 3
     check = choose.CHECK_PER_TYPE * 3
+    # The load counted with the questions' pass that keeps the states: a bound from above.
+    keep_states = states / len(probe.questions)
     print(json.dumps({"reference_s_per_question": round(per_question_ref, 1),
                       "write_pair_s": round(write, 1),
                       "encode_and_place_s_per_pass": round(fixed, 1),
-                      "forward_s_per_question": round(forward, 1),
+                      "forward_s_per_question_from_layer": {k: round(v, 2) for k, v
+                                                            in sorted(forward_from.items())},
+                      "forward_s_per_question_mean_over_groups": round(forward, 2),
                       "rounding_errors_s_per_ladder_type_all_weights":
                           round(per_weight * all_weights / len(choose.LADDER), 1),
                       "positions_per_question": probe.positions / len(probe.questions)}))
     for estimate in choose.ESTIMATES:
         passes = n_groups * (len(choose.LADDER) if estimate == "measured" else 2)
         seconds = (per_question_ref * (calibration + check)
+                   + keep_states * calibration                # the pass that keeps the states
                    + passes * (fixed + forward * calibration)
-                   + write + 3 * forward * check              # the recipe and two stock types
+                   + write + 3 * whole * check                # the recipe and two stock types
                    + 2 * args.stock_quantize_s)
         if estimate == "scaled":
             seconds += per_weight * all_weights
