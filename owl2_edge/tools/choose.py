@@ -236,6 +236,11 @@ class Probe:
             raise
         return dec
 
+    def drop_states(self) -> None:
+        """Give back the memory of the states open() kept."""
+        for q in self.questions:
+            q.states = {}
+
     def kl_lowered(self, dec: Decoder, matrices: dict, first_layer: int = 0) -> float:
         """Mean KL(source || the loaded pair with `matrices` replaced, Decoder.override_weights),
         the pair as it was afterwards. first_layer: the first layer the matrices change; the
@@ -501,6 +506,7 @@ def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
                 if kept is not None:
                     kept.put(g, t, g.cost[t])  # at once: a run cut short keeps what it measured
                 report("sensitivity", done, len(todo))
+        probe.drop_states()  # the check needs none of them
         steps = len(todo)
         seconds["sensitivity"] = time.perf_counter() - t0
         seconds["per_pass"] = seconds["sensitivity"] / max(steps, 1)
