@@ -689,6 +689,23 @@ def _matrices_of(pair) -> dict:
     return out
 
 
+@pytest.mark.parametrize("n_gpu_layers", [-1, 1])
+def test_gpu_pass_from_a_later_layer_matches_the_whole_pass(n_gpu_layers, ref, images, pairs):
+    """The recipe chooser's passes from a band's input (eval_capturing / eval_from_layer) where
+    `--device cuda` runs them: all layers on the GPU, or split with the CPU."""
+    ids, embeds = prompt("multi_turn", ref, images)
+    expected = ref.logits(ids, embeds).numpy()
+    routes = ref.splice(ids, embeds)[1].numpy()
+    pieces = [np.asarray(x) if kind == "image" else x for kind, x in runs(ids, embeds)]
+    layers = list(range(ref.cfg.text.num_layers + 1))
+    with _gpu_decoder(pairs("F32"), n_gpu_layers=n_gpu_layers) as dec:
+        whole, states = dec.eval_capturing(pieces, layers)
+        for b in layers:
+            dec.clear_sequence(0)
+            assert max_diff(dec.eval_from_layer(states[b], routes, b), whole) <= 1e-3, b
+    assert max_diff(whole, expected) <= 1e-2
+
+
 @pytest.mark.parametrize("repack", [False, True])
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_weights_overridden_in_memory_compute_as_the_pair_written(device, repack, ref, images, pairs):
