@@ -398,11 +398,17 @@ class _Cut(Exception):
 
 def test_group_costs_are_kept_for_the_next_size_and_a_run_cut_short(f16_dir, q2k_dir, tmp_path,
                                                                      monkeypatch):
-    """Each group cost measured is kept on disk at once (kept_costs.py): a run cut short keeps
-    what it measured, the next run measures only the rest, a second size measures nothing and
-    chooses as a fresh run would, and --fresh (fresh=True) measures everything again."""
-    from owl2_edge.tools import kept_costs
+    """Each group cost measured is kept on disk at once (kept_costs.py), and the source's
+    answers to the questions with them (kept_answers.py): a run cut short keeps what it
+    measured, the next run measures only the rest, a second size answers and measures nothing
+    and chooses as a fresh run would, and --fresh (fresh=True) does everything again."""
+    from owl2_edge.tools import compare, kept_costs
     monkeypatch.setenv(kept_costs.FOLDER_ENV, str(tmp_path / "kept"))
+    answered = []  # the questions the source answered, per reference pass
+    real_pass = compare.reference_pass
+    monkeypatch.setattr(compare, "reference_pass",
+                        lambda owl, its, *a, **kw: answered.append(len(its)) or
+                        real_pass(owl, its, *a, **kw))
     m = Manifest.load(f16_dir)
     target = choose.pair_bytes([q2k_dir / Manifest.load(q2k_dir).decoder_file,
                                 q2k_dir / Manifest.load(q2k_dir).mam_file])
@@ -415,16 +421,21 @@ def test_group_costs_are_kept_for_the_next_size_and_a_run_cut_short(f16_dir, q2k
         with pytest.raises(_Cut):
             choose.choose(f16_dir, m, target, owl, items=items, estimate="scaled",
                           progress=cut_after_three)
+        assert answered == [len(items)]
         first = choose.choose(f16_dir, m, target, owl, items=items, estimate="scaled")
+        assert answered == [len(items)]  # the answers kept by the run cut short
         assert first.kept_costs == 3 and first.passes == sum(
             len(choose._anchors(g)) for g in first.groups) - 3
         again = choose.choose(f16_dir, m, int(target * 1.2), owl, items=items,
                               estimate="scaled")
+        assert answered == [len(items)]
         fresh = choose.choose(f16_dir, m, int(target * 1.2), owl, items=items,
                               estimate="scaled", fresh=True)
+        assert answered == [len(items)] * 2
         # Other calibration questions are another measurement: nothing kept for them.
         other = choose.choose(f16_dir, m, target, owl, estimate="scaled",
                               items=evaluate.generated_items(1, choose.CALIBRATION_SEED + 7))
+        assert answered == [len(items)] * 3
     assert again.passes == 0 and again.kept_costs == first.passes + 3
     assert fresh.passes == first.passes + 3 and fresh.kept_costs == 0
     assert other.kept_costs == 0
@@ -432,12 +443,19 @@ def test_group_costs_are_kept_for_the_next_size_and_a_run_cut_short(f16_dir, q2k
     for a, b in zip(again.groups, fresh.groups):
         assert a.cost == pytest.approx(b.cost, rel=1e-6)
     assert any("kept from an earlier run" in line for line in choose.describe(again))
-    # A damaged file is measured afresh, never trusted.
+    assert again.recipe_kl == fresh.recipe_kl  # the answers read back are the ones answered
+    # A damaged file is measured (or answered) afresh, never trusted.
     for f in (tmp_path / "kept").glob("*.json"):
         f.write_text("{not json")
     with _load(f16_dir) as owl:
         redo = choose.choose(f16_dir, m, target, owl, items=items, estimate="scaled")
     assert redo.kept_costs == 0 and redo.passes == fresh.passes
+    assert answered == [len(items)] * 3
+    for f in (tmp_path / "kept").glob("answers-*.npz"):
+        f.write_bytes(f.read_bytes()[:100])
+    with _load(f16_dir) as owl:
+        again = choose.choose(f16_dir, m, target, owl, items=items, estimate="scaled")
+    assert answered == [len(items)] * 4 and again.passes == 0
 
 
 def test_target_bpw_counts_every_weight_of_the_pair(f16_dir):

@@ -10,7 +10,7 @@
    reads the same prompts and answers (teacher forcing); the mean KL(source || lowered) over the
    answer positions is that group's cost at that type. A pass runs only the layers its group
    changes, from the source's hidden states kept at that band's input (Probe.open). Costs are
-   kept on disk (kept_costs.py). The
+   kept on disk (kept_costs.py), and the source's answers with them (kept_answers.py). The
    questions are about pictures, so they decide the visual route's types as much as the text's.
    With estimate="scaled" only two types per group are measured (its lowest and SCALED_ANCHOR)
    and the others follow from their rounding errors (scale_costs).
@@ -47,7 +47,7 @@ import numpy as np
 from owl2_edge import _decoder, names, quant, recipe
 from owl2_edge.decoder import Decoder
 from owl2_edge.errors import ArgumentError
-from owl2_edge.tools import compare, evaluate, kept_costs
+from owl2_edge.tools import compare, evaluate, kept_answers, kept_costs
 
 BANDS = 4
 ESTIMATES = ("measured", "scaled")
@@ -176,17 +176,34 @@ class _Question:
 class Probe:
     """The calibration questions as the source answered them, and the KL of any pair on them."""
 
-    def __init__(self, owl, items: Sequence[evaluate.Item]):
-        refs = compare.reference_pass(owl, items)
-        self.questions = []
-        longest = 0
-        for item, ref in zip(items, refs):
+    def __init__(self, owl, items: Sequence[evaluate.Item], kept: Path | None = None,
+                 fresh: bool = False):
+        """The source (owl) answers the items; kept: the file its answers are kept in
+        (kept_answers.py), read instead of answering when it holds them (unless fresh)."""
+        answered = None if kept is None or fresh else kept_answers.load(kept)
+        if answered is None:
+            answered = self._answer(owl, items)
+            if kept is not None and answered:
+                kept_answers.save(kept, answered)
+        self.questions = [_Question(runs, n_answer, logprobs.astype(np.float64))
+                          for runs, n_answer, logprobs in answered]
+        if not self.questions:
+            raise ArgumentError("no calibration question got an answer to measure")
+        self.positions = sum(q.n_answer for q in self.questions)
+        self.n_ctx = max(64, max(sum(len(r) for r in q.runs) for q in self.questions))
+        # The passes run where and as the source was loaded (device, threads, KV type...).
+        self.options = dataclasses.replace(owl.options, n_ctx=self.n_ctx)
+
+    @staticmethod
+    def _answer(owl, items) -> list[kept_answers.Question]:
+        """Each item the source answered, as (runs, answer positions, log-probabilities)."""
+        out = []
+        for item, ref in zip(items, compare.reference_pass(owl, items)):
             if not ref.continuation:
                 continue
             prompt, _ = compare._prompt(item)
-            ids = owl.tokenize(prompt) + list(ref.continuation)
             runs, text = [], []
-            for t in ids:
+            for t in owl.tokenize(prompt) + list(ref.continuation):
                 if t == names.IMAGE_TOKEN_ID:
                     if text:
                         runs.append(text)
@@ -196,16 +213,8 @@ class Probe:
                     text.append(t)
             if text:
                 runs.append(text)
-            length = sum(len(r) for r in runs)
-            longest = max(longest, length)
-            self.questions.append(_Question(runs, len(ref.continuation),
-                                            ref.logprobs.astype(np.float64)))
-        if not self.questions:
-            raise ArgumentError("no calibration question got an answer to measure")
-        self.positions = sum(q.n_answer for q in self.questions)
-        self.n_ctx = max(64, longest)
-        # The passes run where and as the source was loaded (device, threads, KV type...).
-        self.options = dataclasses.replace(owl.options, n_ctx=self.n_ctx)
+            out.append((runs, len(ref.continuation), ref.logprobs))
+        return out
 
     def kl(self, base: Path, mam: Path) -> float:
         """Mean KL(source || this pair) over every answer position."""
@@ -475,11 +484,17 @@ def choose(src: Path, manifest, target_bytes: int, owl, importance=None,
         raise ArgumentError(f"the target {target_bytes} bytes is below the smallest recipe "
                             f"this chooser can write, {smallest} bytes")
 
-    probe = Probe(owl, items)
-    check = probe if check_items is items else Probe(owl, check_items)
+    # The source's answers, kept with the costs: a second size reads them back.
+    source = kept_costs.source_digest(manifest, [base, mam])
+
+    def answers(its):
+        return kept_answers.answers_path(source, its, owl.options, evaluate.DEFAULT_MAX_TOKENS) \
+            if keep else None
+    probe = Probe(owl, items, answers(items), fresh)
+    check = probe if check_items is items else Probe(owl, check_items, answers(check_items),
+                                                     fresh)
     seconds = {"reference": time.perf_counter() - started}
-    kept = kept_costs.KeptCosts.open(kept_costs.source_digest(manifest, [base, mam]),
-                                     kept_costs.importance_digest(importance),
+    kept = kept_costs.KeptCosts.open(source, kept_costs.importance_digest(importance),
                                      kept_costs.probe_digest(probe.questions, probe.options),
                                      fresh) if keep else None
     with tempfile.TemporaryDirectory(prefix=".owl2-choose-", dir=src.parent) as scratch:
