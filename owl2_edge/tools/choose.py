@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import re
 import shutil
@@ -167,10 +168,15 @@ class _Question:
     runs: list                     # token id lists and image embeddings, as Decoder.eval_runs
     n_answer: int                  # answer positions (the reference's continuation)
     logprobs: np.ndarray           # the source's, float64 [n_answer, n_vocab]
-    routes: np.ndarray | None = None   # each position's route (Probe.open)
     # The source's hidden states at the input of each layer a pass starts from, float32
     # [positions, n_embd] (Probe.open): a group's pass runs only its layers and those after.
     states: dict[int, np.ndarray] = field(default_factory=dict)
+
+    @functools.cached_property
+    def routes(self) -> np.ndarray:
+        """Each position's route: its run's (eval_runs routes picture embeddings visual)."""
+        return np.concatenate([np.full(len(run), names.VISUAL_ROUTE if isinstance(run, np.ndarray)
+                                       else names.TEXT_ROUTE, np.int32) for run in self.runs])
 
 
 class Probe:
@@ -233,11 +239,8 @@ class Probe:
         dec = Decoder(base, mam, self.options)
         layers = sorted(set(first_layers) - {0})
         try:
-            for q in self.questions:
-                q.routes = np.concatenate([
-                    np.full(len(run), names.VISUAL_ROUTE if isinstance(run, np.ndarray)
-                            else names.TEXT_ROUTE, np.int32) for run in q.runs])
-                if layers:
+            if layers:
+                for q in self.questions:
                     dec.clear_sequence(0)
                     q.states = dec.eval_capturing(q.runs, layers)[1]
         except BaseException:

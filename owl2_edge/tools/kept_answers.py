@@ -11,7 +11,7 @@ embeddings), its answer's length and the log-probabilities, in the dtypes they w
 (the group costs' own digest reads them, so a question read back is the very question answered).
 A file that cannot be read, or was written for other questions, is answered afresh and replaced.
 
-    path = answers_path(source_digest, items, owl.options)
+    path = answers_path(source_digest, items, owl.options, max_tokens)
     questions = load(path)             # [(runs, n_answer, logprobs)] or None
     save(path, questions)              # through a temporary file and a rename
 """
@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from owl2_edge.tools.kept_costs import kept_costs_folder
+from owl2_edge.image import content_hash
+from owl2_edge.tools.kept_costs import kept_costs_folder, write_whole
 
 FORMAT = 1
 
@@ -37,37 +37,23 @@ Question = tuple[list, int, np.ndarray]
 
 
 def items_digest(items: Sequence) -> str:
-    """What of the questions the answers depend on: each one's text and settings and its
-    pictures' bytes (a file's, a PIL image's pixels, or the bytes given)."""
+    """What of the questions the answers depend on: each one's text and settings and what its
+    pictures look like (image.content_hash, the image-embedding cache's key)."""
     h = hashlib.sha256()
     for item in items:
         h.update(json.dumps([item.question, item.system, item.json_schema, item.max_tokens],
                             sort_keys=True).encode())
         for image in item.image if isinstance(item.image, list) else [item.image]:
-            h.update(_image_bytes(image))
+            h.update(b"none" if image is None else content_hash(image).encode())
     return h.hexdigest()
-
-
-def _image_bytes(image) -> bytes:
-    if image is None:
-        return b"none"
-    if isinstance(image, (bytes, bytearray)):
-        return b"bytes:" + bytes(image)
-    if isinstance(image, (str, os.PathLike)):
-        return b"file:" + Path(image).read_bytes()
-    return f"pil:{image.mode}:{image.size}:".encode() + image.tobytes()
 
 
 def answers_path(source: str, items: Sequence, options, max_tokens: int) -> Path:
     """The file for the source pair's digest (kept_costs.source_digest), these questions, the
     load options and the answers' longest length."""
-    key = _key(source, items, options, max_tokens)
+    key = hashlib.sha256(f"{FORMAT}|{source}|{items_digest(items)}|{options!r}|{max_tokens}"
+                         .encode()).hexdigest()
     return kept_costs_folder() / f"answers-{key[:32]}.npz"
-
-
-def _key(source: str, items: Sequence, options, max_tokens: int) -> str:
-    return hashlib.sha256(f"{FORMAT}|{source}|{items_digest(items)}|{options!r}|{max_tokens}"
-                          .encode()).hexdigest()
 
 
 def load(path: Path) -> list[Question] | None:
@@ -96,11 +82,7 @@ def save(path: Path, questions: Sequence[Question]) -> None:
         meta.append({"text": [isinstance(run, list) for run in runs], "n_answer": int(n_answer)})
     arrays["meta"] = np.array(json.dumps({"format": FORMAT, "file": path.name,
                                           "questions": meta}))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + f".{os.getpid()}.partial")
-    with open(partial, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(partial, path)
+    write_whole(path, lambda f: np.savez(f, **arrays))
 
 
 __all__ = ["answers_path", "items_digest", "load", "save"]

@@ -111,12 +111,19 @@ class KeptCosts:
 
     def put(self, group, type_name: str, cost: float) -> None:
         self._costs[self._name(group, type_name)] = float(cost)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_name(self.path.name + f".{os.getpid()}.partial")
-        partial.write_text(json.dumps({"format": FORMAT, "key": self._key,
-                                       "costs": self._costs}, indent=0))
-        os.replace(partial, self.path)
+        text = json.dumps({"format": FORMAT, "key": self._key, "costs": self._costs}, indent=0)
+        write_whole(self.path, lambda f: f.write(text.encode()))
+
+
+def write_whole(path: Path, write) -> None:
+    """`write(file)` into a file beside `path`, then renamed over it: a kill at any moment
+    leaves the last complete file (the kept costs and the kept answers both write this way)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + f".{os.getpid()}.partial")
+    with open(partial, "wb") as f:
+        write(f)
+    os.replace(partial, path)
 
 
 __all__ = ["FOLDER_ENV", "KeptCosts", "importance_digest", "kept_costs_folder", "probe_digest",
-           "source_digest"]
+           "source_digest", "write_whole"]
